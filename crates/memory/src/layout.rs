@@ -1,0 +1,85 @@
+//! The x86_64 guest physical address space, in one place.
+//!
+//! ```text
+//! 0x0000_0000 - 0x0009_FBFF  low RAM: GDT, IDT, zero page, page tables, command line
+//! 0x0009_FC00 - 0x0009_FFFF  EBDA: the MP table
+//! 0x000A_0000 - 0x000F_FFFF  legacy VGA / BIOS area (not RAM in the e820 map)
+//! 0x0010_0000 - 0xBFFF_FFFF  RAM (kernel at 1 MiB or where its ELF headers say)
+//! 0xC000_0000 - 0xFFFF_FFFF  32-bit MMIO hole: PCI BARs, IOAPIC, LAPIC
+//! 0x1_0000_0000 -            RAM above 4 GiB, then 64-bit BARs above the end of RAM
+//! ```
+
+/// Start of guest RAM.
+pub const RAM_START: u64 = 0;
+
+/// The GDT used for 64-bit boot.
+pub const BOOT_GDT_START: u64 = 0x500;
+/// Number of entries in the boot GDT (null, code, data, TSS).
+pub const BOOT_GDT_ENTRIES: usize = 4;
+/// The (empty) IDT used for boot.
+pub const BOOT_IDT_START: u64 = 0x520;
+/// Initial stack pointer of the boot vCPU.
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+/// The zero page: Linux `boot_params`.
+pub const ZERO_PAGE_START: u64 = 0x7000;
+/// Identity page tables: PML4.
+pub const PML4_START: u64 = 0x9000;
+/// Identity page tables: the one PDPT.
+pub const PDPTE_START: u64 = 0xa000;
+/// Identity page tables: page directories (one per identity-mapped GiB).
+pub const PDE_START: u64 = 0xb000;
+/// How many GiB the boot page tables identity-map with 2 MiB pages (the
+/// whole 32-bit space, so code running before the kernel's own page tables
+/// can reach the MMIO hole).
+pub const IDENTITY_MAP_GIB: u64 = 4;
+/// The kernel command line.
+pub const CMDLINE_START: u64 = 0x2_0000;
+/// Largest command line accepted (Linux x86 COMMAND_LINE_SIZE).
+pub const CMDLINE_MAX_SIZE: usize = 2048;
+/// Extended BIOS data area, where the MP table lives.
+pub const EBDA_START: u64 = 0x9_fc00;
+/// End of the low RAM region (where the legacy VGA/BIOS area starts).
+pub const LOW_RAM_END: u64 = 0xa_0000;
+/// Start of high memory: where kernels are loaded.
+pub const HIMEM_START: u64 = 0x10_0000;
+
+/// Start of the 32-bit MMIO hole.
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+/// End (exclusive) of the 32-bit MMIO hole: 4 GiB.
+pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// Size of the 32-bit MMIO hole.
+pub const MMIO_HOLE_SIZE: u64 = MMIO_HOLE_END - MMIO_HOLE_START;
+/// Where 32-bit PCI BARs are allocated: from the hole's start up to the IOAPIC.
+pub const MMIO32_BAR_START: u64 = MMIO_HOLE_START;
+/// End (exclusive) of the 32-bit BAR window.
+pub const MMIO32_BAR_END: u64 = IOAPIC_START;
+/// The IOAPIC's MMIO window.
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+/// The local APIC's MMIO window.
+pub const APIC_START: u64 = 0xfee0_0000;
+
+/// KVM's TSS region (three pages), placed just below the IOAPIC window.
+pub const KVM_TSS_ADDRESS: u64 = 0xfeff_d000;
+/// KVM's identity-map page, placed just below the TSS.
+pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfeff_c000;
+
+/// GSI of the first serial port (COM1).
+pub const SERIAL_IRQ: u32 = 4;
+/// Number of IOAPIC pins KVM's in-kernel IOAPIC has.
+pub const IOAPIC_PINS: u32 = 24;
+
+// The layout is checked when the crate compiles: nothing below overlaps.
+const _: () = {
+    assert!(BOOT_GDT_START + 8 * BOOT_GDT_ENTRIES as u64 <= BOOT_IDT_START);
+    assert!(ZERO_PAGE_START + 4096 <= PML4_START);
+    assert!(BOOT_STACK_POINTER < PML4_START);
+    assert!(PML4_START + 4096 <= PDPTE_START);
+    assert!(PDPTE_START + 4096 <= PDE_START);
+    assert!(PDE_START + IDENTITY_MAP_GIB * 4096 <= CMDLINE_START);
+    assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+    assert!(EBDA_START < LOW_RAM_END && LOW_RAM_END <= HIMEM_START);
+    assert!(MMIO32_BAR_END <= IOAPIC_START && IOAPIC_START < APIC_START);
+    assert!(KVM_IDENTITY_MAP_ADDRESS + 4096 <= KVM_TSS_ADDRESS);
+    assert!(KVM_TSS_ADDRESS >= APIC_START + 4096);
+    assert!(KVM_TSS_ADDRESS + 3 * 4096 <= MMIO_HOLE_END);
+};

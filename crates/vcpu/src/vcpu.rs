@@ -1,0 +1,311 @@
+//! One vCPU: configuration for 64-bit boot and the run loop.
+//!
+//! The run loop is a small state machine driven by a [`VcpuControl`] shared
+//! with the thread that owns the VM: `Running` runs the guest, `Paused`
+//! waits, `Stopped` returns. A kick (a real-time signal) makes `KVM_RUN`
+//! return at once, so the loop sees a new state promptly; the signal handler
+//! sets the vCPU's `immediate_exit` so a kick that lands just before
+//! `KVM_RUN` is not lost.
+
+use std::cell::Cell;
+use std::sync::{Arc, Condvar, Mutex};
+
+use kvm_bindings::{kvm_lapic_state, kvm_run, CpuId, Msrs};
+use kvm_ioctls::{VcpuFd, VmFd};
+use vm_device::device_manager::IoManager;
+use vm_memory::GuestMemoryBackend;
+
+use crate::exit::{handle_exit, ExitAction, GuestStop, UnhandledLog};
+use crate::{cpuid, regs, Error, Result};
+
+/// What the owner of the VM asks of a vCPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    /// Run the guest.
+    Running,
+    /// Stay out of the guest until resumed.
+    Paused,
+    /// Leave the run loop.
+    Stopped,
+}
+
+/// Shared between a vCPU thread and its owner.
+#[derive(Debug)]
+pub struct VcpuControl {
+    state: Mutex<RunState>,
+    changed: Condvar,
+}
+
+impl Default for VcpuControl {
+    fn default() -> Self {
+        VcpuControl {
+            state: Mutex::new(RunState::Running),
+            changed: Condvar::new(),
+        }
+    }
+}
+
+impl VcpuControl {
+    /// Requests a state. The caller then kicks the thread (see
+    /// [`crate::kick_thread`]) so a running guest notices.
+    pub fn request(&self, state: RunState) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // Stopped is final.
+        if *s != RunState::Stopped {
+            *s = state;
+        }
+        self.changed.notify_all();
+    }
+
+    /// The requested state, blocking while it is `Paused`.
+    fn wait_runnable(&self) -> RunState {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while *s == RunState::Paused {
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        *s
+    }
+
+    /// The requested state.
+    pub fn state(&self) -> RunState {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Why a run loop ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VcpuEnd {
+    /// The owner asked it to stop.
+    Stopped,
+    /// The guest stopped (reboot, power-off, halt).
+    Guest(GuestStop),
+    /// KVM failed; the message says how.
+    Failed(String),
+}
+
+thread_local! {
+    /// The `kvm_run` area of the vCPU this thread runs, for the kick handler.
+    static KVM_RUN_AREA: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The kick signal's handler: make the current (or next) `KVM_RUN` of this
+/// thread's vCPU return at once.
+pub(crate) extern "C" fn kick_handler(
+    _num: libc::c_int,
+    _info: *mut libc::siginfo_t,
+    _ctx: *mut libc::c_void,
+) {
+    let area = KVM_RUN_AREA.with(|a| a.get());
+    if !area.is_null() {
+        // SAFETY: `area` was set by this thread from its own VcpuFd, whose
+        // mapping of the kvm_run area outlives the run loop; the pointer is
+        // cleared before the VcpuFd can be dropped. A volatile byte store is
+        // async-signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*area).immediate_exit).write_volatile(1) };
+    }
+}
+
+/// Local APIC register offsets (SDM vol. 3, 11.4.1) and delivery modes.
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+fn lapic_reg(state: &kvm_lapic_state, offset: usize) -> u32 {
+    let b = |i: usize| state.regs[offset + i] as u8;
+    u32::from_le_bytes([b(0), b(1), b(2), b(3)])
+}
+
+fn set_lapic_reg(state: &mut kvm_lapic_state, offset: usize, value: u32) {
+    for (i, byte) in value.to_le_bytes().iter().enumerate() {
+        state.regs[offset + i] = *byte as libc::c_char;
+    }
+}
+
+fn set_delivery_mode(reg: u32, mode: u32) -> u32 {
+    (reg & !0x700) | (mode << 8)
+}
+
+/// One vCPU of a VM.
+pub struct Vcpu {
+    fd: VcpuFd,
+    index: u8,
+    io: Arc<IoManager>,
+    unhandled: UnhandledLog,
+}
+
+impl std::fmt::Debug for Vcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vcpu").field("index", &self.index).finish()
+    }
+}
+
+impl Vcpu {
+    /// Creates vCPU `index` on `vm`; its port and MMIO exits go to `io`.
+    pub fn new(vm: &VmFd, index: u8, io: Arc<IoManager>) -> Result<Self> {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+        Ok(Vcpu {
+            fd,
+            index,
+            io,
+            unhandled: UnhandledLog::default(),
+        })
+    }
+
+    /// The vCPU's index (and APIC id).
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// Sets CPUID, normalised for `count` vCPUs, and returns the masked
+    /// features the host keeps visible anyway (read back with
+    /// `KVM_GET_CPUID2`): the guest must be told to ignore those some other
+    /// way (see [`cpuid::kernel_params_hiding`]).
+    pub fn set_cpuid(
+        &mut self,
+        supported: &CpuId,
+        count: u8,
+    ) -> Result<Vec<&'static cpuid::MaskedFeature>> {
+        let entries = cpuid::normalize(supported.as_slice(), self.index, count);
+        let cpuid = CpuId::from_entries(&entries).map_err(|_| Error::CpuidTooLarge)?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))?;
+        let effective = self
+            .fd
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Error::Kvm("KVM_GET_CPUID2", e))?;
+        Ok(cpuid::forced_features(effective.as_slice()))
+    }
+
+    /// Sets MSRs, registers for a 64-bit entry at `entry` (page tables and
+    /// GDT written into `mem`), the FPU, and LAPIC LINT0/LINT1.
+    pub fn setup_boot<M: GuestMemoryBackend>(&mut self, mem: &M, entry: u64) -> Result<()> {
+        let msrs = Msrs::from_entries(&regs::boot_msrs()).map_err(|_| Error::CpuidTooLarge)?;
+        let written = self
+            .fd
+            .set_msrs(&msrs)
+            .map_err(|e| Error::Kvm("KVM_SET_MSRS", e))?;
+        if written != msrs.as_slice().len() {
+            let failed = msrs.as_slice()[written].index;
+            return Err(Error::MsrRejected(failed));
+        }
+
+        self.fd
+            .set_regs(&regs::boot_regs(entry))
+            .map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
+        let sregs = self
+            .fd
+            .get_sregs()
+            .map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?;
+        let sregs = regs::boot_sregs(mem, sregs)?;
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(|e| Error::Kvm("KVM_SET_SREGS", e))?;
+        self.fd
+            .set_fpu(&regs::boot_fpu())
+            .map_err(|e| Error::Kvm("KVM_SET_FPU", e))?;
+        self.configure_lapic()
+    }
+
+    /// LINT0 delivers ExtINT (the PIC), LINT1 delivers NMI, as firmware leaves them.
+    fn configure_lapic(&self) -> Result<()> {
+        let mut lapic = self
+            .fd
+            .get_lapic()
+            .map_err(|e| Error::Kvm("KVM_GET_LAPIC", e))?;
+        let lvt0 = lapic_reg(&lapic, APIC_LVT0);
+        set_lapic_reg(
+            &mut lapic,
+            APIC_LVT0,
+            set_delivery_mode(lvt0, APIC_MODE_EXTINT),
+        );
+        let lvt1 = lapic_reg(&lapic, APIC_LVT1);
+        set_lapic_reg(
+            &mut lapic,
+            APIC_LVT1,
+            set_delivery_mode(lvt1, APIC_MODE_NMI),
+        );
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(|e| Error::Kvm("KVM_SET_LAPIC", e))
+    }
+
+    /// Runs the guest until `control` asks to stop or the guest stops.
+    /// Must be called on the thread that will receive kicks.
+    pub fn run(&mut self, control: &VcpuControl) -> VcpuEnd {
+        let area: *mut kvm_run = self.fd.get_kvm_run();
+        KVM_RUN_AREA.with(|a| a.set(area));
+        let end = self.run_loop(control);
+        KVM_RUN_AREA.with(|a| a.set(std::ptr::null_mut()));
+        end
+    }
+
+    fn run_loop(&mut self, control: &VcpuControl) -> VcpuEnd {
+        loop {
+            // Clear a pending kick before looking at the state: a kick sent
+            // after this point makes the next KVM_RUN return at once.
+            self.fd.set_kvm_immediate_exit(0);
+            if control.wait_runnable() == RunState::Stopped {
+                return VcpuEnd::Stopped;
+            }
+            let action = match self.fd.run() {
+                Ok(exit) => handle_exit(self.index, exit, &self.io, &mut self.unhandled),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    ExitAction::Interrupted
+                }
+                Err(e) => ExitAction::Fail(format!("vcpu{}: KVM_RUN failed: {e}", self.index)),
+            };
+            match action {
+                ExitAction::Continue | ExitAction::Interrupted => {}
+                ExitAction::Stop(why) => return VcpuEnd::Guest(why),
+                ExitAction::Fail(msg) => return VcpuEnd::Failed(msg),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivery_mode_replaces_only_bits_8_to_10() {
+        assert_eq!(
+            set_delivery_mode(0x0001_0000, APIC_MODE_EXTINT),
+            0x0001_0700
+        );
+        assert_eq!(set_delivery_mode(0x0001_0700, APIC_MODE_NMI), 0x0001_0400);
+    }
+
+    #[test]
+    fn lapic_register_round_trips() {
+        let mut s = kvm_lapic_state::default();
+        set_lapic_reg(&mut s, APIC_LVT1, 0xdead_beef);
+        assert_eq!(lapic_reg(&s, APIC_LVT1), 0xdead_beef);
+        assert_eq!(lapic_reg(&s, APIC_LVT0), 0);
+    }
+
+    #[test]
+    fn control_stopped_is_final() {
+        let c = VcpuControl::default();
+        c.request(RunState::Stopped);
+        c.request(RunState::Running);
+        assert_eq!(c.state(), RunState::Stopped);
+        assert_eq!(c.wait_runnable(), RunState::Stopped);
+    }
+
+    #[test]
+    fn control_pause_blocks_until_resumed() {
+        let c = Arc::new(VcpuControl::default());
+        c.request(RunState::Paused);
+        let c2 = c.clone();
+        let t = std::thread::spawn(move || c2.wait_runnable());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!t.is_finished());
+        c.request(RunState::Running);
+        assert_eq!(t.join().unwrap(), RunState::Running);
+    }
+}

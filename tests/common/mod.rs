@@ -1,0 +1,401 @@
+//! Helpers for Ember's integration tests: finding the `ember` binary and the
+//! guest kernel, building tiny guests, running ember with a deadline, and
+//! reading the guest agent's lines.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The `ember` binary of the same profile as this test (`target/<profile>/ember`).
+pub fn ember_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test>-<hash>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = profile_dir.join("ember");
+    assert!(
+        bin.exists(),
+        "{} does not exist: build it first (cargo build --release -p ember-vmm)",
+        bin.display()
+    );
+    bin
+}
+
+/// Whether `/dev/kvm` can be used. When it cannot, says so loudly on stderr
+/// so a skipped KVM test is never silently green.
+pub fn kvm_available(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!(
+                "\n!!!!! SKIPPED {test}: /dev/kvm is not usable ({e}); this KVM test did NOT run !!!!!\n"
+            );
+            false
+        }
+    }
+}
+
+/// The directory holding the guest kernel (`vmlinux`, `bzImage`):
+/// `$EMBER_GUEST_KERNEL_DIR`, or the cache directory of the current recipe.
+pub fn guest_kernel_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("EMBER_GUEST_KERNEL_DIR") {
+        return PathBuf::from(dir);
+    }
+    let script = workspace_root().join("tools/guest/build-kernel");
+    let out = Command::new(&script)
+        .arg("--print-dir")
+        .output()
+        .expect("run tools/guest/build-kernel --print-dir");
+    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(
+        out.status.success() && dir.join("done").exists(),
+        "the guest kernel is not built ({}): run tools/guest/build-kernel",
+        dir.display()
+    );
+    dir
+}
+
+/// A minimal ELF64 executable whose one segment holds `code` at guest
+/// physical (and virtual) address [`TINY_LOAD_ADDR`], entered there in
+/// 64-bit mode by ember's loader like a vmlinux.
+pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
+    const EHDR: u64 = 64;
+    const PHDR: u64 = 56;
+    let offset = EHDR + PHDR;
+    let mut f = Vec::new();
+    f.extend(b"\x7fELF");
+    f.extend([2, 1, 1, 0]); // 64-bit, little-endian, version 1, SysV
+    f.extend([0u8; 8]);
+    f.extend(2u16.to_le_bytes()); // ET_EXEC
+    f.extend(62u16.to_le_bytes()); // EM_X86_64
+    f.extend(1u32.to_le_bytes());
+    f.extend(TINY_LOAD_ADDR.to_le_bytes()); // e_entry
+    f.extend(EHDR.to_le_bytes()); // e_phoff
+    f.extend(0u64.to_le_bytes()); // e_shoff
+    f.extend(0u32.to_le_bytes()); // e_flags
+    f.extend(64u16.to_le_bytes()); // e_ehsize
+    f.extend(56u16.to_le_bytes()); // e_phentsize
+    f.extend(1u16.to_le_bytes()); // e_phnum
+    f.extend(64u16.to_le_bytes()); // e_shentsize
+    f.extend(0u16.to_le_bytes()); // e_shnum
+    f.extend(0u16.to_le_bytes()); // e_shstrndx
+    assert_eq!(f.len() as u64, EHDR);
+    f.extend(1u32.to_le_bytes()); // PT_LOAD
+    f.extend(5u32.to_le_bytes()); // R+X
+    f.extend(offset.to_le_bytes()); // p_offset
+    f.extend(TINY_LOAD_ADDR.to_le_bytes()); // p_vaddr
+    f.extend(TINY_LOAD_ADDR.to_le_bytes()); // p_paddr
+    f.extend((code.len() as u64).to_le_bytes()); // p_filesz
+    f.extend((code.len() as u64).to_le_bytes()); // p_memsz
+    f.extend(0x1000u64.to_le_bytes()); // p_align
+    assert_eq!(f.len() as u64, offset);
+    f.extend(code);
+    f
+}
+
+/// Where tiny guests are loaded and entered.
+pub const TINY_LOAD_ADDR: u64 = 0x10_0000;
+
+/// A scratch directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A fresh directory under the system temp dir.
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "ember-test-{tag}-{}-{}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    /// Path of `name` inside the directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// Writes `bytes` to `name` and returns its path.
+    pub fn write(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = self.path(name);
+        std::fs::write(&p, bytes).expect("write temp file");
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What a finished ember run left behind.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit status.
+    pub status: ExitStatus,
+    /// Everything on stdout (the guest console).
+    pub stdout: String,
+    /// Everything on stderr (ember's log and errors).
+    pub stderr: String,
+    /// Wall time from spawn to exit.
+    pub elapsed: Duration,
+    /// Peak resident set size of ember, in KiB (from wait4's rusage).
+    pub max_rss_kib: u64,
+}
+
+impl Run {
+    /// The exit code; panics with the output if ember died of a signal.
+    pub fn code(&self) -> i32 {
+        match self.status.code() {
+            Some(c) => c,
+            None => panic!(
+                "ember died of signal {:?}\nstdout:\n{}\nstderr:\n{}",
+                self.status.signal(),
+                self.stdout,
+                self.stderr
+            ),
+        }
+    }
+
+    /// Panics with the whole output unless `cond` holds.
+    pub fn check(&self, cond: bool, what: &str) {
+        assert!(
+            cond,
+            "{what}\nstatus: {:?}\nstdout:\n{}\nstderr:\n{}",
+            self.status, self.stdout, self.stderr
+        );
+    }
+}
+
+/// A running ember whose output is collected in the background.
+pub struct Running {
+    child: Child,
+    started: Instant,
+    stdout_rx: mpsc::Receiver<Vec<u8>>,
+    stdout_buf: Vec<u8>,
+    stderr_thread: Option<std::thread::JoinHandle<Vec<u8>>>,
+}
+
+fn reader<R: Read + Send + 'static>(mut r: R) -> mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx.send(buf[..n].to_vec()).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Starts `ember ARGS` with `stdin` fed in and closed afterwards.
+pub fn spawn_ember(args: &[&str], stdin: &[u8]) -> Running {
+    let mut child = Command::new(ember_bin())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ember");
+    let started = Instant::now();
+    let mut input = child.stdin.take().expect("stdin");
+    let data = stdin.to_vec();
+    std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let stdout_rx = reader(child.stdout.take().expect("stdout"));
+    let mut stderr = child.stderr.take().expect("stderr");
+    let stderr_thread = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stderr.read_to_end(&mut v);
+        v
+    });
+    Running {
+        child,
+        started,
+        stdout_rx,
+        stdout_buf: Vec::new(),
+        stderr_thread: Some(stderr_thread),
+    }
+}
+
+impl Running {
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Waits until stdout contains `needle` (true) or `timeout` passes or
+    /// stdout closes (false).
+    pub fn wait_for_output(&mut self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if String::from_utf8_lossy(&self.stdout_buf).contains(needle) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match self.stdout_rx.recv_timeout(left) {
+                Ok(chunk) => self.stdout_buf.extend(chunk),
+                Err(mpsc::RecvTimeoutError::Timeout) => return false,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return String::from_utf8_lossy(&self.stdout_buf).contains(needle)
+                }
+            }
+        }
+    }
+
+    /// Sends `signal` to ember.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill() on the pid of a child we have not reaped.
+        let ret = unsafe { libc::kill(self.pid(), signal) };
+        assert_eq!(ret, 0, "kill({}, {signal})", self.pid());
+    }
+
+    /// Waits up to `timeout` for ember to exit (killing it after that) and
+    /// collects its output.
+    pub fn finish(mut self, timeout: Duration) -> Run {
+        let deadline = self.started + timeout;
+        let (status, rss) = loop {
+            if let Some(r) = try_wait4(self.pid()) {
+                break r;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                wait4_blocking(self.pid());
+                let stderr = self.collect_stderr();
+                self.drain_stdout();
+                panic!(
+                    "ember did not exit within {timeout:?}; killed\nstdout:\n{}\nstderr:\n{stderr}",
+                    String::from_utf8_lossy(&self.stdout_buf)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let elapsed = self.started.elapsed();
+        self.drain_stdout();
+        let stderr = self.collect_stderr();
+        Run {
+            status,
+            stdout: String::from_utf8_lossy(&self.stdout_buf).into_owned(),
+            stderr,
+            elapsed,
+            max_rss_kib: rss,
+        }
+    }
+
+    fn drain_stdout(&mut self) {
+        while let Ok(chunk) = self.stdout_rx.recv_timeout(Duration::from_millis(200)) {
+            self.stdout_buf.extend(chunk);
+        }
+    }
+
+    fn collect_stderr(&mut self) -> String {
+        let v = self
+            .stderr_thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
+        String::from_utf8_lossy(&v).into_owned()
+    }
+}
+
+fn rusage_to(status: i32, ru: &libc::rusage) -> (ExitStatus, u64) {
+    (
+        ExitStatus::from_raw(status),
+        u64::try_from(ru.ru_maxrss).unwrap_or(0),
+    )
+}
+
+fn try_wait4(pid: i32) -> Option<(ExitStatus, u64)> {
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers to locals; pid is our unreaped child.
+    let ret = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
+    (ret == pid).then(|| rusage_to(status, &ru))
+}
+
+fn wait4_blocking(pid: i32) -> (ExitStatus, u64) {
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers to locals; pid is our unreaped child.
+    unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    rusage_to(status, &ru)
+}
+
+/// Runs `ember ARGS` to completion with `stdin`, killing it after `timeout`.
+pub fn run_ember(args: &[&str], stdin: &[u8], timeout: Duration) -> Run {
+    spawn_ember(args, stdin).finish(timeout)
+}
+
+/// The `EMBER-AGENT <check> k=v ...` lines of a console log, by check name.
+pub fn agent_lines(console: &str) -> HashMap<String, HashMap<String, String>> {
+    let mut out = HashMap::new();
+    for line in console.lines() {
+        let Some(rest) = line.split("EMBER-AGENT ").nth(1) else {
+            continue;
+        };
+        let mut words = rest.split_whitespace();
+        let Some(check) = words.next() else { continue };
+        let kv = words
+            .filter_map(|w| w.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        out.insert(check.to_string(), kv);
+    }
+    out
+}
+
+/// Asserts that ember failed cleanly: a non-zero exit, exactly one line on
+/// stderr starting `ember: error:` and containing every one of `needles`,
+/// and no panic.
+pub fn assert_clean_error(run: &Run, needles: &[&str]) {
+    let code = run.code();
+    run.check(code != 0, "ember should have failed");
+    run.check(
+        !run.stderr.contains("panicked") && !run.stderr.contains("RUST_BACKTRACE"),
+        "ember panicked",
+    );
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    run.check(lines.len() == 1, "expected exactly one line on stderr");
+    run.check(
+        lines[0].starts_with("ember: error: "),
+        "the line should start with 'ember: error: '",
+    );
+    for n in needles {
+        run.check(
+            lines[0].contains(n),
+            &format!("the error should mention {n:?}"),
+        );
+    }
+}

@@ -1,0 +1,151 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Ember guest test agent.
+ *
+ * Guest user space cannot run on the project's software hypervisor, so the
+ * checks a test wants from inside the guest are made here, in kernel mode,
+ * with the kernel's own APIs. The agent is built into Ember's guest kernel
+ * and does nothing unless `ember.agent=on` is on the command line. It runs
+ * once every initcall has finished (late_initcall_sync, after waiting for
+ * device probing), prints one machine-readable line per check on the
+ * console, then restarts the machine (or halts, or lets boot continue).
+ *
+ * Output format, one line per check:
+ *
+ *   EMBER-AGENT <check> key=value key=value ...
+ *
+ * and a last line `EMBER-AGENT done checks=N failed=M`.
+ *
+ * Parameters (kernel command line):
+ *   ember.agent=on            run the agent
+ *   ember.after=reboot|halt|continue
+ *                             what to do when the checks are done
+ *   ember.read_file=PATH      read up to 64 bytes of PATH (e.g. a file the
+ *                             initramfs carries) and print them
+ */
+
+#include <linux/init.h>
+#include <linux/kernel.h>
+#include <linux/moduleparam.h>
+#include <linux/printk.h>
+#include <linux/cpumask.h>
+#include <linux/mm.h>
+#include <linux/timekeeping.h>
+#include <linux/reboot.h>
+#include <linux/device/driver.h>
+#include <linux/async.h>
+#include <linux/string.h>
+#include <linux/utsname.h>
+#include <linux/fs.h>
+#include <linux/err.h>
+#include <linux/ctype.h>
+#include <asm/mc146818rtc.h>
+
+#undef MODULE_PARAM_PREFIX
+#define MODULE_PARAM_PREFIX "ember."
+
+static char *agent = "off";
+module_param(agent, charp, 0444);
+
+static char *after = "reboot";
+module_param(after, charp, 0444);
+
+static char *read_file = "";
+module_param(read_file, charp, 0444);
+
+static unsigned int checks_run;
+static unsigned int checks_failed;
+
+#define AGENT_LINE(fmt, ...) pr_emerg("EMBER-AGENT " fmt "\n", ##__VA_ARGS__)
+
+static void __init check_hello(void)
+{
+	AGENT_LINE("hello kernel=%s", init_utsname()->release);
+	checks_run++;
+}
+
+static void __init check_cpus(void)
+{
+	AGENT_LINE("cpus online=%u possible=%u present=%u", num_online_cpus(),
+		   num_possible_cpus(), num_present_cpus());
+	checks_run++;
+}
+
+static void __init check_memory(void)
+{
+	unsigned long present_kib = get_num_physpages() << (PAGE_SHIFT - 10);
+	unsigned long total_kib = totalram_pages() << (PAGE_SHIFT - 10);
+
+	AGENT_LINE("mem present_kib=%lu total_kib=%lu", present_kib, total_kib);
+	checks_run++;
+}
+
+static void __init check_clock(void)
+{
+	struct timespec64 cmos;
+	time64_t wall = ktime_get_real_seconds();
+
+	mach_get_cmos_time(&cmos);
+	AGENT_LINE("clock wall_epoch=%lld cmos_epoch=%lld", (long long)wall,
+		   (long long)cmos.tv_sec);
+	checks_run++;
+	if (cmos.tv_sec < 1600000000LL)
+		checks_failed++;
+}
+
+static void __init check_read_file(void)
+{
+	struct file *f;
+	char buf[65];
+	loff_t pos = 0;
+	ssize_t n, i;
+
+	if (!read_file[0])
+		return;
+	checks_run++;
+	f = filp_open(read_file, O_RDONLY, 0);
+	if (IS_ERR(f)) {
+		AGENT_LINE("file path=%s error=%ld", read_file, PTR_ERR(f));
+		checks_failed++;
+		return;
+	}
+	n = kernel_read(f, buf, sizeof(buf) - 1, &pos);
+	filp_close(f, NULL);
+	if (n < 0) {
+		AGENT_LINE("file path=%s error=%zd", read_file, n);
+		checks_failed++;
+		return;
+	}
+	/* One word on one line: anything but printable non-space is '.'. */
+	for (i = 0; i < n; i++)
+		if (!isgraph(buf[i]))
+			buf[i] = '.';
+	buf[n] = '\0';
+	AGENT_LINE("file path=%s bytes=%zd content=%s", read_file, n, buf);
+}
+
+static int __init ember_agent_run(void)
+{
+	if (strcmp(agent, "on") != 0)
+		return 0;
+
+	/* Everything the checks touch must have been probed. */
+	wait_for_device_probe();
+	async_synchronize_full();
+
+	check_hello();
+	check_cpus();
+	check_memory();
+	check_clock();
+	check_read_file();
+
+	AGENT_LINE("done checks=%u failed=%u", checks_run, checks_failed);
+
+	if (strcmp(after, "continue") == 0)
+		return 0;
+	if (strcmp(after, "halt") == 0)
+		kernel_halt();
+	kernel_restart(NULL);
+	return 0;
+}
+late_initcall_sync(ember_agent_run);

@@ -1,0 +1,54 @@
+//! `[machine]`: vCPUs and memory.
+
+use serde::Deserialize;
+
+use super::ConfigError;
+
+/// Most vCPUs Ember gives a guest: APIC ids 0..=253 (the MP table's limit).
+pub const MAX_VCPUS: u8 = ember_loader::mptable::MAX_CPUS;
+/// Default number of vCPUs.
+pub const DEFAULT_VCPUS: u8 = 1;
+/// Default guest memory in MiB.
+pub const DEFAULT_MEMORY_MIB: u64 = 128;
+
+/// The `[machine]` table.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    /// Number of vCPUs, 1 to [`MAX_VCPUS`] (and at most what KVM allows).
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u64,
+    /// Guest RAM in MiB.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+}
+
+fn default_vcpus() -> u64 {
+    u64::from(DEFAULT_VCPUS)
+}
+
+fn default_memory_mib() -> u64 {
+    DEFAULT_MEMORY_MIB
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        MachineConfig {
+            vcpus: default_vcpus(),
+            memory_mib: default_memory_mib(),
+        }
+    }
+}
+
+impl MachineConfig {
+    /// Checks the values that can be checked without the host: the vCPU
+    /// count range and the memory layout.
+    pub fn validate(&self) -> Result<u8, ConfigError> {
+        let vcpus = u8::try_from(self.vcpus)
+            .ok()
+            .filter(|v| (1..=MAX_VCPUS).contains(v))
+            .ok_or(ConfigError::Vcpus(self.vcpus))?;
+        ember_memory::MemoryLayout::new(self.memory_mib).map_err(ConfigError::Memory)?;
+        Ok(vcpus)
+    }
+}

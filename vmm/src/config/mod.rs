@@ -1,0 +1,331 @@
+//! The VM configuration: a TOML file, command-line flags that override or
+//! replace it, and validation of the whole before anything is created.
+//!
+//! ```toml
+//! [machine]
+//! vcpus = 2
+//! memory_mib = 512
+//!
+//! [boot]
+//! kernel = "vmlinux"            # ELF vmlinux or bzImage, detected from the file
+//! initrd = "initramfs.cpio"     # optional
+//! cmdline = "console=ttyS0 reboot=k panic=1"
+//! ```
+//!
+//! Relative paths in the file are relative to the file's directory; unknown
+//! keys are errors.
+
+pub mod boot;
+pub mod machine;
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use boot::BootConfig;
+pub use machine::MachineConfig;
+
+/// What is wrong with a configuration. Each message names the key or file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file cannot be read.
+    #[error("cannot read config file {}", .path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML or has unknown keys or wrong types.
+    #[error("invalid config file {}: {message}", .path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Where and what, on one line.
+        message: String,
+    },
+    /// `machine.vcpus` is out of range.
+    #[error("machine.vcpus = {0} is out of range: it must be 1 to {max}", max = machine::MAX_VCPUS)]
+    Vcpus(u64),
+    /// `machine.memory_mib` is not a usable size.
+    #[error("machine.memory_mib is invalid")]
+    Memory(#[source] ember_memory::Error),
+    /// No kernel was given.
+    #[error("no kernel given: set boot.kernel in the config file or pass --kernel")]
+    NoKernel,
+    /// A file named by the config does not exist or cannot be read.
+    #[error("{key} = {}: cannot access the file", .path.display())]
+    File {
+        /// The key naming it.
+        key: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file named by the config is a directory or a device.
+    #[error("{key} = {}: not a regular file", .path.display())]
+    NotAFile {
+        /// The key naming it.
+        key: &'static str,
+        /// The path.
+        path: PathBuf,
+    },
+    /// The command line is too long.
+    #[error("boot.cmdline is {0} bytes long; the limit is {max} bytes", max = ember_memory::layout::CMDLINE_MAX_SIZE - 1)]
+    CmdlineTooLong(usize),
+}
+
+/// The configuration file's contents.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// `[machine]`.
+    #[serde(default)]
+    pub machine: MachineConfig,
+    /// `[boot]`.
+    #[serde(default)]
+    pub boot: BootConfig,
+}
+
+/// Flags that override the file (or stand in for it).
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// `--kernel`.
+    pub kernel: Option<PathBuf>,
+    /// `--initrd`.
+    pub initrd: Option<PathBuf>,
+    /// `--cmdline`.
+    pub cmdline: Option<String>,
+    /// `--vcpus`.
+    pub vcpus: Option<u64>,
+    /// `--memory`.
+    pub memory_mib: Option<u64>,
+}
+
+/// A configuration that passed validation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ValidConfig {
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// The kernel file.
+    pub kernel: PathBuf,
+    /// The initrd file.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub cmdline: String,
+}
+
+/// Formats a TOML error as "line L, column C: message" on one line.
+fn toml_error_line(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {col}: {msg}")
+        }
+        None => msg,
+    }
+}
+
+impl VmConfig {
+    /// Parses TOML `text`; relative paths are made relative to `base`.
+    /// `path` names the source in errors.
+    pub fn from_toml(text: &str, path: &Path, base: &Path) -> Result<Self, ConfigError> {
+        let mut cfg: VmConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: toml_error_line(text, &e),
+        })?;
+        cfg.boot.resolve_paths(base);
+        Ok(cfg)
+    }
+
+    /// Reads and parses the config file at `path`.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_toml(&text, path, base)
+    }
+
+    /// Applies command-line flags over the file's values.
+    pub fn apply(&mut self, o: &Overrides) {
+        if let Some(k) = &o.kernel {
+            self.boot.kernel = Some(k.clone());
+        }
+        if let Some(i) = &o.initrd {
+            self.boot.initrd = Some(i.clone());
+        }
+        if let Some(c) = &o.cmdline {
+            self.boot.cmdline = Some(c.clone());
+        }
+        if let Some(v) = o.vcpus {
+            self.machine.vcpus = v;
+        }
+        if let Some(m) = o.memory_mib {
+            self.machine.memory_mib = m;
+        }
+    }
+
+    /// Validates everything that can be checked before touching KVM.
+    pub fn validate(&self) -> Result<ValidConfig, ConfigError> {
+        let vcpus = self.machine.validate()?;
+        self.boot.validate()?;
+        Ok(ValidConfig {
+            vcpus,
+            memory_mib: self.machine.memory_mib,
+            kernel: self.boot.kernel()?.to_owned(),
+            initrd: self.boot.initrd.clone(),
+            cmdline: self.boot.cmdline().to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<VmConfig, ConfigError> {
+        VmConfig::from_toml(text, Path::new("vm.toml"), Path::new("/etc/ember"))
+    }
+
+    #[test]
+    fn config_full_example_parses_and_resolves_paths() {
+        let c = parse(
+            r#"
+            [machine]
+            vcpus = 2
+            memory_mib = 512
+            [boot]
+            kernel = "vmlinux"
+            initrd = "/abs/initramfs.cpio"
+            cmdline = "console=ttyS0"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.machine.vcpus, 2);
+        assert_eq!(c.machine.memory_mib, 512);
+        assert_eq!(
+            c.boot.kernel.as_deref(),
+            Some(Path::new("/etc/ember/vmlinux"))
+        );
+        assert_eq!(
+            c.boot.initrd.as_deref(),
+            Some(Path::new("/abs/initramfs.cpio"))
+        );
+        assert_eq!(c.boot.cmdline(), "console=ttyS0");
+    }
+
+    #[test]
+    fn config_defaults_apply_to_missing_tables() {
+        let c = parse("").unwrap();
+        assert_eq!(c.machine, MachineConfig::default());
+        assert_eq!(c.boot.cmdline(), boot::DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn config_unknown_key_is_an_error_naming_it() {
+        let e = parse("[machine]\nvcpus = 1\ncpus = 2\n").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("cpus"), "{msg}");
+        assert!(msg.contains("line 3"), "{msg}");
+        assert!(!msg.contains('\n'));
+    }
+
+    #[test]
+    fn config_unknown_table_is_an_error() {
+        assert!(matches!(
+            parse("[gpu]\nx = 1\n"),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn config_malformed_toml_is_one_line() {
+        let e = parse("[machine\nvcpus = \n").unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }));
+        assert!(!e.to_string().contains('\n'));
+    }
+
+    #[test]
+    fn config_wrong_type_is_an_error() {
+        assert!(parse("[machine]\nvcpus = \"two\"\n").is_err());
+        assert!(parse("[machine]\nvcpus = -1\n").is_err());
+    }
+
+    #[test]
+    fn validate_rejects_zero_and_too_many_vcpus() {
+        let mut c = VmConfig::default();
+        c.machine.vcpus = 0;
+        assert!(matches!(c.machine.validate(), Err(ConfigError::Vcpus(0))));
+        c.machine.vcpus = 255;
+        assert!(matches!(c.machine.validate(), Err(ConfigError::Vcpus(255))));
+        c.machine.vcpus = 1 << 40;
+        assert!(matches!(c.machine.validate(), Err(ConfigError::Vcpus(_))));
+    }
+
+    #[test]
+    fn validate_rejects_zero_memory() {
+        let mut c = VmConfig::default();
+        c.machine.memory_mib = 0;
+        assert!(matches!(c.machine.validate(), Err(ConfigError::Memory(_))));
+    }
+
+    #[test]
+    fn validate_requires_a_kernel_that_exists() {
+        let c = VmConfig::default();
+        assert!(matches!(c.validate(), Err(ConfigError::NoKernel)));
+        let mut c = VmConfig::default();
+        c.boot.kernel = Some("/nonexistent/vmlinux".into());
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/vmlinux"));
+        c.boot.kernel = Some("/".into());
+        assert!(matches!(c.validate(), Err(ConfigError::NotAFile { .. })));
+    }
+
+    #[test]
+    fn validate_rejects_a_missing_initrd() {
+        let exe = std::env::current_exe().unwrap();
+        let mut c = VmConfig::default();
+        c.boot.kernel = Some(exe);
+        c.boot.initrd = Some("/nonexistent/initrd".into());
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().starts_with("boot.initrd"), "{e}");
+    }
+
+    #[test]
+    fn overrides_replace_file_values() {
+        let mut c = parse("[machine]\nvcpus = 2\n[boot]\nkernel = \"a\"\n").unwrap();
+        c.apply(&Overrides {
+            kernel: Some("/k".into()),
+            vcpus: Some(4),
+            memory_mib: Some(256),
+            cmdline: Some("quiet".into()),
+            initrd: None,
+        });
+        assert_eq!(c.machine.vcpus, 4);
+        assert_eq!(c.machine.memory_mib, 256);
+        assert_eq!(c.boot.kernel.as_deref(), Some(Path::new("/k")));
+        assert_eq!(c.boot.cmdline(), "quiet");
+    }
+
+    #[test]
+    fn validate_rejects_an_overlong_cmdline() {
+        let exe = std::env::current_exe().unwrap();
+        let mut c = VmConfig::default();
+        c.boot.kernel = Some(exe);
+        c.boot.cmdline = Some("x".repeat(5000));
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::CmdlineTooLong(5000))
+        ));
+    }
+}

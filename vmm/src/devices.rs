@@ -1,0 +1,89 @@
+//! The legacy devices on the port-I/O bus: COM1 on IRQ 4, the i8042, the CMOS clock.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use ember_legacy::{
+    Cmos, SerialDevice, CMOS_PORT_BASE, CMOS_PORT_SIZE, COM1_PORT_BASE, I8042, I8042_PORT_BASE,
+    I8042_PORT_SIZE, SERIAL_PORT_SIZE,
+};
+use ember_memory::layout;
+use kvm_ioctls::VmFd;
+use vm_device::bus::{PioAddress, PioRange};
+use vm_device::device_manager::{IoManager, PioManager};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::Error;
+
+/// Where the console's output goes.
+pub type ConsoleOut = Box<dyn Write + Send>;
+/// The console UART.
+pub type Serial = SerialDevice<ConsoleOut>;
+
+/// The legacy devices and the events they raise towards the event loop.
+pub struct LegacyDevices {
+    /// The console UART.
+    pub serial: Arc<Mutex<Serial>>,
+    /// Signalled when the guest drained the UART's receive FIFO.
+    pub serial_input_drained: EventFd,
+    /// Signalled when the guest resets through the i8042.
+    pub reset: EventFd,
+}
+
+impl std::fmt::Debug for LegacyDevices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LegacyDevices").finish_non_exhaustive()
+    }
+}
+
+fn eventfd(what: &'static str) -> Result<EventFd, Error> {
+    EventFd::new(EFD_NONBLOCK).map_err(|e| Error::EventFd(what, e))
+}
+
+fn pio_range(base: u16, size: u16) -> Result<PioRange, Error> {
+    PioRange::new(PioAddress(base), size).map_err(|e| Error::Bus(format!("{e:?}")))
+}
+
+impl LegacyDevices {
+    /// Creates the devices, registers them on `io`, and wires the UART's
+    /// interrupt to IOAPIC pin 4 through an irqfd.
+    pub fn create(vm: &VmFd, io: &mut IoManager, console: ConsoleOut) -> Result<Self, Error> {
+        let serial_irq = eventfd("serial interrupt")?;
+        vm.register_irqfd(&serial_irq, layout::SERIAL_IRQ)
+            .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
+        let serial_input_drained = eventfd("serial input")?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            serial_irq,
+            serial_input_drained
+                .try_clone()
+                .map_err(|e| Error::EventFd("serial input", e))?,
+            console,
+        )));
+        io.register_pio(pio_range(COM1_PORT_BASE, SERIAL_PORT_SIZE)?, serial.clone())
+            .map_err(|e| Error::Bus(format!("COM1: {e:?}")))?;
+
+        let reset = eventfd("i8042 reset")?;
+        let i8042 = I8042::new(
+            reset
+                .try_clone()
+                .map_err(|e| Error::EventFd("i8042 reset", e))?,
+        );
+        io.register_pio(
+            pio_range(I8042_PORT_BASE, I8042_PORT_SIZE)?,
+            Arc::new(Mutex::new(i8042)),
+        )
+        .map_err(|e| Error::Bus(format!("i8042: {e:?}")))?;
+
+        io.register_pio(
+            pio_range(CMOS_PORT_BASE, CMOS_PORT_SIZE)?,
+            Arc::new(Mutex::new(Cmos::default())),
+        )
+        .map_err(|e| Error::Bus(format!("CMOS: {e:?}")))?;
+
+        Ok(LegacyDevices {
+            serial,
+            serial_input_drained,
+            reset,
+        })
+    }
+}

@@ -1,0 +1,281 @@
+//! Ember's composer: it only wires the other crates together.
+//!
+//! config → memory → VM and irqchip → devices on the buses → kernel load →
+//! vCPU threads → one epoll event loop → clean exit.
+//!
+//! ```no_run
+//! use ember_vmm::{config::VmConfig, Console, Vmm};
+//!
+//! let cfg = VmConfig::from_file("vm.toml".as_ref()).unwrap().validate().unwrap();
+//! let vmm = Vmm::build(&cfg, Console::stdio().unwrap(), std::time::Instant::now()).unwrap();
+//! let exit = vmm.run().unwrap();
+//! std::process::exit(exit.code());
+//! ```
+
+pub mod config;
+pub mod devices;
+pub mod event_loop;
+pub mod signals;
+pub mod terminal;
+pub mod vcpus;
+pub mod vm;
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ember_loader::BootSpec;
+use ember_memory::{GuestMemoryMmap, MemoryLayout};
+use ember_vcpu::{GuestStop, Vcpu, VcpuEnd};
+use kvm_ioctls::VmFd;
+use vm_device::device_manager::IoManager;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use config::ValidConfig;
+use devices::{ConsoleOut, LegacyDevices};
+use event_loop::{EventLoop, LoopInputs, Stop};
+use signals::StopSignals;
+use vcpus::{VcpuExitReport, VcpuThreads};
+use vm::Hypervisor;
+
+/// Everything that can go wrong building or running a VM. Messages name
+/// what failed; the source (if any) says why.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Invalid configuration.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// `/dev/kvm` cannot be opened.
+    #[error("cannot open /dev/kvm (is KVM available and accessible?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error("{0} failed")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// More vCPUs than KVM allows.
+    #[error("machine.vcpus = {asked} is more than KVM allows on this host ({max})")]
+    TooManyVcpus {
+        /// Asked for.
+        asked: u8,
+        /// KVM_CAP_MAX_VCPUS.
+        max: usize,
+    },
+    /// Guest memory cannot be laid out or mapped.
+    #[error(transparent)]
+    Memory(#[from] ember_memory::Error),
+    /// More memory regions than KVM slots.
+    #[error("too many guest memory regions")]
+    TooManyRegions,
+    /// The kernel, initrd or command line cannot be loaded.
+    #[error(transparent)]
+    Load(#[from] ember_loader::Error),
+    /// A vCPU cannot be created or configured.
+    #[error("cannot set up a vCPU")]
+    Vcpu(#[source] ember_vcpu::Error),
+    /// A vCPU thread cannot be started.
+    #[error("cannot start the thread of vcpu{0}")]
+    SpawnVcpu(u8, #[source] std::io::Error),
+    /// An eventfd cannot be created.
+    #[error("cannot create the {0} eventfd")]
+    EventFd(&'static str, #[source] std::io::Error),
+    /// A device cannot be placed on a bus.
+    #[error("cannot place a device on the bus: {0}")]
+    Bus(String),
+    /// The event loop failed.
+    #[error("event loop: {0}")]
+    EventLoop(String),
+    /// The stop signals cannot be set up.
+    #[error("cannot set up SIGINT/SIGTERM handling")]
+    Signals(#[source] std::io::Error),
+    /// Console input cannot be set up.
+    #[error("cannot use stdin as console input")]
+    Console(#[source] std::io::Error),
+    /// The guest or KVM failed while running.
+    #[error("the VM failed: {0}")]
+    Guest(String),
+}
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Why ember ended, and the exit status that says so.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest rebooted (i8042 reset, triple fault, reset event).
+    GuestReset,
+    /// The guest powered off.
+    GuestPowerOff,
+    /// The guest halted with nothing to wake it.
+    GuestHalted,
+    /// A signal (SIGINT, SIGTERM) ended the VM.
+    Signal(libc::c_int),
+}
+
+impl ExitReason {
+    /// The process exit status: 0 for a guest that ended by itself,
+    /// 128 + the signal number for a signal (130 SIGINT, 143 SIGTERM).
+    pub fn code(self) -> i32 {
+        match self {
+            ExitReason::GuestReset | ExitReason::GuestPowerOff | ExitReason::GuestHalted => 0,
+            ExitReason::Signal(n) => 128 + n,
+        }
+    }
+}
+
+/// The console: where the guest's serial output goes and where its input
+/// comes from.
+pub struct Console {
+    /// Serial output.
+    pub output: ConsoleOut,
+    /// Serial input, if any.
+    pub input: Option<File>,
+}
+
+impl std::fmt::Debug for Console {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Console")
+            .field("input", &self.input)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Console {
+    /// stdout and stdin.
+    pub fn stdio() -> Result<Self> {
+        let input = std::io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(Error::Console)?;
+        Ok(Console {
+            output: Box::new(std::io::stdout()),
+            input: Some(File::from(input)),
+        })
+    }
+}
+
+/// The kernel command line: the user's, plus the parameters that hide CPUID
+/// features the host forces on (only on hosts that override CPUID, such as
+/// PVM; see the vcpu crate's README).
+fn guest_cmdline(user: &str, forced: &[&'static ember_vcpu::cpuid::MaskedFeature]) -> String {
+    match ember_vcpu::cpuid::kernel_params_hiding(forced) {
+        Some(params) => {
+            let names: Vec<_> = forced.iter().map(|f| f.name).collect();
+            log::info!(
+                "the host keeps CPUID features visible that ember masks ({}); hiding them with: {params}",
+                names.join(",")
+            );
+            format!("{user} {params}")
+        }
+        None => user.to_string(),
+    }
+}
+
+/// A built VM, ready to run. Field order matters: vCPUs and the VM fd are
+/// dropped before the guest memory they point into.
+pub struct Vmm {
+    vcpus: Vec<Vcpu>,
+    _vm: VmFd,
+    event_loop: EventLoop,
+    report: Arc<VcpuExitReport>,
+    started: Instant,
+    _mem: GuestMemoryMmap,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("vcpus", &self.vcpus.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vmm {
+    /// Builds the VM described by `cfg`. Nothing runs yet. `started` is the
+    /// process start, for timing logs.
+    pub fn build(cfg: &ValidConfig, console: Console, started: Instant) -> Result<Self> {
+        // Before any thread exists, so every thread inherits the mask.
+        let signals = StopSignals::block().map_err(Error::Signals)?;
+
+        let hv = Hypervisor::open()?;
+        hv.check_vcpus(cfg.vcpus)?;
+        let ml = MemoryLayout::new(cfg.memory_mib)?;
+        ml.check_phys_bits(hv.phys_address_bits())?;
+        let mem = ml.create_guest_memory()?;
+        let vm = vm::create_vm(&hv, &mem)?;
+
+        let mut io = IoManager::new();
+        let legacy = LegacyDevices::create(&vm, &mut io, console.output)?;
+        let io = Arc::new(io);
+
+        // CPUID first: what the host will not hide decides the command line.
+        let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
+        let mut forced = Vec::new();
+        for index in 0..cfg.vcpus {
+            let mut vcpu = Vcpu::new(&vm, index, io.clone()).map_err(Error::Vcpu)?;
+            forced = vcpu
+                .set_cpuid(&hv.supported_cpuid, cfg.vcpus)
+                .map_err(Error::Vcpu)?;
+            vcpus.push(vcpu);
+        }
+        let cmdline = guest_cmdline(&cfg.cmdline, &forced);
+
+        let spec = BootSpec {
+            kernel: &cfg.kernel,
+            initrd: cfg.initrd.as_deref(),
+            cmdline: &cmdline,
+            vcpus: cfg.vcpus,
+        };
+        let boot = ember_loader::load(&mem, &ml, &spec)?;
+        log::info!(
+            "loaded {:?} kernel {}, entry {:#x}",
+            boot.kernel.format,
+            cfg.kernel.display(),
+            boot.entry
+        );
+        for vcpu in &mut vcpus {
+            vcpu.setup_boot(&mem, boot.entry).map_err(Error::Vcpu)?;
+        }
+
+        let vcpu_evt = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::EventFd("vcpu exit", e))?;
+        let report = Arc::new(VcpuExitReport::new(
+            vcpu_evt
+                .try_clone()
+                .map_err(|e| Error::EventFd("vcpu exit", e))?,
+        ));
+        let event_loop = EventLoop::new(LoopInputs {
+            console_in: console.input,
+            serial: legacy.serial,
+            serial_drained: legacy.serial_input_drained,
+            reset: legacy.reset,
+            vcpu_evt,
+            report: report.clone(),
+            signals,
+        })?;
+        Ok(Vmm {
+            vcpus,
+            _vm: vm,
+            event_loop,
+            report,
+            started,
+            _mem: mem,
+        })
+    }
+
+    /// Starts the vCPUs and runs the event loop until the guest or a signal
+    /// ends the VM; stops the vCPUs and says why it ended.
+    pub fn run(mut self) -> Result<ExitReason> {
+        let vcpus = std::mem::take(&mut self.vcpus);
+        let mut threads = VcpuThreads::start(vcpus, self.report.clone(), self.started)?;
+        let stop = self.event_loop.run();
+        threads.stop(Duration::from_millis(500));
+        match stop? {
+            Stop::I8042Reset => Ok(ExitReason::GuestReset),
+            Stop::Signal(n) => Ok(ExitReason::Signal(n)),
+            Stop::Vcpu(VcpuEnd::Guest(GuestStop::Reset)) => Ok(ExitReason::GuestReset),
+            Stop::Vcpu(VcpuEnd::Guest(GuestStop::PowerOff)) => Ok(ExitReason::GuestPowerOff),
+            Stop::Vcpu(VcpuEnd::Guest(GuestStop::Halted)) => Ok(ExitReason::GuestHalted),
+            Stop::Vcpu(VcpuEnd::Failed(msg)) => Err(Error::Guest(msg)),
+            Stop::Vcpu(VcpuEnd::Stopped) => Err(Error::Guest("a vCPU stopped unexpectedly".into())),
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! The KVM VM: `/dev/kvm`, the VM fd, the in-kernel irqchip and PIT, and
+//! guest memory registered as KVM memory slots.
+
+use ember_memory::{layout, GuestMemoryMmap};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::Error;
+
+/// An open `/dev/kvm` and what it says about itself.
+#[derive(Debug)]
+pub struct Hypervisor {
+    /// The system fd.
+    pub kvm: Kvm,
+    /// `KVM_GET_SUPPORTED_CPUID`.
+    pub supported_cpuid: CpuId,
+    /// `KVM_CAP_MAX_VCPUS`.
+    pub max_vcpus: usize,
+}
+
+impl Hypervisor {
+    /// Opens `/dev/kvm` and reads its limits.
+    pub fn open() -> Result<Self, Error> {
+        let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        let max_vcpus = kvm.get_max_vcpus();
+        Ok(Hypervisor {
+            kvm,
+            supported_cpuid,
+            max_vcpus,
+        })
+    }
+
+    /// Checks `vcpus` against what KVM allows.
+    pub fn check_vcpus(&self, vcpus: u8) -> Result<(), Error> {
+        if usize::from(vcpus) > self.max_vcpus {
+            return Err(Error::TooManyVcpus {
+                asked: vcpus,
+                max: self.max_vcpus,
+            });
+        }
+        Ok(())
+    }
+
+    /// The guest's physical address width.
+    pub fn phys_address_bits(&self) -> u8 {
+        ember_vcpu::cpuid::phys_address_bits(self.supported_cpuid.as_slice())
+    }
+}
+
+/// Creates the VM with the in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT,
+/// and registers `mem` as its RAM.
+pub fn create_vm(hv: &Hypervisor, mem: &GuestMemoryMmap) -> Result<VmFd, Error> {
+    let vm = hv
+        .kvm
+        .create_vm()
+        .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+    vm.set_tss_address(usize::try_from(layout::KVM_TSS_ADDRESS).unwrap_or(0))
+        .map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
+    vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(|e| Error::Kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+    vm.create_irq_chip()
+        .map_err(|e| Error::Kvm("KVM_CREATE_IRQCHIP", e))?;
+    let pit = kvm_pit_config {
+        // KVM answers port 0x61 (the speaker / PIT gate) itself.
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
+    register_memory(&vm, mem)?;
+    Ok(vm)
+}
+
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Error> {
+    for (slot, region) in mem.iter().enumerate() {
+        let region_desc = kvm_userspace_memory_region {
+            slot: u32::try_from(slot).map_err(|_| Error::TooManyRegions)?,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the region is a live mapping of `region.len()` bytes owned
+        // by `mem`, which the caller keeps alive as long as the VM exists
+        // (both live in `Vmm` and the VM fd is dropped first); slots do not
+        // overlap because vm-memory's regions do not.
+        unsafe { vm.set_user_memory_region(region_desc) }
+            .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+    }
+    Ok(())
+}
