@@ -193,3 +193,75 @@ fn tiny_sigint_stops_a_spinning_guest_with_130() {
     }
     signal_ends_a_spinning_guest(libc::SIGINT, 130);
 }
+
+/// A pseudo-terminal pair; the test keeps the slave to read its settings.
+fn openpty() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two new descriptors into the locals; the name,
+    // termios and winsize arguments may be null.
+    let ret = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(ret, 0, "openpty");
+    // SAFETY: both descriptors are new and owned by nobody else.
+    unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(master),
+            std::os::fd::OwnedFd::from_raw_fd(slave),
+        )
+    }
+}
+
+fn lflag(fd: &std::os::fd::OwnedFd) -> libc::tcflag_t {
+    use std::os::fd::AsRawFd;
+    // SAFETY: termios is plain data; tcgetattr fills it from an open tty.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and pointer.
+    assert_eq!(unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut t) }, 0);
+    t.c_lflag
+}
+
+#[test]
+fn tiny_terminal_on_stdin_is_raw_while_running_and_restored_after_sigterm() {
+    if !kvm_available("tiny_terminal_on_stdin_is_raw_while_running_and_restored_after_sigterm") {
+        return;
+    }
+    let dir = TempDir::new("tty");
+    let k = guest(&dir, "spin.elf", &SPIN);
+    let (_master, slave) = openpty();
+    let before = lflag(&slave);
+    assert_ne!(
+        before & libc::ICANON,
+        0,
+        "a new pty starts in canonical mode"
+    );
+    let mut child = std::process::Command::new(ember_tests::ember_bin())
+        .args(["--kernel", &k, "--memory", "16"])
+        .stdin(std::process::Stdio::from(slave.try_clone().unwrap()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut first = [0u8; 1];
+    std::io::Read::read_exact(&mut out, &mut first).unwrap();
+    assert_eq!(&first, b"R");
+    let during = lflag(&slave);
+    // SAFETY: kill() on our unreaped child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(143));
+    assert_eq!(
+        during & (libc::ICANON | libc::ECHO),
+        0,
+        "raw mode while running"
+    );
+    assert_eq!(lflag(&slave), before, "settings restored on exit");
+}

@@ -399,3 +399,46 @@ pub fn assert_clean_error(run: &Run, needles: &[&str]) {
         );
     }
 }
+
+/// An uncompressed "newc" cpio archive (what Linux unpacks as an initramfs)
+/// holding regular files `(name, content)`, mode 0644.
+pub fn newc_cpio(files: &[(&str, &[u8])]) -> Vec<u8> {
+    fn pad4(v: &mut Vec<u8>) {
+        while v.len() % 4 != 0 {
+            v.push(0);
+        }
+    }
+    fn entry(v: &mut Vec<u8>, ino: usize, name: &str, mode: u32, data: &[u8]) {
+        let n = |x: usize| u32::try_from(x).expect("cpio field fits in 32 bits");
+        let fields = [
+            n(ino),
+            mode,
+            0,
+            0,
+            1,
+            0,
+            n(data.len()),
+            0,
+            0,
+            0,
+            0,
+            n(name.len() + 1),
+            0,
+        ];
+        v.extend(b"070701");
+        for f in fields {
+            v.extend(format!("{f:08x}").as_bytes());
+        }
+        v.extend(name.as_bytes());
+        v.push(0);
+        pad4(v);
+        v.extend(data);
+        pad4(v);
+    }
+    let mut v = Vec::new();
+    for (i, (name, data)) in files.iter().enumerate() {
+        entry(&mut v, i + 1, name, 0o100644, data);
+    }
+    entry(&mut v, 0, "TRAILER!!!", 0, &[]);
+    v
+}
