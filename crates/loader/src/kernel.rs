@@ -151,3 +151,114 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ember_memory::MemoryLayout;
+    use std::io::Write;
+
+    struct Tmp(std::path::PathBuf);
+    impl Drop for Tmp {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn file(name: &str, bytes: &[u8]) -> (Tmp, File) {
+        let p = std::env::temp_dir().join(format!("ember-loader-{}-{name}", std::process::id()));
+        std::fs::File::create(&p).unwrap().write_all(bytes).unwrap();
+        let f = File::open(&p).unwrap();
+        (Tmp(p), f)
+    }
+
+    /// A synthetic bzImage: `setup_sects` = 1, `syssize` paragraphs of code
+    /// announced, `code` bytes present.
+    fn bzimage(version: u16, xloadflags: u16, syssize: u32, code: usize) -> Vec<u8> {
+        let mut b = vec![0u8; 1024 + code];
+        b[0x1f1] = 1; // setup_sects: setup is 2 sectors with the boot sector
+        b[0x1f4..0x1f8].copy_from_slice(&syssize.to_le_bytes());
+        b[0x202..0x206].copy_from_slice(&HDRS_MAGIC.to_le_bytes());
+        b[0x206..0x208].copy_from_slice(&version.to_le_bytes());
+        b[0x211] = 1; // loadflags: LOADED_HIGH
+        b[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+        b[0x236..0x238].copy_from_slice(&xloadflags.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn detect_format_recognises_elf_and_bzimage() {
+        let (t, mut f) = file("elf", b"\x7fELF\x02\x01\x01");
+        assert_eq!(detect_format(&t.0, &mut f).unwrap(), KernelFormat::Elf);
+        let (t, mut f) = file("bz", &bzimage(0x020f, 1, 1, 16));
+        assert_eq!(detect_format(&t.0, &mut f).unwrap(), KernelFormat::BzImage);
+    }
+
+    #[test]
+    fn detect_format_rejects_other_files() {
+        for (name, bytes) in [
+            ("empty", &b""[..]),
+            ("short", b"\x7fEL"),
+            ("text", b"hello world"),
+        ] {
+            let (t, mut f) = file(name, bytes);
+            assert!(matches!(
+                detect_format(&t.0, &mut f),
+                Err(Error::UnknownKernelFormat(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn bzimage_shorter_than_its_header_says_is_truncated() {
+        // 64 paragraphs (1024 bytes) announced, 512 present.
+        let (t, mut f) = file("trunc", &bzimage(0x020f, 1, 64, 512));
+        assert!(matches!(
+            check_bzimage(&t.0, &mut f),
+            Err(Error::TruncatedKernel(_))
+        ));
+        let (t, mut f) = file("whole", &bzimage(0x020f, 1, 64, 1024));
+        assert!(check_bzimage(&t.0, &mut f).is_ok());
+    }
+
+    #[test]
+    fn bzimage_without_64bit_entry_is_rejected() {
+        let (t, mut f) = file("old", &bzimage(0x020a, 1, 1, 16));
+        assert!(matches!(
+            check_bzimage(&t.0, &mut f),
+            Err(Error::NoLongModeEntry(_))
+        ));
+        let (t, mut f) = file("no64", &bzimage(0x020f, 0, 1, 16));
+        assert!(matches!(
+            check_bzimage(&t.0, &mut f),
+            Err(Error::NoLongModeEntry(_))
+        ));
+    }
+
+    #[test]
+    fn bzimage_is_loaded_at_1mib_and_entered_at_plus_0x200() {
+        let ml = MemoryLayout::new(16).unwrap();
+        let mem = ml.create_guest_memory().unwrap();
+        let mut img = bzimage(0x020f, 1, 2, 32);
+        img[1024..1056].copy_from_slice(&[0xab; 32]);
+        let t = Tmp(std::env::temp_dir().join(format!("ember-loader-{}-load", std::process::id())));
+        std::fs::write(&t.0, &img).unwrap();
+        let k = load_kernel(&mem, &t.0).unwrap();
+        assert_eq!(k.format, KernelFormat::BzImage);
+        assert_eq!(k.entry, 0x10_0200);
+        assert!(k.setup_header.is_some());
+        let mut first = [0u8; 4];
+        vm_memory::Bytes::read_slice(&mem, &mut first, GuestAddress(0x10_0000)).unwrap();
+        assert_eq!(first, [0xab; 4]);
+    }
+
+    #[test]
+    fn missing_kernel_is_an_open_error_naming_the_file() {
+        let mem = MemoryLayout::new(16)
+            .unwrap()
+            .create_guest_memory()
+            .unwrap();
+        let e = load_kernel(&mem, Path::new("/nonexistent/vmlinux")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/vmlinux"));
+    }
+}
