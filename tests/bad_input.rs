@@ -181,3 +181,55 @@ fn bad_unknown_flag_is_one_line() {
     run.check(run.stderr.lines().count() == 1, "one line");
     run.check(run.stderr.contains("--frobnicate"), "names the flag");
 }
+
+#[test]
+fn bad_disk_missing_file() {
+    let dir = TempDir::new("diskmissing");
+    let k = good_kernel(&dir);
+    let run = run_ember(
+        &["--kernel", &k, "--disk", "path=/nonexistent/disk.img"],
+        b"",
+        TIMEOUT,
+    );
+    assert_clean_error(&run, &["disk.path", "/nonexistent/disk.img"]);
+}
+
+#[test]
+fn bad_disk_flag() {
+    let dir = TempDir::new("diskflag");
+    let k = good_kernel(&dir);
+    let run = run_ember(
+        &["--kernel", &k, "--disk", "path=/x.img,cache=none"],
+        b"",
+        TIMEOUT,
+    );
+    assert_clean_error(&run, &["--disk", "cache"]);
+}
+
+#[test]
+fn bad_too_many_disks() {
+    let dir = TempDir::new("disks9");
+    let k = good_kernel(&dir);
+    let mut args = vec!["--kernel".to_string(), k];
+    for i in 0..9 {
+        let p = dir.write(&format!("d{i}.img"), &[0u8; 512]);
+        args.push("--disk".into());
+        args.push(format!("path={}", p.display()));
+    }
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let run = run_ember(&a, b"", TIMEOUT);
+    assert_clean_error(&run, &["9 disks", "at most 8"]);
+}
+
+#[test]
+fn bad_disk_size_not_a_multiple_of_512() {
+    if !kvm_available("bad_disk_size_not_a_multiple_of_512") {
+        return;
+    }
+    let dir = TempDir::new("diskodd");
+    let k = good_kernel(&dir);
+    let img = dir.write("odd.img", &[0u8; 1000]);
+    let disk = format!("path={}", img.display());
+    let run = run_ember(&["--kernel", &k, "--disk", &disk], b"", TIMEOUT);
+    assert_clean_error(&run, &["odd.img", "512"]);
+}

@@ -442,3 +442,41 @@ pub fn newc_cpio(files: &[(&str, &[u8])]) -> Vec<u8> {
     entry(&mut v, 0, "TRAILER!!!", 0, &[]);
     v
 }
+
+/// SplitMix64, as the guest agent computes it (tools/guest/agent/ember_agent_block.c).
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The 4 KiB block the agent's `blk_write=DEV:SEED:COUNT` writes at byte offset `off`.
+pub fn pattern_block(seed: u64, off: u64) -> Vec<u8> {
+    (0..512u64)
+        .flat_map(|j| splitmix64(seed ^ off ^ (j << 48)).to_le_bytes())
+        .collect()
+}
+
+/// The byte offsets of the agent's `blk_write=DEV:SEED:COUNT` on a disk of `size` bytes.
+pub fn pattern_offsets(seed: u64, count: u64, size: u64) -> Vec<u64> {
+    let blocks = size / 4096;
+    (0..count)
+        .map(|i| (splitmix64(seed.wrapping_add(i)) % blocks) * 4096)
+        .collect()
+}
+
+/// FNV-1a 64, as the agent's `blk_read` reports it.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// `len` deterministic pseudo-random bytes from `seed`.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    (0..len.div_ceil(8) as u64)
+        .flat_map(|i| splitmix64(seed ^ i.wrapping_mul(0x1000_0000_01b3)).to_le_bytes())
+        .take(len)
+        .collect()
+}

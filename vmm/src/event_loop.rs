@@ -26,7 +26,8 @@ pub enum Stop {
     Signal(libc::c_int),
 }
 
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+/// An event-loop subscriber as the loop holds it.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// Feeds console input to the UART, only as fast as the guest drains it.
 struct ConsoleInput {
@@ -182,6 +183,8 @@ pub struct LoopInputs {
     pub report: Arc<VcpuExitReport>,
     /// SIGINT/SIGTERM.
     pub signals: StopSignals,
+    /// Device subscribers (virtio queues).
+    pub devices: Vec<Subscriber>,
 }
 
 impl EventLoop {
@@ -203,6 +206,9 @@ impl EventLoop {
             signals: inputs.signals,
             stop: stop.clone(),
         })));
+        for d in inputs.devices {
+            manager.add_subscriber(d);
+        }
         Ok(EventLoop { manager, stop })
     }
 

@@ -14,7 +14,9 @@
 
 pub mod config;
 pub mod devices;
+pub mod disks;
 pub mod event_loop;
+pub mod pci;
 pub mod signals;
 pub mod terminal;
 pub mod vcpus;
@@ -22,7 +24,7 @@ pub mod vm;
 
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ember_loader::BootSpec;
@@ -90,6 +92,15 @@ pub enum Error {
     /// Console input cannot be set up.
     #[error("cannot use stdin as console input")]
     Console(#[source] std::io::Error),
+    /// A disk cannot be opened or set up.
+    #[error("disk {index}")]
+    Disk {
+        /// Which disk, in config order.
+        index: usize,
+        /// Why.
+        #[source]
+        source: ember_virtio_blk::Error,
+    },
     /// The guest or KVM failed while running.
     #[error("the VM failed: {0}")]
     Guest(String),
@@ -174,7 +185,8 @@ fn guest_cmdline(user: &str, forced: &[&'static ember_vcpu::cpuid::MaskedFeature
 /// dropped before the guest memory they point into.
 pub struct Vmm {
     vcpus: Vec<Vcpu>,
-    _vm: VmFd,
+    disks: Vec<disks::DiskDevice>,
+    _vm: Arc<VmFd>,
     event_loop: EventLoop,
     report: Arc<VcpuExitReport>,
     started: Instant,
@@ -201,10 +213,24 @@ impl Vmm {
         let ml = MemoryLayout::new(cfg.memory_mib)?;
         ml.check_phys_bits(hv.phys_address_bits())?;
         let mem = ml.create_guest_memory()?;
-        let vm = vm::create_vm(&hv, &mem)?;
+        let vm = Arc::new(vm::create_vm(&hv, &mem)?);
 
         let mut io = IoManager::new();
         let legacy = LegacyDevices::create(&vm, &mut io, console.output)?;
+        let bus = pci::create_bus(&mut io)?;
+        let routes = Arc::new(pci::MsiRoutes::new(vm.clone()));
+        let mut bars = pci::BarAllocator::new(&ml)?;
+        let (disks, disk_events) = disks::create_disks(
+            &mut disks::DiskContext {
+                vm: &vm,
+                mem: &mem,
+                io: &mut io,
+                bus: &bus,
+                bars: &mut bars,
+                routes: &routes,
+            },
+            &cfg.disks,
+        )?;
         let io = Arc::new(io);
 
         // CPUID first: what the host will not hide decides the command line.
@@ -250,9 +276,14 @@ impl Vmm {
             vcpu_evt,
             report: report.clone(),
             signals,
+            devices: disk_events
+                .into_iter()
+                .map(|s| Arc::new(Mutex::new(s)) as event_loop::Subscriber)
+                .collect(),
         })?;
         Ok(Vmm {
             vcpus,
+            disks,
             _vm: vm,
             event_loop,
             report,
@@ -268,6 +299,7 @@ impl Vmm {
         let mut threads = VcpuThreads::start(vcpus, self.report.clone(), self.started)?;
         let stop = self.event_loop.run();
         threads.stop(Duration::from_millis(500));
+        disks::flush_all(&self.disks);
         match stop? {
             Stop::I8042Reset => Ok(ExitReason::GuestReset),
             Stop::Signal(n) => Ok(ExitReason::Signal(n)),

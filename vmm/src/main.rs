@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use ember_vmm::config::{Overrides, VmConfig};
+use ember_vmm::config::{DiskConfig, Overrides, VmConfig};
 use ember_vmm::terminal::RawTerminal;
 use ember_vmm::{Console, Vmm};
 
@@ -33,6 +33,10 @@ struct Cli {
     /// Guest memory in MiB.
     #[arg(long, value_name = "MIB")]
     memory: Option<u64>,
+    /// A virtio-blk disk: path=FILE[,read_only=on][,id=ID]. Repeat for more
+    /// disks (vda, vdb, ... in order); replaces the config file's disks.
+    #[arg(long, value_name = "SPEC")]
+    disk: Vec<String>,
     /// Log level on stderr: off, error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     log_level: log::LevelFilter,
@@ -73,12 +77,18 @@ fn run(cli: Cli, started: Instant) -> ember_vmm::Result<i32> {
         Some(path) => VmConfig::from_file(path)?,
         None => VmConfig::default(),
     };
+    let disks = cli
+        .disk
+        .iter()
+        .map(|d| DiskConfig::parse_flag(d))
+        .collect::<Result<Vec<_>, _>>()?;
     cfg.apply(&Overrides {
         kernel: cli.kernel,
         initrd: cli.initrd,
         cmdline: cli.cmdline,
         vcpus: cli.vcpus,
         memory_mib: cli.memory,
+        disks,
     });
     let cfg = cfg.validate()?;
     let console = Console::stdio()?;

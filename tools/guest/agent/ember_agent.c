@@ -22,6 +22,21 @@
  *                             what to do when the checks are done
  *   ember.read_file=PATH      read up to 64 bytes of PATH (e.g. a file the
  *                             initramfs carries) and print them
+ *   ember.pci=on              list PCI functions (ids, class, MSI-X enabled)
+ *   ember.blk_serial=vda,...  print each disk's serial (virtio-blk GET_ID)
+ *   ember.blk_read=vda,...    read each whole disk: bytes, FNV-1a 64, KiB/s
+ *   ember.blk_write=DEV:SEED:COUNT
+ *                             write COUNT 4 KiB blocks of a seeded pattern at
+ *                             seeded offsets, then fsync (see block.c)
+ *   ember.blk_verify=DEV:SEED:COUNT
+ *                             read those blocks back and count mismatches
+ *   ember.blk_ro=DEV          writing to DEV must fail
+ *   ember.blk_discard=DEV:OFFSET_KIB:LEN_KIB
+ *   ember.blk_zeroout=DEV:OFFSET_KIB:LEN_KIB
+ *                             discard / write zeroes through the block layer
+ *   ember.blk_stress=DEV:THREADS:OPS:OFFSET_KIB:LEN_KIB
+ *                             THREADS kernel threads write, flush and verify
+ *                             OPS blocks each in their own slice of the range
  */
 
 #include <linux/init.h>
@@ -41,6 +56,8 @@
 #include <linux/ctype.h>
 #include <asm/mc146818rtc.h>
 
+#include "ember_agent_block.h"
+
 #undef MODULE_PARAM_PREFIX
 #define MODULE_PARAM_PREFIX "ember."
 
@@ -53,10 +70,10 @@ module_param(after, charp, 0444);
 static char *read_file = "";
 module_param(read_file, charp, 0444);
 
-static unsigned int checks_run;
-static unsigned int checks_failed;
-
-#define AGENT_LINE(fmt, ...) pr_emerg("EMBER-AGENT " fmt "\n", ##__VA_ARGS__)
+unsigned int ember_checks_run;
+unsigned int ember_checks_failed;
+#define checks_run ember_checks_run
+#define checks_failed ember_checks_failed
 
 static void __init check_hello(void)
 {
@@ -138,6 +155,7 @@ static int __init ember_agent_run(void)
 	check_memory();
 	check_clock();
 	check_read_file();
+	ember_block_checks();
 
 	AGENT_LINE("done checks=%u failed=%u", checks_run, checks_failed);
 

@@ -16,6 +16,7 @@
 //! keys are errors.
 
 pub mod boot;
+pub mod disk;
 pub mod machine;
 
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use boot::BootConfig;
+pub use disk::DiskConfig;
 pub use machine::MachineConfig;
 
 /// What is wrong with a configuration. Each message names the key or file.
@@ -73,6 +75,28 @@ pub enum ConfigError {
         /// The path.
         path: PathBuf,
     },
+    /// A `--disk` flag cannot be parsed.
+    #[error("--disk {flag}: {why}")]
+    DiskFlag {
+        /// The flag's value.
+        flag: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// Too many disks.
+    #[error("{0} disks configured; at most {max} are supported", max = disk::MAX_DISKS)]
+    TooManyDisks(usize),
+    /// A disk id is too long.
+    #[error("disk {index}: id is {len} bytes long; at most {max} are allowed", max = disk::MAX_ID_LEN)]
+    DiskId {
+        /// Which disk (0-based, in config order).
+        index: usize,
+        /// The id's length.
+        len: usize,
+    },
+    /// The same image is given twice.
+    #[error("disk.path = {}: the same image is configured twice", .0.display())]
+    DuplicateDisk(PathBuf),
     /// The command line is too long.
     #[error("boot.cmdline is {0} bytes long; the limit is {max} bytes", max = ember_memory::layout::CMDLINE_MAX_SIZE - 1)]
     CmdlineTooLong(usize),
@@ -88,6 +112,9 @@ pub struct VmConfig {
     /// `[boot]`.
     #[serde(default)]
     pub boot: BootConfig,
+    /// `[[disk]]`, in order: /dev/vda, /dev/vdb, ...
+    #[serde(default)]
+    pub disk: Vec<DiskConfig>,
 }
 
 /// Flags that override the file (or stand in for it).
@@ -103,6 +130,8 @@ pub struct Overrides {
     pub vcpus: Option<u64>,
     /// `--memory`.
     pub memory_mib: Option<u64>,
+    /// `--disk`, repeated: replace the file's disks when given.
+    pub disks: Vec<DiskConfig>,
 }
 
 /// A configuration that passed validation.
@@ -118,6 +147,8 @@ pub struct ValidConfig {
     pub initrd: Option<PathBuf>,
     /// The kernel command line.
     pub cmdline: String,
+    /// Disks, in order.
+    pub disks: Vec<DiskConfig>,
 }
 
 /// Formats a TOML error as "line L, column C: message" on one line.
@@ -143,6 +174,9 @@ impl VmConfig {
             message: toml_error_line(text, &e),
         })?;
         cfg.boot.resolve_paths(base);
+        for d in &mut cfg.disk {
+            d.resolve_path(base);
+        }
         Ok(cfg)
     }
 
@@ -173,18 +207,35 @@ impl VmConfig {
         if let Some(m) = o.memory_mib {
             self.machine.memory_mib = m;
         }
+        if !o.disks.is_empty() {
+            self.disk = o.disks.clone();
+        }
     }
 
     /// Validates everything that can be checked before touching KVM.
     pub fn validate(&self) -> Result<ValidConfig, ConfigError> {
         let vcpus = self.machine.validate()?;
         self.boot.validate()?;
+        if self.disk.len() > disk::MAX_DISKS {
+            return Err(ConfigError::TooManyDisks(self.disk.len()));
+        }
+        for (i, d) in self.disk.iter().enumerate() {
+            d.validate(i)?;
+            let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+            if self.disk[..i]
+                .iter()
+                .any(|o| canon(&o.path) == canon(&d.path))
+            {
+                return Err(ConfigError::DuplicateDisk(d.path.clone()));
+            }
+        }
         Ok(ValidConfig {
             vcpus,
             memory_mib: self.machine.memory_mib,
             kernel: self.boot.kernel()?.to_owned(),
             initrd: self.boot.initrd.clone(),
             cmdline: self.boot.cmdline().to_owned(),
+            disks: self.disk.clone(),
         })
     }
 }
@@ -310,11 +361,70 @@ mod tests {
             memory_mib: Some(256),
             cmdline: Some("quiet".into()),
             initrd: None,
+            disks: vec![],
         });
         assert_eq!(c.machine.vcpus, 4);
         assert_eq!(c.machine.memory_mib, 256);
         assert_eq!(c.boot.kernel.as_deref(), Some(Path::new("/k")));
         assert_eq!(c.boot.cmdline(), "quiet");
+    }
+
+    #[test]
+    fn config_disks_parse_in_order_with_resolved_paths() {
+        let c = parse(
+            "[[disk]]\npath = \"root.ext4\"\n[[disk]]\npath = \"/d.img\"\nread_only = true\nid = \"data\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.disk.len(), 2);
+        assert_eq!(c.disk[0].path, Path::new("/etc/ember/root.ext4"));
+        assert!(!c.disk[0].read_only);
+        assert_eq!(c.disk[1].id.as_deref(), Some("data"));
+        assert!(c.disk[1].read_only);
+    }
+
+    #[test]
+    fn config_disk_unknown_key_is_an_error() {
+        assert!(parse("[[disk]]\npath = \"a\"\ncache = \"none\"\n").is_err());
+    }
+
+    #[test]
+    fn disk_flag_parses_and_rejects() {
+        let d = DiskConfig::parse_flag("path=/a.img,read_only=on,id=x").unwrap();
+        assert_eq!(
+            (d.path.as_path(), d.read_only, d.id.as_deref()),
+            (Path::new("/a.img"), true, Some("x"))
+        );
+        assert!(!DiskConfig::parse_flag("path=/a").unwrap().read_only);
+        for bad in [
+            "",
+            "read_only=on",
+            "path=/a,read_only=maybe",
+            "path=/a,cache=none",
+            "path",
+        ] {
+            assert!(DiskConfig::parse_flag(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn validate_rejects_too_many_disks_long_ids_and_duplicates() {
+        let exe = std::env::current_exe().unwrap();
+        let disk = |id: Option<&str>| DiskConfig {
+            path: exe.clone(),
+            read_only: false,
+            id: id.map(str::to_string),
+        };
+        let mut c = VmConfig::default();
+        c.boot.kernel = Some(exe.clone());
+        c.disk = vec![disk(None); 9];
+        assert!(matches!(c.validate(), Err(ConfigError::TooManyDisks(9))));
+        c.disk = vec![disk(Some("x".repeat(21).as_str()))];
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::DiskId { index: 0, len: 21 })
+        ));
+        c.disk = vec![disk(None), disk(None)];
+        assert!(matches!(c.validate(), Err(ConfigError::DuplicateDisk(_))));
     }
 
     #[test]

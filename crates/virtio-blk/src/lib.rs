@@ -1,0 +1,121 @@
+//! A virtio-blk device (virtio 1.2, section 5.2) for microVMs.
+//!
+//! - [`request`] turns a descriptor chain into a checked, typed [`Request`]
+//!   before any I/O; it is a pure function of the chain, the capacity and the
+//!   read-only flag, so a fuzzer can call it directly.
+//! - [`backend`] holds the [`BlockBackend`] trait the device does its I/O
+//!   through, and [`RawFile`], a raw disk image (or block device) with an
+//!   advisory lock so that two VMMs cannot write one image.
+//! - [`device`] holds [`Block`], an [`ember_virtio::VirtioDevice`]: one queue,
+//!   read, write, flush, get-id, discard and write-zeroes.
+//!
+//! The transport hands the device guest memory, an interrupt and its queue
+//! on activation, and calls `process_queue(0)` when the driver notifies.
+//!
+//! ```
+//! use ember_virtio::VirtioDevice;
+//! use ember_virtio_blk::{Block, BlockConfig};
+//! use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+//! use vmm_sys_util::tempfile::TempFile;
+//!
+//! let image = TempFile::new().unwrap();
+//! image.as_file().set_len(1 << 20).unwrap();
+//! let disk = Block::new(&BlockConfig {
+//!     path: image.as_path().to_path_buf(),
+//!     read_only: false,
+//!     id: Some("rootfs".to_string()),
+//! })?;
+//! assert_eq!(disk.device_type(), VIRTIO_ID_BLOCK);
+//!
+//! // The capacity, in 512-byte sectors, is the first field of the config space.
+//! let mut capacity = [0u8; 8];
+//! disk.read_config(0, &mut capacity);
+//! assert_eq!(u64::from_le_bytes(capacity), 2048);
+//! # Ok::<(), ember_virtio_blk::Error>(())
+//! ```
+#![deny(unsafe_code)]
+
+pub mod backend;
+pub mod device;
+pub mod request;
+
+#[cfg(test)]
+mod test_utils;
+
+use std::io;
+use std::path::PathBuf;
+
+pub use backend::{BlockBackend, RawFile};
+pub use device::{Block, BlockConfig, IO_CHUNK};
+pub use request::{parse, status_address, DataRegion, Request, RequestError, RequestKind, Segment};
+
+/// Why a disk could not be opened or flushed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The disk image could not be opened.
+    #[error("cannot open disk image {}", path.display())]
+    Open {
+        /// The image.
+        path: PathBuf,
+        /// What `open` said.
+        #[source]
+        source: io::Error,
+    },
+    /// Another process holds the image's advisory lock.
+    #[error(
+        "disk image {} is locked: another process (another VMM?) holds it open",
+        path.display()
+    )]
+    Locked {
+        /// The image.
+        path: PathBuf,
+    },
+    /// Taking the advisory lock failed for a reason other than contention.
+    #[error("cannot lock disk image {}", path.display())]
+    Lock {
+        /// The image.
+        path: PathBuf,
+        /// What `flock` said.
+        #[source]
+        source: io::Error,
+    },
+    /// The size of the image could not be read.
+    #[error("cannot find the size of disk image {}", path.display())]
+    Size {
+        /// The image.
+        path: PathBuf,
+        /// What `lseek` said.
+        #[source]
+        source: io::Error,
+    },
+    /// The image is not a whole number of 512-byte sectors.
+    #[error("disk image {} is {size} bytes, not a multiple of 512", path.display())]
+    UnalignedSize {
+        /// The image.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// The serial id is longer than virtio-blk's 20 bytes.
+    #[error("id {id:?} of disk image {} is {len} bytes, more than 20", path.display())]
+    IdTooLong {
+        /// The image.
+        path: PathBuf,
+        /// The id given.
+        id: String,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// Flushing the disk to stable storage failed.
+    #[error("cannot flush disk {disk}")]
+    Flush {
+        /// The disk (its image's path).
+        disk: String,
+        /// What the backend said.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The result of this crate's fallible host-side operations.
+pub type Result<T> = std::result::Result<T, Error>;

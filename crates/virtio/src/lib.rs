@@ -1,0 +1,12 @@
+//! What every Ember virtio device shares: the [`VirtioDevice`] trait a
+//! device implements, and the modern virtio-pci transport that puts it on a
+//! PCI bus.
+#![forbid(unsafe_code)]
+
+pub mod device;
+pub mod event_handler;
+pub mod transport;
+
+pub use device::{ActivateContext, ActivateError, InterruptKind, VirtioDevice, VirtioInterrupt};
+pub use event_handler::QueueEvents;
+pub use transport::{VirtioPciDevice, VIRTIO_BAR_SIZE};
