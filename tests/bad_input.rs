@@ -233,3 +233,28 @@ fn bad_disk_size_not_a_multiple_of_512() {
     let run = run_ember(&["--kernel", &k, "--disk", &disk], b"", TIMEOUT);
     assert_clean_error(&run, &["odd.img", "512"]);
 }
+
+#[test]
+fn bad_tap_that_does_not_exist() {
+    if !kvm_available("bad_tap_that_does_not_exist") {
+        return;
+    }
+    let dir = TempDir::new("notap");
+    let k = good_kernel(&dir);
+    let run = run_ember(&["--kernel", &k, "--net", "tap=embernotap9"], b"", TIMEOUT);
+    assert_clean_error(&run, &["embernotap9"]);
+}
+
+#[test]
+fn bad_net_flag_and_mac() {
+    let dir = TempDir::new("netflag");
+    let k = good_kernel(&dir);
+    let run = run_ember(
+        &["--kernel", &k, "--net", "tap=tap0,mac=01:02:03:04:05:06"],
+        b"",
+        TIMEOUT,
+    );
+    assert_clean_error(&run, &["net.mac", "01:02:03:04:05:06"]);
+    let run = run_ember(&["--kernel", &k, "--net", "name=tap0"], b"", TIMEOUT);
+    assert_clean_error(&run, &["--net", "name"]);
+}

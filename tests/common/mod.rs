@@ -216,8 +216,19 @@ fn reader<R: Read + Send + 'static>(mut r: R) -> mpsc::Receiver<Vec<u8>> {
 
 /// Starts `ember ARGS` with `stdin` fed in and closed afterwards.
 pub fn spawn_ember(args: &[&str], stdin: &[u8]) -> Running {
-    let mut child = Command::new(ember_bin())
-        .args(args)
+    spawn_command(Command::new(ember_bin()).args(args), stdin)
+}
+
+/// Starts `ember ARGS` inside network namespace `ns` (`ip netns exec`,
+/// which execs ember itself, so the pid is ember's).
+pub fn spawn_ember_in_netns(ns: &str, args: &[&str], stdin: &[u8]) -> Running {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns]).arg(ember_bin()).args(args);
+    spawn_command(&mut cmd, stdin)
+}
+
+fn spawn_command(cmd: &mut Command, stdin: &[u8]) -> Running {
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -479,4 +490,101 @@ pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
         .flat_map(|i| splitmix64(seed ^ i.wrapping_mul(0x1000_0000_01b3)).to_le_bytes())
         .take(len)
         .collect()
+}
+
+/// Byte `pos` of the agent's TCP pattern stream with `seed`
+/// (tools/guest/agent/ember_agent_net.c): word k is splitmix64(seed + k).
+pub fn net_pattern_byte(seed: u64, pos: u64) -> u8 {
+    splitmix64(seed + pos / 8).to_le_bytes()[(pos % 8) as usize]
+}
+
+/// A network namespace with a tap, removed (with everything in it) on drop.
+pub struct NetNs {
+    /// The namespace's name.
+    pub name: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+impl NetNs {
+    /// Creates namespace `ember-<tag>-<pid>` with loopback up and taps
+    /// `(name, host address/prefix)` up in it.
+    pub fn new(tag: &str, taps: &[(&str, &str)]) -> Result<Self, String> {
+        let name = format!("ember-{tag}-{}", std::process::id());
+        let _ = ip(&["netns", "del", &name]);
+        ip(&["netns", "add", &name])?;
+        let ns = NetNs { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        for (tap, addr) in taps {
+            ns.exec(&["ip", "tuntap", "add", tap, "mode", "tap"])?;
+            ns.exec(&["ip", "addr", "add", addr, "dev", tap])?;
+            ns.exec(&["ip", "link", "set", tap, "up"])?;
+        }
+        Ok(ns)
+    }
+
+    /// Runs a command in the namespace; its output.
+    pub fn exec(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .output()
+            .map_err(|e| format!("{}: {e}", args.join(" ")))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            Ok(text)
+        } else {
+            Err(format!("{}: {text}", args.join(" ")))
+        }
+    }
+
+    /// Runs `f` on a new thread that has entered the namespace.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let ns = std::fs::File::open(&path).expect("open netns");
+            // SAFETY: setns on an open namespace fd affects only this thread.
+            let ret = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(ret, 0, "setns {path}");
+            f()
+        })
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// Whether network namespaces and taps can be made here; says so loudly when not.
+pub fn netns_available(test: &str) -> bool {
+    match NetNs::new("probe", &[("tapprobe0", "10.254.254.1/30")]) {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!(
+                "\n!!!!! SKIPPED {test}: cannot make a network namespace with a tap ({e}) !!!!!\n"
+            );
+            false
+        }
+    }
 }

@@ -16,15 +16,17 @@ pub mod config;
 pub mod devices;
 pub mod disks;
 pub mod event_loop;
+pub mod nets;
 pub mod pci;
 pub mod signals;
 pub mod terminal;
 pub mod vcpus;
+pub mod virtio_devices;
 pub mod vm;
 
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ember_loader::BootSpec;
@@ -100,6 +102,15 @@ pub enum Error {
         /// Why.
         #[source]
         source: ember_virtio_blk::Error,
+    },
+    /// A NIC cannot be opened or set up.
+    #[error("NIC {index}")]
+    Net {
+        /// Which NIC, in config order.
+        index: usize,
+        /// Why.
+        #[source]
+        source: ember_virtio_net::Error,
     },
     /// The guest or KVM failed while running.
     #[error("the VM failed: {0}")]
@@ -186,6 +197,7 @@ fn guest_cmdline(user: &str, forced: &[&'static ember_vcpu::cpuid::MaskedFeature
 pub struct Vmm {
     vcpus: Vec<Vcpu>,
     disks: Vec<disks::DiskDevice>,
+    nets: Vec<nets::NetDevice>,
     _vm: Arc<VmFd>,
     event_loop: EventLoop,
     report: Arc<VcpuExitReport>,
@@ -220,17 +232,18 @@ impl Vmm {
         let bus = pci::create_bus(&mut io)?;
         let routes = Arc::new(pci::MsiRoutes::new(vm.clone()));
         let mut bars = pci::BarAllocator::new(&ml)?;
-        let (disks, disk_events) = disks::create_disks(
-            &mut disks::DiskContext {
-                vm: &vm,
-                mem: &mem,
-                io: &mut io,
-                bus: &bus,
-                bars: &mut bars,
-                routes: &routes,
-            },
-            &cfg.disks,
-        )?;
+        let mut attach = virtio_devices::AttachContext {
+            vm: &vm,
+            mem: &mem,
+            io: &mut io,
+            bus: &bus,
+            bars: &mut bars,
+            routes: &routes,
+            subscribers: Vec::new(),
+        };
+        let disks = disks::create_disks(&mut attach, &cfg.disks)?;
+        let nets = nets::create_nets(&mut attach, &cfg.nets)?;
+        let device_events = attach.subscribers;
         let io = Arc::new(io);
 
         // CPUID first: what the host will not hide decides the command line.
@@ -276,14 +289,12 @@ impl Vmm {
             vcpu_evt,
             report: report.clone(),
             signals,
-            devices: disk_events
-                .into_iter()
-                .map(|s| Arc::new(Mutex::new(s)) as event_loop::Subscriber)
-                .collect(),
+            devices: device_events,
         })?;
         Ok(Vmm {
             vcpus,
             disks,
+            nets,
             _vm: vm,
             event_loop,
             report,
@@ -300,6 +311,7 @@ impl Vmm {
         let stop = self.event_loop.run();
         threads.stop(Duration::from_millis(500));
         disks::flush_all(&self.disks);
+        nets::log_counters(&self.nets);
         match stop? {
             Stop::I8042Reset => Ok(ExitReason::GuestReset),
             Stop::Signal(n) => Ok(ExitReason::Signal(n)),

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use ember_vmm::config::{DiskConfig, Overrides, VmConfig};
+use ember_vmm::config::{DiskConfig, NetConfig, Overrides, VmConfig};
 use ember_vmm::terminal::RawTerminal;
 use ember_vmm::{Console, Vmm};
 
@@ -33,10 +33,14 @@ struct Cli {
     /// Guest memory in MiB.
     #[arg(long, value_name = "MIB")]
     memory: Option<u64>,
-    /// A virtio-blk disk: path=FILE[,read_only=on][,id=ID]. Repeat for more
+    /// A virtio-blk disk: `path=FILE[,read_only=on][,id=ID]`. Repeat for more
     /// disks (vda, vdb, ... in order); replaces the config file's disks.
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
+    /// A virtio-net NIC on an existing tap: `tap=NAME[,mac=MAC][,offloads=off]`.
+    /// Repeat for more (eth0, eth1, ...); replaces the config file's NICs.
+    #[arg(long, value_name = "SPEC")]
+    net: Vec<String>,
     /// Log level on stderr: off, error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     log_level: log::LevelFilter,
@@ -82,6 +86,11 @@ fn run(cli: Cli, started: Instant) -> ember_vmm::Result<i32> {
         .iter()
         .map(|d| DiskConfig::parse_flag(d))
         .collect::<Result<Vec<_>, _>>()?;
+    let nets = cli
+        .net
+        .iter()
+        .map(|n| NetConfig::parse_flag(n))
+        .collect::<Result<Vec<_>, _>>()?;
     cfg.apply(&Overrides {
         kernel: cli.kernel,
         initrd: cli.initrd,
@@ -89,6 +98,7 @@ fn run(cli: Cli, started: Instant) -> ember_vmm::Result<i32> {
         vcpus: cli.vcpus,
         memory_mib: cli.memory,
         disks,
+        nets,
     });
     let cfg = cfg.validate()?;
     let console = Console::stdio()?;

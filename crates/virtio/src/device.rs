@@ -61,6 +61,17 @@ impl std::fmt::Debug for ActivateContext {
     }
 }
 
+/// Whether the event loop keeps watching a device's backend fd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendInterest {
+    /// Keep watching it.
+    Keep,
+    /// Stop watching it until the driver next notifies one of the device's
+    /// queues (for a net device: no receive buffers, so reading the tap would
+    /// only spin).
+    Pause,
+}
+
 /// A virtio device, independent of its transport.
 ///
 /// The transport calls `read_config`/`write_config` from a vCPU thread on
@@ -98,4 +109,17 @@ pub trait VirtioDevice: Send {
     /// Returns the device to its state before activation (drops the
     /// queues, memory and interrupt). The backend (file, tap) is kept.
     fn reset(&mut self);
+
+    /// A host file descriptor the event loop must watch for readability
+    /// (a tap), if the device has one.
+    fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+
+    /// The backend fd is readable (or in error). Called from the event loop,
+    /// also before activation. Returning [`BackendInterest::Pause`] stops the
+    /// watching until the driver notifies any queue of this device.
+    fn process_backend(&mut self) -> BackendInterest {
+        BackendInterest::Pause
+    }
 }

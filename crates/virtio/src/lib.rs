@@ -7,6 +7,8 @@ pub mod device;
 pub mod event_handler;
 pub mod transport;
 
-pub use device::{ActivateContext, ActivateError, InterruptKind, VirtioDevice, VirtioInterrupt};
+pub use device::{
+    ActivateContext, ActivateError, BackendInterest, InterruptKind, VirtioDevice, VirtioInterrupt,
+};
 pub use event_handler::QueueEvents;
 pub use transport::{VirtioPciDevice, VIRTIO_BAR_SIZE};

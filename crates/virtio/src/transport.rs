@@ -323,6 +323,11 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         self.status
     }
 
+    /// The device's backend fd became readable.
+    pub fn process_backend(&mut self) -> crate::device::BackendInterest {
+        self.device.process_backend()
+    }
+
     /// Whether the driver finished setting up the device and it runs.
     pub fn is_running(&self) -> bool {
         self.status & S_DRIVER_OK != 0

@@ -20,6 +20,10 @@
  *   ember.agent=on            run the agent
  *   ember.after=reboot|halt|continue
  *                             what to do when the checks are done
+ *   ember.net_tcp=ADDR:PORT:SEND_KIB:RECV_KIB
+ *                             a TCP exchange with a host listener (see net.c)
+ *   ember.sleep=SECONDS       stay up this long after the checks (before
+ *                             the `done` line), e.g. for the host to ping
  *   ember.read_file=PATH      read up to 64 bytes of PATH (e.g. a file the
  *                             initramfs carries) and print them
  *   ember.pci=on              list PCI functions (ids, class, MSI-X enabled)
@@ -54,6 +58,7 @@
 #include <linux/fs.h>
 #include <linux/err.h>
 #include <linux/ctype.h>
+#include <linux/delay.h>
 #include <asm/mc146818rtc.h>
 
 #include "ember_agent_block.h"
@@ -66,6 +71,9 @@ module_param(agent, charp, 0444);
 
 static char *after = "reboot";
 module_param(after, charp, 0444);
+
+static unsigned int sleep_s;
+module_param_named(sleep, sleep_s, uint, 0444);
 
 static char *read_file = "";
 module_param(read_file, charp, 0444);
@@ -156,7 +164,12 @@ static int __init ember_agent_run(void)
 	check_clock();
 	check_read_file();
 	ember_block_checks();
+	ember_net_checks();
 
+	if (sleep_s) {
+		AGENT_LINE("sleeping seconds=%u", sleep_s);
+		msleep(sleep_s * 1000);
+	}
 	AGENT_LINE("done checks=%u failed=%u", checks_run, checks_failed);
 
 	if (strcmp(after, "continue") == 0)

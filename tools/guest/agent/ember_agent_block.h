@@ -13,4 +13,7 @@ extern unsigned int ember_checks_failed;
 /* Runs the PCI and block checks the command line asks for. */
 void ember_block_checks(void);
 
+/* Runs the network checks the command line asks for. */
+void ember_net_checks(void);
+
 #endif

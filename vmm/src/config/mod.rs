@@ -18,6 +18,7 @@
 pub mod boot;
 pub mod disk;
 pub mod machine;
+pub mod net;
 
 use std::path::{Path, PathBuf};
 
@@ -26,6 +27,7 @@ use serde::Deserialize;
 pub use boot::BootConfig;
 pub use disk::DiskConfig;
 pub use machine::MachineConfig;
+pub use net::NetConfig;
 
 /// What is wrong with a configuration. Each message names the key or file.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +99,26 @@ pub enum ConfigError {
     /// The same image is given twice.
     #[error("disk.path = {}: the same image is configured twice", .0.display())]
     DuplicateDisk(PathBuf),
+    /// A `--net` flag cannot be parsed.
+    #[error("--net {flag}: {why}")]
+    NetFlag {
+        /// The flag's value.
+        flag: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// Too many NICs.
+    #[error("{0} NICs configured; at most {max} are supported", max = net::MAX_NETS)]
+    TooManyNets(usize),
+    /// A tap name Linux cannot have.
+    #[error("net.tap = {0:?} is not a valid interface name (1 to 15 bytes, no '/' or spaces)")]
+    TapName(String),
+    /// A MAC address that cannot be used.
+    #[error("net.mac = {0:?} is not a unicast MAC address like 52:54:00:12:34:56")]
+    Mac(String),
+    /// The same tap is given twice.
+    #[error("net.tap = {0}: the same tap is configured twice")]
+    DuplicateTap(String),
     /// The command line is too long.
     #[error("boot.cmdline is {0} bytes long; the limit is {max} bytes", max = ember_memory::layout::CMDLINE_MAX_SIZE - 1)]
     CmdlineTooLong(usize),
@@ -115,6 +137,9 @@ pub struct VmConfig {
     /// `[[disk]]`, in order: /dev/vda, /dev/vdb, ...
     #[serde(default)]
     pub disk: Vec<DiskConfig>,
+    /// `[[net]]`, in order: eth0, eth1, ...
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
 }
 
 /// Flags that override the file (or stand in for it).
@@ -132,6 +157,8 @@ pub struct Overrides {
     pub memory_mib: Option<u64>,
     /// `--disk`, repeated: replace the file's disks when given.
     pub disks: Vec<DiskConfig>,
+    /// `--net`, repeated: replace the file's NICs when given.
+    pub nets: Vec<NetConfig>,
 }
 
 /// A configuration that passed validation.
@@ -149,6 +176,8 @@ pub struct ValidConfig {
     pub cmdline: String,
     /// Disks, in order.
     pub disks: Vec<DiskConfig>,
+    /// NICs, in order, with the MAC each gets.
+    pub nets: Vec<(NetConfig, [u8; 6])>,
 }
 
 /// Formats a TOML error as "line L, column C: message" on one line.
@@ -210,6 +239,9 @@ impl VmConfig {
         if !o.disks.is_empty() {
             self.disk = o.disks.clone();
         }
+        if !o.nets.is_empty() {
+            self.net = o.nets.clone();
+        }
     }
 
     /// Validates everything that can be checked before touching KVM.
@@ -229,6 +261,17 @@ impl VmConfig {
                 return Err(ConfigError::DuplicateDisk(d.path.clone()));
             }
         }
+        if self.net.len() > net::MAX_NETS {
+            return Err(ConfigError::TooManyNets(self.net.len()));
+        }
+        let mut nets = Vec::with_capacity(self.net.len());
+        for (i, n) in self.net.iter().enumerate() {
+            let mac = n.validate(i)?;
+            if self.net[..i].iter().any(|o| o.tap == n.tap) {
+                return Err(ConfigError::DuplicateTap(n.tap.clone()));
+            }
+            nets.push((n.clone(), mac));
+        }
         Ok(ValidConfig {
             vcpus,
             memory_mib: self.machine.memory_mib,
@@ -236,6 +279,7 @@ impl VmConfig {
             initrd: self.boot.initrd.clone(),
             cmdline: self.boot.cmdline().to_owned(),
             disks: self.disk.clone(),
+            nets,
         })
     }
 }
@@ -362,6 +406,7 @@ mod tests {
             cmdline: Some("quiet".into()),
             initrd: None,
             disks: vec![],
+            nets: vec![],
         });
         assert_eq!(c.machine.vcpus, 4);
         assert_eq!(c.machine.memory_mib, 256);

@@ -1,0 +1,518 @@
+//! The virtio-net device: its features and config space, the transmit
+//! queue that hands the guest's frames to the backend, and the receive path
+//! that copies the backend's frames into the guest's buffers.
+//!
+//! Every frame, header included, goes through one of two buffers of
+//! [`MAX_FRAME`] bytes allocated with the device; at most one received frame
+//! waits in the device for guest buffers.
+
+use std::fmt;
+use std::mem::{offset_of, size_of};
+use std::sync::Arc;
+
+use ember_virtio::{
+    ActivateContext, ActivateError, BackendInterest, InterruptKind, VirtioDevice, VirtioInterrupt,
+};
+use libc::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO};
+use log::{debug, warn};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::{
+    virtio_net_config, virtio_net_hdr_mrg_rxbuf, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_LINK_UP,
+};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use crate::backend::NetBackend;
+use crate::tap::Tap;
+use crate::{Error, Result};
+
+mod rx;
+mod tx;
+
+use rx::{has_available, read_frame, Delivery, ReadOutcome, RxQueue};
+use tx::{gather, send};
+
+/// The size of the virtio-net header in front of every frame
+/// (`struct virtio_net_hdr_mrg_rxbuf`; virtio 1.x always has
+/// `num_buffers`).
+pub const VNET_HDR_LEN: usize = size_of::<virtio_net_hdr_mrg_rxbuf>();
+
+/// The largest frame moved in either direction, header included: the
+/// header and 65,550 bytes (a 64 KiB segmentation-offload frame with its
+/// Ethernet and VLAN headers).
+pub const MAX_FRAME: usize = VNET_HDR_LEN + 65_550;
+
+/// The maximum size of each of the two queues.
+pub const QUEUE_SIZE: u16 = 256;
+
+/// The receive queue's index.
+const RX: u16 = 0;
+/// The transmit queue's index.
+const TX: u16 = 1;
+
+/// Where `num_buffers` sits in the header.
+const NUM_BUFFERS_AT: usize = offset_of!(virtio_net_hdr_mrg_rxbuf, num_buffers);
+
+/// The most descriptors a chain may have: a queue's worth (virtio 1.2,
+/// 2.7.5.3.1 and 2.7.13.3.1). Longer chains are malformed.
+const MAX_CHAIN_DESCS: usize = QUEUE_SIZE as usize;
+
+/// The most frames received in one pass; the tap stays watched (it is
+/// level-triggered) and the rest come in the next pass.
+const RX_BUDGET: usize = QUEUE_SIZE as usize;
+
+/// The size of `struct virtio_net_config`.
+const CONFIG_SIZE: usize = size_of::<virtio_net_config>();
+
+/// The offload features offered when the VMM asks for offloads.
+const OFFLOAD_FEATURES: [u32; 10] = [
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_GUEST_ECN,
+    VIRTIO_NET_F_GUEST_UFO,
+    VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_HOST_ECN,
+    VIRTIO_NET_F_HOST_UFO,
+];
+
+/// Which tap offload each guest-receive feature allows.
+const GUEST_OFFLOADS: [(u32, u32); 5] = [
+    (VIRTIO_NET_F_GUEST_CSUM, TUN_F_CSUM),
+    (VIRTIO_NET_F_GUEST_TSO4, TUN_F_TSO4),
+    (VIRTIO_NET_F_GUEST_TSO6, TUN_F_TSO6),
+    (VIRTIO_NET_F_GUEST_ECN, TUN_F_TSO_ECN),
+    (VIRTIO_NET_F_GUEST_UFO, TUN_F_UFO),
+];
+
+/// What a VMM says about one network interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The host tap interface, which must exist.
+    pub tap: String,
+    /// The guest's MAC address (unicast).
+    pub mac: [u8; 6],
+    /// Whether to offer checksum and segmentation offloads.
+    pub offloads: bool,
+}
+
+/// What the device has done since it was built. Bytes count frames without
+/// their virtio-net header; a dropped frame counts in `*_dropped` only.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetCounters {
+    /// Frames delivered to the guest.
+    pub rx_packets: u64,
+    /// Bytes delivered to the guest.
+    pub rx_bytes: u64,
+    /// Frames from the backend that no guest buffer could take, or shorter
+    /// than the header.
+    pub rx_dropped: u64,
+    /// Frames the backend took from the guest.
+    pub tx_packets: u64,
+    /// Bytes the backend took from the guest.
+    pub tx_bytes: u64,
+    /// Malformed transmit chains and frames the backend refused.
+    pub tx_dropped: u64,
+}
+
+/// Guest and host faults, each logged at warn level once and at debug
+/// level after that, so a misbehaving guest cannot flood the log.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    TxChain,
+    TxBackend,
+    RxChain,
+    RxTooBig,
+    RxShort,
+    RxBackend,
+    UsedRing,
+    Interrupt,
+    Offload,
+}
+
+/// Logs faults, naming the device.
+#[derive(Debug)]
+struct FaultLog {
+    name: String,
+    seen: [bool; 9],
+}
+
+impl FaultLog {
+    fn new(name: &str) -> Self {
+        FaultLog {
+            name: name.to_string(),
+            seen: [false; 9],
+        }
+    }
+
+    fn report(&mut self, fault: Fault, what: fmt::Arguments<'_>) {
+        let first = self
+            .seen
+            .get_mut(fault as usize)
+            .is_some_and(|seen| !std::mem::replace(seen, true));
+        if first {
+            warn!("virtio-net {}: {what} (more at debug level)", self.name);
+        } else {
+            debug!("virtio-net {}: {what}", self.name);
+        }
+    }
+}
+
+/// What the device holds while activated.
+struct Active {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    rx: Queue,
+    tx: Queue,
+    /// VIRTIO_NET_F_MRG_RXBUF was negotiated: a frame may span chains.
+    mrg_rxbuf: bool,
+    /// VIRTIO_NET_F_GUEST_CSUM was negotiated: the header's flags pass.
+    guest_csum: bool,
+}
+
+/// A virtio-net device with a receive and a transmit queue over a
+/// [`NetBackend`].
+pub struct Net {
+    backend: Box<dyn NetBackend>,
+    avail_features: u64,
+    config: [u8; CONFIG_SIZE],
+    queue_max_sizes: [u16; 2],
+    /// The received frame being delivered, header first.
+    rx_buf: Vec<u8>,
+    /// The length of a frame in `rx_buf` waiting for guest buffers.
+    rx_pending: Option<usize>,
+    /// The chains (head, bytes) one received frame is going into.
+    rx_chains: Vec<(u16, u32)>,
+    /// The frame being transmitted, header first.
+    tx_buf: Vec<u8>,
+    active: Option<Active>,
+    counters: NetCounters,
+    log: FaultLog,
+}
+
+impl fmt::Debug for Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Net")
+            .field("name", &self.log.name)
+            .field("avail_features", &self.avail_features)
+            .field("activated", &self.active.is_some())
+            .field("rx_pending", &self.rx_pending)
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Net {
+    /// Opens the existing tap `cfg.tap` and builds a device on it. A
+    /// multicast or all-zero MAC address is an error.
+    pub fn new(cfg: &NetConfig) -> Result<Net> {
+        if cfg.mac[0] & 1 != 0 || cfg.mac == [0; 6] {
+            return Err(Error::InvalidMac {
+                name: cfg.tap.clone(),
+                mac: cfg.mac,
+            });
+        }
+        let tap = Tap::open(&cfg.tap)?;
+        let mut net = Net::with_backend(Box::new(tap), cfg.mac, cfg.offloads);
+        net.log.name.clone_from(&cfg.tap);
+        Ok(net)
+    }
+
+    /// Builds a device on any backend (tests, other frame sources). With
+    /// `offloads`, checksum and segmentation offloads are offered in both
+    /// directions.
+    pub fn with_backend(backend: Box<dyn NetBackend>, mac: [u8; 6], offloads: bool) -> Net {
+        Net {
+            backend,
+            avail_features: features(offloads),
+            config: config_space(mac),
+            queue_max_sizes: [QUEUE_SIZE; 2],
+            rx_buf: vec![0; MAX_FRAME],
+            rx_pending: None,
+            rx_chains: Vec::with_capacity(usize::from(QUEUE_SIZE)),
+            tx_buf: vec![0; MAX_FRAME],
+            active: None,
+            counters: NetCounters::default(),
+            log: FaultLog::new("(custom backend)"),
+        }
+    }
+
+    /// What the device has moved and dropped so far.
+    pub fn counters(&self) -> NetCounters {
+        self.counters
+    }
+
+    /// The tap's name (or "(custom backend)").
+    pub fn name(&self) -> &str {
+        &self.log.name
+    }
+
+    /// Sends every available transmit chain to the backend.
+    fn process_tx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mut used_any = false;
+        while let Some(chain) = active.tx.pop_descriptor_chain(&active.mem) {
+            let head = chain.head_index();
+            match gather(chain, &active.mem, &mut self.tx_buf) {
+                Ok(frame) => send(&mut *self.backend, frame, &mut self.counters, &mut self.log),
+                Err(e) => {
+                    self.counters.tx_dropped = self.counters.tx_dropped.saturating_add(1);
+                    self.log.report(
+                        Fault::TxChain,
+                        format_args!("dropped transmit chain {head}: {e}"),
+                    );
+                }
+            }
+            used_any |= complete(&mut active.tx, &active.mem, head, 0, &mut self.log);
+        }
+        if used_any {
+            notify(active, TX, &mut self.log);
+        }
+    }
+
+    /// Moves frames from the backend into the guest's receive buffers while
+    /// there are both, at most [`RX_BUDGET`] of them; a frame read when no
+    /// buffer is left waits in the device.
+    fn process_rx(&mut self) -> BackendInterest {
+        let Some(active) = self.active.as_mut() else {
+            return BackendInterest::Pause;
+        };
+        let mut rx = RxQueue {
+            queue: &mut active.rx,
+            mem: &active.mem,
+            mrg_rxbuf: active.mrg_rxbuf,
+            chains: &mut self.rx_chains,
+            log: &mut self.log,
+            used_any: false,
+        };
+        let mut interest = BackendInterest::Keep;
+        for _ in 0..RX_BUDGET {
+            let len = match self.rx_pending.take() {
+                Some(len) => len,
+                None if !has_available(rx.queue, rx.mem) => {
+                    interest = BackendInterest::Pause;
+                    break;
+                }
+                None => match read_frame(
+                    &mut *self.backend,
+                    &mut self.rx_buf,
+                    active.guest_csum,
+                    rx.log,
+                ) {
+                    ReadOutcome::Frame(len) => len,
+                    ReadOutcome::Short => {
+                        self.counters.rx_dropped = self.counters.rx_dropped.saturating_add(1);
+                        continue;
+                    }
+                    ReadOutcome::Retry => continue,
+                    // Keep watching: the tap is level-triggered, so the
+                    // event loop calls again once a frame is there.
+                    ReadOutcome::Idle => break,
+                    ReadOutcome::Stop => {
+                        interest = BackendInterest::Pause;
+                        break;
+                    }
+                },
+            };
+            let frame = self.rx_buf.get(..len).unwrap_or_default();
+            match rx.deliver(frame) {
+                Delivery::Delivered => {
+                    let c = &mut self.counters;
+                    c.rx_packets = c.rx_packets.saturating_add(1);
+                    c.rx_bytes = c.rx_bytes.saturating_add(payload_len(len));
+                }
+                Delivery::Dropped => {
+                    self.counters.rx_dropped = self.counters.rx_dropped.saturating_add(1);
+                }
+                Delivery::NoBuffers => {
+                    self.rx_pending = Some(len);
+                    interest = BackendInterest::Pause;
+                    break;
+                }
+            }
+        }
+        if rx.used_any {
+            notify(active, RX, &mut self.log);
+        }
+        interest
+    }
+}
+
+/// The features offered.
+fn features(offloads: bool) -> u64 {
+    let mut f = (1u64 << VIRTIO_F_VERSION_1)
+        | (1 << VIRTIO_NET_F_MAC)
+        | (1 << VIRTIO_NET_F_STATUS)
+        | (1 << VIRTIO_NET_F_MRG_RXBUF);
+    if offloads {
+        for bit in OFFLOAD_FEATURES {
+            f |= 1 << bit;
+        }
+    }
+    f
+}
+
+/// The tap offloads (`TUN_F_*`) the acknowledged features allow.
+fn tun_offloads(acked: u64) -> u32 {
+    GUEST_OFFLOADS
+        .iter()
+        .filter(|(bit, _)| acked & (1 << bit) != 0)
+        .fold(0, |flags, (_, tun)| flags | tun)
+}
+
+/// Lays out `struct virtio_net_config`: the MAC and "link up".
+fn config_space(mac: [u8; 6]) -> [u8; CONFIG_SIZE] {
+    let mut c = [0u8; CONFIG_SIZE];
+    let status = u16::try_from(VIRTIO_NET_S_LINK_UP).unwrap_or(1);
+    let mut put = |at: usize, bytes: &[u8]| {
+        if let Some(dst) = c.get_mut(at..at + bytes.len()) {
+            dst.copy_from_slice(bytes);
+        }
+    };
+    put(offset_of!(virtio_net_config, mac), &mac);
+    put(offset_of!(virtio_net_config, status), &status.to_le_bytes());
+    c
+}
+
+/// The frame's length without its header, as counted.
+fn payload_len(len: usize) -> u64 {
+    u64::try_from(len.saturating_sub(VNET_HDR_LEN)).unwrap_or(u64::MAX)
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_max_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = u64::try_from(i)
+                .ok()
+                .and_then(|i| offset.checked_add(i))
+                .and_then(|at| usize::try_from(at).ok())
+                .and_then(|at| self.config.get(at))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // A modern driver writes no field of the net config space
+        // (virtio 1.2, 5.1.4.2).
+        debug!(
+            "virtio-net {}: ignored {}-byte config write at {offset:#x}",
+            self.log.name,
+            data.len()
+        );
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> std::result::Result<(), ActivateError> {
+        let got = ctx.queues.len();
+        let mut queues = ctx.queues.into_iter();
+        let (Some(rx), Some(tx), None) = (queues.next(), queues.next(), queues.next()) else {
+            return Err(ActivateError::QueueCount { expected: 2, got });
+        };
+        let acked = ctx.acked_features & self.avail_features;
+        let offloads = tun_offloads(acked);
+        if let Err(e) = self.backend.set_offload(offloads) {
+            self.log.report(
+                Fault::Offload,
+                format_args!("cannot set tap offloads {offloads:#x}, going on without: {e}"),
+            );
+        }
+        self.rx_pending = None;
+        self.active = Some(Active {
+            mem: ctx.mem,
+            interrupt: ctx.interrupt,
+            rx,
+            tx,
+            mrg_rxbuf: acked & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
+            guest_csum: acked & (1 << VIRTIO_NET_F_GUEST_CSUM) != 0,
+        });
+        Ok(())
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        if index == usize::from(RX) {
+            // New receive buffers: deliver the waiting frame and read on.
+            self.process_rx();
+        } else if index == usize::from(TX) {
+            self.process_tx();
+        }
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.rx_pending = None;
+    }
+
+    fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.backend.raw_fd()
+    }
+
+    fn process_backend(&mut self) -> BackendInterest {
+        self.process_rx()
+    }
+}
+
+/// Puts `head` on `queue`'s used ring; whether it could.
+fn complete(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    head: u16,
+    len: u32,
+    log: &mut FaultLog,
+) -> bool {
+    match queue.add_used(mem, head, len) {
+        Ok(()) => true,
+        Err(e) => {
+            log.report(
+                Fault::UsedRing,
+                format_args!("cannot complete chain {head}: {e}"),
+            );
+            false
+        }
+    }
+}
+
+/// Interrupts the driver for queue `index` unless it asked not to be.
+fn notify(active: &mut Active, index: u16, log: &mut FaultLog) {
+    let queue = if index == RX {
+        &mut active.rx
+    } else {
+        &mut active.tx
+    };
+    if !queue.needs_notification(&active.mem).unwrap_or(true) {
+        return;
+    }
+    if let Err(e) = active.interrupt.trigger(InterruptKind::Queue(index)) {
+        log.report(
+            Fault::Interrupt,
+            format_args!("cannot interrupt the guest: {e}"),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,157 @@
+//! A virtio-net device (virtio 1.2, section 5.1) for microVMs.
+//!
+//! - [`backend`] holds the [`NetBackend`] trait the device moves frames
+//!   through: each frame is preceded by the 12-byte virtio-net header
+//!   (`struct virtio_net_hdr_mrg_rxbuf`), exactly as the guest sees it.
+//! - [`tap`] holds [`Tap`], a Linux tap interface opened through
+//!   `/dev/net/tun` with `IFF_VNET_HDR`; the crate's only `unsafe` (the
+//!   ioctls) lives there.
+//! - [`device`] holds [`Net`], an [`ember_virtio::VirtioDevice`] with a
+//!   receive queue (0) and a transmit queue (1), mergeable receive buffers
+//!   and, when asked for, checksum and segmentation offloads.
+//!
+//! The transport hands the device guest memory, an interrupt and its queues
+//! on activation. The event loop calls `process_queue(i)` when the driver
+//! notifies queue `i`, and `process_backend()` when the tap is readable; the
+//! latter tells it whether to keep watching the tap
+//! ([`ember_virtio::BackendInterest`]).
+//!
+//! On a host with a tap (`ip tuntap add tap0 mode tap && ip link set tap0 up`):
+//!
+//! ```no_run
+//! use ember_virtio::VirtioDevice;
+//! use ember_virtio_net::{Net, NetConfig};
+//!
+//! let net = Net::new(&NetConfig {
+//!     tap: "tap0".to_string(),
+//!     mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+//!     offloads: true,
+//! })?;
+//! // The event loop watches this fd and calls `process_backend` when it is
+//! // readable.
+//! assert!(net.backend_fd().is_some());
+//! # Ok::<(), ember_virtio_net::Error>(())
+//! ```
+//!
+//! Any other frame source implements [`NetBackend`]:
+//!
+//! ```
+//! use std::io;
+//! use std::os::fd::RawFd;
+//!
+//! use ember_virtio::VirtioDevice;
+//! use ember_virtio_net::{Net, NetBackend};
+//! use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+//!
+//! /// Swallows every frame and never has one to give.
+//! struct Sink;
+//!
+//! impl NetBackend for Sink {
+//!     fn read(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
+//!         Err(io::ErrorKind::WouldBlock.into())
+//!     }
+//!     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+//!         Ok(buf.len())
+//!     }
+//!     fn set_offload(&mut self, _flags: u32) -> io::Result<()> {
+//!         Ok(())
+//!     }
+//!     fn raw_fd(&self) -> Option<RawFd> {
+//!         None
+//!     }
+//! }
+//!
+//! let mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+//! let net = Net::with_backend(Box::new(Sink), mac, false);
+//! assert_eq!(net.device_type(), VIRTIO_ID_NET);
+//! assert_eq!(net.queue_max_sizes(), &[256, 256]);
+//!
+//! // The MAC is the first field of the config space.
+//! let mut config_mac = [0u8; 6];
+//! net.read_config(0, &mut config_mac);
+//! assert_eq!(config_mac, mac);
+//! assert_eq!(net.counters().rx_packets, 0);
+//! ```
+#![deny(unsafe_code)]
+
+pub mod backend;
+pub mod device;
+pub mod tap;
+
+#[cfg(test)]
+mod test_utils;
+
+use std::io;
+
+pub use backend::NetBackend;
+pub use device::{Net, NetConfig, NetCounters, MAX_FRAME, QUEUE_SIZE, VNET_HDR_LEN};
+pub use tap::Tap;
+
+/// Why a tap could not be opened or set up.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The name is not a valid interface name.
+    #[error("tap name {name:?} is invalid: {reason}")]
+    TapName {
+        /// The name given.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// No interface has this name (in the caller's network namespace).
+    #[error("tap {name} does not exist: create it with `ip tuntap add {name} mode tap`")]
+    TapMissing {
+        /// The tap's name.
+        name: String,
+    },
+    /// An interface has this name but is not a single-queue tap.
+    #[error("interface {name} is not a single-queue tap device")]
+    NotTap {
+        /// The interface's name.
+        name: String,
+    },
+    /// Another file (another VMM?) is attached to the tap.
+    #[error("tap {name} is in use by another process (another VMM?)")]
+    TapBusy {
+        /// The tap's name.
+        name: String,
+    },
+    /// `/dev/net/tun` could not be opened or the tap could not be attached
+    /// (no permission, no tun driver).
+    #[error("cannot open tap {name} through /dev/net/tun")]
+    TapOpen {
+        /// The tap's name.
+        name: String,
+        /// What the kernel said.
+        #[source]
+        source: io::Error,
+    },
+    /// The tap was attached but could not be configured.
+    #[error("cannot set up tap {name}: {what} failed")]
+    TapSetup {
+        /// The tap's name.
+        name: String,
+        /// The ioctl that failed.
+        what: &'static str,
+        /// What the kernel said.
+        #[source]
+        source: io::Error,
+    },
+    /// The MAC address is a multicast or all-zero address.
+    #[error("MAC address {} for tap {name} is not a unicast address", mac_string(.mac))]
+    InvalidMac {
+        /// The tap's name.
+        name: String,
+        /// The address given.
+        mac: [u8; 6],
+    },
+}
+
+/// `52:54:00:12:34:56`.
+fn mac_string(mac: &[u8; 6]) -> String {
+    let hex: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+    hex.join(":")
+}
+
+/// The result of this crate's fallible host-side operations.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,60 @@
+//! virtio-net NICs on taps, on the PCI bus.
+
+use std::sync::{Arc, Mutex};
+
+use ember_virtio::VirtioPciDevice;
+use ember_virtio_net::{Net, NetConfig as DeviceConfig};
+
+use crate::config::NetConfig;
+use crate::virtio_devices::{attach, AttachContext};
+use crate::Error;
+
+/// A NIC as the VM holds it.
+pub type NetDevice = Arc<Mutex<VirtioPciDevice<Net>>>;
+
+/// Creates one virtio-net PCI function per NIC, in order (eth0, eth1, ...
+/// in the guest). A tap that does not exist or cannot be opened is an error
+/// before the VM starts.
+pub fn create_nets(
+    ctx: &mut AttachContext<'_>,
+    nets: &[(NetConfig, [u8; 6])],
+) -> Result<Vec<NetDevice>, Error> {
+    let mut devices = Vec::with_capacity(nets.len());
+    for (index, (n, mac)) in nets.iter().enumerate() {
+        let net = Net::new(&DeviceConfig {
+            tap: n.tap.clone(),
+            mac: *mac,
+            offloads: n.offloads,
+        })
+        .map_err(|source| Error::Net { index, source })?;
+        let name = format!("virtio-net{index}");
+        let dev = attach(ctx, &name, net)?;
+        log::info!(
+            "{name}: tap {}, mac {}",
+            n.tap,
+            mac.map(|b| format!("{b:02x}")).join(":")
+        );
+        devices.push(dev);
+    }
+    Ok(devices)
+}
+
+/// Logs every NIC's counters (at exit, `--log-level info`).
+pub fn log_counters(nets: &[NetDevice]) {
+    for (i, n) in nets.iter().enumerate() {
+        let c = n
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .device()
+            .counters();
+        log::info!(
+            "virtio-net{i}: rx {} packets {} bytes {} dropped, tx {} packets {} bytes {} dropped",
+            c.rx_packets,
+            c.rx_bytes,
+            c.rx_dropped,
+            c.tx_packets,
+            c.tx_bytes,
+            c.tx_dropped
+        );
+    }
+}
