@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ember_tests::{
-    agent_lines, fnv1a, guest_kernel_dir, kvm_available, pattern_block, pattern_offsets,
+    agent_all, agent_lines, fnv1a, guest_kernel_dir, kvm_available, pattern_block, pattern_offsets,
     random_bytes, run_ember, spawn_ember, tiny_elf, Run, TempDir,
 };
 
@@ -54,19 +54,7 @@ fn boot_args(cmdline: &str, disks: &[[String; 2]]) -> Vec<String> {
 }
 
 fn agent_ok(run: &Run) -> HashMap<String, Vec<HashMap<String, String>>> {
-    let mut all: HashMap<String, Vec<HashMap<String, String>>> = HashMap::new();
-    for line in run.stdout.lines() {
-        let Some(rest) = line.split("EMBER-AGENT ").nth(1) else {
-            continue;
-        };
-        let mut w = rest.split_whitespace();
-        let Some(check) = w.next() else { continue };
-        let kv = w
-            .filter_map(|x| x.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        all.entry(check.to_string()).or_default().push(kv);
-    }
+    let all = agent_all(&run.stdout);
     run.check(run.code() == 0, "the agent restarts the machine: exit 0");
     let done = agent_lines(&run.stdout);
     run.check(

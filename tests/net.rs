@@ -8,7 +8,7 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use ember_tests::{
-    agent_lines, guest_kernel_dir, kvm_available, net_pattern_byte, netns_available,
+    agent_all, agent_lines, guest_kernel_dir, kvm_available, net_pattern_byte, netns_available,
     spawn_ember_in_netns, NetNs, Run,
 };
 
@@ -27,10 +27,49 @@ fn guest_cmdline(extra: &str) -> String {
 /// Accepts one connection, reads until EOF checking the pattern with seed 1,
 /// then sends `send` bytes of the pattern with seed 2 and closes. Returns
 /// (bytes received, all matched).
-fn listener(ns: &NetNs, send: u64) -> std::thread::JoinHandle<(u64, bool)> {
-    ns.spawn(move || {
-        let l = TcpListener::bind((HOST, PORT)).expect("bind the host listener");
-        let (mut s, _) = l.accept().expect("the guest connects");
+/// A host-side TCP peer running in the namespace.
+struct Listener {
+    handle: std::thread::JoinHandle<(u64, bool)>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Listener {
+    /// Stops waiting for a connection (ember has exited) and returns
+    /// (bytes received, all matched); (0, false) if the guest never came.
+    fn finish(self) -> (u64, bool) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.handle.join().expect("listener thread")
+    }
+}
+
+fn listener(ns: &NetNs, send: u64) -> Listener {
+    listener_at(ns, HOST, PORT, send)
+}
+
+/// [`listener`] on `addr:port`.
+fn listener_at(ns: &NetNs, addr: &'static str, port: u16, send: u64) -> Listener {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let handle = ns.spawn(move || {
+        let l = TcpListener::bind((addr, port)).expect("bind the host listener");
+        // Never hang the test: give up on a guest that does not connect.
+        l.set_nonblocking(true).expect("nonblocking listener");
+        let deadline = std::time::Instant::now() + Duration::from_secs(600);
+        let mut s = loop {
+            match l.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if stopped.load(std::sync::atomic::Ordering::SeqCst)
+                        || std::time::Instant::now() > deadline
+                    {
+                        return (0, false);
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        s.set_nonblocking(false).expect("blocking stream");
         s.set_read_timeout(Some(Duration::from_secs(600))).unwrap();
         let mut buf = vec![0u8; 65536];
         let (mut got, mut ok) = (0u64, true);
@@ -47,28 +86,36 @@ fn listener(ns: &NetNs, send: u64) -> std::thread::JoinHandle<(u64, bool)> {
         let out: Vec<u8> = (0..send).map(|p| net_pattern_byte(2, p)).collect();
         s.write_all(&out).expect("write to the guest");
         (got, ok)
-    })
+    });
+    Listener { handle, stop }
 }
 
 fn run_guest(ns: &NetNs, net: &str, cmdline: &str, ping: bool) -> (Run, Option<String>) {
+    run_guest_nets(ns, &[net], cmdline, ping)
+}
+
+/// Starts ember in `ns` with the guest kernel, `nets` and `cmdline`.
+fn spawn_guest(ns: &NetNs, nets: &[&str], cmdline: &str) -> ember_tests::Running {
     let kernel = guest_kernel_dir().join("vmlinux");
     let k = kernel.to_string_lossy();
-    let mut ember = spawn_ember_in_netns(
-        &ns.name,
-        &[
-            "--kernel",
-            &k,
-            "--memory",
-            "256",
-            "--net",
-            net,
-            "--cmdline",
-            cmdline,
-            "--log-level",
-            "info",
-        ],
-        b"",
-    );
+    let mut args = vec![
+        "--kernel",
+        &k,
+        "--memory",
+        "256",
+        "--cmdline",
+        cmdline,
+        "--log-level",
+        "info",
+    ];
+    for n in nets {
+        args.extend(["--net", n]);
+    }
+    spawn_ember_in_netns(&ns.name, &args, b"")
+}
+
+fn run_guest_nets(ns: &NetNs, nets: &[&str], cmdline: &str, ping: bool) -> (Run, Option<String>) {
+    let mut ember = spawn_guest(ns, nets, cmdline);
     let mut ping_out = None;
     if ping {
         assert!(
@@ -127,7 +174,7 @@ fn net_ping_and_tcp_both_ways_through_a_tap_with_offloads() {
         !ping.contains("wrong data"),
         &format!("ping payloads intact:\n{ping}"),
     );
-    let (got, ok) = host.join().expect("listener");
+    let (got, ok) = host.finish();
     run.check(run.code() == 0, "the agent restarts the machine");
     let agent = agent_lines(&run.stdout);
     let tcp = &agent["net_tcp"];
@@ -163,7 +210,7 @@ fn net_tcp_works_with_offloads_off() {
     let host = listener(&ns, KIB * 1024);
     let cmdline = guest_cmdline(&format!("ember.net_tcp={HOST}:{PORT}:{KIB}:{KIB}"));
     let (run, _) = run_guest(&ns, "tap=tap0,offloads=off", &cmdline, false);
-    let (got, ok) = host.join().expect("listener");
+    let (got, ok) = host.finish();
     run.check(run.code() == 0, "the agent restarts the machine");
     run.check(
         got == KIB * 1024 && ok,
@@ -178,5 +225,194 @@ fn net_tcp_works_with_offloads_off() {
     run.check(
         packets > 0 && bytes / packets <= 1514 + 12,
         &format!("no TSO: {bytes} bytes in {packets} frames"),
+    );
+}
+
+/// Two NICs on two taps in two subnets, both carrying a checked TCP
+/// exchange in the same boot.
+#[test]
+fn net_two_nics_on_two_taps_in_two_subnets() {
+    if !kvm_available("net_two_nics_on_two_taps_in_two_subnets")
+        || !netns_available("net_two_nics_on_two_taps_in_two_subnets")
+    {
+        return;
+    }
+    let ns = NetNs::new(
+        "two",
+        &[("tap0", "10.200.0.1/24"), ("tap1", "10.201.0.1/24")],
+    )
+    .expect("netns");
+    const KIB: u64 = 256;
+    let first = listener_at(&ns, HOST, PORT, KIB * 1024);
+    let second = listener_at(&ns, "10.201.0.1", PORT + 1, KIB * 1024);
+    let cmdline = guest_cmdline(&format!(
+        "ember.net_addr=eth1:10.201.0.2:24 \
+         ember.net_tcp={HOST}:{PORT}:{KIB}:{KIB},10.201.0.1:{}:{KIB}:{KIB}",
+        PORT + 1
+    ));
+    let (run, _) = run_guest_nets(&ns, &["tap=tap0", "tap=tap1"], &cmdline, false);
+    for (which, h) in [("eth0", first), ("eth1", second)] {
+        let (got, ok) = h.finish();
+        run.check(
+            got == KIB * 1024 && ok,
+            &format!("{which}: the host received every byte"),
+        );
+    }
+    run.check(run.code() == 0, "the agent restarts the machine");
+    let all = agent_all(&run.stdout);
+    run.check(all["net_addr"][0]["ret"] == "0", "eth1 configured");
+    run.check(
+        all["net_tcp"].len() == 2 && all["net_tcp"].iter().all(|l| l["recv_ok"] == "1"),
+        "both exchanges received intact",
+    );
+    run.check(
+        run.stderr.contains("virtio-net1: rx") && !run.stderr.contains("virtio-net1: rx 0 packets"),
+        "the second NIC carried traffic",
+    );
+}
+
+/// CPU time (user + system) of process `pid`, in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the
+    // 12th and stime the 13th field after ") ".
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+}
+
+/// Share of one core ember used over `d`.
+fn cpu_share(pid: i32, d: Duration) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let before = cpu_ticks(pid);
+    std::thread::sleep(d);
+    (cpu_ticks(pid) - before) as f64 / hz / d.as_secs_f64()
+}
+
+/// Firecracker CVE-2020-16843: with the guest's receive queue full (its
+/// interface down, buffers posted and filled) and the tap flooded, the
+/// device must not spin; as soon as the guest refills its buffers, traffic
+/// flows again.
+#[test]
+fn net_flooded_tap_with_a_full_rx_queue_does_not_spin_and_recovers() {
+    if !kvm_available("net_flooded_tap_with_a_full_rx_queue_does_not_spin_and_recovers")
+        || !netns_available("net_flooded_tap_with_a_full_rx_queue_does_not_spin_and_recovers")
+    {
+        return;
+    }
+    let ns = NetNs::new("flood", &[("tap0", "10.200.0.1/24")]).expect("netns");
+    const KIB: u64 = 256;
+    const MAC: &str = "52:54:00:aa:bb:01";
+    let host = listener(&ns, KIB * 1024);
+    let cmdline = guest_cmdline(&format!(
+        "ember.net_pause=eth0:30 ember.net_tcp={HOST}:{PORT}:{KIB}:{KIB}"
+    ));
+    let net = format!("tap=tap0,mac={MAC}");
+    let mut ember = spawn_guest(&ns, &[&net], &cmdline);
+    assert!(
+        ember.wait_for_output("state=down", BOOT_TIMEOUT),
+        "the guest took its interface down"
+    );
+    // Frames reach the tap without ARP (the guest does not answer now).
+    ns.exec(&[
+        "ip",
+        "neigh",
+        "replace",
+        GUEST,
+        "lladdr",
+        MAC,
+        "dev",
+        "tap0",
+        "nud",
+        "permanent",
+    ])
+    .expect("static neighbour");
+    let pid = ember.pid();
+    let idle = cpu_share(pid, Duration::from_secs(4));
+    let flood = ns.spawn(|| {
+        let s = std::net::UdpSocket::bind((HOST, 0)).expect("bind");
+        let payload = [0x5au8; 1400];
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        let mut sent = 0u64;
+        while std::time::Instant::now() < until && sent < 50_000_000 {
+            if s.send_to(&payload, (GUEST, 9)).is_ok() {
+                sent += 1;
+            }
+        }
+        sent
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let flooded = cpu_share(pid, Duration::from_secs(6));
+    let sent = flood.join().expect("flood");
+    let run = ember.finish(BOOT_TIMEOUT);
+    run.check(
+        sent > 1000,
+        &format!("the tap was flooded ({sent} datagrams)"),
+    );
+    run.check(
+        flooded < idle + 0.35 && flooded < 0.9,
+        &format!(
+            "ember spun while the queue was full: {flooded:.2} of a core flooded, {idle:.2} idle"
+        ),
+    );
+    eprintln!("ember CPU: idle {idle:.2}, flooded with a full rx queue {flooded:.2} (of one core)");
+    let (got, ok) = host.finish();
+    run.check(run.code() == 0, "the agent restarts the machine");
+    run.check(
+        got == KIB * 1024 && ok,
+        "after the refill the host received every byte",
+    );
+    let tcp = &agent_lines(&run.stdout)["net_tcp"];
+    run.check(
+        tcp["recv_ok"] == "1",
+        "after the refill the guest received every byte",
+    );
+}
+
+/// A tap deleted under a running guest: the device drops what the guest
+/// sends (and counts and logs it) and ember keeps the guest running.
+#[test]
+fn net_tap_removed_while_running_drops_and_the_guest_keeps_running() {
+    if !kvm_available("net_tap_removed_while_running_drops_and_the_guest_keeps_running")
+        || !netns_available("net_tap_removed_while_running_drops_and_the_guest_keeps_running")
+    {
+        return;
+    }
+    let ns = NetNs::new("gone", &[("tap0", "10.200.0.1/24")]).expect("netns");
+    let cmdline = guest_cmdline("ember.net_wait=20 ember.net_udp=10.200.0.255:9:50");
+    let mut ember = spawn_guest(&ns, &["tap=tap0"], &cmdline);
+    assert!(
+        ember.wait_for_output("EMBER-AGENT net_wait", BOOT_TIMEOUT),
+        "the guest is up"
+    );
+    ns.exec(&["ip", "link", "del", "tap0"])
+        .expect("delete the tap");
+    let run = ember.finish(BOOT_TIMEOUT);
+    run.check(run.code() == 0, "the guest ran to its end");
+    run.check(
+        agent_lines(&run.stdout).contains_key("done"),
+        "the agent finished",
+    );
+    let line = run
+        .stderr
+        .lines()
+        .find(|l| l.contains("virtio-net0: rx"))
+        .unwrap_or_default()
+        .to_string();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let dropped: u64 = words
+        .iter()
+        .rposition(|w| *w == "dropped")
+        .and_then(|i| words[i - 1].parse().ok())
+        .unwrap_or(0);
+    run.check(
+        dropped >= 50,
+        &format!("the datagrams were dropped and counted: {line}"),
+    );
+    run.check(
+        run.stderr.contains("virtio-net"),
+        "the device logged the failure",
     );
 }

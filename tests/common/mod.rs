@@ -369,9 +369,19 @@ pub fn run_ember(args: &[&str], stdin: &[u8], timeout: Duration) -> Run {
     spawn_ember(args, stdin).finish(timeout)
 }
 
-/// The `EMBER-AGENT <check> k=v ...` lines of a console log, by check name.
+/// The `EMBER-AGENT <check> k=v ...` lines of a console log, by check
+/// name (the last line of each check).
 pub fn agent_lines(console: &str) -> HashMap<String, HashMap<String, String>> {
-    let mut out = HashMap::new();
+    agent_all(console)
+        .into_iter()
+        .filter_map(|(check, mut lines)| lines.pop().map(|l| (check, l)))
+        .collect()
+}
+
+/// Every `EMBER-AGENT <check> k=v ...` line of a console log, by check
+/// name, in order (for checks that print one line per device or peer).
+pub fn agent_all(console: &str) -> HashMap<String, Vec<HashMap<String, String>>> {
+    let mut out: HashMap<String, Vec<HashMap<String, String>>> = HashMap::new();
     for line in console.lines() {
         let Some(rest) = line.split("EMBER-AGENT ").nth(1) else {
             continue;
@@ -382,7 +392,7 @@ pub fn agent_lines(console: &str) -> HashMap<String, HashMap<String, String>> {
             .filter_map(|w| w.split_once('='))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        out.insert(check.to_string(), kv);
+        out.entry(check.to_string()).or_default().push(kv);
     }
     out
 }
@@ -524,7 +534,10 @@ impl NetNs {
     /// Creates namespace `ember-<tag>-<pid>` with loopback up and taps
     /// `(name, host address/prefix)` up in it.
     pub fn new(tag: &str, taps: &[(&str, &str)]) -> Result<Self, String> {
-        let name = format!("ember-{tag}-{}", std::process::id());
+        // Unique even for tests running in parallel in one process.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = format!("ember-{tag}-{}-{n}", std::process::id());
         let _ = ip(&["netns", "del", &name]);
         ip(&["netns", "add", &name])?;
         let ns = NetNs { name };

@@ -20,6 +20,8 @@
  *   ember.agent=on            run the agent
  *   ember.after=reboot|halt|continue
  *                             what to do when the checks are done
+ *   ember.net_addr=IFACE:ADDR:PREFIX
+ *                             configure another interface (see net.c)
  *   ember.net_tcp=ADDR:PORT:SEND_KIB:RECV_KIB
  *                             a TCP exchange with a host listener (see net.c)
  *   ember.sleep=SECONDS       stay up this long after the checks (before

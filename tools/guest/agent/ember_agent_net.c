@@ -9,6 +9,23 @@
  *     EMBER-AGENT net_tcp peer=A.B.C.D:PORT sent=N recv=M recv_ok=1|0
  *                 send_kib_per_s=S recv_kib_per_s=R errors=E
  *
+ *   ember.net_addr=IFACE:A.B.C.D:PREFIX[,...]
+ *     give IFACE an IPv4 address and bring it up (the kernel's ip= option
+ *     configures one interface; this configures the others), reporting
+ *     EMBER-AGENT net_addr dev=IFACE addr=A.B.C.D/PREFIX ret=0
+ *
+ *   ember.net_wait=SECONDS
+ *     print "EMBER-AGENT net_wait seconds=S" and sleep (the host acts meanwhile)
+ *   ember.net_pause=IFACE:SECONDS
+ *     take IFACE down (its receive buffers stay posted and fill up), print
+ *     "EMBER-AGENT net_pause dev=IFACE state=down", sleep, bring it up again,
+ *     print "... state=up ret=R"
+ *   ember.net_udp=A.B.C.D:PORT:COUNT
+ *     send COUNT 1000-byte UDP datagrams (broadcast allowed) without
+ *     waiting for anything
+ *
+ * They run in this order: net_addr, net_wait, net_pause, net_tcp, net_udp.
+ *
  * The pattern, shared with the host-side tests (tests/common): the 64-bit
  * little-endian word k of a stream is splitmix64(seed + k).
  */
@@ -22,6 +39,11 @@
 #include <linux/slab.h>
 #include <linux/ktime.h>
 #include <linux/string.h>
+#include <linux/netdevice.h>
+#include <linux/inetdevice.h>
+#include <linux/rtnetlink.h>
+#include <linux/if.h>
+#include <linux/delay.h>
 #include <net/sock.h>
 
 #include "ember_agent_block.h"
@@ -31,6 +53,14 @@
 
 static char *net_tcp = "";
 module_param(net_tcp, charp, 0444);
+static char *net_addr = "";
+module_param(net_addr, charp, 0444);
+static unsigned int net_wait;
+module_param(net_wait, uint, 0444);
+static char *net_pause = "";
+module_param(net_pause, charp, 0444);
+static char *net_udp = "";
+module_param(net_udp, charp, 0444);
 
 #define NET_CHUNK 16384
 
@@ -62,7 +92,7 @@ static void check_tcp(const char *spec)
 	struct socket *sock = NULL;
 	u8 *buf = NULL;
 	u64 sent = 0, recvd = 0, send_us = 1, recv_us = 1;
-	unsigned int errors = 0;
+	unsigned int errors = 0, attempt;
 	bool recv_ok = true;
 	ktime_t t0;
 	int ret;
@@ -82,13 +112,26 @@ static void check_tcp(const char *spec)
 		errors++;
 		goto out;
 	}
-	ret = sock_create_kern(&init_net, AF_INET, SOCK_STREAM, IPPROTO_TCP, &sock);
-	if (ret) {
-		AGENT_LINE("net_tcp peer=%u.%u.%u.%u:%u error=socket:%d", a, b, c, d, port, ret);
-		errors++;
-		goto out;
+	/*
+	 * Connect, retrying like a real client: right after an interface comes
+	 * up, ARP may time out behind a backlog of received frames.
+	 */
+	for (attempt = 0; attempt < 10; attempt++) {
+		if (attempt)
+			msleep(1000);
+		ret = sock_create_kern(&init_net, AF_INET, SOCK_STREAM, IPPROTO_TCP, &sock);
+		if (ret) {
+			AGENT_LINE("net_tcp peer=%u.%u.%u.%u:%u error=socket:%d", a, b, c, d, port, ret);
+			sock = NULL;
+			errors++;
+			goto out;
+		}
+		ret = kernel_connect(sock, (struct sockaddr *)&addr, sizeof(addr), 0);
+		if (!ret || (ret != -EHOSTUNREACH && ret != -ETIMEDOUT && ret != -ECONNREFUSED))
+			break;
+		sock_release(sock);
+		sock = NULL;
 	}
-	ret = kernel_connect(sock, (struct sockaddr *)&addr, sizeof(addr), 0);
 	if (ret) {
 		AGENT_LINE("net_tcp peer=%u.%u.%u.%u:%u error=connect:%d", a, b, c, d, port, ret);
 		errors++;
@@ -146,13 +189,129 @@ out:
 		ember_checks_failed++;
 }
 
-void __init ember_net_checks(void)
+static void set_addr(const char *spec)
+{
+	char name[IFNAMSIZ];
+	unsigned int a, b, c, d, prefix;
+	struct sockaddr_in *sin;
+	struct net_device *dev;
+	struct ifreq ifr;
+	int ret;
+
+	ember_checks_run++;
+	if (sscanf(spec, "%15[^:]:%u.%u.%u.%u:%u", name, &a, &b, &c, &d, &prefix) != 6 ||
+	    a > 255 || b > 255 || c > 255 || d > 255 || prefix < 1 || prefix > 30) {
+		AGENT_LINE("net_addr spec=%s error=bad-spec", spec);
+		ember_checks_failed++;
+		return;
+	}
+	memset(&ifr, 0, sizeof(ifr));
+	strscpy(ifr.ifr_name, name, IFNAMSIZ);
+	sin = (struct sockaddr_in *)&ifr.ifr_addr;
+	sin->sin_family = AF_INET;
+	sin->sin_addr.s_addr = htonl((a << 24) | (b << 16) | (c << 8) | d);
+	ret = devinet_ioctl(&init_net, SIOCSIFADDR, &ifr);
+	if (!ret) {
+		sin->sin_addr.s_addr = htonl(~0U << (32 - prefix));
+		ret = devinet_ioctl(&init_net, SIOCSIFNETMASK, &ifr);
+	}
+	if (!ret) {
+		dev = dev_get_by_name(&init_net, name);
+		if (!dev) {
+			ret = -ENODEV;
+		} else {
+			rtnl_lock();
+			ret = dev_change_flags(dev, dev->flags | IFF_UP, NULL);
+			rtnl_unlock();
+			dev_put(dev);
+		}
+	}
+	AGENT_LINE("net_addr dev=%s addr=%u.%u.%u.%u/%u ret=%d", name, a, b, c, d, prefix, ret);
+	if (ret)
+		ember_checks_failed++;
+}
+
+static int set_up(const char *name, bool up)
+{
+	struct net_device *dev = dev_get_by_name(&init_net, name);
+	int ret;
+
+	if (!dev)
+		return -ENODEV;
+	rtnl_lock();
+	ret = dev_change_flags(dev, up ? dev->flags | IFF_UP : dev->flags & ~IFF_UP, NULL);
+	rtnl_unlock();
+	dev_put(dev);
+	return ret;
+}
+
+static void pause_iface(const char *spec)
+{
+	char name[IFNAMSIZ];
+	unsigned int secs;
+	int ret;
+
+	ember_checks_run++;
+	if (sscanf(spec, "%15[^:]:%u", name, &secs) != 2 || secs > 3600) {
+		AGENT_LINE("net_pause spec=%s error=bad-spec", spec);
+		ember_checks_failed++;
+		return;
+	}
+	ret = set_up(name, false);
+	AGENT_LINE("net_pause dev=%s state=down ret=%d", name, ret);
+	msleep(secs * 1000);
+	ret = ret ?: set_up(name, true);
+	AGENT_LINE("net_pause dev=%s state=up ret=%d", name, ret);
+	if (ret)
+		ember_checks_failed++;
+}
+
+static void send_udp(const char *spec)
+{
+	unsigned int a, b, c, d, port, count, i, sent = 0;
+	struct sockaddr_in addr = { .sin_family = AF_INET };
+	struct socket *sock;
+	static u8 payload[1000];
+	int ret;
+
+	ember_checks_run++;
+	if (sscanf(spec, "%u.%u.%u.%u:%u:%u", &a, &b, &c, &d, &port, &count) != 6 ||
+	    a > 255 || b > 255 || c > 255 || d > 255 || port > 65535) {
+		AGENT_LINE("net_udp spec=%s error=bad-spec", spec);
+		ember_checks_failed++;
+		return;
+	}
+	addr.sin_addr.s_addr = htonl((a << 24) | (b << 16) | (c << 8) | d);
+	addr.sin_port = htons(port);
+	ret = sock_create_kern(&init_net, AF_INET, SOCK_DGRAM, IPPROTO_UDP, &sock);
+	if (ret) {
+		AGENT_LINE("net_udp error=socket:%d", ret);
+		ember_checks_failed++;
+		return;
+	}
+	/* A broadcast address needs no ARP: every datagram becomes a frame. */
+	sock_set_flag(sock->sk, SOCK_BROADCAST);
+	for (i = 0; i < count; i++) {
+		struct kvec v = { .iov_base = payload, .iov_len = sizeof(payload) };
+		struct msghdr msg = { .msg_name = &addr, .msg_namelen = sizeof(addr),
+				      .msg_flags = MSG_DONTWAIT };
+
+		if (kernel_sendmsg(sock, &msg, &v, 1, sizeof(payload)) > 0)
+			sent++;
+		msleep(10);
+	}
+	sock_release(sock);
+	/* Whether the host got them is the host's to say: no failure here. */
+	AGENT_LINE("net_udp peer=%u.%u.%u.%u:%u count=%u sent=%u", a, b, c, d, port, count, sent);
+}
+
+static void each_item(const char *list, void (*fn)(const char *))
 {
 	char *copy, *cur, *item;
 
-	if (!net_tcp[0])
+	if (!list[0])
 		return;
-	copy = kstrdup(net_tcp, GFP_KERNEL);
+	copy = kstrdup(list, GFP_KERNEL);
 	if (!copy) {
 		ember_checks_failed++;
 		return;
@@ -160,6 +319,18 @@ void __init ember_net_checks(void)
 	cur = copy;
 	while ((item = strsep(&cur, ",")) != NULL)
 		if (item[0])
-			check_tcp(item);
+			fn(item);
 	kfree(copy);
+}
+
+void __init ember_net_checks(void)
+{
+	each_item(net_addr, set_addr);
+	if (net_wait) {
+		AGENT_LINE("net_wait seconds=%u", net_wait);
+		msleep(net_wait * 1000);
+	}
+	each_item(net_pause, pause_iface);
+	each_item(net_tcp, check_tcp);
+	each_item(net_udp, send_udp);
 }

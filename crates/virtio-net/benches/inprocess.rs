@@ -1,0 +1,297 @@
+//! In-process virtio-net benchmark on a real tap: a synthetic driver posts
+//! rx buffers and tx chains on a real `GuestMemoryMmap`, the real device
+//! code moves frames between them and the tap, and the same frames are then
+//! moved by plain `read`/`write` on the tap (the physical limit here).
+//!
+//! Needs root: it makes its own network namespace (on its own thread) and a
+//! tap in it; no traffic leaves that namespace. Transmitted frames go into
+//! the namespace's stack, which drops them (unknown destination MAC);
+//! received frames are injected with an AF_PACKET socket on the tap.
+//!
+//! `cargo bench -p ember-virtio-net --bench inprocess` (or `tools/bench/net`).
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ember_virtio::{
+    ActivateContext, BackendInterest, InterruptKind, VirtioDevice, VirtioInterrupt,
+};
+use ember_virtio_net::{Net, NetConfig, Tap, VNET_HDR_LEN};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+const TAP: &str = "benchtap0";
+const QSIZE: u16 = 256;
+const MEM: usize = 64 << 20;
+/// Queue i's descriptor table, avail ring, used ring.
+const RINGS: [(u64, u64, u64); 2] = [(0x1000, 0x3000, 0x4000), (0x6000, 0x8000, 0x9000)];
+const RX_BUFS: u64 = 0x10_0000;
+const TX_BUFS: u64 = 0x200_0000;
+const BUF: u32 = 65562;
+const F_WRITE: u16 = 2;
+
+struct NoInterrupt;
+impl VirtioInterrupt for NoInterrupt {
+    fn trigger(&self, _: InterruptKind) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct Ring {
+    desc: u64,
+    avail: u64,
+    used: u64,
+    next: u16,
+}
+
+impl Ring {
+    fn post(&mut self, mem: &GuestMemoryMmap, index: u16, addr: u64, len: u32, flags: u16) {
+        let mut d = [0u8; 16];
+        d[..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        mem.write_slice(&d, GuestAddress(self.desc + u64::from(index) * 16))
+            .unwrap();
+        let slot = self.avail + 4 + 2 * u64::from(self.next % QSIZE);
+        mem.write_obj(index, GuestAddress(slot)).unwrap();
+        self.next = self.next.wrapping_add(1);
+        mem.write_obj(self.next, GuestAddress(self.avail + 2))
+            .unwrap();
+    }
+
+    fn used(&self, mem: &GuestMemoryMmap) -> u16 {
+        mem.read_obj(GuestAddress(self.used + 2)).unwrap()
+    }
+}
+
+fn sh(args: &[&str]) {
+    let ok = Command::new(args[0])
+        .args(&args[1..])
+        .status()
+        .map(|s| s.success());
+    assert!(matches!(ok, Ok(true)), "{}", args.join(" "));
+}
+
+/// An AF_PACKET socket sending raw frames out of the tap (they arrive on
+/// the tap's fd).
+fn injector() -> OwnedFd {
+    let proto = u16::try_from(libc::ETH_P_ALL).unwrap().to_be();
+    // SAFETY: plain socket(2) call; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+    assert!(fd >= 0, "AF_PACKET socket");
+    // SAFETY: fd is a new descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let name = std::ffi::CString::new(TAP).unwrap();
+    // SAFETY: a NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    // SAFETY: sockaddr_ll is plain data.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = u16::try_from(libc::AF_PACKET).unwrap();
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = i32::try_from(ifindex).unwrap();
+    // SAFETY: binding our socket to a valid sockaddr_ll of the right size.
+    let ret = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            std::ptr::addr_of!(sll).cast(),
+            u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).unwrap(),
+        )
+    };
+    assert_eq!(ret, 0, "bind AF_PACKET");
+    fd
+}
+
+fn inject(fd: &OwnedFd, frame: &[u8]) -> bool {
+    // SAFETY: sending from a valid buffer on our socket.
+    unsafe { libc::send(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) >= 0 }
+}
+
+fn frame(len: usize) -> Vec<u8> {
+    let mut f = vec![0x5au8; len];
+    f[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]); // unknown unicast destination
+    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    f[12..14].copy_from_slice(&[0x88, 0xb5]); // local experimental ethertype
+    f
+}
+
+fn device(mem: &GuestMemoryMmap) -> (Net, [Ring; 2]) {
+    let mut net = Net::new(&NetConfig {
+        tap: TAP.into(),
+        mac: [0x52, 0x54, 0, 0, 0, 1],
+        offloads: false,
+    })
+    .expect("open the bench tap");
+    let mut queues = Vec::new();
+    for (d, a, u) in RINGS {
+        let mut q = Queue::new(QSIZE).unwrap();
+        q.set_size(QSIZE);
+        q.set_desc_table_address(Some(u32::try_from(d).unwrap()), Some(0));
+        q.set_avail_ring_address(Some(u32::try_from(a).unwrap()), Some(0));
+        q.set_used_ring_address(Some(u32::try_from(u).unwrap()), Some(0));
+        q.set_ready(true);
+        queues.push(q);
+    }
+    net.activate(ActivateContext {
+        mem: mem.clone(),
+        interrupt: Arc::new(NoInterrupt),
+        queues,
+        acked_features: (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MRG_RXBUF),
+    })
+    .unwrap();
+    let rings = RINGS.map(|(desc, avail, used)| Ring {
+        desc,
+        avail,
+        used,
+        next: 0,
+    });
+    (net, rings)
+}
+
+/// Frames/s transmitting `count` frames of `len` bytes through the device.
+fn device_tx(len: usize, count: usize) -> f64 {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+    let (mut net, mut rings) = device(&mem);
+    let mut buf = vec![0u8; VNET_HDR_LEN];
+    buf.extend(frame(len));
+    for i in 0..u64::from(QSIZE) {
+        mem.write_slice(&buf, GuestAddress(TX_BUFS + i * u64::from(BUF)))
+            .unwrap();
+    }
+    let total = u32::try_from(buf.len()).unwrap();
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < count {
+        let batch = (count - sent).min(usize::from(QSIZE));
+        for i in 0..batch {
+            let i = u16::try_from(i).unwrap();
+            rings[1].post(&mem, i, TX_BUFS + u64::from(i) * u64::from(BUF), total, 0);
+        }
+        net.process_queue(1);
+        assert_eq!(rings[1].used(&mem), rings[1].next, "tx chains completed");
+        sent += batch;
+    }
+    count as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Frames/s receiving `count` injected frames of `len` bytes through the device.
+fn device_rx(len: usize, count: usize, inj: &OwnedFd) -> f64 {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+    let (mut net, mut rings) = device(&mem);
+    let f = frame(len);
+    let mut got = 0usize;
+    let mut elapsed = Duration::ZERO;
+    while got < count {
+        // Refill every buffer, inject a batch the tap's queue can hold, deliver.
+        for i in 0..QSIZE {
+            rings[0].post(
+                &mem,
+                i,
+                RX_BUFS + u64::from(i) * u64::from(BUF),
+                BUF,
+                F_WRITE,
+            );
+        }
+        let batch = (count - got).min(200);
+        for _ in 0..batch {
+            assert!(inject(inj, &f), "inject");
+        }
+        let before = rings[0].used(&mem);
+        let start = Instant::now();
+        net.process_queue(0);
+        while rings[0].used(&mem).wrapping_sub(before) < u16::try_from(batch).unwrap() {
+            if net.process_backend() == BackendInterest::Pause {
+                break;
+            }
+        }
+        elapsed += start.elapsed();
+        got += usize::from(rings[0].used(&mem).wrapping_sub(before));
+    }
+    count as f64 / elapsed.as_secs_f64()
+}
+
+/// The tap's own rate: plain write(2) of the same frames.
+fn raw_tx(len: usize, count: usize) -> f64 {
+    let tap = Tap::open(TAP).unwrap();
+    let mut buf = vec![0u8; VNET_HDR_LEN];
+    buf.extend(frame(len));
+    let start = Instant::now();
+    for _ in 0..count {
+        let _ = tap.write(&buf);
+    }
+    count as f64 / start.elapsed().as_secs_f64()
+}
+
+/// The tap's own rate: plain read(2) of injected frames.
+fn raw_rx(len: usize, count: usize, inj: &OwnedFd) -> f64 {
+    let tap = Tap::open(TAP).unwrap();
+    let f = frame(len);
+    let mut buf = vec![0u8; BUF as usize];
+    let (mut got, mut elapsed) = (0usize, Duration::ZERO);
+    while got < count {
+        let batch = (count - got).min(200);
+        for _ in 0..batch {
+            assert!(inject(inj, &f), "inject");
+        }
+        let start = Instant::now();
+        let mut n = 0;
+        while n < batch && tap.read(&mut buf).is_ok() {
+            n += 1;
+        }
+        elapsed += start.elapsed();
+        got += n.max(1);
+    }
+    count as f64 / elapsed.as_secs_f64()
+}
+
+fn main() {
+    let result = std::thread::spawn(|| {
+        // SAFETY: unshare affects only this thread's network namespace.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            eprintln!("SKIPPED: cannot make a network namespace (needs root)");
+            return;
+        }
+        // Commands forked from this thread run in its namespace.
+        sh(&["ip", "tuntap", "add", TAP, "mode", "tap"]);
+        sh(&["ip", "link", "set", TAP, "mtu", "65000", "up"]);
+        let inj = injector();
+        println!(
+            "{:<10} {:>4} {:>12} {:>10} {:>12} {:>10} {:>7}",
+            "frames", "dir", "ember fr/s", "ember Gb/s", "tap fr/s", "tap Gb/s", "ratio"
+        );
+        for (len, count) in [(64usize, 200_000usize), (64_000, 20_000)] {
+            for dir in ["tx", "rx"] {
+                let (mut dev, mut raw) = (Vec::new(), Vec::new());
+                for _ in 0..3 {
+                    if dir == "tx" {
+                        dev.push(device_tx(len, count));
+                        raw.push(raw_tx(len, count));
+                    } else {
+                        dev.push(device_rx(len, count, &inj));
+                        raw.push(raw_rx(len, count, &inj));
+                    }
+                }
+                dev.sort_by(f64::total_cmp);
+                raw.sort_by(f64::total_cmp);
+                let gbps = |fps: f64| fps * len as f64 * 8.0 / 1e9;
+                println!(
+                    "{:<10} {:>4} {:>12.0} {:>10.2} {:>12.0} {:>10.2} {:>7.2}",
+                    format!("{len} B"),
+                    dir,
+                    dev[1],
+                    gbps(dev[1]),
+                    raw[1],
+                    gbps(raw[1]),
+                    dev[1] / raw[1]
+                );
+            }
+        }
+    })
+    .join();
+    if result.is_err() {
+        std::process::exit(1);
+    }
+}
