@@ -8,7 +8,9 @@
 
 use std::time::Duration;
 
-use ember_tests::{kvm_available, run_ember, spawn_ember, tiny_elf, TempDir};
+use ember_tests::{
+    kvm_available, run_ember, spawn_ember, tiny_elf, wait_all_threads_filtered, TempDir,
+};
 
 /// `puts`: writes the NUL-terminated string at %rsi to COM1.
 ///
@@ -192,6 +194,79 @@ fn tiny_sigint_stops_a_spinning_guest_with_130() {
         return;
     }
     signal_ends_a_spinning_guest(libc::SIGINT, 130);
+}
+
+#[test]
+fn tiny_every_ember_thread_runs_under_a_seccomp_filter() {
+    if !kvm_available("tiny_every_ember_thread_runs_under_a_seccomp_filter") {
+        return;
+    }
+    let dir = TempDir::new("seccomp-threads");
+    let k = guest(&dir, "spin.elf", &SPIN);
+    // The default is --seccomp=on: no flag.
+    let mut ember = spawn_ember(&["--kernel", &k, "--memory", "16", "--vcpus", "2"], b"");
+    assert!(
+        ember.wait_for_output("R", TIMEOUT),
+        "the guest should start spinning"
+    );
+    // The event-loop thread and two vCPU threads.
+    let (ok, seen) = wait_all_threads_filtered(ember.pid(), 3, Duration::from_secs(5));
+    ember.signal(libc::SIGTERM);
+    let run = ember.finish(TIMEOUT);
+    assert!(
+        ok,
+        "every thread should show Seccomp: 2; saw (name, mode): {seen:?}"
+    );
+    let names: Vec<_> = seen
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .filter(|n| n.starts_with("ember"))
+        .collect();
+    assert_eq!(names, ["ember", "ember-vcpu0", "ember-vcpu1"]);
+    run.check(
+        run.code() == 143,
+        "SIGTERM still ends a filtered ember cleanly",
+    );
+    run.check(!run.stderr.contains("seccomp"), "no seccomp violation");
+}
+
+#[test]
+fn tiny_seccomp_off_leaves_threads_unfiltered_and_log_mode_warns() {
+    if !kvm_available("tiny_seccomp_off_leaves_threads_unfiltered_and_log_mode_warns") {
+        return;
+    }
+    let dir = TempDir::new("seccomp-off");
+    let k = guest(&dir, "spin.elf", &SPIN);
+    for (mode, want) in [("off", "0"), ("log", "2")] {
+        let flag = format!("--seccomp={mode}");
+        let mut ember = spawn_ember(&["--kernel", &k, "--memory", "16", &flag], b"");
+        assert!(
+            ember.wait_for_output("R", TIMEOUT),
+            "the guest should start"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        let seen = ember_tests::thread_seccomp_modes(ember.pid());
+        ember.signal(libc::SIGTERM);
+        let run = ember.finish(TIMEOUT);
+        let own = seen.iter().filter(|(n, _)| n.starts_with("ember")).count();
+        assert_eq!(own, 2, "{mode}: threads {seen:?}");
+        assert!(
+            seen.iter().all(|(_, m)| m == want),
+            "{mode}: every thread should show Seccomp: {want}; saw {seen:?}"
+        );
+        run.check(
+            run.stderr.contains(&format!(
+                "seccomp {}",
+                if mode == "off" {
+                    "is off"
+                } else {
+                    "in log mode"
+                }
+            )),
+            &format!("{mode}: ember warns about it"),
+        );
+        run.check(run.code() == 143, "SIGTERM ends it");
+    }
 }
 
 /// A pseudo-terminal pair; the test keeps the slave to read its settings.

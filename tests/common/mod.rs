@@ -534,6 +534,16 @@ impl NetNs {
     /// Creates namespace `ember-<tag>-<pid>` with loopback up and taps
     /// `(name, host address/prefix)` up in it.
     pub fn new(tag: &str, taps: &[(&str, &str)]) -> Result<Self, String> {
+        Self::with_tap_owner(tag, taps, None)
+    }
+
+    /// [`NetNs::new`], with the taps owned by `owner` (so an unprivileged
+    /// process of that uid can attach to them).
+    pub fn with_tap_owner(
+        tag: &str,
+        taps: &[(&str, &str)],
+        owner: Option<u32>,
+    ) -> Result<Self, String> {
         // Unique even for tests running in parallel in one process.
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -543,7 +553,12 @@ impl NetNs {
         let ns = NetNs { name };
         ns.exec(&["ip", "link", "set", "lo", "up"])?;
         for (tap, addr) in taps {
-            ns.exec(&["ip", "tuntap", "add", tap, "mode", "tap"])?;
+            let user = owner.map(|u| u.to_string());
+            let mut add = vec!["ip", "tuntap", "add", tap, "mode", "tap"];
+            if let Some(u) = &user {
+                add.extend(["user", u.as_str()]);
+            }
+            ns.exec(&add)?;
             ns.exec(&["ip", "addr", "add", addr, "dev", tap])?;
             ns.exec(&["ip", "link", "set", tap, "up"])?;
         }
@@ -599,5 +614,48 @@ pub fn netns_available(test: &str) -> bool {
             );
             false
         }
+    }
+}
+
+/// Each thread of process `pid`: its name and the `Seccomp:` value of its
+/// `/proc/<pid>/task/<tid>/status` (2 = filter mode).
+pub fn thread_seccomp_modes(pid: i32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        out.push((field("Name:"), field("Seccomp:")));
+    }
+    out.sort();
+    out
+}
+
+/// Waits up to `timeout` for process `pid` to run `threads` threads of its
+/// own (named `ember*`) and for every thread of the process, including the
+/// ones KVM starts in it (`kvm-nx-lpage-recovery`), to be in seccomp filter
+/// mode; returns the last observation either way.
+pub fn wait_all_threads_filtered(
+    pid: i32,
+    threads: usize,
+    timeout: Duration,
+) -> (bool, Vec<(String, String)>) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let seen = thread_seccomp_modes(pid);
+        let own = seen.iter().filter(|(n, _)| n.starts_with("ember")).count();
+        let ok = own == threads && seen.iter().all(|(_, mode)| mode == "2");
+        if ok || Instant::now() > deadline {
+            return (ok, seen);
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -4,11 +4,12 @@
 //! vCPU threads → one epoll event loop → clean exit.
 //!
 //! ```no_run
-//! use ember_vmm::{config::VmConfig, Console, Vmm};
+//! use ember_vmm::{config::VmConfig, seccomp, Console, Vmm};
 //!
 //! let cfg = VmConfig::from_file("vm.toml".as_ref()).unwrap().validate().unwrap();
+//! let filters = seccomp::Filters::new(seccomp::Mode::On).unwrap();
 //! let vmm = Vmm::build(&cfg, Console::stdio().unwrap(), std::time::Instant::now()).unwrap();
-//! let exit = vmm.run().unwrap();
+//! let exit = vmm.run(&filters).unwrap();
 //! std::process::exit(exit.code());
 //! ```
 
@@ -16,8 +17,10 @@ pub mod config;
 pub mod devices;
 pub mod disks;
 pub mod event_loop;
+pub mod jail;
 pub mod nets;
 pub mod pci;
+pub mod seccomp;
 pub mod signals;
 pub mod terminal;
 pub mod vcpus;
@@ -112,9 +115,34 @@ pub enum Error {
         #[source]
         source: ember_virtio_net::Error,
     },
+    /// The jail cannot be set up, or the jailed VM cannot start.
+    #[error("jail")]
+    Jail(#[from] ember_jail::Error),
+    /// The VM config cannot be passed into a jail.
+    #[error("jail: {0}")]
+    JailConfig(String),
+    /// A seccomp filter cannot be compiled or installed.
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::Error),
     /// The guest or KVM failed while running.
     #[error("the VM failed: {0}")]
     Guest(String),
+}
+
+/// The error and its sources on one line (a source whose text an outer
+/// message already quotes is not repeated).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = s.source();
+    }
+    line.replace('\n', " ")
 }
 
 /// Result type of this crate.
@@ -304,10 +332,18 @@ impl Vmm {
     }
 
     /// Starts the vCPUs and runs the event loop until the guest or a signal
-    /// ends the VM; stops the vCPUs and says why it ended.
-    pub fn run(mut self) -> Result<ExitReason> {
+    /// ends the VM; stops the vCPUs and says why it ended. Every thread runs
+    /// under its `filters` from before it first touches guest data: each
+    /// vCPU thread installs its own first thing, the calling thread before
+    /// it runs the event loop.
+    pub fn run(mut self, filters: &seccomp::Filters) -> Result<ExitReason> {
         let vcpus = std::mem::take(&mut self.vcpus);
-        let mut threads = VcpuThreads::start(vcpus, self.report.clone(), self.started)?;
+        let mut threads =
+            VcpuThreads::start(vcpus, self.report.clone(), self.started, filters.clone())?;
+        if let Err(e) = filters.install(seccomp::ThreadKind::Vmm, "event-loop") {
+            threads.stop(Duration::from_millis(500));
+            return Err(e.into());
+        }
         let stop = self.event_loop.run();
         threads.stop(Duration::from_millis(500));
         disks::flush_all(&self.disks);

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use ember_vcpu::{kick_thread, RunState, Vcpu, VcpuControl, VcpuEnd};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::seccomp::{Filters, ThreadKind};
 use crate::Error;
 
 /// How the first vCPU to end says so to the event loop: the reason in a
@@ -63,6 +64,7 @@ impl VcpuThreads {
         vcpus: Vec<Vcpu>,
         report: Arc<VcpuExitReport>,
         started: Instant,
+        filters: Filters,
     ) -> Result<Self, Error> {
         ember_vcpu::register_kick_signal().map_err(Error::Vcpu)?;
         let running = Arc::new(Running::default());
@@ -70,16 +72,25 @@ impl VcpuThreads {
         for mut vcpu in vcpus {
             let control = Arc::new(VcpuControl::default());
             let (c, r, run) = (control.clone(), report.clone(), running.clone());
+            let filters = filters.clone();
             *running.count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
             let index = vcpu.index();
+            let name = format!("ember-vcpu{index}");
             let handle = std::thread::Builder::new()
-                .name(format!("ember-vcpu{index}"))
+                .name(name.clone())
                 .spawn(move || {
-                    log::info!(
-                        "vcpu{index}: entering the guest {:.1} ms after start",
-                        started.elapsed().as_secs_f64() * 1000.0
-                    );
-                    let end = vcpu.run(&c);
+                    // Before the first KVM_RUN: from here on the guest drives
+                    // what this thread does.
+                    let end = match filters.install(ThreadKind::Vcpu, &name) {
+                        Ok(()) => {
+                            log::info!(
+                                "vcpu{index}: entering the guest {:.1} ms after start",
+                                started.elapsed().as_secs_f64() * 1000.0
+                            );
+                            vcpu.run(&c)
+                        }
+                        Err(e) => VcpuEnd::Failed(crate::error_chain(&e)),
+                    };
                     log::debug!("vcpu{index}: run loop ended: {end:?}");
                     r.report(end);
                     drop(vcpu);

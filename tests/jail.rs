@@ -1,0 +1,305 @@
+//! `ember jail`: a jailed ember boots the guest with a disk and a NIC as an
+//! unprivileged user with no capabilities, rooted in the jail directory, in
+//! its own PID namespace and cgroup, and leaves nothing behind; bad jail
+//! input fails cleanly and creates nothing.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ember_tests::{
+    agent_lines, assert_clean_error, guest_kernel_dir, kvm_available, netns_available,
+    pattern_block, pattern_offsets, run_ember, spawn_ember, tiny_elf, wait_all_threads_filtered,
+    NetNs, TempDir,
+};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
+const NOBODY: u32 = 65534;
+const MIB: u64 = 1024 * 1024;
+const DISK_SIZE: u64 = 64 * MIB;
+const BLOCKS: u64 = 32;
+const SEED: u64 = 4242;
+
+/// Jails need root (mounts, device nodes, cgroups, setuid); says so loudly when not.
+fn root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    eprintln!("\n!!!!! SKIPPED {test}: ember jail needs root !!!!!\n");
+    false
+}
+
+/// An empty jail directory (0755, so the jailed uid can look up its files).
+fn jail_dir(dir: &TempDir) -> PathBuf {
+    let jail = dir.path("jail");
+    std::fs::create_dir(&jail).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&jail, std::fs::Permissions::from_mode(0o755)).unwrap();
+    jail
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Every cgroup directory named `ember/<id>` in any mounted hierarchy.
+fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for base in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+        let direct = Path::new(base).join("ember").join(id);
+        if direct.exists() {
+            found.push(direct);
+        }
+        for e in std::fs::read_dir(base).into_iter().flatten().flatten() {
+            let p = e.path().join("ember").join(id);
+            if p.exists() && !found.contains(&p) {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+/// `field:` of /proc/<pid>/status, whitespace-split.
+fn status_field(pid: i32, field: &str) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .map(|v| v.split_whitespace().map(String::from).collect())
+        .unwrap_or_default()
+}
+
+/// The only child of `pid` (the jailed ember under `ember jail`).
+fn child_of(pid: i32) -> Option<i32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+#[test]
+fn jail_boots_the_guest_with_disk_and_net_unprivileged_and_leaves_nothing_behind() {
+    let test = "jail_boots_the_guest_with_disk_and_net_unprivileged_and_leaves_nothing_behind";
+    if !root(test) || !kvm_available(test) || !netns_available(test) {
+        return;
+    }
+    let ns = NetNs::with_tap_owner("jail", &[("tap0", "10.201.0.1/24")], Some(NOBODY))
+        .expect("netns with a tap owned by nobody");
+    let dir = TempDir::new("jail-boot");
+    let jail = jail_dir(&dir);
+    let disk = dir.path("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(DISK_SIZE)
+        .unwrap();
+    // The jailed uid must be able to write its disk.
+    std::os::unix::fs::chown(&disk, Some(NOBODY), Some(NOBODY)).unwrap();
+    let id = format!("test-{}", std::process::id());
+    let kernel = guest_kernel_dir().join("vmlinux");
+    let cmdline = format!(
+        "console=ttyS0 reboot=k panic=1 quiet ember.agent=on ember.pci=on \
+         ip=10.201.0.2::10.201.0.1:255.255.255.0::eth0:off \
+         ember.blk_write=vda:{SEED}:{BLOCKS} ember.sleep=20"
+    );
+    let netns = format!("/var/run/netns/{}", ns.name);
+    let nobody = NOBODY.to_string();
+    let args = [
+        "jail",
+        "--dir",
+        jail.to_str().unwrap(),
+        "--uid",
+        &nobody,
+        "--gid",
+        &nobody,
+        "--id",
+        &id,
+        "--netns",
+        &netns,
+        "--new-pid-ns",
+        "--cgroup",
+        "cpu.max=100000 100000",
+        "--cgroup",
+        "memory.max=1G",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "256",
+        "--cmdline",
+        &cmdline,
+        "--disk",
+        &format!("path={}", disk.display()),
+        "--net",
+        "tap=tap0",
+        "--log-level",
+        "info",
+    ];
+    let mut ember = spawn_ember(&args, b"");
+    let sleeping = ember.wait_for_output("EMBER-AGENT sleeping", BOOT_TIMEOUT);
+
+    // While the guest sleeps: look at the jailed ember from outside.
+    let jailed = child_of(ember.pid());
+    let mut seen = Vec::new();
+    if let Some(pid) = jailed {
+        let root = std::fs::metadata(format!("/proc/{pid}/root")).ok();
+        let jail_meta = std::fs::metadata(&jail).unwrap();
+        seen.push((
+            "root is the jail dir",
+            root.is_some_and(|r| r.dev() == jail_meta.dev() && r.ino() == jail_meta.ino()),
+        ));
+        let root_listing = entries(Path::new(&format!("/proc/{pid}/root")));
+        seen.push((
+            "the root holds only the VM's files",
+            ["dev", "ember", "lib64", "usr", "vm"]
+                .iter()
+                .all(|e| root_listing.contains(&e.to_string()))
+                && root_listing.len() <= 6,
+        ));
+        let uid = status_field(pid, "Uid:");
+        let gid = status_field(pid, "Gid:");
+        seen.push((
+            "uid is nobody",
+            uid.len() == 4 && uid.iter().all(|u| *u == nobody),
+        ));
+        seen.push((
+            "gid is nogroup",
+            gid.len() == 4 && gid.iter().all(|g| *g == nobody),
+        ));
+        for cap in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+            let v = status_field(pid, cap);
+            seen.push((cap, v.len() == 1 && v[0].trim_start_matches('0').is_empty()));
+        }
+        seen.push(("no_new_privs", status_field(pid, "NoNewPrivs:") == ["1"]));
+        let nspid = status_field(pid, "NSpid:");
+        seen.push((
+            "PID 1 of a new PID namespace",
+            nspid.last().map(String::as_str) == Some("1"),
+        ));
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        seen.push((
+            "in its own cgroup",
+            cgroup.contains(&format!("/ember/{id}")),
+        ));
+        seen.push(("its cgroup exists", !cgroup_dirs(&id).is_empty()));
+        let (filtered, threads) = wait_all_threads_filtered(pid, 2, Duration::from_secs(5));
+        eprintln!("jailed ember threads: {threads:?}");
+        seen.push(("every thread under seccomp", filtered));
+    }
+    let ping = ns
+        .exec(&["ping", "-c", "3", "-i", "0.5", "-W", "10", "10.201.0.2"])
+        .unwrap_or_else(|e| e);
+    let run = ember.finish(BOOT_TIMEOUT);
+    run.check(sleeping, "the jailed guest's agent reached its sleep");
+    run.check(jailed.is_some(), "ember jail runs the VM as its child");
+    for (what, ok) in seen {
+        run.check(ok, what);
+    }
+    run.check(
+        ping.contains(" 3 received"),
+        &format!("the host pings the jailed guest through the tap:\n{ping}"),
+    );
+    run.check(run.code() == 0, "the jailed guest restarts: exit 0");
+    let agent = agent_lines(&run.stdout);
+    run.check(
+        agent
+            .get("blk_write")
+            .and_then(|l| l.get("errors"))
+            .map(String::as_str)
+            == Some("0"),
+        "the guest wrote its disk",
+    );
+    run.check(
+        agent
+            .get("done")
+            .and_then(|d| d.get("failed"))
+            .map(String::as_str)
+            == Some("0"),
+        "no agent check failed",
+    );
+    let image = std::fs::read(&disk).unwrap();
+    for off in pattern_offsets(SEED, BLOCKS, DISK_SIZE) {
+        let o = usize::try_from(off).unwrap();
+        run.check(
+            image[o..o + 4096] == pattern_block(SEED, off)[..],
+            &format!("block at {off:#x} holds the guest's pattern"),
+        );
+    }
+    run.check(
+        entries(&jail).is_empty(),
+        &format!("the jail dir is empty again: {:?}", entries(&jail)),
+    );
+    run.check(
+        cgroup_dirs(&id).is_empty(),
+        &format!("the cgroup is gone: {:?}", cgroup_dirs(&id)),
+    );
+}
+
+/// Runs `ember jail` with `jail_args`, a tiny kernel and nothing else.
+fn jail_fails(dir: &TempDir, jail: &Path, jail_args: &[&str]) -> ember_tests::Run {
+    let kernel = dir.write("tiny.elf", &tiny_elf(&[0xf4]));
+    let kernel = kernel.to_str().unwrap();
+    let mut args = vec!["jail", "--dir", jail.to_str().unwrap()];
+    args.extend(jail_args);
+    args.extend(["--kernel", kernel, "--memory", "16"]);
+    run_ember(&args, b"", Duration::from_secs(30))
+}
+
+#[test]
+fn jail_bad_input_fails_cleanly_and_creates_nothing() {
+    if !root("jail_bad_input_fails_cleanly_and_creates_nothing") {
+        return;
+    }
+    let dir = TempDir::new("jail-bad");
+    let jail = jail_dir(&dir);
+
+    let missing = dir.path("no-such-jail");
+    let run = jail_fails(&dir, &missing, &["--uid", "65534", "--gid", "65534"]);
+    assert_clean_error(&run, &["jail directory", "no-such-jail"]);
+    run.check(!missing.exists(), "the missing jail dir is not created");
+
+    let run = jail_fails(&dir, &jail, &["--uid", "0", "--gid", "0"]);
+    assert_clean_error(&run, &["uid 0", "--allow-root"]);
+    run.check(entries(&jail).is_empty(), "nothing created for uid 0");
+
+    let id = format!("bad-{}", std::process::id());
+    let run = jail_fails(
+        &dir,
+        &jail,
+        &[
+            "--uid",
+            "65534",
+            "--gid",
+            "65534",
+            "--id",
+            &id,
+            "--cgroup",
+            "io.max=8:0 rbps=1",
+        ],
+    );
+    assert_clean_error(&run, &["cgroup controller io is not available"]);
+    run.check(
+        entries(&jail).is_empty(),
+        "nothing created for a missing controller",
+    );
+    run.check(cgroup_dirs(&id).is_empty(), "no cgroup created");
+
+    let run = jail_fails(
+        &dir,
+        &jail,
+        &["--uid", "65534", "--gid", "65534", "--cgroup", "cpu.max"],
+    );
+    run.check(run.code() == 2, "a malformed flag is a usage error");
+    run.check(run.stderr.lines().count() == 1, "one line");
+    run.check(
+        run.stderr.contains("KEY=VALUE"),
+        "says what --cgroup expects",
+    );
+    run.check(entries(&jail).is_empty(), "nothing created for a bad flag");
+}

@@ -1,0 +1,204 @@
+//! `ember jail`: run one microVM inside an [`ember_jail`] jail. This module
+//! only decides what the VM needs inside (the ember binary and its shared
+//! libraries, the kernel, initrd and disk images, `/dev/kvm`,
+//! `/dev/urandom`, and `/dev/net/tun` when it has NICs) and the command
+//! line of the jailed ember, which names the files by their jail paths.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use ember_jail::{current_exe_files, CgroupVersion, JailFile, JailSpec};
+
+use crate::config::ValidConfig;
+use crate::seccomp;
+use crate::Error;
+
+/// Where the jailed ember finds itself.
+const EMBER_INSIDE: &str = "/ember";
+
+/// How to jail the VM (the `ember jail` flags).
+#[derive(Clone, Debug)]
+pub struct JailOptions {
+    /// The jail directory (must exist); it becomes the VM's root.
+    pub dir: PathBuf,
+    /// The uid the VM runs as.
+    pub uid: u32,
+    /// The gid the VM runs as.
+    pub gid: u32,
+    /// The jail's id (names its cgroup); default `ember-<pid>`.
+    pub id: Option<String>,
+    /// Allow uid or gid 0.
+    pub allow_root: bool,
+    /// A network namespace to join (`/var/run/netns/NAME`).
+    pub netns: Option<PathBuf>,
+    /// Run the VM as PID 1 of a new PID namespace.
+    pub new_pid_ns: bool,
+    /// Cgroup limits: cgroup v2 file names and values.
+    pub cgroup: Vec<(String, String)>,
+    /// Force cgroup v1 or v2 (default: what the host has).
+    pub cgroup_version: Option<CgroupVersion>,
+    /// RLIMIT_NOFILE.
+    pub max_open_files: u64,
+    /// RLIMIT_FSIZE.
+    pub max_file_size: Option<u64>,
+    /// The jailed ember's seccomp mode.
+    pub seccomp: seccomp::Mode,
+    /// The jailed ember's log level.
+    pub log_level: log::LevelFilter,
+}
+
+/// Parses a `--cgroup KEY=VALUE` flag.
+pub fn parse_cgroup_flag(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!(
+            "--cgroup expects KEY=VALUE (e.g. cpu.max=\"50000 100000\"), not `{s}`"
+        )),
+    }
+}
+
+fn mac_text(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// A flag value cannot carry a comma (the `--disk`/`--net` separator).
+fn flag_safe(what: &str, value: &str) -> Result<(), Error> {
+    if value.contains(',') {
+        return Err(Error::JailConfig(format!(
+            "{what} `{value}` contains a comma, which cannot be passed to the jailed ember"
+        )));
+    }
+    Ok(())
+}
+
+/// The files, devices and command line of the jailed ember for `cfg`.
+fn vm_inside(
+    cfg: &ValidConfig,
+    opts: &JailOptions,
+) -> Result<(Vec<JailFile>, Vec<OsString>), Error> {
+    let mut files = current_exe_files(Path::new(EMBER_INSIDE))?;
+    let mut args: Vec<OsString> = Vec::new();
+    let mut arg = |a: &str| args.push(a.into());
+
+    files.push(JailFile::read_only(&cfg.kernel, "/vm/kernel"));
+    arg("--kernel");
+    arg("/vm/kernel");
+    if let Some(initrd) = &cfg.initrd {
+        files.push(JailFile::read_only(initrd, "/vm/initrd"));
+        arg("--initrd");
+        arg("/vm/initrd");
+    }
+    arg("--cmdline");
+    arg(&cfg.cmdline);
+    arg("--vcpus");
+    arg(&cfg.vcpus.to_string());
+    arg("--memory");
+    arg(&cfg.memory_mib.to_string());
+    for (i, disk) in cfg.disks.iter().enumerate() {
+        let inside = format!("/vm/disk{i}");
+        files.push(JailFile {
+            host: disk.path.clone(),
+            inside: PathBuf::from(&inside),
+            writable: !disk.read_only,
+        });
+        let mut spec = format!("path={inside}");
+        if disk.read_only {
+            spec.push_str(",read_only=on");
+        }
+        if let Some(id) = &disk.id {
+            flag_safe("disk id", id)?;
+            spec.push_str(&format!(",id={id}"));
+        }
+        arg("--disk");
+        arg(&spec);
+    }
+    for (net, mac) in &cfg.nets {
+        flag_safe("tap name", &net.tap)?;
+        let mut spec = format!("tap={},mac={}", net.tap, mac_text(mac));
+        if !net.offloads {
+            spec.push_str(",offloads=off");
+        }
+        arg("--net");
+        arg(&spec);
+    }
+    arg("--seccomp");
+    arg(&opts.seccomp.to_string());
+    arg("--log-level");
+    arg(&opts.log_level.to_string().to_lowercase());
+    Ok((files, args))
+}
+
+/// The jail for `cfg`.
+pub fn spec(cfg: &ValidConfig, opts: &JailOptions) -> Result<JailSpec, Error> {
+    let id = opts
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("ember-{}", std::process::id()));
+    let mut spec = JailSpec::new(id, &opts.dir, EMBER_INSIDE);
+    let (files, args) = vm_inside(cfg, opts)?;
+    spec.files = files;
+    spec.args = args;
+    spec.devices = vec!["/dev/kvm".into(), "/dev/urandom".into()];
+    if !cfg.nets.is_empty() {
+        spec.devices.push("/dev/net/tun".into());
+    }
+    spec.uid = opts.uid;
+    spec.gid = opts.gid;
+    spec.allow_root = opts.allow_root;
+    spec.netns = opts.netns.clone();
+    spec.new_pid_ns = opts.new_pid_ns;
+    spec.cgroup = opts.cgroup.clone();
+    spec.cgroup_version = opts.cgroup_version;
+    spec.max_open_files = opts.max_open_files;
+    spec.max_file_size = opts.max_file_size;
+    spec.read_only_root = true;
+    Ok(spec)
+}
+
+/// Runs the VM of `cfg` jailed; returns the jailed ember's exit status
+/// (128 + the signal if a signal ended it).
+pub fn run(cfg: &ValidConfig, opts: &JailOptions) -> Result<i32, Error> {
+    let spec = spec(cfg, opts)?;
+    log::info!(
+        "jail {}: {} as {}:{}",
+        spec.id,
+        spec.dir.display(),
+        spec.uid,
+        spec.gid
+    );
+    let status = ember_jail::run(&spec)?;
+    use std::os::unix::process::ExitStatusExt;
+    Ok(status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroup_flags_parse() {
+        assert_eq!(
+            parse_cgroup_flag("cpu.max=50000 100000").unwrap(),
+            ("cpu.max".to_string(), "50000 100000".to_string())
+        );
+        assert!(parse_cgroup_flag("cpu.max")
+            .unwrap_err()
+            .contains("KEY=VALUE"));
+        assert!(parse_cgroup_flag("=1").is_err());
+        assert!(parse_cgroup_flag("memory.max=").is_err());
+    }
+
+    #[test]
+    fn macs_print_as_config_accepts_them() {
+        assert_eq!(
+            mac_text(&[0x06, 0, 0xac, 0x10, 0, 0x2]),
+            "06:00:ac:10:00:02"
+        );
+    }
+}

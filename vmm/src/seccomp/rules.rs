@@ -1,0 +1,260 @@
+//! The allow-lists, one per thread kind, as data: every rule says why the
+//! thread needs it. Nothing else is allowed; argument checks narrow the
+//! rules where the syscall could do more than the thread needs (ioctl
+//! numbers, memory protections, futex and signal targets).
+//!
+//! The lists were built by tracing ember (`strace -ff`, and `--seccomp=log`)
+//! through every integration test: boot, console, block and net.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
+
+use super::Error;
+
+/// One allowed syscall: its number, when it is allowed (no conditions:
+/// always; otherwise when any one of the condition sets holds), and why.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    /// The x86_64 syscall number.
+    pub nr: libc::c_long,
+    /// Alternative sets of argument checks; empty means unconditional.
+    pub when: Vec<Vec<Check>>,
+    /// Why the thread needs it.
+    pub why: &'static str,
+}
+
+/// One argument check: `arg[index] & mask == value` (`mask` all ones for
+/// plain equality).
+#[derive(Clone, Copy, Debug)]
+pub struct Check {
+    /// Argument index, 0-5.
+    pub index: u8,
+    /// Bits compared.
+    pub mask: u64,
+    /// Value they must have.
+    pub value: u64,
+}
+
+/// `arg[index] == value` (compared as 32 bits, which every checked argument is).
+const fn eq(index: u8, value: u64) -> Check {
+    Check {
+        index,
+        mask: 0xffff_ffff,
+        value,
+    }
+}
+
+/// `arg[index] & mask == 0`: none of `mask`'s bits set.
+const fn none_of(index: u8, mask: u64) -> Check {
+    Check {
+        index,
+        mask,
+        value: 0,
+    }
+}
+
+fn always(nr: libc::c_long, why: &'static str) -> Rule {
+    Rule {
+        nr,
+        when: Vec::new(),
+        why,
+    }
+}
+
+fn only(nr: libc::c_long, when: Vec<Vec<Check>>, why: &'static str) -> Rule {
+    Rule { nr, when, why }
+}
+
+/// `ioctl` with one of `requests` (the request is argument 1).
+fn ioctls(requests: &[(u64, &'static str)], why: &'static str) -> Rule {
+    only(
+        libc::SYS_ioctl,
+        requests.iter().map(|&(r, _)| vec![eq(1, r)]).collect(),
+        why,
+    )
+}
+
+// ioctl request numbers (`_IO`/`_IOW` of `<linux/kvm.h>`, `<linux/if_tun.h>`,
+// `<asm-generic/ioctls.h>`).
+const KVM_RUN: u64 = 0xae80;
+/// `_IOW(KVMIO, 0x6a, struct kvm_irq_routing)`.
+const KVM_SET_GSI_ROUTING: u64 = 0x4008_ae6a;
+/// `_IOW('T', 208, unsigned int)`.
+const TUNSETOFFLOAD: u64 = 0x4004_54d0;
+const TCGETS: u64 = 0x5401;
+const TCSETS: u64 = 0x5402;
+
+const PROT_EXEC: u64 = 0x4;
+const FUTEX_CMD_MASK: u64 = 0x7f; // without FUTEX_PRIVATE_FLAG (128) and CLOCK_REALTIME (256)
+
+/// What every ember thread does once running: memory for its own heap
+/// (never executable), locks, signal returns, its own exit, log lines.
+fn common() -> Vec<Rule> {
+    vec![
+        always(
+            libc::SYS_write,
+            "log lines on stderr, serial output on stdout, eventfd signals",
+        ),
+        only(
+            libc::SYS_futex,
+            [0, 1, 9, 10] // FUTEX_WAIT, FUTEX_WAKE, FUTEX_WAIT_BITSET, FUTEX_WAKE_BITSET
+                .iter()
+                .map(|&op| {
+                    vec![Check {
+                        index: 1,
+                        mask: FUTEX_CMD_MASK,
+                        value: op,
+                    }]
+                })
+                .collect(),
+            "mutexes, condvars and thread joins (wait/wake only: no requeue, no PI)",
+        ),
+        only(
+            libc::SYS_mmap,
+            vec![vec![none_of(2, PROT_EXEC)]],
+            "the allocator's arenas and large blocks; never executable memory",
+        ),
+        only(
+            libc::SYS_mprotect,
+            vec![vec![none_of(2, PROT_EXEC)]],
+            "the allocator growing an arena; never making memory executable",
+        ),
+        always(
+            libc::SYS_munmap,
+            "the allocator returning memory; thread stacks at exit",
+        ),
+        always(
+            libc::SYS_madvise,
+            "the allocator and thread exit releasing pages",
+        ),
+        always(libc::SYS_brk, "the allocator growing the main heap"),
+        always(
+            libc::SYS_rt_sigreturn,
+            "return from a signal handler (the vCPU kick)",
+        ),
+        always(
+            libc::SYS_rt_sigprocmask,
+            "glibc masks signals around thread exit and pthread_kill",
+        ),
+        always(
+            libc::SYS_close,
+            "dropping devices, eventfds and vCPU fds at exit",
+        ),
+        always(
+            libc::SYS_sigaltstack,
+            "std removes the thread's signal stack at exit",
+        ),
+        always(libc::SYS_sched_yield, "spin loops in locks"),
+        always(libc::SYS_exit, "the thread ends"),
+        always(libc::SYS_exit_group, "the process ends"),
+    ]
+}
+
+/// The event-loop (main) thread: epoll, device backends (disk files, taps),
+/// console, signals, and shutting the vCPUs down.
+pub fn vmm() -> Vec<Rule> {
+    let mut rules = common();
+    rules.extend([
+        always(libc::SYS_epoll_wait, "the event loop waits"),
+        always(
+            libc::SYS_epoll_pwait,
+            "the event loop waits (glibc may use epoll_pwait)",
+        ),
+        always(
+            libc::SYS_epoll_ctl,
+            "device backends pause and resume their fds",
+        ),
+        always(
+            libc::SYS_read,
+            "eventfds, signalfd, console input, tap frames",
+        ),
+        always(libc::SYS_readv, "tap frames into guest buffers"),
+        always(libc::SYS_writev, "tap frames from guest buffers"),
+        always(libc::SYS_pread64, "disk reads"),
+        always(libc::SYS_pwrite64, "disk writes"),
+        always(libc::SYS_preadv, "disk reads into several guest buffers"),
+        always(libc::SYS_pwritev, "disk writes from several guest buffers"),
+        always(
+            libc::SYS_fdatasync,
+            "guest flushes reach the disk before they complete",
+        ),
+        always(libc::SYS_fsync, "final flush of the disks at exit"),
+        only(
+            libc::SYS_fallocate,
+            // FALLOC_FL_KEEP_SIZE|FALLOC_FL_PUNCH_HOLE (3) and FALLOC_FL_ZERO_RANGE|KEEP_SIZE (0x11)
+            vec![vec![eq(1, 0x3)], vec![eq(1, 0x11)]],
+            "discard (punch a hole) and write-zeroes requests",
+        ),
+        ioctls(
+            &[
+                (TCGETS, "read terminal settings"),
+                (TCSETS, "restore the terminal at exit"),
+                (
+                    TUNSETOFFLOAD,
+                    "apply the offloads the guest driver accepted",
+                ),
+            ],
+            "terminal restore; tap offloads",
+        ),
+        always(libc::SYS_getpid, "pthread_kill (kicking a vCPU thread)"),
+        always(libc::SYS_gettid, "pthread_kill (kicking a vCPU thread)"),
+        only(
+            libc::SYS_tgkill,
+            vec![vec![eq(2, sigrtmin())]],
+            "kick a vCPU thread out of KVM_RUN with the kick signal only",
+        ),
+    ]);
+    rules
+}
+
+/// A vCPU thread: `KVM_RUN`, and the device emulation its exits run
+/// (port and MMIO writes to the UART and virtio devices).
+pub fn vcpu() -> Vec<Rule> {
+    let mut rules = common();
+    rules.extend([
+        ioctls(
+            &[
+                (KVM_RUN, "enter the guest"),
+                (KVM_SET_GSI_ROUTING, "the guest programs an MSI-X vector"),
+                (TUNSETOFFLOAD, "the guest driver accepts tap offloads"),
+            ],
+            "enter the guest; MSI-X routes; tap offloads at driver activation",
+        ),
+        always(libc::SYS_read, "eventfds"),
+    ]);
+    rules
+}
+
+/// The kick signal's number (SIGRTMIN as glibc reports it).
+fn sigrtmin() -> u64 {
+    u64::try_from(libc::SIGRTMIN()).unwrap_or(34)
+}
+
+/// The rules as seccompiler wants them.
+pub fn to_map(rules: &[Rule]) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Error> {
+    let mut map: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for rule in rules {
+        if map.contains_key(&rule.nr) {
+            return Err(Error::DuplicateRule(rule.nr));
+        }
+        let mut compiled = Vec::with_capacity(rule.when.len());
+        for set in &rule.when {
+            let conds = set
+                .iter()
+                .map(|c| {
+                    let op = if c.mask == 0xffff_ffff {
+                        SeccompCmpOp::Eq
+                    } else {
+                        SeccompCmpOp::MaskedEq(c.mask)
+                    };
+                    SeccompCondition::new(c.index, SeccompCmpArgLen::Dword, op, c.value)
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(Error::Compile)?;
+            compiled.push(SeccompRule::new(conds).map_err(Error::Compile)?);
+        }
+        map.insert(rule.nr, compiled);
+    }
+    Ok(map)
+}
