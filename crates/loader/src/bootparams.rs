@@ -45,7 +45,9 @@ pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<usize> {
 
 /// Chooses where an initrd of `size` bytes goes: the highest page-aligned
 /// address that ends below both the end of low RAM and `addr_max`, and
-/// starts above the kernel.
+/// starts above the kernel. `None` when there is no such address, also
+/// when the kernel claims memory up to the top of the address space (an
+/// ELF segment's memory size comes from the file as it is).
 pub fn place_initrd(
     ml: &MemoryLayout,
     kernel_end: u64,
@@ -54,7 +56,7 @@ pub fn place_initrd(
 ) -> Option<InitrdPlacement> {
     let limit = ml.end_of_low_ram().min(addr_max.saturating_add(1));
     let addr = limit.checked_sub(size)? & !(PAGE_SIZE - 1);
-    let kernel_end = kernel_end.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+    let kernel_end = kernel_end.checked_next_multiple_of(PAGE_SIZE)?;
     (addr >= kernel_end && size > 0).then_some(InitrdPlacement { addr, size })
 }
 
@@ -187,6 +189,22 @@ mod tests {
         assert!(place_initrd(&ml, 0x200_0000, 63 << 20, DEFAULT_INITRD_ADDR_MAX).is_none());
         assert!(place_initrd(&ml, 0x200_0000, 1 << 40, DEFAULT_INITRD_ADDR_MAX).is_none());
         assert!(place_initrd(&ml, 0x200_0000, 0, DEFAULT_INITRD_ADDR_MAX).is_none());
+    }
+
+    /// Found by the `loader_elf` fuzz target: an ELF vmlinux whose
+    /// PT_LOAD memory size reaches the top of the address space made the
+    /// page rounding of the kernel's end overflow (a panic in debug builds,
+    /// an initrd placed inside the kernel's claimed memory in release).
+    #[test]
+    fn initrd_placement_with_kernel_end_near_u64_max_is_an_error() {
+        let ml = MemoryLayout::new(16).unwrap();
+        for end in [u64::MAX, u64::MAX - PAGE_SIZE + 2, 1 << 63] {
+            assert_eq!(
+                place_initrd(&ml, end, 4096, DEFAULT_INITRD_ADDR_MAX),
+                None,
+                "{end:#x}"
+            );
+        }
     }
 
     #[test]

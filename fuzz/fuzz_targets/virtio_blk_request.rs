@@ -1,0 +1,4 @@
+//! The `virtio_blk_request` fuzz target: see `ember_fuzz_harness::virtio_blk_request`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| ember_fuzz_harness::virtio_blk_request(data));

@@ -1,0 +1,71 @@
+//! What Ember's fuzz targets run: one function per target, each driving
+//! the real code (devices, transport, PCI bus, legacy ports, loader,
+//! config) the way the VMM drives it, on a real `GuestMemoryMmap`.
+//!
+//! The cargo-fuzz package in `fuzz/` has one `fuzz_targets/<name>.rs` per
+//! entry of [`TARGETS`] that only calls the function here; the crate's
+//! `tests/replay.rs` runs every seed in `fuzz/corpus/<name>/` and every
+//! saved crash in `fuzz/regressions/<name>/` through the same functions as
+//! part of `cargo test`.
+//!
+//! A target function never panics by itself: any input is valid, and
+//! whatever the code under test refuses is simply an error. A panic (or,
+//! under the fuzzer, a sanitizer report, a timeout or running out of
+//! memory) is a bug in the code under test. Some targets also check what
+//! the code promises (a block device never reads past the end of its
+//! disk, a BAR moves only to an aligned address, ...) and panic when it
+//! breaks its word.
+//!
+//! ```
+//! // The empty input is as valid as any other.
+//! for (name, run) in ember_fuzz_harness::TARGETS {
+//!     run(&[]);
+//!     assert!(!name.is_empty());
+//! }
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod blk;
+pub mod config;
+pub mod guest;
+pub mod input;
+pub mod legacy;
+pub mod loader;
+pub mod net;
+pub mod pci;
+pub mod queue;
+pub mod seeds;
+pub mod transport;
+
+pub use blk::{virtio_blk_chain, virtio_blk_request};
+pub use config::config;
+pub use legacy::legacy_ports;
+pub use loader::{loader_bzimage, loader_elf};
+pub use net::{virtio_net_rx, virtio_net_tx};
+pub use pci::pci_config_space;
+pub use queue::virtio_queue_chain;
+pub use transport::virtio_pci_transport;
+
+/// A fuzz target: its name (the cargo-fuzz target and the corpus
+/// directory) and its function.
+pub type Target = (&'static str, fn(&[u8]));
+
+/// Every target, by name.
+pub const TARGETS: &[Target] = &[
+    ("virtio_blk_request", virtio_blk_request),
+    ("virtio_blk_chain", virtio_blk_chain),
+    ("virtio_net_tx", virtio_net_tx),
+    ("virtio_net_rx", virtio_net_rx),
+    ("virtio_queue_chain", virtio_queue_chain),
+    ("virtio_pci_transport", virtio_pci_transport),
+    ("pci_config_space", pci_config_space),
+    ("legacy_ports", legacy_ports),
+    ("loader_bzimage", loader_bzimage),
+    ("loader_elf", loader_elf),
+    ("config", config),
+];
+
+/// The target called `name`.
+pub fn target(name: &str) -> Option<fn(&[u8])> {
+    TARGETS.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
+}
