@@ -38,6 +38,28 @@ pub fn create_disks(
     Ok(devices)
 }
 
+/// Logs every disk's counters (at exit, `--log-level info`).
+pub fn log_counters(disks: &[DiskDevice]) {
+    for (i, d) in disks.iter().enumerate() {
+        let c = d
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .device()
+            .counters();
+        log::info!(
+            "virtio-blk{i}: {} reads {} bytes, {} writes {} bytes, {} flushes, {} other, {} errors, {} interrupts",
+            c.reads,
+            c.read_bytes,
+            c.writes,
+            c.write_bytes,
+            c.flushes,
+            c.other,
+            c.errors,
+            c.interrupts
+        );
+    }
+}
+
 /// Flushes every writable disk to stable storage (at exit).
 pub fn flush_all(disks: &[DiskDevice]) {
     for (i, d) in disks.iter().enumerate() {

@@ -347,6 +347,7 @@ impl Vmm {
         let stop = self.event_loop.run();
         threads.stop(Duration::from_millis(500));
         disks::flush_all(&self.disks);
+        disks::log_counters(&self.disks);
         nets::log_counters(&self.nets);
         match stop? {
             Stop::I8042Reset => Ok(ExitReason::GuestReset),

@@ -92,6 +92,7 @@ impl VcpuThreads {
                         Err(e) => VcpuEnd::Failed(crate::error_chain(&e)),
                     };
                     log::debug!("vcpu{index}: run loop ended: {end:?}");
+                    log::info!("vcpu{index}: {}", vcpu.exit_counts());
                     r.report(end);
                     drop(vcpu);
                     let mut n = run.count.lock().unwrap_or_else(|e| e.into_inner());

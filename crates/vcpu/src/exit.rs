@@ -60,6 +60,70 @@ impl UnhandledLog {
     }
 }
 
+/// How many times `KVM_RUN` returned to the VMM, by kind. Exits KVM handles
+/// in the kernel (ioeventfd notifications, the in-kernel LAPIC and IOAPIC,
+/// emulated instructions) never reach the run loop and are not here.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitCounts {
+    /// Port reads.
+    pub io_in: u64,
+    /// Port writes.
+    pub io_out: u64,
+    /// MMIO reads.
+    pub mmio_read: u64,
+    /// MMIO writes.
+    pub mmio_write: u64,
+    /// `KVM_RUN` interrupted by a signal (a kick) or `EAGAIN`.
+    pub interrupted: u64,
+    /// Everything else (halt, shutdown, system events, failures).
+    pub other: u64,
+}
+
+impl ExitCounts {
+    /// Counts one exit.
+    pub fn record(&mut self, exit: &VcpuExit<'_>) {
+        let c = match exit {
+            VcpuExit::IoIn(..) => &mut self.io_in,
+            VcpuExit::IoOut(..) => &mut self.io_out,
+            VcpuExit::MmioRead(..) => &mut self.mmio_read,
+            VcpuExit::MmioWrite(..) => &mut self.mmio_write,
+            VcpuExit::Intr => &mut self.interrupted,
+            _ => &mut self.other,
+        };
+        *c = c.saturating_add(1);
+    }
+
+    /// Every exit counted.
+    pub fn total(&self) -> u64 {
+        [
+            self.io_in,
+            self.io_out,
+            self.mmio_read,
+            self.mmio_write,
+            self.interrupted,
+            self.other,
+        ]
+        .iter()
+        .fold(0u64, |a, b| a.saturating_add(*b))
+    }
+}
+
+impl std::fmt::Display for ExitCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} exits to the VMM: io_in={} io_out={} mmio_read={} mmio_write={} interrupted={} other={}",
+            self.total(),
+            self.io_in,
+            self.io_out,
+            self.mmio_read,
+            self.mmio_write,
+            self.interrupted,
+            self.other
+        )
+    }
+}
+
 /// Handles one exit of vCPU `vcpu`. Port and MMIO accesses go to `io`; an
 /// access nobody claims is logged and ignored (reads see all-ones, as on a
 /// bus with nothing behind the address).
@@ -121,6 +185,35 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use vm_device::bus::{PioAddressOffset, PioRange};
     use vm_device::MutDevicePio;
+
+    #[test]
+    fn exit_counts_sort_exits_by_kind() {
+        let mut c = ExitCounts::default();
+        let mut data = [0u8; 4];
+        c.record(&VcpuExit::IoIn(0x3f8, &mut data));
+        c.record(&VcpuExit::IoOut(0x3f8, &[1]));
+        c.record(&VcpuExit::IoOut(0x3f8, &[2]));
+        c.record(&VcpuExit::MmioRead(0xd000_0000, &mut data));
+        c.record(&VcpuExit::MmioWrite(0xd000_0000, &[1, 2, 3, 4]));
+        c.record(&VcpuExit::Intr);
+        c.record(&VcpuExit::Hlt);
+        assert_eq!(
+            c,
+            ExitCounts {
+                io_in: 1,
+                io_out: 2,
+                mmio_read: 1,
+                mmio_write: 1,
+                interrupted: 1,
+                other: 1,
+            }
+        );
+        assert_eq!(c.total(), 7);
+        assert_eq!(
+            c.to_string(),
+            "7 exits to the VMM: io_in=1 io_out=2 mmio_read=1 mmio_write=1 interrupted=1 other=1"
+        );
+    }
 
     #[derive(Default)]
     struct Latch {

@@ -15,7 +15,7 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use vm_device::device_manager::IoManager;
 use vm_memory::GuestMemoryBackend;
 
-use crate::exit::{handle_exit, ExitAction, GuestStop, UnhandledLog};
+use crate::exit::{handle_exit, ExitAction, ExitCounts, GuestStop, UnhandledLog};
 use crate::{cpuid, regs, Error, Result};
 
 /// What the owner of the VM asks of a vCPU.
@@ -132,6 +132,7 @@ pub struct Vcpu {
     index: u8,
     io: Arc<IoManager>,
     unhandled: UnhandledLog,
+    exits: ExitCounts,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -151,6 +152,7 @@ impl Vcpu {
             index,
             io,
             unhandled: UnhandledLog::default(),
+            exits: ExitCounts::default(),
         })
     }
 
@@ -233,6 +235,11 @@ impl Vcpu {
             .map_err(|e| Error::Kvm("KVM_SET_LAPIC", e))
     }
 
+    /// The exits to the VMM so far, by kind.
+    pub fn exit_counts(&self) -> ExitCounts {
+        self.exits
+    }
+
     /// Runs the guest until `control` asks to stop or the guest stops.
     /// Must be called on the thread that will receive kicks.
     pub fn run(&mut self, control: &VcpuControl) -> VcpuEnd {
@@ -252,8 +259,12 @@ impl Vcpu {
                 return VcpuEnd::Stopped;
             }
             let action = match self.fd.run() {
-                Ok(exit) => handle_exit(self.index, exit, &self.io, &mut self.unhandled),
+                Ok(exit) => {
+                    self.exits.record(&exit);
+                    handle_exit(self.index, exit, &self.io, &mut self.unhandled)
+                }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.exits.interrupted = self.exits.interrupted.saturating_add(1);
                     ExitAction::Interrupted
                 }
                 Err(e) => ExitAction::Fail(format!("vcpu{}: KVM_RUN failed: {e}", self.index)),

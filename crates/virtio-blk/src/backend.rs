@@ -1,7 +1,8 @@
 //! Where a block device's sectors live: the [`BlockBackend`] trait and
 //! [`RawFile`], a raw image file (or host block device).
 //!
-//! This is the crate's only module with `unsafe`: the `flock` call.
+//! This is the crate's only module with `unsafe`: the `flock`, `preadv` and
+//! `pwritev` calls.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -9,6 +10,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use vm_memory::bitmap::Bitmap;
+use vm_memory::VolatileSlice;
 use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 
 use crate::request::SECTOR_SIZE;
@@ -23,6 +26,34 @@ pub trait BlockBackend: Send {
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Writes all of `buf` at `offset`.
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Fills the guest buffers `bufs`, one after the other, from `offset`.
+    ///
+    /// The default copies through a buffer with [`BlockBackend::read_at`];
+    /// [`RawFile`] reads straight into guest memory with `preadv`.
+    fn read_vectored_at(&mut self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+        let mut offset = offset;
+        for s in bufs {
+            let mut tmp = vec![0u8; s.len()];
+            self.read_at(&mut tmp, offset)?;
+            s.copy_from(&tmp);
+            offset = next_offset(offset, s.len())?;
+        }
+        Ok(())
+    }
+    /// Writes the guest buffers `bufs`, one after the other, at `offset`.
+    ///
+    /// The default copies through a buffer with [`BlockBackend::write_at`];
+    /// [`RawFile`] writes straight from guest memory with `pwritev`.
+    fn write_vectored_at(&mut self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+        let mut offset = offset;
+        for s in bufs {
+            let mut tmp = vec![0u8; s.len()];
+            s.copy_to(&mut tmp[..]);
+            self.write_at(&tmp, offset)?;
+            offset = next_offset(offset, s.len())?;
+        }
+        Ok(())
+    }
     /// Makes every completed write durable.
     fn flush(&mut self) -> io::Result<()>;
     /// Deallocates `len` bytes at `offset` (a hint: their contents become
@@ -103,6 +134,14 @@ impl BlockBackend for RawFile {
         self.file.write_all_at(buf, offset)
     }
 
+    fn read_vectored_at(&mut self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+        vectored_io(&self.file, bufs, offset, Direction::Read)
+    }
+
+    fn write_vectored_at(&mut self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+        vectored_io(&self.file, bufs, offset, Direction::Write)
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         self.file.sync_data()
     }
@@ -120,6 +159,183 @@ impl BlockBackend for RawFile {
             Err(e) if cannot_punch(&e) => write_zeroes_slowly(&self.file, offset, len),
             r => r,
         }
+    }
+}
+
+/// `offset + len`, or an error if it overflows.
+fn next_offset(offset: u64, len: usize) -> io::Result<u64> {
+    u64::try_from(len)
+        .ok()
+        .and_then(|l| offset.checked_add(l))
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// Which way [`vectored_io`] moves the bytes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// File to memory (`preadv`).
+    Read,
+    /// Memory to file (`pwritev`).
+    Write,
+}
+
+/// The most buffers handed to one `preadv`/`pwritev` (Linux's `UIO_MAXIOV`
+/// is 1024; a virtio-blk request has at most the queue size).
+const MAX_IOVECS: usize = 64;
+
+/// Moves every byte of `bufs` between guest memory and `file` at `offset`
+/// with `preadv`/`pwritev`, without a copy through a buffer of ours: short
+/// transfers continue where they stopped, `EINTR` retries, and the end of
+/// the file before the last byte is `UnexpectedEof`.
+#[allow(unsafe_code)]
+fn vectored_io(
+    file: &File,
+    bufs: &[VolatileSlice<'_>],
+    mut offset: u64,
+    dir: Direction,
+) -> io::Result<()> {
+    if let [one] = bufs {
+        return single_io(file, one, offset, dir);
+    }
+    // The first buffer not yet done, and how far into it we are.
+    let mut index = 0;
+    let mut skip = 0usize;
+    let mut iovecs = Vec::new();
+    let mut guards = Vec::new();
+    loop {
+        // Skip finished and empty buffers, so that a transfer of 0 bytes
+        // can only mean the end of the file.
+        while index < bufs.len() && bufs[index].len() == skip {
+            index += 1;
+            skip = 0;
+        }
+        if index == bufs.len() {
+            break;
+        }
+        iovecs.clear();
+        guards.clear();
+        for (i, s) in bufs[index..].iter().take(MAX_IOVECS).enumerate() {
+            let from = if i == 0 { skip } else { 0 };
+            let guard = s.ptr_guard_mut();
+            iovecs.push(libc::iovec {
+                // `from` < the slice's length (a finished slice moves
+                // `index` on), so the pointer stays inside the slice.
+                iov_base: guard.as_ptr().wrapping_add(from).cast(),
+                iov_len: s.len() - from,
+            });
+            guards.push(guard);
+        }
+        let count = iovecs.len();
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // `count` <= MAX_IOVECS, which fits a c_int.
+        let n_iov = libc::c_int::try_from(count).unwrap_or(libc::c_int::MAX);
+        let fd = file.as_raw_fd();
+        let ret = match dir {
+            // SAFETY: each of the `count` iovecs describes the unread part of
+            // a VolatileSlice of guest memory, which stays mapped while
+            // `bufs` (and `guards`) borrow it; the kernel writes at most
+            // `iov_len` bytes of each. Guest memory is shared with the guest
+            // and only ever accessed volatilely or by the kernel, so no Rust
+            // reference to it is invalidated.
+            Direction::Read => unsafe { libc::preadv(fd, iovecs.as_ptr(), n_iov, off) },
+            // SAFETY: as above; the kernel only reads the buffers.
+            Direction::Write => unsafe { libc::pwritev(fd, iovecs.as_ptr(), n_iov, off) },
+        };
+        let Some(done) = progress(ret, dir)? else {
+            continue;
+        };
+        if dir == Direction::Read {
+            mark_dirty(&bufs[index..], skip, done);
+        }
+        offset = next_offset(offset, done)?;
+        // Move `index`/`skip` past the `done` bytes.
+        let mut left = done;
+        while left > 0 && index < bufs.len() {
+            let rest = bufs[index].len() - skip;
+            if left >= rest {
+                left -= rest;
+                index += 1;
+                skip = 0;
+            } else {
+                skip += left;
+                left = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What a `pread`/`pwrite`/`preadv`/`pwritev` result means: bytes moved,
+/// `None` to try again (`EINTR`), or the error (the end of the file before
+/// the last byte is `UnexpectedEof`, a write of nothing `WriteZero`).
+fn progress(ret: isize, dir: Direction) -> io::Result<Option<usize>> {
+    match usize::try_from(ret) {
+        Ok(0) => Err(match dir {
+            Direction::Read => io::ErrorKind::UnexpectedEof.into(),
+            Direction::Write => io::ErrorKind::WriteZero.into(),
+        }),
+        Ok(n) => Ok(Some(n)),
+        Err(_) => {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                Ok(None)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+/// [`vectored_io`] for one buffer: plain `pread`/`pwrite`, no iovec.
+#[allow(unsafe_code)]
+fn single_io(
+    file: &File,
+    buf: &VolatileSlice<'_>,
+    mut offset: u64,
+    dir: Direction,
+) -> io::Result<()> {
+    let guard = buf.ptr_guard_mut();
+    let mut done = 0usize;
+    while done < buf.len() {
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // `done` < the slice's length, so the pointer stays inside it.
+        let ptr = guard.as_ptr().wrapping_add(done);
+        let len = buf.len() - done;
+        let ret = match dir {
+            // SAFETY: `ptr..ptr + len` is the unread part of a VolatileSlice
+            // of guest memory, mapped while `buf` and `guard` borrow it; the
+            // kernel writes at most `len` bytes there. Guest memory is only
+            // ever accessed volatilely or by the kernel, so no Rust reference
+            // to it is invalidated.
+            Direction::Read => unsafe { libc::pread(file.as_raw_fd(), ptr.cast(), len, off) },
+            // SAFETY: as above; the kernel only reads the buffer.
+            Direction::Write => unsafe { libc::pwrite(file.as_raw_fd(), ptr.cast(), len, off) },
+        };
+        let Some(n) = progress(ret, dir)? else {
+            continue;
+        };
+        if dir == Direction::Read {
+            buf.bitmap().mark_dirty(done, n);
+        }
+        done += n;
+        offset = next_offset(offset, n)?;
+    }
+    Ok(())
+}
+
+/// Records in the slices' dirty bitmaps the `len` bytes the kernel wrote,
+/// starting `skip` bytes into `bufs[0]`.
+fn mark_dirty(bufs: &[VolatileSlice<'_>], mut skip: usize, mut len: usize) {
+    for s in bufs {
+        if len == 0 {
+            break;
+        }
+        let n = (s.len() - skip).min(len);
+        s.bitmap().mark_dirty(skip, n);
+        len -= n;
+        skip = 0;
     }
 }
 
@@ -174,6 +390,7 @@ fn lock(file: &File, shared: bool) -> io::Result<()> {
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
     use vmm_sys_util::tempfile::TempFile;
 
     fn image(len: u64) -> TempFile {
@@ -250,6 +467,76 @@ mod tests {
         assert!(buf[1024..].iter().all(|b| *b == 0));
         // Reading past the end is an error, not a short read.
         assert!(raw.read_at(&mut buf, 8192 - 512).is_err());
+    }
+
+    /// Guest memory with `n` slices of the given lengths, 64 KiB apart.
+    fn slices_of(mem: &GuestMemoryMmap, lens: &[usize]) -> Vec<VolatileSlice<'static>> {
+        // The slices borrow `mem`; tests keep `mem` alive longer than them.
+        let mem: &'static GuestMemoryMmap = Box::leak(Box::new(mem.clone()));
+        lens.iter()
+            .enumerate()
+            .map(|(i, &l)| mem.get_slice(GuestAddress(0x1_0000 * i as u64), l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn raw_file_vectored_io_goes_straight_to_guest_memory() {
+        let img = image(0);
+        let pattern: Vec<u8> = (0..0x4000u32)
+            .map(|i| u8::try_from(i % 249).unwrap())
+            .collect();
+        img.as_file().write_all_at(&pattern, 0).unwrap();
+        let mut raw = RawFile::open(img.as_path(), false).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        // An empty slice in the middle is skipped, not handed over alone.
+        let bufs = slices_of(&mem, &[0x200, 0, 0x1000, 0x600]);
+        raw.read_vectored_at(&bufs, 0x400).unwrap();
+        let mut got = vec![0u8; 0x200];
+        mem.read_slice(&mut got, GuestAddress(0)).unwrap();
+        assert_eq!(got, pattern[0x400..0x600]);
+        let mut got = vec![0u8; 0x1000];
+        mem.read_slice(&mut got, GuestAddress(0x2_0000)).unwrap();
+        assert_eq!(got, pattern[0x600..0x1600]);
+        let mut got = vec![0u8; 0x600];
+        mem.read_slice(&mut got, GuestAddress(0x3_0000)).unwrap();
+        assert_eq!(got, pattern[0x1600..0x1c00]);
+
+        // Written back elsewhere, in the same order.
+        raw.write_vectored_at(&bufs, 0x8000).unwrap();
+        raw.flush().unwrap();
+        let mut back = vec![0u8; 0x1800];
+        img.as_file().read_exact_at(&mut back, 0x8000).unwrap();
+        assert_eq!(back, pattern[0x400..0x1c00]);
+    }
+
+    #[test]
+    fn raw_file_vectored_io_takes_more_buffers_than_one_call_holds() {
+        let img = image(0);
+        let n = MAX_IOVECS * 2 + 3;
+        let pattern: Vec<u8> = (0..n * 512)
+            .map(|i| u8::try_from(i % 241).unwrap())
+            .collect();
+        img.as_file().write_all_at(&pattern, 0).unwrap();
+        let mut raw = RawFile::open(img.as_path(), false).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+        let lens = vec![512; n];
+        let bufs = slices_of(&mem, &lens);
+        raw.read_vectored_at(&bufs, 0).unwrap();
+        for (i, s) in bufs.iter().enumerate() {
+            let mut got = vec![0u8; 512];
+            s.copy_to(&mut got[..]);
+            assert_eq!(got, pattern[i * 512..(i + 1) * 512], "buffer {i}");
+        }
+    }
+
+    #[test]
+    fn raw_file_vectored_read_past_the_end_is_an_error() {
+        let img = image(4096);
+        let mut raw = RawFile::open(img.as_path(), false).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let bufs = slices_of(&mem, &[2048, 4096]);
+        let err = raw.read_vectored_at(&bufs, 0).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
 
     #[test]

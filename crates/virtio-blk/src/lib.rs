@@ -46,7 +46,7 @@ use std::io;
 use std::path::PathBuf;
 
 pub use backend::{BlockBackend, RawFile};
-pub use device::{Block, BlockConfig, IO_CHUNK};
+pub use device::{Block, BlockConfig, BlockCounters, IO_CHUNK};
 pub use request::{parse, status_address, DataRegion, Request, RequestError, RequestKind, Segment};
 
 /// Why a disk could not be opened or flushed.

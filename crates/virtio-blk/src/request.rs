@@ -321,44 +321,54 @@ where
     check_descriptors(mem, &descs)?;
     let status = status_of(&descs).ok_or(RequestError::NoStatus)?;
 
-    let readable: Vec<DataRegion> = regions(descs.iter().filter(|d| !d.writable));
-    let mut writable: Vec<DataRegion> = regions(descs.iter().filter(|d| d.writable));
-    drop_last_byte(&mut writable);
+    // One list of the non-empty buffers, device-readable ones first
+    // (check_descriptors made sure of the order), less the status byte:
+    // the readable part is `data[..split]`, the writable part the rest.
+    let mut data: Vec<DataRegion> = regions(descs.iter());
+    let split = descs.iter().filter(|d| !d.writable && d.len > 0).count();
+    drop_last_byte(&mut data);
 
-    let readable_len = total_len(&readable);
+    let readable_len = total_len(&data[..split]);
     if readable_len < HEADER_LEN as u64 {
         return Err(RequestError::HeaderTooShort { len: readable_len });
     }
     let mut header = [0u8; HEADER_LEN];
-    read_regions(mem, &readable, &mut header)?;
+    read_regions(mem, &data[..split], &mut header)?;
     let (request_type, sector) = decode_header(&header);
-    let readable = drop_prefix(&readable, HEADER_LEN as u64);
+    // Readable bytes after the header (every region is in guest memory, so
+    // none is lost to an address overflow when the header is dropped).
+    let readable_body = readable_len > HEADER_LEN as u64;
+    let writable_body = data.len() > split;
 
-    let (kind, data) = match request_type {
-        VIRTIO_BLK_T_IN => {
-            only_writable(request_type, &readable)?;
-            check_rw(sector, total_len(&writable), capacity)?;
-            (RequestKind::In { sector }, writable)
+    let kind = match request_type {
+        VIRTIO_BLK_T_IN | VIRTIO_BLK_T_GET_ID => {
+            only_writable(request_type, readable_body)?;
+            data.drain(..split);
+            if request_type == VIRTIO_BLK_T_IN {
+                check_rw(sector, total_len(&data), capacity)?;
+                RequestKind::In { sector }
+            } else {
+                RequestKind::GetId
+            }
         }
-        VIRTIO_BLK_T_OUT => {
-            only_readable(request_type, &writable, read_only)?;
-            check_rw(sector, total_len(&readable), capacity)?;
-            (RequestKind::Out { sector }, readable)
+        VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+            only_readable(request_type, writable_body, read_only)?;
+            data.truncate(split);
+            drop_prefix(&mut data, HEADER_LEN as u64);
+            match request_type {
+                VIRTIO_BLK_T_OUT => {
+                    check_rw(sector, total_len(&data), capacity)?;
+                    RequestKind::Out { sector }
+                }
+                VIRTIO_BLK_T_DISCARD => {
+                    RequestKind::Discard(parse_segments(mem, &data, capacity, false)?)
+                }
+                _ => RequestKind::WriteZeroes(parse_segments(mem, &data, capacity, true)?),
+            }
         }
-        VIRTIO_BLK_T_FLUSH => (RequestKind::Flush, Vec::new()),
-        VIRTIO_BLK_T_GET_ID => {
-            only_writable(request_type, &readable)?;
-            (RequestKind::GetId, writable)
-        }
-        VIRTIO_BLK_T_DISCARD => {
-            only_readable(request_type, &writable, read_only)?;
-            let segments = parse_segments(mem, &readable, capacity, false)?;
-            (RequestKind::Discard(segments), readable)
-        }
-        VIRTIO_BLK_T_WRITE_ZEROES => {
-            only_readable(request_type, &writable, read_only)?;
-            let segments = parse_segments(mem, &readable, capacity, true)?;
-            (RequestKind::WriteZeroes(segments), readable)
+        VIRTIO_BLK_T_FLUSH => {
+            data.clear();
+            RequestKind::Flush
         }
         _ => return Err(RequestError::Unsupported { request_type }),
     };
@@ -479,10 +489,11 @@ fn total_len(regions: &[DataRegion]) -> u64 {
     regions.iter().map(|r| u64::from(r.len)).sum()
 }
 
-/// `regions` without their first `n` bytes.
-fn drop_prefix(regions: &[DataRegion], mut n: u64) -> Vec<DataRegion> {
-    let mut out = Vec::with_capacity(regions.len());
-    for r in regions {
+/// Removes the first `n` bytes of `regions`, in place.
+fn drop_prefix(regions: &mut Vec<DataRegion>, mut n: u64) {
+    let mut kept = 0;
+    for i in 0..regions.len() {
+        let r = regions[i];
         let len = u64::from(r.len);
         if n >= len {
             n -= len;
@@ -492,13 +503,14 @@ fn drop_prefix(regions: &[DataRegion], mut n: u64) -> Vec<DataRegion> {
         let skip = u32::try_from(n).unwrap_or(r.len);
         n = 0;
         if let Some(addr) = r.addr.0.checked_add(u64::from(skip)) {
-            out.push(DataRegion {
+            regions[kept] = DataRegion {
                 addr: GuestAddress(addr),
                 len: r.len - skip,
-            });
+            };
+            kept += 1;
         }
     }
-    out
+    regions.truncate(kept);
 }
 
 /// Fills `out` from the start of `regions`.
@@ -531,8 +543,8 @@ fn decode_header(header: &[u8; HEADER_LEN]) -> (u32, u64) {
 }
 
 /// A request whose data the device writes must have no device-readable data.
-fn only_writable(request_type: u32, readable: &[DataRegion]) -> Result<(), RequestError> {
-    if readable.is_empty() {
+fn only_writable(request_type: u32, readable: bool) -> Result<(), RequestError> {
+    if !readable {
         Ok(())
     } else {
         Err(RequestError::WrongDirection { request_type })
@@ -541,12 +553,8 @@ fn only_writable(request_type: u32, readable: &[DataRegion]) -> Result<(), Reque
 
 /// A request whose data the device reads must have no device-writable data
 /// and, as it changes the disk, a writable disk.
-fn only_readable(
-    request_type: u32,
-    writable: &[DataRegion],
-    read_only: bool,
-) -> Result<(), RequestError> {
-    if !writable.is_empty() {
+fn only_readable(request_type: u32, writable: bool, read_only: bool) -> Result<(), RequestError> {
+    if writable {
         return Err(RequestError::WrongDirection { request_type });
     }
     if read_only {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use ember_virtio::{InterruptKind, VirtioInterrupt};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, VolatileSlice};
 
 use crate::backend::BlockBackend;
 
@@ -258,6 +258,32 @@ impl BlockBackend for MemBackend {
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         let r = self.range(offset, buf.len())?;
         self.0.data.lock().unwrap()[r].copy_from_slice(buf);
+        Ok(())
+    }
+
+    /// One backend call for all of `bufs`, as a file's `preadv` would be.
+    fn read_vectored_at(&mut self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+        let total = bufs.iter().map(|s| s.len()).sum();
+        let r = self.range(offset, total)?;
+        let data = self.0.data.lock().unwrap();
+        let mut at = r.start;
+        for s in bufs {
+            s.copy_from(&data[at..at + s.len()]);
+            at += s.len();
+        }
+        Ok(())
+    }
+
+    /// One backend call for all of `bufs`, as a file's `pwritev` would be.
+    fn write_vectored_at(&mut self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+        let total = bufs.iter().map(|s| s.len()).sum();
+        let r = self.range(offset, total)?;
+        let mut data = self.0.data.lock().unwrap();
+        let mut at = r.start;
+        for s in bufs {
+            s.copy_to(&mut data[at..at + s.len()]);
+            at += s.len();
+        }
         Ok(())
     }
 

@@ -4,6 +4,8 @@
 use std::io;
 use std::os::fd::RawFd;
 
+use vm_memory::VolatileSlice;
+
 /// Where the device's frames go and come from: a [`Tap`](crate::Tap) on a
 /// host, an in-memory queue in tests.
 ///
@@ -20,6 +22,43 @@ pub trait NetBackend: Send {
     /// Writes one frame (header included) and returns the bytes taken; it
     /// must not block ([`io::ErrorKind::WouldBlock`] instead).
     fn write(&mut self, buf: &[u8]) -> io::Result<usize>;
+
+    /// Writes one frame given as guest buffers, one after the other (the
+    /// device's transmit path); returns the bytes taken and must not block.
+    ///
+    /// The default gathers the buffers into one and calls
+    /// [`NetBackend::write`]; a [`Tap`](crate::Tap) hands them to the kernel
+    /// as they are with `writev`.
+    fn write_vectored(&mut self, bufs: &[VolatileSlice<'_>]) -> io::Result<usize> {
+        let mut frame = vec![0u8; bufs.iter().map(|s| s.len()).sum()];
+        let mut at = 0;
+        for s in bufs {
+            at += s.copy_to(&mut frame[at..]);
+        }
+        self.write(&frame)
+    }
+
+    /// Reads one frame (header included) into the guest buffers `bufs`,
+    /// one after the other, and returns its length; errors as for
+    /// [`NetBackend::read`]. The buffers hold at least
+    /// [`MAX_FRAME`](crate::MAX_FRAME) bytes.
+    ///
+    /// The default reads into a buffer with [`NetBackend::read`] and copies;
+    /// a [`Tap`](crate::Tap) reads into guest memory itself with `readv`.
+    fn read_vectored(&mut self, bufs: &[VolatileSlice<'_>]) -> io::Result<usize> {
+        let mut frame = vec![0u8; bufs.iter().map(|s| s.len()).sum()];
+        let n = self.read(&mut frame)?;
+        let mut at = 0;
+        for s in bufs {
+            if at >= n {
+                break;
+            }
+            let k = s.len().min(n - at);
+            s.copy_from(&frame[at..at + k]);
+            at += k;
+        }
+        Ok(n)
+    }
 
     /// Tells the backend which offloads the driver accepts in frames it
     /// receives: a mask of the `TUN_F_*` flags (`libc::TUN_F_CSUM`, ...).

@@ -22,6 +22,8 @@ use libc::{
     c_char, c_int, c_short, c_ulong, ifreq, IFF_NO_PI, IFF_PERSIST, IFF_TAP, IFF_VNET_HDR,
     IFNAMSIZ, TUNGETIFF, TUNSETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ,
 };
+use vm_memory::bitmap::Bitmap;
+use vm_memory::VolatileSlice;
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
 
 use crate::backend::NetBackend;
@@ -92,6 +94,85 @@ impl Tap {
     pub fn write(&self, buf: &[u8]) -> io::Result<usize> {
         (&self.file).write(buf)
     }
+
+    /// Reads one frame (vnet header first) into guest buffers, one after the
+    /// other, with one `readv`: the kernel copies it into guest memory
+    /// itself. At most `UIO_MAXIOV` (1024) buffers; `WouldBlock` when no
+    /// frame waits.
+    pub fn read_vectored(&self, bufs: &[VolatileSlice<'_>]) -> io::Result<usize> {
+        if bufs.len() > 1024 {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        if let [one] = bufs {
+            let guard = one.ptr_guard_mut();
+            // SAFETY: the buffer is a VolatileSlice of guest memory, mapped
+            // while `one` and `guard` borrow it; read writes at most its
+            // length. Guest memory is only accessed volatilely or by the
+            // kernel. The fd is our open tap.
+            let ret =
+                unsafe { libc::read(self.file.as_raw_fd(), guard.as_ptr().cast(), guard.len()) };
+            let n = usize::try_from(ret).map_err(|_| io::Error::last_os_error())?;
+            one.bitmap().mark_dirty(0, n);
+            return Ok(n);
+        }
+        let guards: Vec<_> = bufs.iter().map(|s| s.ptr_guard_mut()).collect();
+        let iovecs: Vec<libc::iovec> = guards
+            .iter()
+            .map(|g| libc::iovec {
+                iov_base: g.as_ptr().cast(),
+                iov_len: g.len(),
+            })
+            .collect();
+        // At most 1024, checked above.
+        let count = libc::c_int::try_from(iovecs.len()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: every iovec describes a VolatileSlice of guest memory that
+        // stays mapped while `bufs` and `guards` borrow it; readv writes at
+        // most `iov_len` bytes to each. Guest memory is only ever accessed
+        // volatilely or by the kernel, so no Rust reference to it is
+        // invalidated. The fd is our open tap.
+        let ret = unsafe { libc::readv(self.file.as_raw_fd(), iovecs.as_ptr(), count) };
+        let n = usize::try_from(ret).map_err(|_| io::Error::last_os_error())?;
+        let mut left = n;
+        for s in bufs {
+            let k = left.min(s.len());
+            s.bitmap().mark_dirty(0, k);
+            left -= k;
+        }
+        Ok(n)
+    }
+
+    /// Writes one frame (vnet header first) given as guest buffers, one
+    /// after the other, with one `writev`: the kernel copies them from guest
+    /// memory itself. At most `UIO_MAXIOV` (1024) buffers.
+    pub fn write_vectored(&self, bufs: &[VolatileSlice<'_>]) -> io::Result<usize> {
+        if bufs.len() > 1024 {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        if let [one] = bufs {
+            let guard = one.ptr_guard();
+            // SAFETY: the buffer is a VolatileSlice of guest memory, mapped
+            // while `one` and `guard` borrow it; write only reads it. The fd
+            // is our open tap.
+            let ret =
+                unsafe { libc::write(self.file.as_raw_fd(), guard.as_ptr().cast(), guard.len()) };
+            return usize::try_from(ret).map_err(|_| io::Error::last_os_error());
+        }
+        let guards: Vec<_> = bufs.iter().map(|s| s.ptr_guard()).collect();
+        let iovecs: Vec<libc::iovec> = guards
+            .iter()
+            .map(|g| libc::iovec {
+                iov_base: g.as_ptr().cast_mut().cast(),
+                iov_len: g.len(),
+            })
+            .collect();
+        // At most 1024, checked above.
+        let count = libc::c_int::try_from(iovecs.len()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: every iovec describes a VolatileSlice of guest memory that
+        // stays mapped while `bufs` and `guards` borrow it; writev only reads
+        // from them. The fd is our open tap.
+        let ret = unsafe { libc::writev(self.file.as_raw_fd(), iovecs.as_ptr(), count) };
+        usize::try_from(ret).map_err(|_| io::Error::last_os_error())
+    }
 }
 
 impl AsRawFd for Tap {
@@ -113,6 +194,14 @@ impl NetBackend for Tap {
 
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         Tap::write(self, buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[VolatileSlice<'_>]) -> io::Result<usize> {
+        Tap::write_vectored(self, bufs)
+    }
+
+    fn read_vectored(&mut self, bufs: &[VolatileSlice<'_>]) -> io::Result<usize> {
+        Tap::read_vectored(self, bufs)
     }
 
     fn set_offload(&mut self, flags: u32) -> io::Result<()> {
@@ -272,6 +361,7 @@ mod tests {
     use std::os::fd::{FromRawFd, OwnedFd};
     use std::path::Path;
     use std::time::{Duration, Instant};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
     #[test]
     fn tap_open_name_too_long_is_rejected() {
@@ -402,6 +492,22 @@ mod tests {
         assert_eq!(tap.write(&out).unwrap(), out.len());
         assert_eq!(rx_packets(tap.name()), before + 1);
 
+        // The same from guest memory, the header and frame split over three
+        // buffers out of address order: one writev, one whole frame.
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let out = [vec![0; VNET_HDR_LEN], test_frame(3)].concat();
+        let parts = [(0x8000, 0..5), (0x1000, 5..40), (0x4000, 40..out.len())];
+        for (addr, range) in &parts {
+            mem.write_slice(&out[range.clone()], GuestAddress(*addr))
+                .unwrap();
+        }
+        let bufs: Vec<_> = parts
+            .iter()
+            .map(|(addr, r)| mem.get_slice(GuestAddress(*addr), r.len()).unwrap())
+            .collect();
+        assert_eq!(tap.write_vectored(&bufs).unwrap(), out.len());
+        assert_eq!(rx_packets(tap.name()), before + 2);
+
         // Host to guest: the frame arrives behind a header with no offloads.
         let sent = test_frame(2);
         send_out_of(index, &sent);
@@ -420,6 +526,37 @@ mod tests {
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 Err(e) => panic!("tap read: {e}"),
+            }
+        }
+
+        // The same into guest memory, split over three buffers: one readv.
+        let sent = test_frame(4);
+        send_out_of(index, &sent);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let parts = [(0x9000, 7), (0x2000, 20), (0x5000, 4096)];
+        let bufs: Vec<_> = parts
+            .iter()
+            .map(|(addr, len)| mem.get_slice(GuestAddress(*addr), *len).unwrap())
+            .collect();
+        loop {
+            match tap.read_vectored(&bufs) {
+                Ok(n) => {
+                    let mut got = Vec::new();
+                    for (addr, len) in parts {
+                        let mut b = vec![0u8; len];
+                        mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
+                        got.extend(b);
+                    }
+                    if got[VNET_HDR_LEN..n] == sent[..] {
+                        assert_eq!(n, VNET_HDR_LEN + sent.len());
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    assert!(Instant::now() < deadline, "the frame never came");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("tap readv: {e}"),
             }
         }
     }

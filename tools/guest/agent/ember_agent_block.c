@@ -191,7 +191,8 @@ static void pattern_blocks(const char *spec, bool write)
 	unsigned long long seed;
 	unsigned int count, i, mismatches = 0, errors = 0;
 	struct file *f;
-	u64 *want, *got, nblocks;
+	u64 *want, *got, nblocks, us = 0;
+	ktime_t t0;
 
 	ember_checks_run++;
 	if (sscanf(spec, "%15[^:]:%llu:%u", name, &seed, &count) != 3) {
@@ -214,6 +215,7 @@ static void pattern_blocks(const char *spec, bool write)
 	}
 	if (!write)
 		drop_cache(f);
+	t0 = ktime_get();
 	for (i = 0; i < count; i++) {
 		u64 off = (splitmix64(seed + i) % nblocks) * BLOCK;
 		loff_t pos = off;
@@ -232,16 +234,19 @@ static void pattern_blocks(const char *spec, bool write)
 	}
 	if (write && vfs_fsync(f, 0))
 		errors++;
+	us = ktime_us_delta(ktime_get(), t0);
 out:
 	kfree(want);
 	kfree(got);
 	filp_close(f, NULL);
 	if (write)
-		AGENT_LINE("blk_write dev=%s seed=%llu blocks=%u errors=%u", name,
-			   seed, count, errors);
+		AGENT_LINE("blk_write dev=%s seed=%llu blocks=%u errors=%u kib_per_s=%llu",
+			   name, seed, count, errors,
+			   us ? (u64)count * BLOCK * 1000000 / 1024 / us : 0);
 	else
-		AGENT_LINE("blk_verify dev=%s seed=%llu blocks=%u mismatches=%u errors=%u",
-			   name, seed, count, mismatches, errors);
+		AGENT_LINE("blk_verify dev=%s seed=%llu blocks=%u mismatches=%u errors=%u kib_per_s=%llu",
+			   name, seed, count, mismatches, errors,
+			   us ? (u64)count * BLOCK * 1000000 / 1024 / us : 0);
 	if (errors || mismatches)
 		fail();
 }

@@ -149,7 +149,7 @@ pub(super) struct RxQueue<'a> {
 }
 
 impl RxQueue<'_> {
-    fn complete(&mut self, head: u16, len: u32) {
+    pub(super) fn complete(&mut self, head: u16, len: u32) {
         self.used_any |= complete(self.queue, self.mem, head, len, self.log);
     }
 

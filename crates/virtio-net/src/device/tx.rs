@@ -1,11 +1,13 @@
-//! The transmit path: a chain is gathered into one bounded buffer and
-//! handed to the backend whole, or dropped.
+//! The transmit path: a chain's buffers are checked (device-readable, in
+//! guest memory, a header's worth and at most [`MAX_FRAME`] bytes in all)
+//! and handed to the backend whole as guest memory, without a copy of
+//! ours, or the chain is dropped.
 
 use std::io;
 
 use log::debug;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 use super::{payload_len, Fault, FaultLog, NetCounters, MAX_CHAIN_DESCS, MAX_FRAME, VNET_HDR_LEN};
 use crate::backend::NetBackend;
@@ -27,14 +29,16 @@ pub(super) enum TxError {
     Cut,
 }
 
-/// Copies the device-readable chain into `buf`; returns the frame. A chain
+/// Collects the device-readable chain's buffers into `bufs` (emptied
+/// first) as slices of guest memory; returns the frame's length. A chain
 /// the queue stopped walking early (its last descriptor says there is a
 /// next one) is malformed rather than sent cut short.
-pub(super) fn gather<'b>(
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    mem: &GuestMemoryMmap,
-    buf: &'b mut [u8],
-) -> std::result::Result<&'b [u8], TxError> {
+pub(super) fn gather<'m>(
+    chain: DescriptorChain<&'m GuestMemoryMmap>,
+    mem: &'m GuestMemoryMmap,
+    bufs: &mut Vec<VolatileSlice<'m>>,
+) -> std::result::Result<usize, TxError> {
+    bufs.clear();
     let mut len = 0usize;
     let mut more = false;
     for (i, d) in chain.enumerate() {
@@ -45,14 +49,16 @@ pub(super) fn gather<'b>(
         if d.is_write_only() {
             return Err(TxError::WritableDescriptor);
         }
-        let end = usize::try_from(d.len())
-            .ok()
-            .and_then(|n| len.checked_add(n))
+        let n = usize::try_from(d.len()).map_err(|_| TxError::TooLong)?;
+        len = len
+            .checked_add(n)
+            .filter(|l| *l <= MAX_FRAME)
             .ok_or(TxError::TooLong)?;
-        let dst = buf.get_mut(len..end).ok_or(TxError::TooLong)?;
-        mem.read_slice(dst, d.addr())
-            .map_err(|_| TxError::GuestMemory(d.addr()))?;
-        len = end;
+        // A buffer may run from one memory region into the next.
+        for s in mem.get_slices(d.addr(), n) {
+            let s = s.map_err(|_| TxError::GuestMemory(d.addr()))?;
+            bufs.push(s);
+        }
     }
     if more {
         return Err(TxError::Cut);
@@ -60,25 +66,26 @@ pub(super) fn gather<'b>(
     if len < VNET_HDR_LEN {
         return Err(TxError::TooShort(len));
     }
-    buf.get(..len).ok_or(TxError::TooLong)
+    Ok(len)
 }
 
 /// Hands one frame to the backend, counting it as sent or dropped.
 pub(super) fn send(
     backend: &mut dyn NetBackend,
-    frame: &[u8],
+    frame: &[VolatileSlice<'_>],
+    len: usize,
     c: &mut NetCounters,
     log: &mut FaultLog,
 ) {
-    match backend.write(frame) {
-        Ok(n) if n == frame.len() => {
+    match backend.write_vectored(frame) {
+        Ok(n) if n == len => {
             c.tx_packets = c.tx_packets.saturating_add(1);
-            c.tx_bytes = c.tx_bytes.saturating_add(payload_len(frame.len()));
+            c.tx_bytes = c.tx_bytes.saturating_add(payload_len(len));
             return;
         }
         Ok(n) => log.report(
             Fault::TxBackend,
-            format_args!("backend took {n} of {} bytes", frame.len()),
+            format_args!("backend took {n} of {len} bytes"),
         ),
         // A full tap queue: the frame is lost, as on a congested wire.
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
