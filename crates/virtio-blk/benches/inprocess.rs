@@ -29,6 +29,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const QUEUE_SIZE: u16 = 256;
+/// Rounds of device and host runs, alternated; the medians are compared.
+const ROUNDS: usize = 7;
 const DESC: u64 = 0x1000;
 const AVAIL: u64 = 0x3000;
 const USED: u64 = 0x4000;
@@ -258,11 +260,11 @@ fn main() {
         .filter(|c| only.as_deref().is_none_or(|o| o == c.name))
     {
         let offs = offsets(case, size, &mut seed);
-        // Warm the page cache for both sides, then alternate three rounds.
+        // Warm the page cache for both sides, then alternate the rounds.
         run_host(case, &path, &offs);
         let mut dev = Vec::new();
         let mut host = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..ROUNDS {
             dev.push(run_device(case, &path, &offs));
             host.push(run_host(case, &path, &offs));
         }
@@ -273,11 +275,11 @@ fn main() {
         println!(
             "{:<14} {:>12.0} {:>10.1} {:>14.0} {:>10.1} {:>7.2}",
             case.name,
-            rate(dev[1]),
-            mbs(dev[1]),
-            rate(host[1]),
-            mbs(host[1]),
-            rate(dev[1]) / rate(host[1])
+            rate(dev[ROUNDS / 2]),
+            mbs(dev[ROUNDS / 2]),
+            rate(host[ROUNDS / 2]),
+            mbs(host[ROUNDS / 2]),
+            rate(dev[ROUNDS / 2]) / rate(host[ROUNDS / 2])
         );
     }
     let _ = std::fs::remove_file(&path);
