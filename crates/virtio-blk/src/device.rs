@@ -155,6 +155,7 @@ impl Block {
             id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
         }
         let mut avail_features = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
             | (1 << VIRTIO_BLK_F_SEG_MAX)
             | (1 << VIRTIO_BLK_F_BLK_SIZE)
             | (1 << VIRTIO_BLK_F_FLUSH);
@@ -325,10 +326,11 @@ impl VirtioDevice for Block {
             slices: Vec::new(),
         };
         let mut used_any = false;
-        while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
+        let mem = &active.mem;
+        let drained = ember_virtio::queue::drain(&mut active.queue, mem, |queue, chain| {
             let head = chain.head_index();
             let len = exec.complete(chain);
-            match active.queue.add_used(&active.mem, head, len) {
+            match queue.add_used(mem, head, len) {
                 Ok(()) => used_any = true,
                 Err(e) => {
                     if first(&mut exec.logged.used_ring) {
@@ -338,6 +340,14 @@ impl VirtioDevice for Block {
                         );
                     }
                 }
+            }
+        });
+        if let Err(e) = drained {
+            if first(&mut exec.logged.used_ring) {
+                warn!(
+                    "virtio-blk {}: cannot update the ring's notification fields: {e}",
+                    exec.disk
+                );
             }
         }
         if used_any && active.queue.needs_notification(&active.mem).unwrap_or(true) {
@@ -669,7 +679,9 @@ mod tests {
                 mem: mem.clone(),
                 interrupt: irq.clone(),
                 queues: vec![q.queue()],
-                acked_features: block.avail_features(),
+                // Tests drive the queue as a driver without EVENT_IDX
+                // (block_event_idx_* test it with).
+                acked_features: block.avail_features() & !(1 << VIRTIO_RING_F_EVENT_IDX),
             })
             .unwrap();
         irq
@@ -1277,6 +1289,43 @@ mod tests {
         block.process_queue(0);
         assert_eq!(q.used().len(), 4);
         assert_eq!(irq.count(), 2);
+    }
+
+    #[test]
+    fn block_event_idx_interrupts_only_past_used_event_and_asks_for_the_next_chain() {
+        let img = image();
+        let mut block = file_block(&img, false);
+        assert_ne!(block.avail_features() & (1 << VIRTIO_RING_F_EVENT_IDX), 0);
+        let mem = guest_memory();
+        let mut q = TestQueue::new(&mem, 16);
+        header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
+        let irq = Arc::new(CountingInterrupt::default());
+        block
+            .activate(ActivateContext {
+                mem: mem.clone(),
+                interrupt: irq.clone(),
+                queues: vec![q.queue()],
+                acked_features: block.avail_features(),
+            })
+            .unwrap();
+        // used_event (after the avail ring) = 2: interrupt once the device
+        // has used chain 2, not before.
+        let used_event = GuestAddress(q.avail_addr() + 4 + 2 * 16);
+        mem.write_obj(2u16, used_event).unwrap();
+        let avail_event = GuestAddress(q.used_addr() + 4 + 8 * 16);
+        for i in 0..2 {
+            q.add(&[desc(HDR, 16, R), desc(DATA, 512, W), desc(STATUS + i, 1, W)]);
+        }
+        block.process_queue(0);
+        assert_eq!(q.used().len(), 2);
+        assert_eq!(irq.count(), 0);
+        // The device asks to be notified of the next chain, number 2.
+        assert_eq!(mem.read_obj::<u16>(avail_event).unwrap(), 2);
+        q.add(&[desc(HDR, 16, R), desc(DATA, 512, W), desc(STATUS + 2, 1, W)]);
+        block.process_queue(0);
+        assert_eq!(q.used().len(), 3);
+        assert_eq!(irq.count(), 1);
+        assert_eq!(mem.read_obj::<u16>(avail_event).unwrap(), 3);
     }
 
     #[test]

@@ -101,11 +101,11 @@ impl<'a> TestQueue<'a> {
         }
     }
 
-    fn avail_addr(&self) -> u64 {
+    pub fn avail_addr(&self) -> u64 {
         16 * u64::from(self.size)
     }
 
-    fn used_addr(&self) -> u64 {
+    pub fn used_addr(&self) -> u64 {
         (self.avail_addr() + 6 + 2 * u64::from(self.size) + 3) & !3
     }
 

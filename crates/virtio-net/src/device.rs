@@ -27,6 +27,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS,
     VIRTIO_NET_S_LINK_UP,
 };
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
@@ -267,25 +268,27 @@ impl Net {
         };
         let mut used_any = false;
         let mut frame = Vec::new();
-        while let Some(chain) = active.tx.pop_descriptor_chain(&active.mem) {
+        let mem = &active.mem;
+        let (backend, counters, log) = (&mut *self.backend, &mut self.counters, &mut self.log);
+        let drained = ember_virtio::queue::drain(&mut active.tx, mem, |queue, chain| {
             let head = chain.head_index();
-            match gather(chain, &active.mem, &mut frame) {
-                Ok(len) => send(
-                    &mut *self.backend,
-                    &frame,
-                    len,
-                    &mut self.counters,
-                    &mut self.log,
-                ),
+            match gather(chain, mem, &mut frame) {
+                Ok(len) => send(backend, &frame, len, counters, log),
                 Err(e) => {
-                    self.counters.tx_dropped = self.counters.tx_dropped.saturating_add(1);
-                    self.log.report(
+                    counters.tx_dropped = counters.tx_dropped.saturating_add(1);
+                    log.report(
                         Fault::TxChain,
                         format_args!("dropped transmit chain {head}: {e}"),
                     );
                 }
             }
-            used_any |= complete(&mut active.tx, &active.mem, head, 0, &mut self.log);
+            used_any |= complete(queue, mem, head, 0, log);
+        });
+        if let Err(e) = drained {
+            self.log.report(
+                Fault::UsedRing,
+                format_args!("cannot update the transmit ring's notification fields: {e}"),
+            );
         }
         if used_any {
             notify(active, TX, &mut self.log);
@@ -311,6 +314,9 @@ impl Net {
         // The direct path (straight into guest buffers) until it cannot be
         // used; then the copying path for the rest of this pass.
         let mut direct = self.rx_pending.is_none();
+        // Whether the driver was already asked for a notification of new
+        // buffers in this pass.
+        let mut rearmed = false;
         for _ in 0..RX_BUDGET {
             if direct {
                 match self
@@ -355,6 +361,10 @@ impl Net {
             let len = match self.rx_pending.take() {
                 Some(len) => len,
                 None if !has_available(rx.queue, rx.mem) => {
+                    if !rearmed && rearm(&mut rx) {
+                        rearmed = true;
+                        continue;
+                    }
                     interest = BackendInterest::Pause;
                     break;
                 }
@@ -391,6 +401,10 @@ impl Net {
                 }
                 Delivery::NoBuffers => {
                     self.rx_pending = Some(len);
+                    if !rearmed && rearm(&mut rx) {
+                        rearmed = true;
+                        continue;
+                    }
                     interest = BackendInterest::Pause;
                     break;
                 }
@@ -406,6 +420,7 @@ impl Net {
 /// The features offered.
 fn features(offloads: bool) -> u64 {
     let mut f = (1u64 << VIRTIO_F_VERSION_1)
+        | (1 << VIRTIO_RING_F_EVENT_IDX)
         | (1 << VIRTIO_NET_F_MAC)
         | (1 << VIRTIO_NET_F_STATUS)
         | (1 << VIRTIO_NET_F_MRG_RXBUF);
@@ -482,10 +497,14 @@ impl VirtioDevice for Net {
     fn activate(&mut self, ctx: ActivateContext) -> std::result::Result<(), ActivateError> {
         let got = ctx.queues.len();
         let mut queues = ctx.queues.into_iter();
-        let (Some(rx), Some(tx), None) = (queues.next(), queues.next(), queues.next()) else {
+        let (Some(mut rx), Some(mut tx), None) = (queues.next(), queues.next(), queues.next())
+        else {
             return Err(ActivateError::QueueCount { expected: 2, got });
         };
         let acked = ctx.acked_features & self.avail_features;
+        let event_idx = acked & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        rx.set_event_idx(event_idx);
+        tx.set_event_idx(event_idx);
         let offloads = tun_offloads(acked);
         if let Err(e) = self.backend.set_offload(offloads) {
             self.log.report(
@@ -531,6 +550,22 @@ impl VirtioDevice for Net {
 
     fn process_backend(&mut self) -> BackendInterest {
         self.process_rx()
+    }
+}
+
+/// Out of receive buffers: asks the driver to notify when it adds one (with
+/// VIRTIO_RING_F_EVENT_IDX, `avail_event`; otherwise notifications are
+/// never off on the receive queue). Whether buffers came meanwhile.
+fn rearm(rx: &mut RxQueue<'_>) -> bool {
+    match rx.queue.enable_notification(rx.mem) {
+        Ok(more) => more,
+        Err(e) => {
+            rx.log.report(
+                Fault::UsedRing,
+                format_args!("cannot update the receive ring's notification fields: {e}"),
+            );
+            false
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod device;
 pub mod event_handler;
+pub mod queue;
 pub mod transport;
 
 pub use device::{

@@ -12,6 +12,7 @@ use vm_memory::{Bytes, GuestAddress};
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 const VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;
 const MRG: u64 = 1 << VIRTIO_NET_F_MRG_RXBUF;
+const EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
 const BASIC: u64 = VERSION_1 | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS);
 const KEEP: BackendInterest = BackendInterest::Keep;
 const PAUSE: BackendInterest = BackendInterest::Pause;
@@ -85,10 +86,10 @@ fn counters(rx: (u64, u64, u64), tx: (u64, u64, u64)) -> NetCounters {
 #[test]
 fn net_features_depend_on_offloads() {
     let (plain, _) = new_net(false);
-    assert_eq!(plain.avail_features(), BASIC | MRG);
+    assert_eq!(plain.avail_features(), BASIC | MRG | EVENT_IDX);
     let (full, _) = new_net(true);
     let f = full.avail_features();
-    assert_eq!(f & (BASIC | MRG), BASIC | MRG);
+    assert_eq!(f & (BASIC | MRG | EVENT_IDX), BASIC | MRG | EVENT_IDX);
     for bit in [
         VIRTIO_NET_F_CSUM,
         VIRTIO_NET_F_GUEST_CSUM,
@@ -103,7 +104,7 @@ fn net_features_depend_on_offloads() {
     ] {
         assert_ne!(f & (1 << bit), 0, "bit {bit}");
     }
-    assert_eq!((f & !(BASIC | MRG)).count_ones(), 10);
+    assert_eq!((f & !(BASIC | MRG | EVENT_IDX)).count_ones(), 10);
     assert_eq!(full.device_type(), VIRTIO_ID_NET);
     assert_eq!(full.queue_max_sizes(), &[256, 256]);
     assert_eq!(full.backend_fd(), None);
@@ -627,6 +628,52 @@ fn rx_mergeable_frame_larger_than_the_ring_is_dropped() {
     assert_eq!(rxq.used(), vec![(0, 100), (1, 50)]);
     assert_eq!(net.counters(), counters((1, 138, 1), (0, 0, 0)));
     assert_eq!(net.rx_pending, None);
+}
+
+#[test]
+fn event_idx_tx_asks_for_the_next_chain_and_rx_rearms_when_out_of_buffers() {
+    let (mut net, state) = new_net(false);
+    let mem = guest_memory();
+    let mut rxq = TestQueue::new(&mem, RX_RING, 16);
+    let mut txq = TestQueue::new(&mem, TX_RING, 16);
+    let avail_event = |q: &TestQueue| GuestAddress(q.used_addr() + 4 + 8 * 16);
+    let used_event = |q: &TestQueue| GuestAddress(q.avail_addr() + 4 + 2 * 16);
+    let irq = activate(&mut net, &mem, &rxq, &txq, BASIC | EVENT_IDX);
+    // Transmit: after two chains the device asks to hear of chain 2, and
+    // interrupts only once it has used the chain the driver named (1).
+    mem.write_obj(1u16, used_event(&txq)).unwrap();
+    for i in 0..2 {
+        put_tx_frame(&mem, DATA + i * 0x1000, DATA + i * 0x1000 + 12, 60);
+        txq.add(&[desc(DATA + i * 0x1000, 72, R)]);
+    }
+    net.process_queue(1);
+    assert_eq!(txq.used().len(), 2);
+    assert_eq!(state.sent().len(), 2);
+    assert_eq!(mem.read_obj::<u16>(avail_event(&txq)).unwrap(), 2);
+    assert_eq!(irq.count(1), 1);
+    mem.write_obj(5u16, used_event(&txq)).unwrap();
+    put_tx_frame(&mem, DATA + 0x2000, DATA + 0x2000 + 12, 60);
+    txq.add(&[desc(DATA + 0x2000, 72, R)]);
+    net.process_queue(1);
+    assert_eq!(mem.read_obj::<u16>(avail_event(&txq)).unwrap(), 3);
+    assert_eq!(irq.count(1), 1, "used_event 5 not reached");
+
+    // Receive with no buffers: the device pauses and asks to hear of the
+    // first buffer (avail_event 0 -> next_avail 0 is already so), then of
+    // the one after the buffer it used.
+    state.push_frame(frame(100, 1));
+    assert_eq!(net.process_backend(), PAUSE);
+    rxq.add(&[desc(DATA + 0x8000, 2000, W)]);
+    net.process_queue(0);
+    assert_eq!(rxq.used(), vec![(0, 100)]);
+    state.push_frame(frame(100, 2));
+    assert_eq!(net.process_backend(), PAUSE);
+    assert_eq!(mem.read_obj::<u16>(avail_event(&rxq)).unwrap(), 1);
+    // The frame waits in the tap until a buffer comes.
+    assert_eq!(state.waiting(), 1);
+    rxq.add(&[desc(DATA + 0x9000, 2000, W)]);
+    net.process_queue(0);
+    assert_eq!(rxq.used(), vec![(0, 100), (1, 100)]);
 }
 
 #[test]
