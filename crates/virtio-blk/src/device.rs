@@ -673,15 +673,25 @@ mod tests {
     }
 
     fn activate(block: &mut Block, mem: &GuestMemoryMmap, q: &TestQueue) -> Arc<CountingInterrupt> {
+        // Tests drive the queue as a driver without EVENT_IDX
+        // (block_event_idx_* test it with).
+        let acked = block.avail_features() & !(1 << VIRTIO_RING_F_EVENT_IDX);
+        activate_with(block, mem, q, acked)
+    }
+
+    fn activate_with(
+        block: &mut Block,
+        mem: &GuestMemoryMmap,
+        q: &TestQueue,
+        acked_features: u64,
+    ) -> Arc<CountingInterrupt> {
         let irq = Arc::new(CountingInterrupt::default());
         block
             .activate(ActivateContext {
                 mem: mem.clone(),
                 interrupt: irq.clone(),
                 queues: vec![q.queue()],
-                // Tests drive the queue as a driver without EVENT_IDX
-                // (block_event_idx_* test it with).
-                acked_features: block.avail_features() & !(1 << VIRTIO_RING_F_EVENT_IDX),
+                acked_features,
             })
             .unwrap();
         irq
@@ -1299,15 +1309,8 @@ mod tests {
         let mem = guest_memory();
         let mut q = TestQueue::new(&mem, 16);
         header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
-        let irq = Arc::new(CountingInterrupt::default());
-        block
-            .activate(ActivateContext {
-                mem: mem.clone(),
-                interrupt: irq.clone(),
-                queues: vec![q.queue()],
-                acked_features: block.avail_features(),
-            })
-            .unwrap();
+        let features = block.avail_features();
+        let irq = activate_with(&mut block, &mem, &q, features);
         // used_event (after the avail ring) = 2: interrupt once the device
         // has used chain 2, not before.
         let used_event = GuestAddress(q.avail_addr() + 4 + 2 * 16);
