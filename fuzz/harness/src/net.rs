@@ -24,7 +24,7 @@ use ember_virtio::{ActivateContext, VirtioDevice};
 use ember_virtio_net::{Net, NetBackend, MAX_FRAME, QUEUE_SIZE, VNET_HDR_LEN};
 use libc::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryMmap, VolatileSlice};
 
 use crate::guest::{guest_memory, init_logging, negotiated, poke, Irq, QueueSetup};
 use crate::input::Input;
@@ -103,13 +103,46 @@ const TUN_OFFLOADS: u32 = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN |
 /// datagram, non-blocking, a frame longer than the read buffer cut short,
 /// as with a real tap.
 pub(crate) struct SocketTap {
-    pub(crate) sock: UnixDatagram,
-    pub(crate) offload_fails: bool,
+    sock: UnixDatagram,
+    offload_fails: bool,
+    /// Where `read_vectored` receives a frame before copying it into the
+    /// guest's buffers (kept, so that a read does not allocate).
+    rx_buf: Vec<u8>,
+}
+
+impl SocketTap {
+    pub(crate) fn new(sock: UnixDatagram, offload_fails: bool) -> SocketTap {
+        SocketTap {
+            sock,
+            offload_fails,
+            rx_buf: Vec::new(),
+        }
+    }
 }
 
 impl NetBackend for SocketTap {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.sock.recv(buf)
+    }
+
+    /// As a tap's `readv`: one datagram into the buffers in turn (through a
+    /// kept buffer: the harness has no `unsafe`).
+    fn read_vectored(&mut self, bufs: &[VolatileSlice<'_>]) -> io::Result<usize> {
+        let total: usize = bufs.iter().map(|s| s.len()).sum();
+        if self.rx_buf.len() < total {
+            self.rx_buf.resize(total, 0);
+        }
+        let n = self.sock.recv(&mut self.rx_buf[..total])?;
+        let mut at = 0;
+        for s in bufs {
+            if at >= n {
+                break;
+            }
+            let k = s.len().min(n - at);
+            s.copy_from(&self.rx_buf[at..at + k]);
+            at += k;
+        }
+        Ok(n)
     }
 
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -151,10 +184,7 @@ impl Rig {
         let (dev_end, peer) = UnixDatagram::pair().ok()?;
         dev_end.set_nonblocking(true).ok()?;
         peer.set_nonblocking(true).ok()?;
-        let tap = SocketTap {
-            sock: dev_end,
-            offload_fails: header.flags & FLAG_OFFLOAD_FAILS != 0,
-        };
+        let tap = SocketTap::new(dev_end, header.flags & FLAG_OFFLOAD_FAILS != 0);
         let mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
         let net = Net::with_backend(Box::new(tap), mac, header.flags & FLAG_OFFLOADS != 0);
         let irq = Arc::new(Irq::default());

@@ -149,10 +149,7 @@ impl Rig {
             let (dev_end, peer) = UnixDatagram::pair().ok()?;
             dev_end.set_nonblocking(true).ok()?;
             peer.set_nonblocking(true).ok()?;
-            let tap = SocketTap {
-                sock: dev_end,
-                offload_fails: false,
-            };
+            let tap = SocketTap::new(dev_end, false);
             let net = Net::with_backend(Box::new(tap), [0x52, 0x54, 0, 1, 2, 3], true);
             let mut rig = Rig::with_device(net, mem, msi)?;
             rig.peer = Some(peer);
