@@ -257,7 +257,7 @@ impl Vmm {
 
         let mut io = IoManager::new();
         let legacy = LegacyDevices::create(&vm, &mut io, console.output)?;
-        let bus = pci::create_bus(&mut io)?;
+        let bus = pci::create_bus();
         let routes = Arc::new(pci::MsiRoutes::new(vm.clone()));
         let mut bars = pci::BarAllocator::new(&ml)?;
         let mut attach = virtio_devices::AttachContext {
@@ -272,6 +272,7 @@ impl Vmm {
         let disks = disks::create_disks(&mut attach, &cfg.disks)?;
         let nets = nets::create_nets(&mut attach, &cfg.nets)?;
         let device_events = attach.subscribers;
+        pci::attach_config_ports(&mut io, &bus)?;
         let io = Arc::new(io);
 
         // CPUID first: what the host will not hide decides the command line.

@@ -123,6 +123,13 @@ impl PciBus {
         Ok(number)
     }
 
+    /// How many devices were added with [`PciBus::add_device`] (the host
+    /// bridge not counted). A VMM can leave out the configuration ports of a
+    /// bus with none, so the guest finds no PCI and spends no time probing.
+    pub fn device_count(&self) -> usize {
+        self.devices.iter().skip(1).filter(|s| s.is_some()).count()
+    }
+
     fn device(&self, bus: u8, device: u8, function: u8) -> Option<&Arc<Mutex<dyn PciDevice>>> {
         if bus != 0 || function != 0 {
             return None;
@@ -424,10 +431,13 @@ mod tests {
     #[test]
     fn bus_add_device_fills_numbers_then_fails() {
         let mut bus = PciBus::new();
+        assert_eq!(bus.device_count(), 0, "the host bridge is not counted");
         for n in 1..32u8 {
             assert_eq!(bus.add_device(test_device()).unwrap(), n);
+            assert_eq!(bus.device_count(), usize::from(n));
         }
         assert!(bus.add_device(test_device()).is_err());
+        assert_eq!(bus.device_count(), 31);
         let mut b = [0u8; 2];
         bus.config_read(0, 31, 0, 0, &mut b);
         assert_eq!(u16::from_le_bytes(b), 0x1af4);
