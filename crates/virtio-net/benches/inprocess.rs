@@ -10,12 +10,15 @@
 //!
 //! Only the device's work is timed (`process_queue`/`process_backend`), not
 //! the synthetic driver's posting of buffers, which is the guest's work.
-//! Both sides move the same frames to and from the same amount of memory,
-//! already faulted in as a running guest's is: the device through 256 guest
-//! buffers, the plain `read`/`write` through as many host buffers of the
-//! same size, in turn.
+//! Memory is already faulted in, as a running guest's is. Transmit: 256
+//! guest buffers against as many host buffers of the same size, in turn.
+//! Receive: the buffers a Linux driver posts with VIRTIO_NET_F_MRG_RXBUF
+//! (256 of 1536 bytes for small frames, of 4096 for large ones, carved from
+//! 32 KiB page fragments), against plain reads into as many host buffers as
+//! frames those hold, each big enough for any frame.
 //!
-//! `cargo bench -p ember-virtio-net --bench inprocess` (or `tools/bench/net`).
+//! `cargo bench -p ember-virtio-net --bench inprocess [-- --case 64-rx]`
+//! (or `tools/bench/net`); a case is `<frame bytes>-<tx|rx>`.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Command;
@@ -40,7 +43,48 @@ const MEM: usize = 64 << 20;
 const RINGS: [(u64, u64, u64); 2] = [(0x1000, 0x3000, 0x4000), (0x6000, 0x8000, 0x9000)];
 const RX_BUFS: u64 = 0x10_0000;
 const TX_BUFS: u64 = 0x200_0000;
+/// Spacing of the guest's buffers (and the host buffers' size): the largest frame.
 const BUF: u32 = 65562;
+/// The receive buffers a Linux driver posts with VIRTIO_NET_F_MRG_RXBUF:
+/// 1536 bytes while frames are small, growing to a page for large ones
+/// (drivers/net/virtio_net.c, `get_mergeable_buf_len`).
+fn rx_buf_len(frame: usize) -> u32 {
+    if frame <= 1500 {
+        1536
+    } else {
+        4096
+    }
+}
+
+/// How many receive buffers a frame of `len` bytes fills, and how many such
+/// frames the queue's buffers hold.
+fn rx_fit(len: usize) -> (usize, usize) {
+    let per_frame = (VNET_HDR_LEN + len).div_ceil(rx_buf_len(len) as usize);
+    (per_frame, usize::from(QSIZE) / per_frame)
+}
+
+/// The driver's page fragments its receive buffers are carved from.
+const FRAG: u64 = 32 << 10;
+
+/// Where the driver's `QSIZE` receive buffers of `len` bytes lie: one after
+/// another in 32 KiB page fragments, the last of a fragment taking what is
+/// left of it, as `add_recvbuf_mergeable` does; the fragments are apart.
+fn rx_buffers(len: u32) -> Vec<(u64, u32)> {
+    let per_frag = FRAG / u64::from(len);
+    (0..u64::from(QSIZE))
+        .map(|i| {
+            let (frag, k) = (i / per_frag, i % per_frag);
+            let addr = RX_BUFS + frag * 2 * FRAG + k * u64::from(len);
+            let last = k + 1 == per_frag;
+            let len = if last {
+                u32::try_from(FRAG - k * u64::from(len)).unwrap()
+            } else {
+                len
+            };
+            (addr, len)
+        })
+        .collect()
+}
 const F_WRITE: u16 = 2;
 
 struct NoInterrupt;
@@ -200,38 +244,50 @@ fn device_tx(len: usize, count: usize) -> f64 {
     count as f64 / elapsed.as_secs_f64()
 }
 
-/// Frames/s receiving `count` injected frames of `len` bytes through the device.
+/// Frames/s receiving `count` injected frames of `len` bytes through the
+/// device, into receive buffers of the size a Linux driver posts.
 fn device_rx(len: usize, count: usize, inj: &OwnedFd) -> f64 {
+    let buf_len = rx_buf_len(len);
+    let bufs = rx_buffers(buf_len);
     let mem = guest_memory();
     let (mut net, mut rings) = device(&mem);
     let f = frame(len);
+    let (per_frame, fit) = rx_fit(len);
     let mut got = 0usize;
     let mut elapsed = Duration::ZERO;
     while got < count {
-        // Refill every buffer, inject a batch the tap's queue can hold, deliver.
-        for i in 0..QSIZE {
-            rings[0].post(
-                &mem,
-                i,
-                RX_BUFS + u64::from(i) * u64::from(BUF),
-                BUF,
-                F_WRITE,
-            );
+        // Repost the buffers the device used (in order, so buffer i is free
+        // again when its turn comes; never more than the queue holds), inject
+        // a batch the tap's queue can hold, deliver.
+        let outstanding = rings[0].next.wrapping_sub(rings[0].used(&mem));
+        for _ in outstanding..QSIZE {
+            let i = rings[0].next % QSIZE;
+            let (addr, len) = bufs[usize::from(i)];
+            rings[0].post(&mem, i, addr, len, F_WRITE);
         }
-        let batch = (count - got).min(200);
+        // As many frames as the posted buffers hold.
+        let batch = (count - got).min(200).min(fit);
         for _ in 0..batch {
             assert!(inject(inj, &f), "inject");
         }
+        let want = u16::try_from(batch * per_frame).unwrap();
         let before = rings[0].used(&mem);
         let start = Instant::now();
         net.process_queue(0);
-        while rings[0].used(&mem).wrapping_sub(before) < u16::try_from(batch).unwrap() {
-            if net.process_backend() == BackendInterest::Pause {
+        // Until the batch is in, or a pass finds the tap empty (frames
+        // injected while a new tap's queue is still coming up are lost; the
+        // plain reads below count only what arrives too).
+        loop {
+            let used = rings[0].used(&mem);
+            if used.wrapping_sub(before) >= want
+                || net.process_backend() == BackendInterest::Pause
+                || rings[0].used(&mem) == used
+            {
                 break;
             }
         }
         elapsed += start.elapsed();
-        got += usize::from(rings[0].used(&mem).wrapping_sub(before));
+        got += usize::from(rings[0].used(&mem).wrapping_sub(before)) / per_frame;
     }
     count as f64 / elapsed.as_secs_f64()
 }
@@ -255,16 +311,20 @@ fn raw_tx(len: usize, count: usize) -> f64 {
 fn raw_rx(len: usize, count: usize, inj: &OwnedFd) -> f64 {
     let tap = Tap::open(TAP).unwrap();
     let f = frame(len);
+    // As many frames in flight as the device's receive buffers hold, each
+    // read into a buffer that takes any frame.
+    let (_, fit) = rx_fit(len);
     let mut bufs = host_buffers();
+    bufs.truncate(fit);
     let (mut got, mut elapsed) = (0usize, Duration::ZERO);
     while got < count {
-        let batch = (count - got).min(200);
+        let batch = (count - got).min(200).min(fit);
         for _ in 0..batch {
             assert!(inject(inj, &f), "inject");
         }
         let start = Instant::now();
         let mut n = 0;
-        while n < batch && tap.read(&mut bufs[(got + n) % usize::from(QSIZE)]).is_ok() {
+        while n < batch && tap.read(&mut bufs[(got + n) % fit]).is_ok() {
             n += 1;
         }
         elapsed += start.elapsed();
@@ -274,7 +334,14 @@ fn raw_rx(len: usize, count: usize, inj: &OwnedFd) -> f64 {
 }
 
 fn main() {
-    let result = std::thread::spawn(|| {
+    let mut only = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--case" {
+            only = args.next();
+        }
+    }
+    let result = std::thread::spawn(move || {
         // SAFETY: unshare affects only this thread's network namespace.
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
             eprintln!("SKIPPED: cannot make a network namespace (needs root)");
@@ -290,6 +357,9 @@ fn main() {
         );
         for (len, count) in [(64usize, 200_000usize), (64_000, 20_000)] {
             for dir in ["tx", "rx"] {
+                if only.as_ref().is_some_and(|c| *c != format!("{len}-{dir}")) {
+                    continue;
+                }
                 let (mut dev, mut raw) = (Vec::new(), Vec::new());
                 for _ in 0..ROUNDS {
                     if dir == "tx" {

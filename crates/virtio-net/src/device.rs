@@ -39,7 +39,7 @@ mod direct;
 mod rx;
 mod tx;
 
-use direct::{DirectOutcome, ParkedChains};
+use direct::{DirectOutcome, ParkedChains, PassSlices};
 
 use rx::{has_available, read_frame, Delivery, ReadOutcome, RxQueue};
 use tx::{gather, send};
@@ -72,6 +72,19 @@ const MAX_CHAIN_DESCS: usize = QUEUE_SIZE as usize;
 /// The most frames received in one pass; the tap stays watched (it is
 /// level-triggered) and the rest come in the next pass.
 const RX_BUDGET: usize = QUEUE_SIZE as usize;
+
+/// The average received frame length (header included) from which frames
+/// are read straight into guest buffers (`direct.rs`) rather than into the
+/// device's buffer and copied. A `readv` over the several buffers that must
+/// be offered for a frame of unknown length costs more than copying a small
+/// frame: in `tools/bench/net`, 64-byte frames reach 0.85 of the tap's rate
+/// copied and 0.69 direct, 64000-byte frames 0.52 copied and 0.58 direct.
+const DIRECT_MIN_AVG: usize = 4096;
+
+/// The moving average of frame lengths, with `len` added (weight 1/8).
+fn average(avg: usize, len: usize) -> usize {
+    avg - avg / 8 + len / 8
+}
 
 /// The size of `struct virtio_net_config`.
 const CONFIG_SIZE: usize = size_of::<virtio_net_config>();
@@ -199,6 +212,9 @@ pub struct Net {
     rx_chains: Vec<(u16, u32)>,
     /// Receive chains taken for the direct path and not yet used.
     rx_parked: ParkedChains,
+    /// A moving average of the received frames' lengths (header included),
+    /// which picks the receive path.
+    rx_avg: usize,
     active: Option<Active>,
     counters: NetCounters,
     log: FaultLog,
@@ -245,6 +261,7 @@ impl Net {
             rx_pending: None,
             rx_chains: Vec::with_capacity(usize::from(QUEUE_SIZE)),
             rx_parked: ParkedChains::default(),
+            rx_avg: 0,
             active: None,
             counters: NetCounters::default(),
             log: FaultLog::new("(custom backend)"),
@@ -313,20 +330,33 @@ impl Net {
         let mut interest = BackendInterest::Keep;
         // The direct path (straight into guest buffers) until it cannot be
         // used; then the copying path for the rest of this pass.
-        let mut direct = self.rx_pending.is_none();
+        let mut direct = self.rx_pending.is_none() && self.rx_avg >= DIRECT_MIN_AVG;
+        let mut slices = PassSlices::default();
+        if !direct {
+            // The copying path takes chains in queue order from the first
+            // parked one on.
+            self.rx_parked.give_back(&mut rx, &mut slices);
+        }
         // Whether the driver was already asked for a notification of new
         // buffers in this pass.
         let mut rearmed = false;
         for _ in 0..RX_BUDGET {
             if direct {
-                match self
-                    .rx_parked
-                    .receive(&mut rx, &mut *self.backend, active.guest_csum)
-                {
+                match self.rx_parked.receive(
+                    &mut rx,
+                    &mut slices,
+                    &mut *self.backend,
+                    active.guest_csum,
+                ) {
                     DirectOutcome::Delivered(len) => {
                         let c = &mut self.counters;
                         c.rx_packets = c.rx_packets.saturating_add(1);
                         c.rx_bytes = c.rx_bytes.saturating_add(payload_len(len));
+                        self.rx_avg = average(self.rx_avg, len);
+                        if self.rx_avg < DIRECT_MIN_AVG {
+                            self.rx_parked.give_back(&mut rx, &mut slices);
+                            direct = false;
+                        }
                         continue;
                     }
                     DirectOutcome::Short => {
@@ -351,7 +381,7 @@ impl Net {
                                 ),
                             ),
                         }
-                        self.rx_parked.give_back(&mut rx);
+                        self.rx_parked.give_back(&mut rx, &mut slices);
                         interest = BackendInterest::Pause;
                         break;
                     }
@@ -395,6 +425,8 @@ impl Net {
                     let c = &mut self.counters;
                     c.rx_packets = c.rx_packets.saturating_add(1);
                     c.rx_bytes = c.rx_bytes.saturating_add(payload_len(len));
+                    self.rx_avg = average(self.rx_avg, len);
+                    direct = self.rx_avg >= DIRECT_MIN_AVG;
                 }
                 Delivery::Dropped => {
                     self.counters.rx_dropped = self.counters.rx_dropped.saturating_add(1);
@@ -514,6 +546,7 @@ impl VirtioDevice for Net {
         }
         self.rx_pending = None;
         self.rx_parked.forget();
+        self.rx_avg = 0;
         self.active = Some(Active {
             mem: ctx.mem,
             interrupt: ctx.interrupt,
@@ -542,6 +575,7 @@ impl VirtioDevice for Net {
         self.active = None;
         self.rx_pending = None;
         self.rx_parked.forget();
+        self.rx_avg = 0;
     }
 
     fn backend_fd(&self) -> Option<std::os::fd::RawFd> {

@@ -12,12 +12,18 @@
 //! happens whenever the direct path cannot be used (too few buffers, a
 //! malformed chain, more buffers than one `readv` takes), and the copying
 //! path in `rx.rs` then handles the frame as before.
+//!
+//! A Linux driver posts 1536-byte buffers while frames are small, so about
+//! 43 chains are parked at a time. Their buffers are turned into slices of
+//! guest memory once per receive pass ([`PassSlices`]), not once per frame:
+//! a 64-byte frame then costs one `readv`, one chain parked and one
+//! completed, however many buffers are parked.
 
 use std::collections::VecDeque;
 use std::io;
 
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 use super::rx::RxQueue;
 use super::{MAX_CHAIN_DESCS, MAX_FRAME, NUM_BUFFERS_AT, VNET_HDR_LEN};
@@ -44,6 +50,99 @@ pub(super) struct ParkedChains {
     capacity: usize,
 }
 
+/// The parked buffers as slices of guest memory, for one receive pass (the
+/// slices borrow the guest memory the pass works on): their bytes in queue
+/// order, in as few slices as contiguity allows. A Linux driver carves its
+/// receive buffers one after another out of 32 KiB page fragments, so some
+/// 43 parked buffers of 1536 bytes make three or four slices, and `readv`
+/// gets that many iovecs rather than 43.
+#[derive(Default)]
+pub(super) struct PassSlices<'m> {
+    slices: VecDeque<VolatileSlice<'m>>,
+    /// The guest address each slice starts at.
+    addrs: VecDeque<GuestAddress>,
+    /// How many of the parked regions (from the front) are in `slices`.
+    synced: usize,
+}
+
+impl<'m> PassSlices<'m> {
+    fn clear(&mut self) {
+        self.slices.clear();
+        self.addrs.clear();
+        self.synced = 0;
+    }
+
+    /// Appends the `len` bytes at `addr`, extending the last slice when
+    /// they follow it in guest memory (and in the same memory region).
+    fn push(&mut self, mem: &'m GuestMemoryMmap, addr: GuestAddress, len: usize) -> bool {
+        if let (Some(&last_addr), Some(last)) = (self.addrs.back(), self.slices.back_mut()) {
+            let joined = last.len().checked_add(len);
+            if last_addr.checked_add(last.len() as u64) == Some(addr) {
+                if let Some(Ok(s)) = joined.map(|j| mem.get_slice(last_addr, j)) {
+                    *last = s;
+                    return true;
+                }
+            }
+        }
+        let mut at = addr;
+        for s in mem.get_slices(addr, len) {
+            let Ok(s) = s else {
+                return false;
+            };
+            let n = s.len() as u64;
+            self.slices.push_back(s);
+            self.addrs.push_back(at);
+            at = GuestAddress(at.0.wrapping_add(n));
+        }
+        true
+    }
+
+    /// Drops the first `bytes` bytes (a completed chain's buffers).
+    fn consume(&mut self, mut bytes: usize) {
+        while bytes > 0 {
+            let (Some(front), Some(addr)) = (self.slices.front_mut(), self.addrs.front_mut())
+            else {
+                return;
+            };
+            if front.len() <= bytes {
+                bytes -= front.len();
+                self.slices.pop_front();
+                self.addrs.pop_front();
+            } else {
+                match front.offset(bytes) {
+                    Ok(rest) => *front = rest,
+                    Err(_) => return,
+                }
+                *addr = GuestAddress(addr.0.wrapping_add(bytes as u64));
+                return;
+            }
+        }
+    }
+
+    /// Writes `bytes` at frame offset `at` through the slices.
+    fn write_frame_bytes(&self, at: usize, bytes: &[u8]) {
+        let mut pos = 0usize;
+        let mut done = 0usize;
+        for s in &self.slices {
+            if done == bytes.len() {
+                break;
+            }
+            let len = s.len();
+            let want = at + done;
+            if want < pos + len {
+                let off = want - pos;
+                let n = (len - off).min(bytes.len() - done);
+                if let Some(part) = bytes.get(done..done + n) {
+                    // In bounds: off + n <= len.
+                    let _ = s.write_slice(part, off);
+                }
+                done += n;
+            }
+            pos += len;
+        }
+    }
+}
+
 /// What one direct receive did.
 pub(super) enum DirectOutcome {
     /// A frame of this length (header included) went into `chains` chains.
@@ -64,13 +163,14 @@ pub(super) enum DirectOutcome {
 impl ParkedChains {
     /// Gives every parked chain back to the queue (the driver sees no
     /// difference) and forgets them.
-    pub(super) fn give_back(&mut self, rx: &mut RxQueue<'_>) {
+    pub(super) fn give_back(&mut self, rx: &mut RxQueue<'_>, slices: &mut PassSlices<'_>) {
         if !self.chains.is_empty() {
             let n = u16::try_from(self.chains.len()).unwrap_or(u16::MAX);
             rx.queue
                 .set_next_avail(rx.queue.next_avail().wrapping_sub(n));
         }
         self.forget();
+        slices.clear();
     }
 
     /// Forgets the parked chains without touching the queue (reset,
@@ -79,6 +179,20 @@ impl ParkedChains {
         self.chains.clear();
         self.regions.clear();
         self.capacity = 0;
+    }
+
+    /// Adds the parked regions that `slices` does not have yet (parked in
+    /// an earlier pass, or just now); false if one is not in guest memory
+    /// (then `slices` is emptied).
+    fn sync<'m>(&self, mem: &'m GuestMemoryMmap, slices: &mut PassSlices<'m>) -> bool {
+        for &(addr, len) in self.regions.iter().skip(slices.synced) {
+            if !slices.push(mem, addr, len as usize) {
+                slices.clear();
+                return false;
+            }
+            slices.synced += 1;
+        }
+        true
     }
 
     /// Parks chains until they hold [`MAX_FRAME`] bytes; whether they do.
@@ -104,9 +218,9 @@ impl ParkedChains {
             let mut more = false;
             for (i, d) in chain.enumerate() {
                 more = d.has_next();
-                let in_memory = usize::try_from(d.len())
-                    .is_ok_and(|l| l == 0 || rx.mem.check_range(d.addr(), l));
-                if i >= MAX_CHAIN_DESCS || !d.is_write_only() || !in_memory {
+                // Whether the buffer is in guest memory is found when it
+                // becomes a slice (`sync`).
+                if i >= MAX_CHAIN_DESCS || !d.is_write_only() {
                     ok = false;
                     break;
                 }
@@ -136,46 +250,48 @@ impl ParkedChains {
 
     /// Reads one frame from `backend` straight into the parked chains
     /// (parking more first), completes the chains it filled with
-    /// `num_buffers` set, and keeps the rest parked.
-    pub(super) fn receive(
+    /// `num_buffers` set, and keeps the rest parked. `slices` holds the
+    /// parked buffers as slices for this pass.
+    pub(super) fn receive<'m>(
         &mut self,
-        rx: &mut RxQueue<'_>,
+        rx: &mut RxQueue<'m>,
+        slices: &mut PassSlices<'m>,
         backend: &mut dyn NetBackend,
         guest_csum: bool,
     ) -> DirectOutcome {
-        if !self.fill(rx) || self.regions.len() > MAX_IOVECS {
-            self.give_back(rx);
+        if !self.fill(rx)
+            || self.regions.len() > MAX_IOVECS
+            || !self.sync(rx.mem, slices)
+            || slices.slices.len() > MAX_IOVECS
+        {
+            self.give_back(rx, slices);
             return DirectOutcome::Unusable;
         }
-        // Exactly MAX_FRAME bytes of buffers: a backend never hands over
-        // more than the largest frame.
-        let mut slices: Vec<VolatileSlice<'_>> = Vec::with_capacity(self.regions.len());
+        // Exactly MAX_FRAME bytes of buffers (the parked ones hold at least
+        // that): a backend never hands over more than the largest frame.
+        let all = slices.slices.make_contiguous();
         let mut room = MAX_FRAME;
-        'regions: for &(addr, len) in &self.regions {
-            for s in rx.mem.get_slices(addr, len as usize) {
-                let Ok(s) = s else {
-                    self.give_back(rx);
-                    return DirectOutcome::Unusable;
-                };
-                let k = s.len().min(room);
-                match s.subslice(0, k) {
-                    Ok(s) => slices.push(s),
-                    Err(_) => {
-                        self.give_back(rx);
-                        return DirectOutcome::Unusable;
-                    }
-                }
-                room -= k;
-                if room == 0 {
-                    break 'regions;
-                }
+        let mut last = 0usize;
+        while let Some(s) = all.get(last) {
+            if s.len() >= room {
+                break;
             }
+            room -= s.len();
+            last += 1;
         }
-        if slices.len() > MAX_IOVECS {
-            self.give_back(rx);
-            return DirectOutcome::Unusable;
-        }
-        let n = match backend.read_vectored(&slices) {
+        let read = match all.get(last).copied() {
+            Some(whole) => match whole.subslice(0, room) {
+                Ok(end) => {
+                    all[last] = end;
+                    let read = backend.read_vectored(&all[..=last]);
+                    all[last] = whole;
+                    read
+                }
+                Err(_) => backend.read_vectored(all),
+            },
+            None => backend.read_vectored(all),
+        };
+        let n = match read {
             Ok(0) => return DirectOutcome::Closed(None),
             Ok(n) if n < VNET_HDR_LEN => return DirectOutcome::Short,
             Ok(n) => n.min(self.capacity),
@@ -187,7 +303,6 @@ impl ParkedChains {
                 }
             }
         };
-        drop(slices);
         // How many chains the frame filled (each holds at least a header,
         // and the frame fits the parked capacity).
         let mut left = n;
@@ -199,13 +314,16 @@ impl ParkedChains {
             left -= left.min(c.capacity as usize);
             used += 1;
         }
-        // Without VIRTIO_NET_F_GUEST_CSUM the flags must be 0 (and so no
-        // segmentation): clear everything in the header but num_buffers.
-        if !guest_csum {
-            self.write_frame_bytes(rx.mem, 0, &[0u8; NUM_BUFFERS_AT]);
+        // num_buffers; without VIRTIO_NET_F_GUEST_CSUM the flags must be 0
+        // (and so no segmentation): everything before it is cleared too.
+        let num_buffers = u16::try_from(used).unwrap_or(u16::MAX).to_le_bytes();
+        if guest_csum {
+            slices.write_frame_bytes(NUM_BUFFERS_AT, &num_buffers);
+        } else {
+            let mut fields = [0u8; NUM_BUFFERS_AT + 2];
+            fields[NUM_BUFFERS_AT..].copy_from_slice(&num_buffers);
+            slices.write_frame_bytes(0, &fields);
         }
-        let num_buffers = u16::try_from(used).unwrap_or(u16::MAX);
-        self.write_frame_bytes(rx.mem, NUM_BUFFERS_AT, &num_buffers.to_le_bytes());
         let mut left = n;
         for _ in 0..used {
             let Some(c) = self.chains.pop_front() else {
@@ -216,30 +334,11 @@ impl ParkedChains {
             for _ in 0..c.regions {
                 self.regions.pop_front();
             }
+            slices.synced = slices.synced.saturating_sub(c.regions);
+            slices.consume(c.capacity as usize);
             self.capacity -= c.capacity as usize;
             rx.complete(c.head, u32::try_from(take).unwrap_or(u32::MAX));
         }
         DirectOutcome::Delivered(n)
-    }
-
-    /// Writes `bytes` at frame offset `at` through the parked regions.
-    fn write_frame_bytes(&self, mem: &GuestMemoryMmap, at: usize, bytes: &[u8]) {
-        let mut pos = 0usize;
-        let mut done = 0usize;
-        for &(addr, len) in &self.regions {
-            let len = len as usize;
-            if done == bytes.len() {
-                break;
-            }
-            let want = at + done;
-            if want < pos + len {
-                let off = want - pos;
-                let n = (len - off).min(bytes.len() - done);
-                // Checked to be in guest memory when parked.
-                let _ = mem.write_slice(&bytes[done..done + n], GuestAddress(addr.0 + off as u64));
-                done += n;
-            }
-            pos += len;
-        }
     }
 }

@@ -490,6 +490,8 @@ fn rx_direct_frames_go_straight_into_parked_mergeable_chains() {
         rxq.add(&[desc(DATA + i * 0x1000, 4096, W)]);
     }
     let irq = activate(&mut net, &mem, &rxq, &txq, BASIC | MRG);
+    // Large frames came before: the direct path is in use.
+    net.rx_avg = MAX_FRAME;
     let frames = [frame(9000, 1), frame(60, 2), frame(5000, 3)];
     for f in &frames {
         state.push_frame(f.clone());
@@ -530,6 +532,7 @@ fn rx_direct_path_gives_its_chains_back_when_buffers_run_short() {
         rxq.add(&[desc(DATA + i * 0x1000, 4096, W)]);
     }
     activate(&mut net, &mem, &rxq, &txq, BASIC | MRG);
+    net.rx_avg = MAX_FRAME;
     let (a, b, c) = (frame(60, 1), frame(70, 2), frame(5000, 3));
     for f in [&a, &b, &c] {
         state.push_frame(f.clone());
@@ -547,6 +550,59 @@ fn rx_direct_path_gives_its_chains_back_when_buffers_run_short() {
     let mut got = guest_bytes(&mem, DATA + 0x2000, 4096);
     got.extend(guest_bytes(&mem, DATA + 0x3000, 904));
     assert_eq!(got, expected_rx(&c, 2, false));
+}
+
+#[test]
+fn rx_path_follows_the_frame_sizes() {
+    let (mut net, state) = new_net(false);
+    let mem = guest_memory();
+    let mut rxq = TestQueue::new(&mem, RX_RING, 64);
+    let txq = TestQueue::new(&mem, TX_RING, 64);
+    for i in 0..40 {
+        rxq.add(&[desc(DATA + i * 0x1000, 4096, W)]);
+    }
+    activate(&mut net, &mem, &rxq, &txq, BASIC | MRG);
+    // Small frames are copied; a large one makes the average large, and
+    // the frames after it go straight into guest buffers.
+    let frames = [
+        frame(60, 1),
+        frame(65_000, 2),
+        frame(100, 3),
+        frame(3000, 4),
+    ];
+    for f in &frames {
+        state.push_frame(f.clone());
+    }
+    assert_eq!(net.process_backend(), KEEP);
+    // 100, 3000, then WouldBlock went direct; 60 and 65000 were copied
+    // (the mock's vectored read counts as a read too).
+    let direct = state.vectored_reads.load(Ordering::SeqCst);
+    assert_eq!(direct, 3);
+    assert_eq!(state.reads.load(Ordering::SeqCst) - direct, 2);
+    let used = rxq.used();
+    assert_eq!(used.len(), 1 + 16 + 1 + 1);
+    assert_eq!(used[0], (0, 60));
+    assert_eq!(used[17], (17, 100));
+    assert_eq!(used[18], (18, 3000));
+    assert_eq!(
+        guest_bytes(&mem, DATA, 60),
+        expected_rx(&frames[0], 1, false)
+    );
+    let mut second = Vec::new();
+    for i in 1..17 {
+        second.extend(guest_bytes(&mem, DATA + i * 0x1000, 4096));
+    }
+    second.truncate(65_000);
+    assert_eq!(second, expected_rx(&frames[1], 16, false));
+    assert_eq!(
+        guest_bytes(&mem, DATA + 17 * 0x1000, 100),
+        expected_rx(&frames[2], 1, false)
+    );
+    assert_eq!(
+        guest_bytes(&mem, DATA + 18 * 0x1000, 3000),
+        expected_rx(&frames[3], 1, false)
+    );
+    assert_eq!(net.counters().rx_packets, 4);
 }
 
 #[test]
