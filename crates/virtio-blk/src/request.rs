@@ -324,8 +324,8 @@ where
     // One list of the non-empty buffers, device-readable ones first
     // (check_descriptors made sure of the order), less the status byte:
     // the readable part is `data[..split]`, the writable part the rest.
-    let mut data: Vec<DataRegion> = regions(descs.iter());
     let split = descs.iter().filter(|d| !d.writable && d.len > 0).count();
+    let mut data: Vec<DataRegion> = regions(descs);
     drop_last_byte(&mut data);
 
     let readable_len = total_len(&data[..split]);
@@ -462,9 +462,12 @@ fn status_of(descs: &[Desc]) -> Option<GuestAddress> {
         .map(GuestAddress)
 }
 
-/// The non-empty buffers of `descs`, as data regions.
-fn regions<'a>(descs: impl Iterator<Item = &'a Desc>) -> Vec<DataRegion> {
+/// The non-empty buffers of `descs`, as data regions (in `descs`'s
+/// allocation: the two types have the same size, so the standard library
+/// collects in place).
+fn regions(descs: Vec<Desc>) -> Vec<DataRegion> {
     descs
+        .into_iter()
         .filter(|d| d.len > 0)
         .map(|d| DataRegion {
             addr: d.addr,
