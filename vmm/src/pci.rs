@@ -15,8 +15,9 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 use vm_allocator::{AddressAllocator, AllocPolicy};
-use vm_device::bus::{PioAddress, PioRange};
+use vm_device::bus::{PioAddress, PioAddressOffset, PioRange};
 use vm_device::device_manager::{IoManager, PioManager};
+use vm_device::MutDevicePio;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::Error;
@@ -193,6 +194,20 @@ pub fn create_bus() -> Arc<Mutex<PciBus>> {
     Arc::new(Mutex::new(PciBus::new()))
 }
 
+/// Ports 0xCF8-0xCFF of a VM without a PCI bus: reads float high (all
+/// ones) and writes are dropped, as on a machine without a PCI host bridge.
+/// Linux probes these ports at boot (and finds no configuration mechanism);
+/// answering them keeps its probe out of the unhandled-port warnings.
+struct NoPciBus;
+
+impl MutDevicePio for NoPciBus {
+    fn pio_read(&mut self, _base: PioAddress, _offset: PioAddressOffset, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+
+    fn pio_write(&mut self, _base: PioAddress, _offset: PioAddressOffset, _data: &[u8]) {}
+}
+
 /// Puts `bus` on configuration mechanism #1 (ports 0xCF8-0xCFF) if any
 /// device was added to it; returns whether it did. Without devices the
 /// guest finds no PCI at all, as on a VMM without a PCI bus: Linux then
@@ -200,8 +215,12 @@ pub fn create_bus() -> Arc<Mutex<PciBus>> {
 /// emulated guest time on a software hypervisor (docs/performance.md).
 pub fn attach_config_ports(io: &mut IoManager, bus: &Arc<Mutex<PciBus>>) -> Result<bool, Error> {
     let devices = bus.lock().map(|b| b.device_count()).unwrap_or(0);
+    let range = PioRange::new(PioAddress(PCI_CONFIG_IO_PORT), PCI_CONFIG_IO_PORT_SIZE)
+        .map_err(|e| Error::Bus(format!("{e:?}")))?;
     if devices == 0 {
         log::info!("no PCI devices: the guest gets no PCI bus");
+        io.register_pio(range, Arc::new(Mutex::new(NoPciBus)))
+            .map_err(|e| Error::Bus(format!("PCI config ports: {e:?}")))?;
         return Ok(false);
     }
     let config_io = PciConfigIo::new(
@@ -215,8 +234,6 @@ pub fn attach_config_ports(io: &mut IoManager, bus: &Arc<Mutex<PciBus>>) -> Resu
             )
         }),
     );
-    let range = PioRange::new(PioAddress(PCI_CONFIG_IO_PORT), PCI_CONFIG_IO_PORT_SIZE)
-        .map_err(|e| Error::Bus(format!("{e:?}")))?;
     io.register_pio(range, Arc::new(Mutex::new(config_io)))
         .map_err(|e| Error::Bus(format!("PCI config ports: {e:?}")))?;
     Ok(true)
@@ -276,11 +293,29 @@ mod tests {
     }
 
     #[test]
-    fn a_bus_without_devices_gets_no_config_ports() {
+    fn a_bus_without_devices_is_not_on_the_config_ports() {
         let mut io = IoManager::new();
         let bus = create_bus();
         assert!(!attach_config_ports(&mut io, &bus).unwrap());
-        assert_eq!(config_read_u32(&io, 0, 0), None, "0xCF8 must be unclaimed");
+        // No host bridge answers; and Linux's probe for mechanism #1 (write
+        // 0x80000000 to 0xCF8, read it back) fails, as does #2's (bytes
+        // written to 0xCF8/0xCFA read back as 0).
+        assert_eq!(config_read_u32(&io, 0, 0), Some(0xffff_ffff));
+        io.pio_write(
+            PioAddress(PCI_CONFIG_IO_PORT),
+            &0x8000_0000u32.to_le_bytes(),
+        )
+        .unwrap();
+        let mut back = [0u8; 4];
+        io.pio_read(PioAddress(PCI_CONFIG_IO_PORT), &mut back)
+            .unwrap();
+        assert_eq!(u32::from_le_bytes(back), 0xffff_ffff);
+        io.pio_write(PioAddress(PCI_CONFIG_IO_PORT + 2), &[0])
+            .unwrap();
+        let mut b = [0u8; 1];
+        io.pio_read(PioAddress(PCI_CONFIG_IO_PORT + 2), &mut b)
+            .unwrap();
+        assert_eq!(b, [0xff]);
     }
 
     #[test]
