@@ -347,6 +347,7 @@ impl Net {
                     &mut slices,
                     &mut *self.backend,
                     active.guest_csum,
+                    &mut self.rx_buf,
                 ) {
                     DirectOutcome::Delivered(len) => {
                         let c = &mut self.counters;
@@ -358,6 +359,10 @@ impl Net {
                             direct = false;
                         }
                         continue;
+                    }
+                    DirectOutcome::Pending(len) => {
+                        self.rx_pending = Some(len);
+                        direct = false;
                     }
                     DirectOutcome::Short => {
                         rx.log.report(

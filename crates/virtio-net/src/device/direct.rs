@@ -9,9 +9,15 @@
 //! the next frame. Each chain is parsed once however many frames pass
 //! before it is used. Parked chains are always the last ones taken from
 //! the queue, so giving them all back is one `set_next_avail`: that is what
-//! happens whenever the direct path cannot be used (too few buffers, a
-//! malformed chain, more buffers than one `readv` takes), and the copying
-//! path in `rx.rs` then handles the frame as before.
+//! happens whenever the direct path cannot be used (no buffers, a malformed
+//! chain, more buffers than one `readv` takes), and the copying path in
+//! `rx.rs` then handles the frame as before.
+//!
+//! When the guest has posted fewer bytes of buffers than the largest frame
+//! needs, the device's own buffer is the `readv`'s last iovec: a frame that
+//! fits the guest's buffers (nearly always) still goes straight in, and
+//! only a larger one is gathered whole in the device's buffer, where it
+//! waits for more guest buffers like a frame on the copying path.
 //!
 //! A Linux driver posts 1536-byte buffers while frames are small, so about
 //! 43 chains are parked at a time. Their buffers are turned into slices of
@@ -22,7 +28,7 @@
 use std::collections::VecDeque;
 use std::io;
 
-use virtio_queue::QueueT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 use super::rx::RxQueue;
@@ -119,6 +125,20 @@ impl<'m> PassSlices<'m> {
         }
     }
 
+    /// Copies the first `out.len()` bytes of the slices into `out`.
+    fn copy_head(&self, out: &mut [u8]) {
+        let mut done = 0usize;
+        for s in &self.slices {
+            let Some(rest) = out.get_mut(done..) else {
+                break;
+            };
+            if rest.is_empty() {
+                break;
+            }
+            done += s.copy_to(rest);
+        }
+    }
+
     /// Writes `bytes` at frame offset `at` through the slices.
     fn write_frame_bytes(&self, at: usize, bytes: &[u8]) {
         let mut pos = 0usize;
@@ -143,10 +163,28 @@ impl<'m> PassSlices<'m> {
     }
 }
 
+/// How far parking got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fill {
+    /// The parked chains hold [`MAX_FRAME`] bytes.
+    Full,
+    /// They hold less, and no more can be parked now (the queue is empty,
+    /// or holds as many chains or buffers as one frame may take).
+    Short,
+    /// Nothing is parked, or a chain the direct path does not take is next.
+    Unusable,
+}
+
 /// What one direct receive did.
 pub(super) enum DirectOutcome {
     /// A frame of this length (header included) went into `chains` chains.
     Delivered(usize),
+    /// A frame of this length (header included) was larger than the parked
+    /// chains: it is now whole in the device's buffer, with the header
+    /// fields cleared as [`read_frame`](super::rx::read_frame) clears them,
+    /// and every parked chain was given back. The copying path delivers it
+    /// once the guest has posted enough buffers.
+    Pending(usize),
     /// The backend gave something shorter than a header: dropped.
     Short,
     /// Interrupted: try again.
@@ -195,21 +233,33 @@ impl ParkedChains {
         true
     }
 
-    /// Parks chains until they hold [`MAX_FRAME`] bytes; whether they do.
-    /// A chain the direct path does not take (malformed, or a first chain
-    /// without room for the header) ends parking with `false`, given back.
-    fn fill(&mut self, rx: &mut RxQueue<'_>) -> bool {
+    /// Parks chains until they hold [`MAX_FRAME`] bytes, or until no more
+    /// can be parked now. A chain the direct path does not take (malformed,
+    /// or without room for the header) is left in the queue and ends
+    /// parking as [`Fill::Unusable`].
+    fn fill(&mut self, rx: &mut RxQueue<'_>) -> Fill {
         let max_chains = if rx.mrg_rxbuf {
             usize::from(rx.queue.size())
         } else {
             1
         };
+        let short = |parked: &Self| {
+            if parked.chains.is_empty() {
+                Fill::Unusable
+            } else {
+                Fill::Short
+            }
+        };
+        // One look at the avail index for all the chains taken now.
+        let Ok(mut avail) = rx.queue.iter(rx.mem) else {
+            return short(self);
+        };
         while self.capacity < MAX_FRAME {
             if self.chains.len() >= max_chains || self.regions.len() >= MAX_IOVECS {
-                return false;
+                return short(self);
             }
-            let Some(chain) = rx.queue.pop_descriptor_chain(rx.mem) else {
-                return false;
+            let Some(chain) = avail.next() else {
+                return short(self);
             };
             let head = chain.head_index();
             let first = self.regions.len();
@@ -234,9 +284,8 @@ impl ParkedChains {
             if !ok || more || capacity < VNET_HDR_LEN {
                 // Undo this chain; the copying path deals with it.
                 self.regions.truncate(first);
-                rx.queue
-                    .set_next_avail(rx.queue.next_avail().wrapping_sub(1));
-                return false;
+                avail.go_to_previous_position();
+                return Fill::Unusable;
             }
             self.chains.push_back(Parked {
                 head,
@@ -245,56 +294,67 @@ impl ParkedChains {
             });
             self.capacity += capacity;
         }
-        true
+        Fill::Full
     }
 
     /// Reads one frame from `backend` straight into the parked chains
     /// (parking more first), completes the chains it filled with
     /// `num_buffers` set, and keeps the rest parked. `slices` holds the
     /// parked buffers as slices for this pass.
+    ///
+    /// When the queue holds fewer buffers than the largest frame needs,
+    /// the device's buffer `bounce` ([`MAX_FRAME`] bytes) takes what the
+    /// parked ones cannot: a frame that fits them still goes straight in,
+    /// and a larger one is moved whole into `bounce` for the copying path
+    /// ([`DirectOutcome::Pending`]).
     pub(super) fn receive<'m>(
         &mut self,
         rx: &mut RxQueue<'m>,
         slices: &mut PassSlices<'m>,
         backend: &mut dyn NetBackend,
         guest_csum: bool,
+        bounce: &mut [u8],
     ) -> DirectOutcome {
-        if !self.fill(rx)
-            || self.regions.len() > MAX_IOVECS
+        let fill = self.fill(rx);
+        // A short fill needs one more iovec, for the device's buffer.
+        let iovecs = if fill == Fill::Short {
+            MAX_IOVECS - 1
+        } else {
+            MAX_IOVECS
+        };
+        if fill == Fill::Unusable
+            || self.regions.len() > iovecs
             || !self.sync(rx.mem, slices)
-            || slices.slices.len() > MAX_IOVECS
+            || slices.slices.len() > iovecs
+            || (fill == Fill::Short && bounce.len() < MAX_FRAME)
         {
             self.give_back(rx, slices);
             return DirectOutcome::Unusable;
         }
-        // Exactly MAX_FRAME bytes of buffers (the parked ones hold at least
-        // that): a backend never hands over more than the largest frame.
-        let all = slices.slices.make_contiguous();
-        let mut room = MAX_FRAME;
-        let mut last = 0usize;
-        while let Some(s) = all.get(last) {
-            if s.len() >= room {
-                break;
-            }
-            room -= s.len();
-            last += 1;
-        }
-        let read = match all.get(last).copied() {
-            Some(whole) => match whole.subslice(0, room) {
-                Ok(end) => {
-                    all[last] = end;
-                    let read = backend.read_vectored(&all[..=last]);
-                    all[last] = whole;
-                    read
-                }
-                Err(_) => backend.read_vectored(all),
-            },
-            None => backend.read_vectored(all),
+        let read = if fill == Fill::Full {
+            read_max_frame(slices, backend)
+        } else {
+            let tail = bounce.get_mut(self.capacity..MAX_FRAME).unwrap_or_default();
+            let mut bufs: Vec<VolatileSlice<'_>> = Vec::with_capacity(slices.slices.len() + 1);
+            bufs.extend(slices.slices.iter().copied());
+            bufs.push(VolatileSlice::from(tail));
+            backend.read_vectored(&bufs)
         };
         let n = match read {
             Ok(0) => return DirectOutcome::Closed(None),
             Ok(n) if n < VNET_HDR_LEN => return DirectOutcome::Short,
-            Ok(n) => n.min(self.capacity),
+            Ok(n) if n > self.capacity => {
+                // The tail is in `bounce` already; the head joins it.
+                slices.copy_head(&mut bounce[..self.capacity]);
+                if !guest_csum {
+                    if let Some(fields) = bounce.get_mut(..NUM_BUFFERS_AT) {
+                        fields.fill(0);
+                    }
+                }
+                self.give_back(rx, slices);
+                return DirectOutcome::Pending(n.min(MAX_FRAME));
+            }
+            Ok(n) => n,
             Err(e) => {
                 return match e.kind() {
                     io::ErrorKind::WouldBlock => DirectOutcome::Idle,
@@ -340,5 +400,33 @@ impl ParkedChains {
             rx.complete(c.head, u32::try_from(take).unwrap_or(u32::MAX));
         }
         DirectOutcome::Delivered(n)
+    }
+}
+
+/// Reads one frame into the first [`MAX_FRAME`] bytes of the parked
+/// buffers (they hold at least that): a backend never hands over more than
+/// the largest frame, and the rest stay untouched for the next frames.
+fn read_max_frame(slices: &mut PassSlices<'_>, backend: &mut dyn NetBackend) -> io::Result<usize> {
+    let all = slices.slices.make_contiguous();
+    let mut room = MAX_FRAME;
+    let mut last = 0usize;
+    while let Some(s) = all.get(last) {
+        if s.len() >= room {
+            break;
+        }
+        room -= s.len();
+        last += 1;
+    }
+    match all.get(last).copied() {
+        Some(whole) => match whole.subslice(0, room) {
+            Ok(end) => {
+                all[last] = end;
+                let read = backend.read_vectored(&all[..=last]);
+                all[last] = whole;
+                read
+            }
+            Err(_) => backend.read_vectored(all),
+        },
+        None => backend.read_vectored(all),
     }
 }

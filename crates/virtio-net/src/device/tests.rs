@@ -522,12 +522,14 @@ fn rx_direct_frames_go_straight_into_parked_mergeable_chains() {
 }
 
 #[test]
-fn rx_direct_path_gives_its_chains_back_when_buffers_run_short() {
+fn rx_direct_path_takes_frames_that_fit_fewer_buffers_than_the_largest_frame_needs() {
     let (mut net, state) = new_net(false);
     let mem = guest_memory();
     let mut rxq = TestQueue::new(&mem, RX_RING, 32);
     let txq = TestQueue::new(&mem, TX_RING, 32);
-    // 17 x 4 KiB just hold MAX_FRAME; after one frame, 16 do not.
+    // 17 x 4 KiB just hold MAX_FRAME; after one frame, 16 do not: the
+    // device's buffer takes what they cannot, and frames that fit them
+    // still go straight in.
     for i in 0..17 {
         rxq.add(&[desc(DATA + i * 0x1000, 4096, W)]);
     }
@@ -538,9 +540,10 @@ fn rx_direct_path_gives_its_chains_back_when_buffers_run_short() {
         state.push_frame(f.clone());
     }
     assert_eq!(net.process_backend(), KEEP);
-    // The first frame went direct; the parked chains were then given back
-    // and the copying path took the next frames into them, in order.
-    assert_eq!(state.vectored_reads.load(Ordering::SeqCst), 1);
+    // Three frames read straight into guest buffers, then WouldBlock; no
+    // plain read, so no copy.
+    assert_eq!(state.vectored_reads.load(Ordering::SeqCst), 4);
+    assert_eq!(state.reads.load(Ordering::SeqCst), 4);
     assert_eq!(rxq.used(), vec![(0, 60), (1, 70), (2, 4096), (3, 904)]);
     assert_eq!(guest_bytes(&mem, DATA, 60), expected_rx(&a, 1, false));
     assert_eq!(
@@ -550,6 +553,47 @@ fn rx_direct_path_gives_its_chains_back_when_buffers_run_short() {
     let mut got = guest_bytes(&mem, DATA + 0x2000, 4096);
     got.extend(guest_bytes(&mem, DATA + 0x3000, 904));
     assert_eq!(got, expected_rx(&c, 2, false));
+}
+
+#[test]
+fn rx_direct_frame_larger_than_the_posted_buffers_waits_whole_for_more() {
+    let (mut net, state) = new_net(false);
+    let mem = guest_memory();
+    let mut rxq = TestQueue::new(&mem, RX_RING, 32);
+    let txq = TestQueue::new(&mem, TX_RING, 32);
+    // 8 KiB posted, a 9000-byte frame: its head goes into the guest's
+    // buffers, its tail into the device's, and it then waits, whole, in
+    // the device without using a buffer.
+    for i in 0..2 {
+        rxq.add(&[desc(DATA + i * 0x1000, 4096, W)]);
+    }
+    let irq = activate(&mut net, &mem, &rxq, &txq, BASIC | MRG | EVENT_IDX);
+    net.rx_avg = MAX_FRAME;
+    let (big, next) = (frame(9000, 4), frame(3000, 5));
+    state.push_frame(big.clone());
+    state.push_frame(next.clone());
+    assert_eq!(net.process_backend(), PAUSE);
+    assert_eq!(state.vectored_reads.load(Ordering::SeqCst), 1);
+    assert_eq!(rxq.used(), vec![]);
+    assert_eq!(irq.count(0), 0);
+    // The guest posts more: the waiting frame goes in first, header fields
+    // cleared as on the copying path, then the next one.
+    for i in 2..6 {
+        rxq.add(&[desc(DATA + i * 0x1000, 4096, W)]);
+    }
+    net.process_queue(0);
+    assert_eq!(rxq.used(), vec![(0, 4096), (1, 4096), (2, 808), (3, 3000)]);
+    let mut got = guest_bytes(&mem, DATA, 8192);
+    got.extend(guest_bytes(&mem, DATA + 0x2000, 808));
+    assert_eq!(got, expected_rx(&big, 3, false));
+    assert_eq!(
+        guest_bytes(&mem, DATA + 0x3000, 3000),
+        expected_rx(&next, 1, false)
+    );
+    assert_eq!(
+        net.counters(),
+        counters((2, 9000 + 3000 - 2 * VNET_HDR_LEN as u64, 0), (0, 0, 0))
+    );
 }
 
 #[test]
