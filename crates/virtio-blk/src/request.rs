@@ -18,7 +18,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, Permissions};
 
 /// The size of a sector: the unit of the header's `sector` and of capacity.
 pub const SECTOR_SIZE: u64 = 512;
@@ -438,8 +438,15 @@ where
         } else {
             Permissions::Read
         };
-        let in_memory = usize::try_from(d.len)
-            .is_ok_and(|len| len == 0 || mem.check_range(d.addr, len, access));
+        // One lookup when the buffer lies in one memory region (always but
+        // at a region's end); `check_range` walks the regions otherwise.
+        let in_memory = usize::try_from(d.len).is_ok_and(|len| {
+            len == 0
+                || mem
+                    .physical_memory()
+                    .is_some_and(|m| m.get_slice(d.addr, len).is_ok())
+                || mem.check_range(d.addr, len, access)
+        });
         if !in_memory {
             return Err(RequestError::OutsideMemory {
                 addr: d.addr.0,
