@@ -7,6 +7,7 @@ use std::mem::{offset_of, size_of};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use ember_virtio::queue::UsedRing;
 use ember_virtio::{ActivateContext, ActivateError, InterruptKind, VirtioDevice, VirtioInterrupt};
 use log::{debug, warn};
 use virtio_bindings::virtio_blk::{
@@ -327,10 +328,20 @@ impl VirtioDevice for Block {
         };
         let mut used_any = false;
         let mem = &active.mem;
+        // The used ring as one slice for the pass: each completion is one
+        // write and one index store, without looking guest memory up.
+        let mut used = UsedRing::new(&active.queue, mem);
         let drained = ember_virtio::queue::drain(&mut active.queue, mem, |queue, chain| {
             let head = chain.head_index();
             let len = exec.complete(chain);
-            match queue.add_used(mem, head, len) {
+            let added = match &mut used {
+                Some(used) => used
+                    .add(queue, head, len)
+                    .map(|()| used.publish(queue))
+                    .map_err(|e| e.to_string()),
+                None => queue.add_used(mem, head, len).map_err(|e| e.to_string()),
+            };
+            match added {
                 Ok(()) => used_any = true,
                 Err(e) => {
                     if first(&mut exec.logged.used_ring) {
@@ -350,7 +361,12 @@ impl VirtioDevice for Block {
                 );
             }
         }
-        if used_any && active.queue.needs_notification(&active.mem).unwrap_or(true) {
+        let wants = used_any
+            && match &mut used {
+                Some(used) => used.needs_notification(&active.queue),
+                None => active.queue.needs_notification(&active.mem).unwrap_or(true),
+            };
+        if wants {
             exec.counters.interrupts = exec.counters.interrupts.saturating_add(1);
             if let Err(e) = active.interrupt.trigger(InterruptKind::Queue(0)) {
                 if first(&mut exec.logged.interrupt) {

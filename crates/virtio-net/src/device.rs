@@ -13,6 +13,7 @@ use std::fmt;
 use std::mem::{offset_of, size_of};
 use std::sync::Arc;
 
+use ember_virtio::queue::UsedRing;
 use ember_virtio::{
     ActivateContext, ActivateError, BackendInterest, InterruptKind, VirtioDevice, VirtioInterrupt,
 };
@@ -319,6 +320,7 @@ impl Net {
         let Some(active) = self.active.as_mut() else {
             return BackendInterest::Pause;
         };
+        let used = UsedRing::new(&active.rx, &active.mem);
         let mut rx = RxQueue {
             queue: &mut active.rx,
             mem: &active.mem,
@@ -326,6 +328,7 @@ impl Net {
             chains: &mut self.rx_chains,
             log: &mut self.log,
             used_any: false,
+            used,
         };
         let mut interest = BackendInterest::Keep;
         // The direct path (straight into guest buffers) until it cannot be
@@ -447,8 +450,12 @@ impl Net {
                 }
             }
         }
-        if rx.used_any {
-            notify(active, RX, &mut self.log);
+        let used_any = rx.used_any;
+        match rx.finish() {
+            Some(true) => interrupt(active, RX, &mut self.log),
+            Some(false) => {}
+            None if used_any => notify(active, RX, &mut self.log),
+            None => {}
         }
         interest
     }
@@ -638,6 +645,11 @@ fn notify(active: &mut Active, index: u16, log: &mut FaultLog) {
     if !queue.needs_notification(&active.mem).unwrap_or(true) {
         return;
     }
+    interrupt(active, index, log);
+}
+
+/// Interrupts the driver for queue `index`.
+fn interrupt(active: &Active, index: u16, log: &mut FaultLog) {
     if let Err(e) = active.interrupt.trigger(InterruptKind::Queue(index)) {
         log.report(
             Fault::Interrupt,

@@ -399,6 +399,7 @@ impl ParkedChains {
             self.capacity -= c.capacity as usize;
             rx.complete(c.head, u32::try_from(take).unwrap_or(u32::MAX));
         }
+        rx.publish();
         DirectOutcome::Delivered(n)
     }
 }

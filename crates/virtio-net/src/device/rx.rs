@@ -11,6 +11,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{complete, Fault, FaultLog, MAX_CHAIN_DESCS, NUM_BUFFERS_AT, VNET_HDR_LEN};
 use crate::backend::NetBackend;
+use ember_virtio::queue::UsedRing;
 
 /// What one read from the backend gave.
 pub(super) enum ReadOutcome {
@@ -146,11 +147,44 @@ pub(super) struct RxQueue<'a> {
     pub(super) chains: &'a mut Vec<(u16, u32)>,
     pub(super) log: &'a mut FaultLog,
     pub(super) used_any: bool,
+    /// The used ring as one slice for this pass (`None`: it is not, and
+    /// chains are completed through the queue's `add_used`).
+    pub(super) used: Option<UsedRing<'a>>,
 }
 
 impl RxQueue<'_> {
+    /// Completes chain `head` with `len` bytes written; the driver sees it
+    /// after [`publish`](Self::publish).
     pub(super) fn complete(&mut self, head: u16, len: u32) {
-        self.used_any |= complete(self.queue, self.mem, head, len, self.log);
+        let done = match &mut self.used {
+            Some(used) => match used.add(self.queue, head, len) {
+                Ok(()) => true,
+                Err(e) => {
+                    self.log.report(
+                        Fault::UsedRing,
+                        format_args!("cannot complete chain {head}: {e}"),
+                    );
+                    false
+                }
+            },
+            None => complete(self.queue, self.mem, head, len, self.log),
+        };
+        self.used_any |= done;
+    }
+
+    /// Makes the chains completed so far visible to the driver.
+    pub(super) fn publish(&self) {
+        if let Some(used) = &self.used {
+            used.publish(self.queue);
+        }
+    }
+
+    /// Ends the pass: publishes, and says whether the driver wants an
+    /// interrupt for what the pass completed (`None`: ask the queue).
+    pub(super) fn finish(&mut self) -> Option<bool> {
+        self.publish();
+        let used = self.used.as_mut()?;
+        Some(self.used_any && used.needs_notification(self.queue))
     }
 
     /// Copies `frame` into as many chains as it needs (one without
@@ -206,6 +240,7 @@ impl RxQueue<'_> {
         let count = u16::try_from(self.chains.len()).unwrap_or(u16::MAX);
         num_buffers_at.write(self.mem, count);
         self.complete_taken(true);
+        self.publish();
         Delivery::Delivered
     }
 

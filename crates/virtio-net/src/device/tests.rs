@@ -777,6 +777,52 @@ fn event_idx_tx_asks_for_the_next_chain_and_rx_rearms_when_out_of_buffers() {
 }
 
 #[test]
+fn event_idx_rx_interrupts_once_used_event_is_among_the_used_entries() {
+    // On both receive paths: copying (small frames) and direct.
+    for direct in [false, true] {
+        let (mut net, state) = new_net(false);
+        let mem = guest_memory();
+        let mut rxq = TestQueue::new(&mem, RX_RING, 32);
+        let txq = TestQueue::new(&mem, TX_RING, 32);
+        let used_event = GuestAddress(rxq.avail_addr() + 4 + 2 * 32);
+        for i in 0..24 {
+            rxq.add(&[desc(DATA + i * 0x1000, 4096, W)]);
+        }
+        let irq = activate(&mut net, &mem, &rxq, &txq, BASIC | MRG | EVENT_IDX);
+        if direct {
+            net.rx_avg = MAX_FRAME;
+        }
+        // The driver wants to hear of entry 2: a pass using entries 0 and 1
+        // does not interrupt, the pass using entries 2 to 4 does.
+        mem.write_obj(2u16, used_event).unwrap();
+        for seed in 0..2 {
+            state.push_frame(frame(100, seed));
+        }
+        assert_eq!(net.process_backend(), KEEP);
+        assert_eq!(rxq.used().len(), 2, "direct {direct}");
+        assert_eq!(irq.count(0), 0, "direct {direct}");
+        for seed in 2..5 {
+            state.push_frame(frame(100, seed));
+        }
+        assert_eq!(net.process_backend(), KEEP);
+        assert_eq!(rxq.used().len(), 5, "direct {direct}");
+        assert_eq!(irq.count(0), 1, "direct {direct}");
+        // used_event left behind: later entries do not interrupt.
+        state.push_frame(frame(100, 5));
+        assert_eq!(net.process_backend(), KEEP);
+        assert_eq!(irq.count(0), 1, "direct {direct}");
+        // A frame over three buffers with used_event at its second: it does.
+        mem.write_obj(7u16, used_event).unwrap();
+        state.push_frame(frame(9000, 6));
+        assert_eq!(net.process_backend(), KEEP);
+        assert_eq!(rxq.used().len(), 9, "direct {direct}");
+        assert_eq!(irq.count(0), 2, "direct {direct}");
+        let reads = state.vectored_reads.load(Ordering::SeqCst);
+        assert_eq!(reads > 0, direct);
+    }
+}
+
+#[test]
 fn rx_malformed_first_chain_is_completed_empty_and_the_frame_goes_on() {
     let (mut net, state) = new_net(false);
     let mem = guest_memory();
