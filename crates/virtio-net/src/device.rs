@@ -3,10 +3,11 @@
 //! that copies the backend's frames into the guest's buffers.
 //!
 //! A transmitted frame goes from guest memory to the backend without a copy
-//! of ours (`writev` on a tap). A received frame, header included, is read
-//! into one buffer of [`MAX_FRAME`] bytes allocated with the device (its
-//! length is unknown until it is read, and it may need several guest
-//! buffers), then copied into the guest's buffers; at most one received
+//! of ours (`writev` on a tap). A received frame, header included, is
+//! either read into one buffer of [`MAX_FRAME`] bytes allocated with the
+//! device and copied into the guest's buffers (small frames, `rx.rs`), or
+//! read straight into the guest's buffers (large frames, `direct.rs`); a
+//! moving average of frame lengths picks the path. At most one received
 //! frame waits in the device for guest buffers.
 
 use std::fmt;

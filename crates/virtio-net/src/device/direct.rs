@@ -344,8 +344,11 @@ impl ParkedChains {
             Ok(0) => return DirectOutcome::Closed(None),
             Ok(n) if n < VNET_HDR_LEN => return DirectOutcome::Short,
             Ok(n) if n > self.capacity => {
-                // The tail is in `bounce` already; the head joins it.
-                slices.copy_head(&mut bounce[..self.capacity]);
+                // The tail is in `bounce` already; the head joins it
+                // (capacity < MAX_FRAME <= bounce.len() on a short fill).
+                if let Some(head) = bounce.get_mut(..self.capacity) {
+                    slices.copy_head(head);
+                }
                 if !guest_csum {
                     if let Some(fields) = bounce.get_mut(..NUM_BUFFERS_AT) {
                         fields.fill(0);

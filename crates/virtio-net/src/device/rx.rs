@@ -6,12 +6,12 @@ use std::io;
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 
+use ember_virtio::queue::UsedRing;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{complete, Fault, FaultLog, MAX_CHAIN_DESCS, NUM_BUFFERS_AT, VNET_HDR_LEN};
 use crate::backend::NetBackend;
-use ember_virtio::queue::UsedRing;
 
 /// What one read from the backend gave.
 pub(super) enum ReadOutcome {
