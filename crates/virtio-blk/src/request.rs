@@ -438,8 +438,9 @@ where
         } else {
             Permissions::Read
         };
-        // One lookup when the buffer lies in one memory region (always but
-        // at a region's end); `check_range` walks the regions otherwise.
+        // One lookup for a buffer inside one memory region (every buffer
+        // but one that crosses into the next region, which `check_range`
+        // then checks region by region).
         let in_memory = usize::try_from(d.len).is_ok_and(|len| {
             len == 0
                 || mem
