@@ -14,7 +14,7 @@ use std::fmt;
 use std::mem::{offset_of, size_of};
 use std::sync::Arc;
 
-use ember_virtio::queue::UsedRing;
+use ember_virtio::queue::{ChainReader, UsedRing};
 use ember_virtio::{
     ActivateContext, ActivateError, BackendInterest, InterruptKind, VirtioDevice, VirtioInterrupt,
 };
@@ -322,6 +322,7 @@ impl Net {
             return BackendInterest::Pause;
         };
         let used = UsedRing::new(&active.rx, &active.mem);
+        let reader = ChainReader::new(&active.rx, &active.mem);
         let mut rx = RxQueue {
             queue: &mut active.rx,
             mem: &active.mem,
@@ -330,6 +331,7 @@ impl Net {
             log: &mut self.log,
             used_any: false,
             used,
+            reader,
         };
         let mut interest = BackendInterest::Keep;
         // The direct path (straight into guest buffers) until it cannot be

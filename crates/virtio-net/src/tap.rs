@@ -23,6 +23,7 @@ use libc::{
     IFNAMSIZ, TUNGETIFF, TUNSETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ,
 };
 use vm_memory::bitmap::Bitmap;
+use vm_memory::volatile_memory::PtrGuardMut;
 use vm_memory::VolatileSlice;
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
 
@@ -115,22 +116,16 @@ impl Tap {
             one.bitmap().mark_dirty(0, n);
             return Ok(n);
         }
-        let guards: Vec<_> = bufs.iter().map(|s| s.ptr_guard_mut()).collect();
-        let iovecs: Vec<libc::iovec> = guards
-            .iter()
-            .map(|g| libc::iovec {
-                iov_base: g.as_ptr().cast(),
-                iov_len: g.len(),
-            })
-            .collect();
-        // At most 1024, checked above.
-        let count = libc::c_int::try_from(iovecs.len()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: every iovec describes a VolatileSlice of guest memory that
-        // stays mapped while `bufs` and `guards` borrow it; readv writes at
-        // most `iov_len` bytes to each. Guest memory is only ever accessed
-        // volatilely or by the kernel, so no Rust reference to it is
-        // invalidated. The fd is our open tap.
-        let ret = unsafe { libc::readv(self.file.as_raw_fd(), iovecs.as_ptr(), count) };
+        let ret = with_iovecs(bufs, |iov| {
+            let count = libc::c_int::try_from(iov.len()).unwrap_or(libc::c_int::MAX);
+            // SAFETY: every iovec describes a VolatileSlice of guest memory that
+            // stays mapped while `bufs` and the guards `with_iovecs` holds borrow
+            // it; readv writes at most `iov_len` bytes to each. Guest memory is
+            // only ever accessed volatilely or by the kernel, so no Rust
+            // reference to it is invalidated. There are at most 1024 iovecs
+            // (checked above). The fd is our open tap.
+            unsafe { libc::readv(self.file.as_raw_fd(), iov.as_ptr(), count) }
+        });
         let n = usize::try_from(ret).map_err(|_| io::Error::last_os_error())?;
         let mut left = n;
         for s in bufs {
@@ -157,21 +152,47 @@ impl Tap {
                 unsafe { libc::write(self.file.as_raw_fd(), guard.as_ptr().cast(), guard.len()) };
             return usize::try_from(ret).map_err(|_| io::Error::last_os_error());
         }
-        let guards: Vec<_> = bufs.iter().map(|s| s.ptr_guard()).collect();
-        let iovecs: Vec<libc::iovec> = guards
-            .iter()
-            .map(|g| libc::iovec {
-                iov_base: g.as_ptr().cast_mut().cast(),
-                iov_len: g.len(),
-            })
-            .collect();
-        // At most 1024, checked above.
-        let count = libc::c_int::try_from(iovecs.len()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: every iovec describes a VolatileSlice of guest memory that
-        // stays mapped while `bufs` and `guards` borrow it; writev only reads
-        // from them. The fd is our open tap.
-        let ret = unsafe { libc::writev(self.file.as_raw_fd(), iovecs.as_ptr(), count) };
+        let ret = with_iovecs(bufs, |iov| {
+            let count = libc::c_int::try_from(iov.len()).unwrap_or(libc::c_int::MAX);
+            // SAFETY: every iovec describes a VolatileSlice of guest memory that
+            // stays mapped while `bufs` and the guards `with_iovecs` holds borrow
+            // it; writev only reads from them. There are at most 1024 iovecs
+            // (checked above). The fd is our open tap.
+            unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), count) }
+        });
         usize::try_from(ret).map_err(|_| io::Error::last_os_error())
+    }
+}
+
+/// How many iovecs [`with_iovecs`] builds on the stack (a frame in the
+/// guest's buffers needs a few: they are merged where adjacent).
+const FEW_IOVECS: usize = 8;
+
+/// Calls `f` with the iovecs of `bufs`, in order, while their pointer
+/// guards are held: on the stack for up to [`FEW_IOVECS`], in a `Vec`
+/// beyond (a system call per frame should not also cost an allocation).
+fn with_iovecs<R>(bufs: &[VolatileSlice<'_>], f: impl FnOnce(&[libc::iovec]) -> R) -> R {
+    fn iovec(g: &PtrGuardMut) -> libc::iovec {
+        libc::iovec {
+            iov_base: g.as_ptr().cast(),
+            iov_len: g.len(),
+        }
+    }
+    if bufs.len() <= FEW_IOVECS {
+        let guards: [Option<PtrGuardMut>; FEW_IOVECS] =
+            std::array::from_fn(|i| bufs.get(i).map(|s| s.ptr_guard_mut()));
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; FEW_IOVECS];
+        for (slot, g) in iov.iter_mut().zip(guards.iter().flatten()) {
+            *slot = iovec(g);
+        }
+        f(iov.get(..bufs.len()).unwrap_or_default())
+    } else {
+        let guards: Vec<PtrGuardMut> = bufs.iter().map(|s| s.ptr_guard_mut()).collect();
+        let iov: Vec<libc::iovec> = guards.iter().map(iovec).collect();
+        f(&iov)
     }
 }
 

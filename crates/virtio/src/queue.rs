@@ -1,13 +1,19 @@
 //! Taking chains from a queue with the driver's notifications suppressed
 //! while the device works (virtio 1.2, 2.7.10): the `NO_NOTIFY` flag, or
-//! with `VIRTIO_RING_F_EVENT_IDX` the `avail_event` index; and
-//! [`UsedRing`], completing many chains with one publication of the used
-//! index.
+//! with `VIRTIO_RING_F_EVENT_IDX` the `avail_event` index; [`UsedRing`],
+//! completing many chains with one publication of the used index; and
+//! [`ChainReader`], reading many chains' descriptors without a guest-memory
+//! lookup each.
 
 use std::sync::atomic::{fence, Ordering};
 
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileMemory,
+    VolatileSlice,
+};
 
 /// The used ring's header (`flags`, `idx`) in bytes.
 const USED_HEADER: usize = 4;
@@ -15,6 +21,8 @@ const USED_HEADER: usize = 4;
 const USED_ELEM: usize = 8;
 /// The avail ring's header (`flags`, `idx`) in bytes.
 const AVAIL_HEADER: u64 = 4;
+/// Where the avail ring's entries start.
+const AVAIL_ENTRIES_AT: usize = 4;
 
 /// Why [`UsedRing::add`] could not complete a chain.
 #[derive(Debug, thiserror::Error)]
@@ -87,12 +95,12 @@ impl<'m> UsedRing<'m> {
         }
         let next = queue.next_used();
         let slot = usize::from(next % self.size);
-        let mut elem = [0u8; USED_ELEM];
-        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
-        elem[4..].copy_from_slice(&len.to_le_bytes());
+        // The element (`id`, then `len`, little-endian) as one store.
+        let elem = (u64::from(len) << 32) | u64::from(head);
         self.ring
-            .write_slice(&elem, USED_HEADER + USED_ELEM * slot)
-            .map_err(|_| UsedRingError::Write)?;
+            .get_ref::<u64>(USED_HEADER + USED_ELEM * slot)
+            .map_err(|_| UsedRingError::Write)?
+            .store(elem.to_le());
         queue.set_next_used(next.wrapping_add(1));
         self.added = self.added.saturating_add(1);
         Ok(())
@@ -125,6 +133,167 @@ impl<'m> UsedRing<'m> {
         let used_event = u16::from_le(used_event);
         let new = queue.next_used();
         u32::from(new.wrapping_sub(used_event).wrapping_sub(1)) < added
+    }
+}
+
+/// One descriptor in bytes.
+const DESC_SIZE: usize = 16;
+
+/// Why [`ChainReader`] could not read a chain. The chain is malformed or
+/// of a kind the reader leaves to virtio-queue; nothing was changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    /// The avail ring names a head past the descriptor table.
+    #[error("head {0} is out of the ring")]
+    BadHead(u16),
+    /// A descriptor's `next` is past the descriptor table.
+    #[error("a descriptor links to {0}, past the ring")]
+    BadNext(u16),
+    /// The chain has more descriptors than the queue (a loop).
+    #[error("the chain is longer than the queue (a loop)")]
+    TooLong,
+    /// The chain's buffers add up to more than 4 GiB (virtio 1.2,
+    /// 2.7.5.2: drivers must not add such chains).
+    #[error("the chain's buffers add up to more than 4 GiB")]
+    TooLarge,
+    /// An indirect descriptor (the reader does not follow them).
+    #[error("descriptor {0} is indirect")]
+    Indirect(u16),
+}
+
+/// A split queue's descriptor table and avail ring as slices of guest
+/// memory, for a device that takes many chains per pass (virtio-net's
+/// receive path takes sixteen single-buffer chains for a 64 KiB frame).
+///
+/// virtio-queue looks guest memory up for every avail entry and every
+/// descriptor it reads. Here the table and the ring are looked up once, and
+/// each entry is read from its slice. The reader does not move the queue:
+/// the device takes the chains it read with `set_next_avail`. Chains the
+/// reader refuses ([`ChainError`]: malformed, or indirect) are left for
+/// virtio-queue, whose error handling the device already has.
+pub struct ChainReader<'m> {
+    desc: VolatileSlice<'m>,
+    /// The avail ring's header and entries.
+    avail: VolatileSlice<'m>,
+    size: u16,
+}
+
+impl<'m> ChainReader<'m> {
+    /// The descriptor table and avail ring of `queue`, or `None` if either
+    /// is not one slice of guest memory (then take chains with
+    /// virtio-queue).
+    pub fn new(queue: &Queue, mem: &'m GuestMemoryMmap) -> Option<Self> {
+        let size = queue.size();
+        // virtio-queue takes nothing from a queue that is not ready or
+        // whose avail ring is at 0; neither does the reader. (It also
+        // refuses ring addresses misaligned for virtio 1.2, 2.7, so the
+        // avail entries here can be read as aligned atomics.)
+        if !queue.ready() || queue.avail_ring() == 0 || size == 0 || !size.is_power_of_two() {
+            return None;
+        }
+        let n = usize::from(size);
+        let desc = mem
+            .get_slice(GuestAddress(queue.desc_table()), DESC_SIZE * n)
+            .ok()?;
+        let avail = mem
+            .get_slice(GuestAddress(queue.avail_ring()), AVAIL_ENTRIES_AT + 2 * n)
+            .ok()?;
+        Some(ChainReader { desc, avail, size })
+    }
+
+    /// How many chains the driver has made available from `next_avail` on
+    /// (the avail index read with acquire ordering, so the entries and
+    /// descriptors it covers are read after it), or `None` if the index is
+    /// more than a queue ahead (a corrupt ring: take nothing).
+    pub fn available(&self, next_avail: u16) -> Option<u16> {
+        let idx = self.avail.load::<u16>(2, Ordering::Acquire).ok()?;
+        let n = u16::from_le(idx).wrapping_sub(next_avail);
+        (n <= self.size).then_some(n)
+    }
+
+    /// The head of the chain at avail position `pos` (the ring entry
+    /// `pos % size`).
+    pub fn head(&self, pos: u16) -> Result<u16, ChainError> {
+        let slot = usize::from(pos % self.size);
+        let head = self
+            .avail
+            .load::<u16>(AVAIL_ENTRIES_AT + 2 * slot, Ordering::Relaxed)
+            .map(u16::from_le)
+            .unwrap_or(self.size);
+        if head >= self.size {
+            return Err(ChainError::BadHead(head));
+        }
+        Ok(head)
+    }
+
+    /// Descriptor `index` of the table (`None` past it). A device that
+    /// finds a chain's head without `VRING_DESC_F_NEXT` and
+    /// `VRING_DESC_F_INDIRECT` has the whole chain; [`chain`](Self::chain)
+    /// follows longer ones.
+    pub fn descriptor(&self, index: u16) -> Option<Descriptor> {
+        if index >= self.size {
+            return None;
+        }
+        // One volatile read of the whole descriptor.
+        self.desc
+            .get_ref::<Descriptor>(DESC_SIZE * usize::from(index))
+            .ok()
+            .map(|d| d.load())
+    }
+
+    /// The descriptors of the chain starting at `head`, in order; an error
+    /// ends it.
+    pub fn chain(&self, head: u16) -> ChainDescriptors<'_, 'm> {
+        ChainDescriptors {
+            reader: self,
+            next: Some(head),
+            first: true,
+            left: self.size,
+            bytes: 0,
+        }
+    }
+}
+
+/// The descriptors of one chain, from [`ChainReader::chain`].
+pub struct ChainDescriptors<'r, 'm> {
+    reader: &'r ChainReader<'m>,
+    next: Option<u16>,
+    first: bool,
+    /// Descriptors the chain may still have (a queue's worth in all).
+    left: u16,
+    /// The lengths of the descriptors yielded so far.
+    bytes: u32,
+}
+
+impl Iterator for ChainDescriptors<'_, '_> {
+    type Item = Result<Descriptor, ChainError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let index = self.next.take()?;
+        let Some(d) = self.reader.descriptor(index) else {
+            return Some(Err(if self.first {
+                ChainError::BadHead(index)
+            } else {
+                ChainError::BadNext(index)
+            }));
+        };
+        self.first = false;
+        if self.left == 0 {
+            return Some(Err(ChainError::TooLong));
+        }
+        self.left -= 1;
+        let flags = u32::from(d.flags());
+        if flags & VRING_DESC_F_INDIRECT != 0 {
+            return Some(Err(ChainError::Indirect(index)));
+        }
+        let Some(bytes) = self.bytes.checked_add(d.len()) else {
+            return Some(Err(ChainError::TooLarge));
+        };
+        self.bytes = bytes;
+        if flags & VRING_DESC_F_NEXT != 0 {
+            self.next = Some(d.next());
+        }
+        Some(Ok(d))
     }
 }
 
@@ -168,6 +337,10 @@ mod tests {
     use super::*;
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
+
+    /// `VRING_DESC_F_NEXT` and `VRING_DESC_F_INDIRECT` as descriptor flags.
+    const DESC_F_NEXT: u16 = 1;
+    const DESC_F_INDIRECT: u16 = 4;
     use vm_memory::{Address, Bytes, GuestAddress};
 
     fn setup(
@@ -276,6 +449,123 @@ mod tests {
         add(&mut used, &mut q, 2);
         mem.write_obj(0u16, used_event).unwrap();
         assert!(used.needs_notification(&q));
+    }
+
+    /// Chains as (head, descriptors as (addr, len, flags without NEXT)).
+    type Chains = Vec<(u16, Vec<(u64, u32, u16)>)>;
+
+    /// The chains virtio-queue pops from `q`.
+    fn popped(q: &mut Queue, mem: &GuestMemoryMmap) -> Chains {
+        let mut out = Vec::new();
+        while let Some(chain) = q.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let descs = chain
+                .map(|d| (d.addr().0, d.len(), d.flags() & !DESC_F_NEXT))
+                .collect();
+            out.push((head, descs));
+        }
+        out
+    }
+
+    /// The chains `reader` reads from avail position `from` on.
+    fn read(reader: &ChainReader<'_>, from: u16) -> Chains {
+        let n = reader.available(from).unwrap();
+        (0..n)
+            .map(|k| {
+                let head = reader.head(from.wrapping_add(k)).unwrap();
+                let descs = reader
+                    .chain(head)
+                    .map(|d| {
+                        let d = d.unwrap();
+                        (d.addr().0, d.len(), d.flags() & !DESC_F_NEXT)
+                    })
+                    .collect();
+                (head, descs)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn chain_reader_reads_what_virtio_queue_pops() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let vq = MockSplitQueue::new(&mem, 16);
+        // Chains of 1, 3 and 2 descriptors, mixed directions.
+        let d = |i: u16, flags: u16, next: u16| {
+            let addr = 0x8000 + u64::from(i) * 0x100;
+            RawDescriptor::from(Descriptor::new(addr, 0x100 + u32::from(i), flags, next))
+        };
+        let (w, n) = (2, DESC_F_NEXT);
+        vq.add_desc_chains(
+            &[
+                d(0, w, 0),
+                d(1, n, 2),
+                d(2, w | n, 3),
+                d(3, w, 0),
+                d(4, w | n, 5),
+                d(5, w, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        let reader = ChainReader::new(&q, &mem).unwrap();
+        let ours = read(&reader, 0);
+        let theirs = popped(&mut q, &mem);
+        let lens: Vec<usize> = ours.iter().map(|(_, d)| d.len()).collect();
+        assert_eq!(lens, [1, 3, 2]);
+        assert_eq!(ours, theirs);
+    }
+
+    #[test]
+    fn chain_reader_refuses_malformed_chains() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let desc_at = |i: u64| vq.desc_table_addr().unchecked_add(16 * i);
+        let put = |i: u64, flags: u16, next: u16| {
+            let raw = RawDescriptor::from(Descriptor::new(0x8000, 0x100, flags, next));
+            mem.write_obj(raw, desc_at(i)).unwrap();
+        };
+        let mut q: Queue = vq.create_queue().unwrap();
+        // No reader for a queue virtio-queue would take nothing from.
+        q.set_ready(false);
+        assert!(ChainReader::new(&q, &mem).is_none());
+        q.set_ready(true);
+        let reader = ChainReader::new(&q, &mem).unwrap();
+        let first_error = |head: u16| reader.chain(head).find_map(|d| d.err());
+        // 0 -> 1 -> 0: a loop ends after a queue's worth of descriptors.
+        put(0, DESC_F_NEXT, 1);
+        put(1, DESC_F_NEXT, 0);
+        assert_eq!(first_error(0), Some(ChainError::TooLong));
+        assert_eq!(reader.chain(0).filter(|d| d.is_ok()).count(), 16);
+        // 2 -> 16: past the table.
+        put(2, DESC_F_NEXT, 16);
+        assert_eq!(first_error(2), Some(ChainError::BadNext(16)));
+        // 4 -> 5 of 4 GiB - 1 bytes each: more than 4 GiB in all.
+        let huge = |i: u64, flags: u16, next: u16| {
+            let raw = RawDescriptor::from(Descriptor::new(0x8000, u32::MAX, flags, next));
+            mem.write_obj(raw, desc_at(i)).unwrap();
+        };
+        huge(4, DESC_F_NEXT, 5);
+        huge(5, 0, 0);
+        assert_eq!(first_error(4), Some(ChainError::TooLarge));
+        // An indirect descriptor.
+        put(3, DESC_F_INDIRECT, 0);
+        assert_eq!(first_error(3), Some(ChainError::Indirect(3)));
+        assert_eq!(first_error(16), Some(ChainError::BadHead(16)));
+        // A ring entry naming head 40.
+        let avail = vq.avail_addr();
+        mem.write_obj(40u16, avail.unchecked_add(4 + 2 * 5))
+            .unwrap();
+        assert_eq!(reader.head(5), Err(ChainError::BadHead(40)));
+        // Position 21 is entry 5 again (a 16-entry ring).
+        assert_eq!(reader.head(21), Err(ChainError::BadHead(40)));
+        // An avail index more than a queue ahead: nothing to take.
+        mem.write_obj(17u16, avail.unchecked_add(2)).unwrap();
+        assert_eq!(reader.available(0), None);
+        assert_eq!(reader.available(1), Some(16));
+        // Across the index's wrap: idx 2, next_avail 65534.
+        mem.write_obj(2u16, avail.unchecked_add(2)).unwrap();
+        assert_eq!(reader.available(65534), Some(4));
     }
 
     #[test]

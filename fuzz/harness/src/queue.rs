@@ -5,13 +5,17 @@
 //! Input: [`ChainHeader`], then the memory image. Every available chain is
 //! popped, walked whole (read-only and write-only views too) and parsed by
 //! the block request parser, whose result is checked against what its
-//! documentation promises; then it is returned on the used ring.
+//! documentation promises; then it is returned on the used ring. The first
+//! chains are also read with `ember_virtio::queue::ChainReader`, which must
+//! agree with virtio-queue.
 
 use arbitrary::Arbitrary;
+use ember_virtio::queue::{ChainError, ChainReader};
 use ember_virtio_blk::request::{
     parse, status_address, RequestKind, MAX_DISCARD_SECTORS, MAX_WRITE_ZEROES_SECTORS, SECTOR_SIZE,
 };
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestMemory, GuestMemoryMmap, Permissions};
 
 use crate::guest::{guest_memory, init_logging, QueueSetup};
@@ -94,6 +98,79 @@ const VIEW_WALKS: usize = 8;
 /// descriptors.
 const DEVICE_WALK: usize = 300;
 
+/// What [`ChainReader`] reads at one avail position: the chain count, the
+/// head, the descriptors up to the first error and that error.
+struct ReaderView {
+    available: Option<u16>,
+    head: Result<u16, ChainError>,
+    descs: Vec<Descriptor>,
+    error: Option<ChainError>,
+}
+
+impl ReaderView {
+    fn read(reader: &ChainReader<'_>, pos: u16) -> ReaderView {
+        let available = reader.available(pos);
+        let head = reader.head(pos);
+        let mut descs = Vec::new();
+        let mut error = None;
+        if let Ok(head) = head {
+            for d in reader.chain(head).take(DEVICE_WALK) {
+                match d {
+                    Ok(d) => descs.push(d),
+                    Err(e) => {
+                        error = Some(e);
+                        break;
+                    }
+                }
+            }
+        }
+        ReaderView {
+            available,
+            head,
+            descs,
+            error,
+        }
+    }
+
+    /// The reader must agree with virtio-queue's pop at the same position:
+    /// a chain exactly when the avail index says there is one, the same
+    /// head, and the same descriptors until the reader stops; where it
+    /// stops virtio-queue stops too, except at an indirect descriptor,
+    /// which virtio-queue follows.
+    fn check(&self, popped: Option<DescriptorChain<&GuestMemoryMmap>>) {
+        let expect = matches!(self.available, Some(n) if n > 0);
+        assert_eq!(
+            popped.is_some(),
+            expect,
+            "ChainReader: {:?} chains available",
+            self.available
+        );
+        let Some(chain) = popped else {
+            return;
+        };
+        match self.head {
+            Ok(head) => assert_eq!(head, chain.head_index(), "ChainReader: head"),
+            Err(ChainError::BadHead(head)) => {
+                assert_eq!(head, chain.head_index(), "ChainReader: bad head");
+            }
+            Err(e) => panic!("ChainReader: head {e}"),
+        }
+        let key = |d: &Descriptor| (d.addr(), d.len(), d.flags(), d.next());
+        let theirs: Vec<_> = chain.take(self.descs.len() + 1).collect();
+        let ours: Vec<_> = self.descs.iter().map(key).collect();
+        let common: Vec<_> = theirs.iter().take(ours.len()).map(key).collect();
+        assert_eq!(ours, common, "ChainReader: descriptors");
+        if !matches!(self.error, Some(ChainError::Indirect(_))) && self.descs.len() < DEVICE_WALK {
+            assert_eq!(
+                theirs.len(),
+                ours.len(),
+                "ChainReader: stopped ({:?}) where virtio-queue did not",
+                self.error
+            );
+        }
+    }
+}
+
 /// The `virtio_queue_chain` target.
 pub fn virtio_queue_chain(data: &[u8]) {
     init_logging();
@@ -112,7 +189,18 @@ pub fn virtio_queue_chain(data: &[u8]) {
     // At most two rounds of the ring: the avail index says how many chains
     // there are, and a chain popped twice is the driver's doing.
     for i in 0..MAX_POPS.min(2 * usize::from(q.size())) {
-        let Some(chain) = q.pop_descriptor_chain(&mem) else {
+        // What ember-virtio's reader sees at the same position, in the same
+        // memory (add_used may have written into the rings).
+        let seen = if i < VIEW_WALKS {
+            ChainReader::new(&q, &mem).map(|r| ReaderView::read(&r, q.next_avail()))
+        } else {
+            None
+        };
+        let popped = q.pop_descriptor_chain(&mem);
+        if let Some(seen) = seen {
+            seen.check(popped.clone());
+        }
+        let Some(chain) = popped else {
             break;
         };
         let head = chain.head_index();

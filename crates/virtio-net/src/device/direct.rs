@@ -28,8 +28,13 @@
 use std::collections::VecDeque;
 use std::io;
 
-use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use ember_virtio::queue::ChainReader;
+use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+use virtio_queue::QueueT;
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    VolatileSlice,
+};
 
 use super::rx::RxQueue;
 use super::{MAX_CHAIN_DESCS, MAX_FRAME, NUM_BUFFERS_AT, VNET_HDR_LEN};
@@ -69,6 +74,8 @@ pub(super) struct PassSlices<'m> {
     addrs: VecDeque<GuestAddress>,
     /// How many of the parked regions (from the front) are in `slices`.
     synced: usize,
+    /// The memory region of the last lookup: its start and all of it.
+    region: Option<(GuestAddress, VolatileSlice<'m>)>,
 }
 
 impl<'m> PassSlices<'m> {
@@ -78,18 +85,52 @@ impl<'m> PassSlices<'m> {
         self.synced = 0;
     }
 
+    /// The `len` bytes at `addr` as one slice, if they lie in one memory
+    /// region: found in the region of the previous lookup without a search
+    /// when they lie there too (the receive buffers of a guest usually do).
+    fn lookup(
+        &mut self,
+        mem: &'m GuestMemoryMmap,
+        addr: GuestAddress,
+        len: usize,
+    ) -> Option<VolatileSlice<'m>> {
+        if let Some((start, whole)) = &self.region {
+            let off = addr.checked_offset_from(*start);
+            let off = off.and_then(|off| usize::try_from(off).ok());
+            if let Some(s) = off.and_then(|off| whole.subslice(off, len).ok()) {
+                return Some(s);
+            }
+        }
+        let region = mem.find_region(addr)?;
+        let whole = region.as_volatile_slice().ok()?;
+        let start = region.start_addr();
+        self.region = Some((start, whole));
+        let off = usize::try_from(addr.checked_offset_from(start)?).ok()?;
+        whole.subslice(off, len).ok()
+    }
+
     /// Appends the `len` bytes at `addr`, extending the last slice when
     /// they follow it in guest memory (and in the same memory region).
     fn push(&mut self, mem: &'m GuestMemoryMmap, addr: GuestAddress, len: usize) -> bool {
-        if let (Some(&last_addr), Some(last)) = (self.addrs.back(), self.slices.back_mut()) {
-            let joined = last.len().checked_add(len);
-            if last_addr.checked_add(last.len() as u64) == Some(addr) {
-                if let Some(Ok(s)) = joined.map(|j| mem.get_slice(last_addr, j)) {
-                    *last = s;
+        if let (Some(&last_addr), Some(last_len)) =
+            (self.addrs.back(), self.slices.back().map(|s| s.len()))
+        {
+            if last_addr.checked_add(last_len as u64) == Some(addr) {
+                let joined = last_len
+                    .checked_add(len)
+                    .and_then(|j| self.lookup(mem, last_addr, j));
+                if let (Some(joined), Some(last)) = (joined, self.slices.back_mut()) {
+                    *last = joined;
                     return true;
                 }
             }
         }
+        if let Some(s) = self.lookup(mem, addr, len) {
+            self.slices.push_back(s);
+            self.addrs.push_back(addr);
+            return true;
+        }
+        // Across regions: one slice per region.
         let mut at = addr;
         for s in mem.get_slices(addr, len) {
             let Ok(s) = s else {
@@ -250,51 +291,82 @@ impl ParkedChains {
                 Fill::Short
             }
         };
-        // One look at the avail index for all the chains taken now.
-        let Ok(mut avail) = rx.queue.iter(rx.mem) else {
-            return short(self);
+        let Some(reader) = rx.reader.as_ref() else {
+            // The rings are not slices of guest memory: chains are taken
+            // with virtio-queue, on the copying path.
+            return Fill::Unusable;
         };
+        // One look at the avail index for all the chains taken now.
+        let next = rx.queue.next_avail();
+        let available = reader.available(next).unwrap_or(0);
+        let mut taken = 0u16;
+        let mut fill = Fill::Full;
         while self.capacity < MAX_FRAME {
-            if self.chains.len() >= max_chains || self.regions.len() >= MAX_IOVECS {
-                return short(self);
+            if self.chains.len() >= max_chains
+                || self.regions.len() >= MAX_IOVECS
+                || taken == available
+            {
+                fill = short(self);
+                break;
             }
-            let Some(chain) = avail.next() else {
-                return short(self);
-            };
-            let head = chain.head_index();
             let first = self.regions.len();
-            let mut capacity = 0usize;
-            let mut ok = true;
-            let mut more = false;
-            for (i, d) in chain.enumerate() {
-                more = d.has_next();
-                // Whether the buffer is in guest memory is found when it
-                // becomes a slice (`sync`).
-                if i >= MAX_CHAIN_DESCS || !d.is_write_only() {
-                    ok = false;
-                    break;
-                }
-                if d.len() > 0 {
-                    self.regions.push_back((d.addr(), d.len()));
-                    capacity += d.len() as usize;
-                }
-            }
-            // Any parked chain may become a frame's first, which holds the
-            // whole header.
-            if !ok || more || capacity < VNET_HDR_LEN {
-                // Undo this chain; the copying path deals with it.
+            let Some(parked) = self.read_chain(reader, next.wrapping_add(taken)) else {
+                // Left in the queue; the copying path deals with it.
                 self.regions.truncate(first);
-                avail.go_to_previous_position();
-                return Fill::Unusable;
-            }
-            self.chains.push_back(Parked {
-                head,
-                capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
-                regions: self.regions.len() - first,
-            });
-            self.capacity += capacity;
+                fill = Fill::Unusable;
+                break;
+            };
+            self.capacity += parked.capacity as usize;
+            self.chains.push_back(parked);
+            taken += 1;
         }
-        Fill::Full
+        rx.queue.set_next_avail(next.wrapping_add(taken));
+        fill
+    }
+
+    /// Reads the chain at avail position `pos` and appends its buffers to
+    /// the parked regions; `None` if the direct path does not take it
+    /// (malformed, with a device-readable or indirect descriptor, or
+    /// without room for the header: any parked chain may become a frame's
+    /// first, which holds the whole header). Some regions may have been
+    /// appended then.
+    fn read_chain(&mut self, reader: &ChainReader<'_>, pos: u16) -> Option<Parked> {
+        let head = reader.head(pos).ok()?;
+        // A Linux driver's receive chains are one writable buffer each.
+        let d = reader.descriptor(head)?;
+        if u32::from(d.flags()) == VRING_DESC_F_WRITE {
+            if (d.len() as usize) < VNET_HDR_LEN {
+                return None;
+            }
+            self.regions.push_back((d.addr(), d.len()));
+            return Some(Parked {
+                head,
+                capacity: d.len(),
+                regions: 1,
+            });
+        }
+        let first = self.regions.len();
+        let mut capacity = 0u32;
+        for (i, d) in reader.chain(head).enumerate() {
+            let d = d.ok()?;
+            // Whether the buffer is in guest memory is found when it
+            // becomes a slice (`sync`).
+            if i >= MAX_CHAIN_DESCS || !d.is_write_only() {
+                return None;
+            }
+            if d.len() > 0 {
+                self.regions.push_back((d.addr(), d.len()));
+                capacity = capacity.checked_add(d.len())?;
+            }
+        }
+        if (capacity as usize) < VNET_HDR_LEN {
+            return None;
+        }
+        Some(Parked {
+            head,
+            capacity,
+            regions: self.regions.len() - first,
+        })
     }
 
     /// Reads one frame from `backend` straight into the parked chains

@@ -6,7 +6,7 @@ use std::io;
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 
-use ember_virtio::queue::UsedRing;
+use ember_virtio::queue::{ChainReader, UsedRing};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -150,6 +150,10 @@ pub(super) struct RxQueue<'a> {
     /// The used ring as one slice for this pass (`None`: it is not, and
     /// chains are completed through the queue's `add_used`).
     pub(super) used: Option<UsedRing<'a>>,
+    /// The descriptor table and avail ring as slices for this pass, for the
+    /// direct path (`None`: they are not, and the copying path takes every
+    /// chain with virtio-queue).
+    pub(super) reader: Option<ChainReader<'a>>,
 }
 
 impl RxQueue<'_> {
