@@ -20,10 +20,13 @@
 //! waits for more guest buffers like a frame on the copying path.
 //!
 //! A Linux driver posts 1536-byte buffers while frames are small, so about
-//! 43 chains are parked at a time. Their buffers are turned into slices of
-//! guest memory once per receive pass ([`PassSlices`]), not once per frame:
-//! a 64-byte frame then costs one `readv`, one chain parked and one
-//! completed, however many buffers are parked.
+//! 43 chains are parked at a time. Their buffers are found in guest memory
+//! once per receive pass and kept as runs of adjacent bytes
+//! ([`PassSlices`]), not once per frame: a 64-byte frame then costs one
+//! `readv`, one chain parked and one completed, however many buffers are
+//! parked. Chains are read from slices of the rings
+//! ([`ChainReader`](ember_virtio::queue::ChainReader)), one descriptor
+//! load for a chain of one buffer (what Linux posts).
 
 use std::collections::VecDeque;
 use std::io;
@@ -61,139 +64,208 @@ pub(super) struct ParkedChains {
     capacity: usize,
 }
 
-/// The parked buffers as slices of guest memory, for one receive pass (the
-/// slices borrow the guest memory the pass works on): their bytes in queue
-/// order, in as few slices as contiguity allows. A Linux driver carves its
-/// receive buffers one after another out of 32 KiB page fragments, so some
-/// 43 parked buffers of 1536 bytes make three or four slices, and `readv`
-/// gets that many iovecs rather than 43.
+/// A memory region of the guest as one slice, and where it starts.
+#[derive(Clone, Copy)]
+struct Region<'m> {
+    start: GuestAddress,
+    whole: VolatileSlice<'m>,
+}
+
+impl<'m> Region<'m> {
+    /// Where `addr` lies in the region, if `len` bytes from it fit there.
+    fn offset(&self, addr: GuestAddress, len: usize) -> Option<usize> {
+        let off = usize::try_from(addr.checked_offset_from(self.start)?).ok()?;
+        (off.checked_add(len)? <= self.whole.len()).then_some(off)
+    }
+}
+
+/// Parked bytes adjacent in guest memory, in one region.
+#[derive(Clone, Copy)]
+struct Run<'m> {
+    addr: GuestAddress,
+    len: usize,
+    region: Region<'m>,
+}
+
+impl<'m> Run<'m> {
+    fn slice(&self) -> Option<VolatileSlice<'m>> {
+        let off = self.region.offset(self.addr, self.len)?;
+        self.region.whole.subslice(off, self.len).ok()
+    }
+}
+
+/// The parked buffers in guest memory, for one receive pass (they borrow
+/// the guest memory the pass works on): their bytes in queue order, in as
+/// few runs as contiguity allows. A Linux driver carves its receive
+/// buffers one after another out of 32 KiB page fragments, so some 43
+/// parked buffers of 1536 bytes make three or four runs, and `readv` gets
+/// that many iovecs rather than 43. A buffer that follows the last run is
+/// added to it with two comparisons; slices are made only for the runs a
+/// read or a header write touches.
 #[derive(Default)]
 pub(super) struct PassSlices<'m> {
-    slices: VecDeque<VolatileSlice<'m>>,
-    /// The guest address each slice starts at.
-    addrs: VecDeque<GuestAddress>,
-    /// How many of the parked regions (from the front) are in `slices`.
+    runs: VecDeque<Run<'m>>,
+    /// How many of the parked regions (from the front) are in `runs`.
     synced: usize,
-    /// The memory region of the last lookup: its start and all of it.
-    region: Option<(GuestAddress, VolatileSlice<'m>)>,
+    /// The memory region of the last lookup.
+    region: Option<Region<'m>>,
+    /// The slices handed to one read (kept for the pass's next reads).
+    iov: Vec<VolatileSlice<'m>>,
 }
 
 impl<'m> PassSlices<'m> {
     fn clear(&mut self) {
-        self.slices.clear();
-        self.addrs.clear();
+        self.runs.clear();
         self.synced = 0;
     }
 
-    /// The `len` bytes at `addr` as one slice, if they lie in one memory
-    /// region: found in the region of the previous lookup without a search
-    /// when they lie there too (the receive buffers of a guest usually do).
-    fn lookup(
+    /// The memory region holding the `len` bytes at `addr`, if one does:
+    /// the region of the previous lookup without a search when it does
+    /// (the receive buffers of a guest usually lie in one).
+    fn region_of(
         &mut self,
         mem: &'m GuestMemoryMmap,
         addr: GuestAddress,
         len: usize,
-    ) -> Option<VolatileSlice<'m>> {
-        if let Some((start, whole)) = &self.region {
-            let off = addr.checked_offset_from(*start);
-            let off = off.and_then(|off| usize::try_from(off).ok());
-            if let Some(s) = off.and_then(|off| whole.subslice(off, len).ok()) {
-                return Some(s);
+    ) -> Option<Region<'m>> {
+        if let Some(r) = self.region {
+            if r.offset(addr, len).is_some() {
+                return Some(r);
             }
         }
-        let region = mem.find_region(addr)?;
-        let whole = region.as_volatile_slice().ok()?;
-        let start = region.start_addr();
-        self.region = Some((start, whole));
-        let off = usize::try_from(addr.checked_offset_from(start)?).ok()?;
-        whole.subslice(off, len).ok()
+        let found = mem.find_region(addr)?;
+        let r = Region {
+            start: found.start_addr(),
+            whole: found.as_volatile_slice().ok()?,
+        };
+        self.region = Some(r);
+        r.offset(addr, len).map(|_| r)
     }
 
-    /// Appends the `len` bytes at `addr`, extending the last slice when
-    /// they follow it in guest memory (and in the same memory region).
+    /// Appends the `len` bytes at `addr`, to the last run when they follow
+    /// it in guest memory and its region; false if they are not all guest
+    /// memory.
     fn push(&mut self, mem: &'m GuestMemoryMmap, addr: GuestAddress, len: usize) -> bool {
-        if let (Some(&last_addr), Some(last_len)) =
-            (self.addrs.back(), self.slices.back().map(|s| s.len()))
-        {
-            if last_addr.checked_add(last_len as u64) == Some(addr) {
-                let joined = last_len
-                    .checked_add(len)
-                    .and_then(|j| self.lookup(mem, last_addr, j));
-                if let (Some(joined), Some(last)) = (joined, self.slices.back_mut()) {
-                    *last = joined;
-                    return true;
-                }
+        if let Some(last) = self.runs.back_mut() {
+            let end = last.addr.checked_add(last.len as u64);
+            if end == Some(addr) && last.region.offset(last.addr, last.len + len).is_some() {
+                last.len += len;
+                return true;
             }
         }
-        if let Some(s) = self.lookup(mem, addr, len) {
-            self.slices.push_back(s);
-            self.addrs.push_back(addr);
+        if let Some(region) = self.region_of(mem, addr, len) {
+            self.runs.push_back(Run { addr, len, region });
             return true;
         }
-        // Across regions: one slice per region.
-        let mut at = addr;
-        for s in mem.get_slices(addr, len) {
-            let Ok(s) = s else {
+        // Across regions: one run per region.
+        let (mut at, mut left) = (addr, len);
+        while left > 0 {
+            let Some(found) = mem.find_region(at) else {
                 return false;
             };
-            let n = s.len() as u64;
-            self.slices.push_back(s);
-            self.addrs.push_back(at);
-            at = GuestAddress(at.0.wrapping_add(n));
+            let Ok(whole) = found.as_volatile_slice() else {
+                return false;
+            };
+            let region = Region {
+                start: found.start_addr(),
+                whole,
+            };
+            let Some(off) = region.offset(at, 0) else {
+                return false;
+            };
+            let n = left.min(whole.len() - off);
+            if n == 0 {
+                return false;
+            }
+            self.runs.push_back(Run {
+                addr: at,
+                len: n,
+                region,
+            });
+            at = GuestAddress(at.0.wrapping_add(n as u64));
+            left -= n;
         }
         true
+    }
+
+    /// How many runs there are (iovecs for a read of all of them).
+    fn len(&self) -> usize {
+        self.runs.len()
     }
 
     /// Drops the first `bytes` bytes (a completed chain's buffers).
     fn consume(&mut self, mut bytes: usize) {
         while bytes > 0 {
-            let (Some(front), Some(addr)) = (self.slices.front_mut(), self.addrs.front_mut())
-            else {
+            let Some(front) = self.runs.front_mut() else {
                 return;
             };
-            if front.len() <= bytes {
-                bytes -= front.len();
-                self.slices.pop_front();
-                self.addrs.pop_front();
+            if front.len <= bytes {
+                bytes -= front.len;
+                self.runs.pop_front();
             } else {
-                match front.offset(bytes) {
-                    Ok(rest) => *front = rest,
-                    Err(_) => return,
-                }
-                *addr = GuestAddress(addr.0.wrapping_add(bytes as u64));
+                front.addr = GuestAddress(front.addr.0.wrapping_add(bytes as u64));
+                front.len -= bytes;
                 return;
             }
         }
     }
 
-    /// Copies the first `out.len()` bytes of the slices into `out`.
+    /// The runs as slices, from the first on, until they hold `room`
+    /// bytes (the last one cut there), into `self.iov`; false if a run is
+    /// not a slice (it was checked when added, so this does not happen).
+    fn slices_for(&mut self, mut room: usize) -> bool {
+        self.iov.clear();
+        for run in &self.runs {
+            if room == 0 {
+                break;
+            }
+            let Some(s) = run.slice() else {
+                return false;
+            };
+            if s.len() >= room {
+                match s.subslice(0, room) {
+                    Ok(end) => self.iov.push(end),
+                    Err(_) => return false,
+                }
+                break;
+            }
+            room -= s.len();
+            self.iov.push(s);
+        }
+        true
+    }
+
+    /// Copies the first `out.len()` bytes of the runs into `out`.
     fn copy_head(&self, out: &mut [u8]) {
         let mut done = 0usize;
-        for s in &self.slices {
+        for run in &self.runs {
             let Some(rest) = out.get_mut(done..) else {
                 break;
             };
             if rest.is_empty() {
                 break;
             }
+            let Some(s) = run.slice() else {
+                break;
+            };
             done += s.copy_to(rest);
         }
     }
 
-    /// Writes `bytes` at frame offset `at` through the slices.
+    /// Writes `bytes` at frame offset `at` through the runs.
     fn write_frame_bytes(&self, at: usize, bytes: &[u8]) {
         let mut pos = 0usize;
         let mut done = 0usize;
-        for s in &self.slices {
+        for run in &self.runs {
             if done == bytes.len() {
                 break;
             }
-            let len = s.len();
+            let len = run.len;
             let want = at + done;
             if want < pos + len {
                 let off = want - pos;
                 let n = (len - off).min(bytes.len() - done);
-                if let Some(part) = bytes.get(done..done + n) {
+                if let (Some(part), Some(s)) = (bytes.get(done..done + n), run.slice()) {
                     // In bounds: off + n <= len.
                     let _ = s.write_slice(part, off);
                 }
@@ -397,18 +469,21 @@ impl ParkedChains {
         if fill == Fill::Unusable
             || self.regions.len() > iovecs
             || !self.sync(rx.mem, slices)
-            || slices.slices.len() > iovecs
+            || slices.len() > iovecs
             || (fill == Fill::Short && bounce.len() < MAX_FRAME)
+            || !slices.slices_for(MAX_FRAME)
         {
             self.give_back(rx, slices);
             return DirectOutcome::Unusable;
         }
+        // A backend never hands over more than the largest frame: the
+        // parked buffers past it stay untouched for the next frames.
         let read = if fill == Fill::Full {
-            read_max_frame(slices, backend)
+            backend.read_vectored(&slices.iov)
         } else {
             let tail = bounce.get_mut(self.capacity..MAX_FRAME).unwrap_or_default();
-            let mut bufs: Vec<VolatileSlice<'_>> = Vec::with_capacity(slices.slices.len() + 1);
-            bufs.extend(slices.slices.iter().copied());
+            let mut bufs: Vec<VolatileSlice<'_>> = Vec::with_capacity(slices.iov.len() + 1);
+            bufs.extend(slices.iov.iter().copied());
             bufs.push(VolatileSlice::from(tail));
             backend.read_vectored(&bufs)
         };
@@ -476,33 +551,5 @@ impl ParkedChains {
         }
         rx.publish();
         DirectOutcome::Delivered(n)
-    }
-}
-
-/// Reads one frame into the first [`MAX_FRAME`] bytes of the parked
-/// buffers (they hold at least that): a backend never hands over more than
-/// the largest frame, and the rest stay untouched for the next frames.
-fn read_max_frame(slices: &mut PassSlices<'_>, backend: &mut dyn NetBackend) -> io::Result<usize> {
-    let all = slices.slices.make_contiguous();
-    let mut room = MAX_FRAME;
-    let mut last = 0usize;
-    while let Some(s) = all.get(last) {
-        if s.len() >= room {
-            break;
-        }
-        room -= s.len();
-        last += 1;
-    }
-    match all.get(last).copied() {
-        Some(whole) => match whole.subslice(0, room) {
-            Ok(end) => {
-                all[last] = end;
-                let read = backend.read_vectored(&all[..=last]);
-                all[last] = whole;
-                read
-            }
-            Err(_) => backend.read_vectored(all),
-        },
-        None => backend.read_vectored(all),
     }
 }

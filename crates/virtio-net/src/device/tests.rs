@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 use super::*;
 use crate::test_utils::{
     desc, guest_bytes, guest_memory, CountingInterrupt, MemBackend, MemState, TestQueue, XorShift,
-    DATA, INDIRECT, MEM_END, NEXT, R, RX_RING, TX_RING, W,
+    DATA, INDIRECT, MEM_END, MEM_SIZE, NEXT, R, RX_RING, TX_RING, W,
 };
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use vm_memory::{Bytes, GuestAddress};
@@ -553,6 +553,45 @@ fn rx_direct_path_takes_frames_that_fit_fewer_buffers_than_the_largest_frame_nee
     let mut got = guest_bytes(&mem, DATA + 0x2000, 4096);
     got.extend(guest_bytes(&mem, DATA + 0x3000, 904));
     assert_eq!(got, expected_rx(&c, 2, false));
+}
+
+#[test]
+fn rx_direct_buffers_across_two_memory_regions_get_the_frame_whole() {
+    let (mut net, state) = new_net(false);
+    // Two adjacent regions meeting half-way (as hot-plugged or split
+    // memory does); the guest's buffers run across the seam.
+    let half = MEM_SIZE / 2;
+    let seam = u64::try_from(half).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), half),
+        (GuestAddress(seam), MEM_SIZE - half),
+    ])
+    .unwrap();
+    let mut rxq = TestQueue::new(&mem, RX_RING, 32);
+    let txq = TestQueue::new(&mem, TX_RING, 32);
+    // 18 adjacent 4 KiB buffers from 7 KiB below the seam, the second
+    // one straddling it by 1 KiB.
+    let first = seam - 0x2000 + 0x400;
+    for i in 0..18 {
+        rxq.add(&[desc(first + i * 0x1000, 4096, W)]);
+    }
+    activate(&mut net, &mem, &rxq, &txq, BASIC | MRG);
+    net.rx_avg = MAX_FRAME;
+    let (a, b) = (frame(10_000, 1), frame(3000, 2));
+    state.push_frame(a.clone());
+    state.push_frame(b.clone());
+    assert_eq!(net.process_backend(), KEEP);
+    // Both went straight in (no plain read) and read back whole.
+    assert_eq!(
+        state.reads.load(Ordering::SeqCst),
+        state.vectored_reads.load(Ordering::SeqCst)
+    );
+    assert_eq!(rxq.used(), vec![(0, 4096), (1, 4096), (2, 1808), (3, 3000)]);
+    assert_eq!(guest_bytes(&mem, first, 10_000), expected_rx(&a, 3, false));
+    assert_eq!(
+        guest_bytes(&mem, first + 0x3000, 3000),
+        expected_rx(&b, 1, false)
+    );
 }
 
 #[test]
