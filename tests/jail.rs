@@ -303,3 +303,53 @@ fn jail_bad_input_fails_cleanly_and_creates_nothing() {
     );
     run.check(entries(&jail).is_empty(), "nothing created for a bad flag");
 }
+
+#[test]
+fn jail_serves_the_api_from_its_run_directory_and_removes_it() {
+    if !root("jail_serves_the_api_from_its_run_directory_and_removes_it") {
+        return;
+    }
+    let dir = TempDir::new("jail-api");
+    let jail = jail_dir(&dir);
+    let args = [
+        "jail",
+        "--dir",
+        jail.to_str().unwrap(),
+        "--uid",
+        "65534",
+        "--gid",
+        "65534",
+        "--new-pid-ns",
+        "--api-sock",
+        "api.sock",
+    ];
+    let ember = spawn_ember(&args, b"");
+    let sock = jail.join("run/api.sock");
+    let mut c = ember_tests::http::Client::connect(&sock, Duration::from_secs(30));
+    let r = c.request("GET", "/", None);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["state"], "Not started");
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert_eq!(meta.uid(), NOBODY, "the jailed ember made the socket");
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    // A kernel outside the jail cannot be seen from inside it.
+    let kernel = dir.write("vmlinux", b"not a kernel");
+    let r = c.request(
+        "PUT",
+        "/boot-source",
+        Some(&format!(
+            r#"{{"kernel_image_path": "{}"}}"#,
+            kernel.display()
+        )),
+    );
+    assert_eq!(r.status, 400, "{r:?}");
+    drop(c);
+    ember.signal(libc::SIGTERM);
+    let run = ember.finish(Duration::from_secs(30));
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    assert_eq!(
+        entries(&jail),
+        Vec::<String>::new(),
+        "the jail is left empty"
+    );
+}

@@ -2,6 +2,8 @@
 //! guest kernel, building tiny guests, running ember with a deadline, and
 //! reading the guest agent's lines.
 
+pub mod http;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::process::ExitStatusExt;
@@ -282,6 +284,14 @@ impl Running {
                 }
             }
         }
+    }
+
+    /// Everything ember has printed on stdout so far.
+    pub fn stdout_so_far(&mut self) -> String {
+        while let Ok(chunk) = self.stdout_rx.try_recv() {
+            self.stdout_buf.extend(chunk);
+        }
+        String::from_utf8_lossy(&self.stdout_buf).into_owned()
     }
 
     /// Sends `signal` to ember.

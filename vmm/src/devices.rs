@@ -1,4 +1,4 @@
-//! The legacy devices on the port-I/O bus: COM1 on IRQ 4, the i8042, the CMOS clock.
+//! The legacy devices on the port-I/O bus: COM1 on IRQ 4, the i8042 (keyboard on IRQ 1), the CMOS clock.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -28,6 +28,8 @@ pub struct LegacyDevices {
     pub serial_input_drained: EventFd,
     /// Signalled when the guest resets through the i8042.
     pub reset: EventFd,
+    /// The keyboard controller, for the host's Ctrl-Alt-Del.
+    pub i8042: Arc<Mutex<I8042>>,
 }
 
 impl std::fmt::Debug for LegacyDevices {
@@ -63,16 +65,17 @@ impl LegacyDevices {
             .map_err(|e| Error::Bus(format!("COM1: {e:?}")))?;
 
         let reset = eventfd("i8042 reset")?;
-        let i8042 = I8042::new(
+        let kbd_irq = eventfd("keyboard interrupt")?;
+        vm.register_irqfd(&kbd_irq, layout::KEYBOARD_IRQ)
+            .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(
             reset
                 .try_clone()
                 .map_err(|e| Error::EventFd("i8042 reset", e))?,
-        );
-        io.register_pio(
-            pio_range(I8042_PORT_BASE, I8042_PORT_SIZE)?,
-            Arc::new(Mutex::new(i8042)),
-        )
-        .map_err(|e| Error::Bus(format!("i8042: {e:?}")))?;
+            kbd_irq,
+        )));
+        io.register_pio(pio_range(I8042_PORT_BASE, I8042_PORT_SIZE)?, i8042.clone())
+            .map_err(|e| Error::Bus(format!("i8042: {e:?}")))?;
 
         io.register_pio(
             pio_range(CMOS_PORT_BASE, CMOS_PORT_SIZE)?,
@@ -84,6 +87,7 @@ impl LegacyDevices {
             serial,
             serial_input_drained,
             reset,
+            i8042,
         })
     }
 }

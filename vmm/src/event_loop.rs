@@ -93,6 +93,8 @@ impl MutEventSubscriber for ConsoleInput {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
+        // Also when put back after a pause: input is watched again.
+        self.paused = false;
         if let Err(e) = ops.add(Events::new(&self.drained, EventSet::IN)) {
             log::error!("console: cannot watch the UART: {e:?}");
         }
@@ -108,10 +110,11 @@ impl MutEventSubscriber for ConsoleInput {
 
 /// Watches the events that end the VM and records the first.
 struct StopWatcher {
-    reset: EventFd,
-    vcpu_evt: EventFd,
-    report: Arc<VcpuExitReport>,
-    signals: StopSignals,
+    fds: Vec<std::os::fd::RawFd>,
+    reset: Option<EventFd>,
+    vcpu: Option<(EventFd, Arc<VcpuExitReport>)>,
+    signals: Option<StopSignals>,
+    api: Option<EventFd>,
     stop: Arc<Mutex<Option<Stop>>>,
 }
 
@@ -127,27 +130,31 @@ impl StopWatcher {
 impl MutEventSubscriber for StopWatcher {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let fd = events.fd();
-        if fd == self.reset.as_raw_fd() {
-            let _ = self.reset.read();
+        if let Some(reset) = self.reset.as_ref().filter(|e| e.as_raw_fd() == fd) {
+            let _ = reset.read();
             self.record(Stop::I8042Reset);
-        } else if fd == self.vcpu_evt.as_raw_fd() {
-            let _ = self.vcpu_evt.read();
-            if let Some(end) = self.report.take() {
+        } else if let Some((evt, report)) = self.vcpu.as_ref().filter(|v| v.0.as_raw_fd() == fd) {
+            let _ = evt.read();
+            if let Some(end) = report.take() {
                 self.record(Stop::Vcpu(end));
             }
-        } else if fd == self.signals.as_raw_fd() {
-            if let Some(sig) = self.signals.read() {
-                self.record(Stop::Signal(sig));
+        } else if let Some(signals) = self.signals.as_mut().filter(|s| s.as_raw_fd() == fd) {
+            match signals.read() {
+                Some(libc::SIGHUP) => {
+                    log::info!("SIGHUP: reopening the log file");
+                    crate::logger::reopen();
+                }
+                Some(sig) => self.record(Stop::Signal(sig)),
+                None => {}
             }
+        } else if let Some(api) = self.api.as_ref().filter(|e| e.as_raw_fd() == fd) {
+            // The requests themselves are taken by the loop's owner.
+            let _ = api.read();
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for fd in [
-            self.reset.as_raw_fd(),
-            self.vcpu_evt.as_raw_fd(),
-            self.signals.as_raw_fd(),
-        ] {
+        for &fd in &self.fds {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
                 log::error!("event loop: cannot watch fd {fd}: {e:?}");
             }
@@ -155,7 +162,11 @@ impl MutEventSubscriber for StopWatcher {
     }
 }
 
-/// The event loop of one VM.
+/// A subscriber's handle in the loop, to take it out again.
+pub type SubscriberId = event_manager::SubscriberId;
+
+/// The event loop of the VMM thread: the events that end the VM, the API's
+/// wake-up, and (once a VM is built) its console and devices.
 pub struct EventLoop {
     manager: EventManager<Subscriber>,
     stop: Arc<Mutex<Option<Stop>>>,
@@ -167,8 +178,8 @@ impl std::fmt::Debug for EventLoop {
     }
 }
 
-/// What the event loop watches.
-pub struct LoopInputs {
+/// What a built VM adds to the event loop.
+pub struct VmInputs {
     /// Console input (stdin), if any.
     pub console_in: Option<File>,
     /// The console UART.
@@ -181,46 +192,119 @@ pub struct LoopInputs {
     pub vcpu_evt: EventFd,
     /// Where the vCPUs report why they ended.
     pub report: Arc<VcpuExitReport>,
-    /// SIGINT/SIGTERM.
-    pub signals: StopSignals,
     /// Device subscribers (virtio queues).
     pub devices: Vec<Subscriber>,
 }
 
+/// The parts of a VM's inputs that stop while it is paused: console
+/// input and device queues (they touch guest memory and inject
+/// interrupts), as subscribers to take out of the loop and put back.
+pub struct Pausable {
+    subscribers: Vec<Subscriber>,
+    ids: Vec<SubscriberId>,
+}
+
+impl std::fmt::Debug for Pausable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pausable")
+            .field("subscribers", &self.subscribers.len())
+            .field("attached", &!self.ids.is_empty())
+            .finish()
+    }
+}
+
+fn loop_error(e: event_manager::Error) -> Error {
+    Error::EventLoop(format!("{e:?}"))
+}
+
 impl EventLoop {
-    /// Builds the loop and registers its subscribers.
-    pub fn new(inputs: LoopInputs) -> Result<Self, Error> {
-        let mut manager =
-            EventManager::<Subscriber>::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
+    /// A loop watching the stop signals and, if given, the API's wake-up
+    /// eventfd (its requests are then taken with [`EventLoop::run_once`]'s
+    /// caller).
+    pub fn new(signals: StopSignals, api: Option<EventFd>) -> Result<Self, Error> {
+        let mut manager = EventManager::<Subscriber>::new().map_err(loop_error)?;
         let stop = Arc::new(Mutex::new(None));
-        manager.add_subscriber(Arc::new(Mutex::new(ConsoleInput {
+        let mut fds = vec![signals.as_raw_fd()];
+        fds.extend(api.as_ref().map(|e| e.as_raw_fd()));
+        manager.add_subscriber(Arc::new(Mutex::new(StopWatcher {
+            fds,
+            reset: None,
+            vcpu: None,
+            signals: Some(signals),
+            api,
+            stop: stop.clone(),
+        })));
+        Ok(EventLoop { manager, stop })
+    }
+
+    /// Adds a built VM's events: the ones that end it stay for good; the
+    /// console input and devices come back as a [`Pausable`] that is
+    /// attached (see [`EventLoop::resume`]).
+    pub fn add_vm(&mut self, inputs: VmInputs) -> Result<Pausable, Error> {
+        let fds = vec![inputs.reset.as_raw_fd(), inputs.vcpu_evt.as_raw_fd()];
+        self.manager
+            .add_subscriber(Arc::new(Mutex::new(StopWatcher {
+                fds,
+                reset: Some(inputs.reset),
+                vcpu: Some((inputs.vcpu_evt, inputs.report)),
+                signals: None,
+                api: None,
+                stop: self.stop.clone(),
+            })));
+        let mut subscribers: Vec<Subscriber> = vec![Arc::new(Mutex::new(ConsoleInput {
             input: inputs.console_in,
             serial: inputs.serial,
             drained: inputs.serial_drained,
             paused: false,
-        })));
-        manager.add_subscriber(Arc::new(Mutex::new(StopWatcher {
-            reset: inputs.reset,
-            vcpu_evt: inputs.vcpu_evt,
-            report: inputs.report,
-            signals: inputs.signals,
-            stop: stop.clone(),
-        })));
-        for d in inputs.devices {
-            manager.add_subscriber(d);
+        }))];
+        subscribers.extend(inputs.devices);
+        let mut p = Pausable {
+            subscribers,
+            ids: Vec::new(),
+        };
+        self.resume(&mut p);
+        Ok(p)
+    }
+
+    /// Takes the console input and devices out of the loop: none of their
+    /// events is served until [`EventLoop::resume`].
+    pub fn pause(&mut self, p: &mut Pausable) -> Result<(), Error> {
+        for id in p.ids.drain(..) {
+            self.manager.remove_subscriber(id).map_err(loop_error)?;
         }
-        Ok(EventLoop { manager, stop })
+        Ok(())
+    }
+
+    /// Puts the console input and devices (back) into the loop.
+    pub fn resume(&mut self, p: &mut Pausable) {
+        if p.ids.is_empty() {
+            for s in &p.subscribers {
+                p.ids.push(self.manager.add_subscriber(s.clone()));
+            }
+        }
+    }
+
+    /// Waits for events (at most `timeout_ms`, -1 for no limit) and
+    /// serves them.
+    pub fn run_once(&mut self, timeout_ms: i32) -> Result<(), Error> {
+        self.manager
+            .run_with_timeout(timeout_ms)
+            .map_err(loop_error)?;
+        Ok(())
+    }
+
+    /// What ended the VM, once something has.
+    pub fn take_stop(&mut self) -> Option<Stop> {
+        self.stop.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     /// Runs until something ends the VM, and says what.
     pub fn run(&mut self) -> Result<Stop, Error> {
         loop {
-            if let Some(s) = self.stop.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            if let Some(s) = self.take_stop() {
                 return Ok(s);
             }
-            self.manager
-                .run()
-                .map_err(|e| Error::EventLoop(format!("{e:?}")))?;
+            self.run_once(-1)?;
         }
     }
 }

@@ -3,6 +3,12 @@
 //! libraries, the kernel, initrd and disk images, `/dev/kvm`,
 //! `/dev/urandom`, and `/dev/net/tun` when it has NICs) and the command
 //! line of the jailed ember, which names the files by their jail paths.
+//!
+//! With `--api-sock NAME` the jailed ember serves the API on `/run/NAME`, a
+//! writable directory of the jail: the host reaches it at
+//! `<jail dir>/run/NAME`. A VM configured only through the API finds its
+//! kernel and images inside the jail, where the caller put them (as with
+//! Firecracker's jailer).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -45,6 +51,20 @@ pub struct JailOptions {
     pub seccomp: seccomp::Mode,
     /// The jailed ember's log level.
     pub log_level: log::LevelFilter,
+    /// Serve the API on `/run/<name>` inside the jail.
+    pub api_sock: Option<String>,
+}
+
+/// The writable directory inside the jail that holds the API socket.
+pub const JAIL_RUN_DIR: &str = "/run";
+
+/// Where the host finds the jailed VM's API socket.
+pub fn host_api_sock(opts: &JailOptions) -> Option<PathBuf> {
+    opts.api_sock.as_ref().map(|name| {
+        opts.dir
+            .join(JAIL_RUN_DIR.trim_start_matches('/'))
+            .join(name)
+    })
 }
 
 /// Parses a `--cgroup KEY=VALUE` flag.
@@ -76,12 +96,28 @@ fn flag_safe(what: &str, value: &str) -> Result<(), Error> {
 
 /// The files, devices and command line of the jailed ember for `cfg`.
 fn vm_inside(
-    cfg: &ValidConfig,
+    cfg: Option<&ValidConfig>,
     opts: &JailOptions,
 ) -> Result<(Vec<JailFile>, Vec<OsString>), Error> {
     let mut files = current_exe_files(Path::new(EMBER_INSIDE))?;
     let mut args: Vec<OsString> = Vec::new();
     let mut arg = |a: &str| args.push(a.into());
+    if let Some(name) = &opts.api_sock {
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(Error::JailConfig(format!(
+                "--api-sock `{name}`: give a file name; the socket goes in the jail's {JAIL_RUN_DIR}"
+            )));
+        }
+        arg("--api-sock");
+        arg(&format!("{JAIL_RUN_DIR}/{name}"));
+    }
+    let Some(cfg) = cfg else {
+        arg("--seccomp");
+        arg(&opts.seccomp.to_string());
+        arg("--log-level");
+        arg(&opts.log_level.to_string().to_lowercase());
+        return Ok((files, args));
+    };
 
     files.push(JailFile::read_only(&cfg.kernel, "/vm/kernel"));
     arg("--kernel");
@@ -131,8 +167,8 @@ fn vm_inside(
     Ok((files, args))
 }
 
-/// The jail for `cfg`.
-pub fn spec(cfg: &ValidConfig, opts: &JailOptions) -> Result<JailSpec, Error> {
+/// The jail for `cfg` (none: a VM configured through the API).
+pub fn spec(cfg: Option<&ValidConfig>, opts: &JailOptions) -> Result<JailSpec, Error> {
     let id = opts
         .id
         .clone()
@@ -142,8 +178,12 @@ pub fn spec(cfg: &ValidConfig, opts: &JailOptions) -> Result<JailSpec, Error> {
     spec.files = files;
     spec.args = args;
     spec.devices = vec!["/dev/kvm".into(), "/dev/urandom".into()];
-    if !cfg.nets.is_empty() {
+    // A VM configured through the API may get NICs later.
+    if cfg.is_none_or(|c| !c.nets.is_empty()) {
         spec.devices.push("/dev/net/tun".into());
+    }
+    if opts.api_sock.is_some() {
+        spec.writable_dirs = vec![JAIL_RUN_DIR.into()];
     }
     spec.uid = opts.uid;
     spec.gid = opts.gid;
@@ -160,8 +200,12 @@ pub fn spec(cfg: &ValidConfig, opts: &JailOptions) -> Result<JailSpec, Error> {
 
 /// Runs the VM of `cfg` jailed; returns the jailed ember's exit status
 /// (128 + the signal if a signal ended it).
-pub fn run(cfg: &ValidConfig, opts: &JailOptions) -> Result<i32, Error> {
+pub fn run(cfg: Option<&ValidConfig>, opts: &JailOptions) -> Result<i32, Error> {
     let spec = spec(cfg, opts)?;
+    let sock = host_api_sock(opts);
+    if let Some(sock) = &sock {
+        log::info!("jail {}: API socket {}", spec.id, sock.display());
+    }
     log::info!(
         "jail {}: {} as {}:{}",
         spec.id,
@@ -169,7 +213,14 @@ pub fn run(cfg: &ValidConfig, opts: &JailOptions) -> Result<i32, Error> {
         spec.uid,
         spec.gid
     );
-    let status = ember_jail::run(&spec)?;
+    let status = ember_jail::run(&spec);
+    // A jailed ember that was killed leaves its socket; the jail's
+    // directory can then go too.
+    if let Some(sock) = &sock {
+        let _ = std::fs::remove_file(sock);
+        let _ = std::fs::remove_dir(sock.parent().unwrap_or(Path::new("/")));
+    }
+    let status = status?;
     use std::os::unix::process::ExitStatusExt;
     Ok(status
         .code()

@@ -13,11 +13,15 @@
 //! std::process::exit(exit.code());
 //! ```
 
+pub mod api;
 pub mod config;
 pub mod devices;
 pub mod disks;
 pub mod event_loop;
+pub mod instance;
 pub mod jail;
+pub mod logger;
+pub mod metrics;
 pub mod nets;
 pub mod pci;
 pub mod seccomp;
@@ -41,8 +45,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use config::ValidConfig;
 use devices::{ConsoleOut, LegacyDevices};
-use event_loop::{EventLoop, LoopInputs, Stop};
-use signals::StopSignals;
+use event_loop::{EventLoop, Pausable, Stop, VmInputs};
 use vcpus::{VcpuExitReport, VcpuThreads};
 use vm::Hypervisor;
 
@@ -124,6 +127,15 @@ pub enum Error {
     /// A seccomp filter cannot be compiled or installed.
     #[error(transparent)]
     Seccomp(#[from] seccomp::Error),
+    /// The operation does not fit the VM's state.
+    #[error("{0}")]
+    Lifecycle(String),
+    /// The API socket cannot be set up.
+    #[error("API socket")]
+    Api(#[from] ember_api::Error),
+    /// The API thread cannot be started.
+    #[error("cannot start the API thread")]
+    SpawnApi(#[source] std::io::Error),
     /// The guest or KVM failed while running.
     #[error("the VM failed: {0}")]
     Guest(String),
@@ -220,16 +232,22 @@ fn guest_cmdline(user: &str, forced: &[&'static ember_vcpu::cpuid::MaskedFeature
     }
 }
 
-/// A built VM, ready to run. Field order matters: vCPUs and the VM fd are
-/// dropped before the guest memory they point into.
+/// A built VM: created, loaded, then started, paused, resumed and shut
+/// down by its [`instance::Instance`]. Field order matters: vCPUs and the
+/// VM fd are dropped before the guest memory they point into.
 pub struct Vmm {
     vcpus: Vec<Vcpu>,
+    threads: Option<VcpuThreads>,
     disks: Vec<disks::DiskDevice>,
     nets: Vec<nets::NetDevice>,
-    _vm: Arc<VmFd>,
-    event_loop: EventLoop,
+    vm: Arc<VmFd>,
+    inputs: Option<VmInputs>,
+    pausable: Option<Pausable>,
     report: Arc<VcpuExitReport>,
     started: Instant,
+    paused_clock: Option<kvm_bindings::kvm_clock_data>,
+    i8042: Arc<std::sync::Mutex<ember_legacy::I8042>>,
+    exit_counters: Vec<Arc<ember_vcpu::SharedExitCounts>>,
     _mem: GuestMemoryMmap,
 }
 
@@ -241,13 +259,15 @@ impl std::fmt::Debug for Vmm {
     }
 }
 
+/// How long a pause may wait for every vCPU to park.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl Vmm {
     /// Builds the VM described by `cfg`. Nothing runs yet. `started` is the
-    /// process start, for timing logs.
+    /// process start, for timing logs. The caller has blocked the stop
+    /// signals (see [`signals::StopSignals::block`]) before starting any
+    /// thread.
     pub fn build(cfg: &ValidConfig, console: Console, started: Instant) -> Result<Self> {
-        // Before any thread exists, so every thread inherits the mask.
-        let signals = StopSignals::block().map_err(Error::Signals)?;
-
         let hv = Hypervisor::open()?;
         hv.check_vcpus(cfg.vcpus)?;
         let ml = MemoryLayout::new(cfg.memory_mib)?;
@@ -310,34 +330,44 @@ impl Vmm {
                 .try_clone()
                 .map_err(|e| Error::EventFd("vcpu exit", e))?,
         ));
-        let event_loop = EventLoop::new(LoopInputs {
+        let i8042 = legacy.i8042.clone();
+        let exit_counters = vcpus.iter().map(Vcpu::exit_counter).collect();
+        let inputs = VmInputs {
             console_in: console.input,
             serial: legacy.serial,
             serial_drained: legacy.serial_input_drained,
             reset: legacy.reset,
             vcpu_evt,
             report: report.clone(),
-            signals,
             devices: device_events,
-        })?;
+        };
         Ok(Vmm {
             vcpus,
+            threads: None,
             disks,
             nets,
-            _vm: vm,
-            event_loop,
+            vm,
+            inputs: Some(inputs),
+            pausable: None,
             report,
             started,
+            paused_clock: None,
+            i8042,
+            exit_counters,
             _mem: mem,
         })
     }
 
-    /// Starts the vCPUs and runs the event loop until the guest or a signal
-    /// ends the VM; stops the vCPUs and says why it ended. Every thread runs
-    /// under its `filters` from before it first touches guest data: each
-    /// vCPU thread installs its own first thing, the calling thread before
-    /// it runs the event loop.
-    pub fn run(mut self, filters: &seccomp::Filters) -> Result<ExitReason> {
+    /// Puts the VM's events into `event_loop` and starts the vCPUs. Every
+    /// thread runs under its `filters` from before it first touches guest
+    /// data: each vCPU thread installs its own first thing, the calling
+    /// thread (which serves the loop) right after starting them.
+    pub fn start(&mut self, filters: &seccomp::Filters, event_loop: &mut EventLoop) -> Result<()> {
+        let inputs = self
+            .inputs
+            .take()
+            .ok_or_else(|| Error::Guest("the VM was started twice".into()))?;
+        self.pausable = Some(event_loop.add_vm(inputs)?);
         let vcpus = std::mem::take(&mut self.vcpus);
         let mut threads =
             VcpuThreads::start(vcpus, self.report.clone(), self.started, filters.clone())?;
@@ -345,12 +375,163 @@ impl Vmm {
             threads.stop(Duration::from_millis(500));
             return Err(e.into());
         }
-        let stop = self.event_loop.run();
-        threads.stop(Duration::from_millis(500));
+        self.threads = Some(threads);
+        Ok(())
+    }
+
+    /// Stops the guest: every vCPU parks (its pending exit completed), the
+    /// console and devices leave the loop (no queue work, no tap reads, no
+    /// interrupts), and the guest's clock is saved so that it does not
+    /// advance while paused.
+    pub fn pause(&mut self, event_loop: &mut EventLoop) -> Result<()> {
+        let threads = self.threads.as_ref().ok_or_else(not_started)?;
+        threads.pause(PAUSE_TIMEOUT)?;
+        if let Some(p) = self.pausable.as_mut() {
+            event_loop.pause(p)?;
+        }
+        match self.vm.get_clock() {
+            Ok(clock) => self.paused_clock = Some(clock),
+            Err(e) => log::warn!("KVM_GET_CLOCK: {e}: the guest clock will jump by the pause"),
+        }
+        Ok(())
+    }
+
+    /// Runs the guest again from where [`Vmm::pause`] stopped it, with its
+    /// clock where it was.
+    pub fn resume(&mut self, event_loop: &mut EventLoop) -> Result<()> {
+        let threads = self.threads.as_ref().ok_or_else(not_started)?;
+        if let Some(mut clock) = self.paused_clock.take() {
+            // Flags off: set exactly this value, not advanced by the time
+            // that passed (KVM_CLOCK_REALTIME would do that).
+            clock.flags = 0;
+            if let Err(e) = self.vm.set_clock(&clock) {
+                log::warn!("KVM_SET_CLOCK: {e}: the guest clock jumps by the pause");
+            }
+        }
+        if let Some(p) = self.pausable.as_mut() {
+            event_loop.resume(p);
+        }
+        threads.resume();
+        Ok(())
+    }
+
+    /// Serves disk `index` (in [`ValidConfig::disks`] order) from the image
+    /// at `path` from now on (Firecracker's `PATCH /drives`): the old image
+    /// is flushed, the new one opened and locked, and the guest told of
+    /// the new capacity with a configuration-change interrupt.
+    pub fn patch_drive(&self, index: usize, path: &std::path::Path) -> Result<()> {
+        let disk = self
+            .disks
+            .get(index)
+            .ok_or_else(|| Error::Guest(format!("no disk {index}")))?;
+        let mut dev = disk.lock().unwrap_or_else(|e| e.into_inner());
+        let read_only = dev.device().read_only();
+        let backend = ember_virtio_blk::RawFile::open(path, read_only)
+            .map_err(|source| Error::Disk { index, source })?;
+        let changed = dev
+            .device_mut()
+            .swap_backend(Box::new(backend), path.display().to_string())
+            .map_err(|source| Error::Disk { index, source })?;
+        log::info!(
+            "virtio-blk{index}: now {}{}",
+            path.display(),
+            if changed { ", new capacity" } else { "" }
+        );
+        dev.signal_config_change()
+            .map_err(|e| Error::Guest(format!("virtio-blk{index}: config interrupt: {e}")))
+    }
+
+    /// Presses Ctrl-Alt-Del on the guest's keyboard (Linux reboots, or
+    /// signals init if it asked for that).
+    pub fn send_ctrl_alt_del(&self) -> Result<()> {
+        self.i8042
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .trigger_ctrl_alt_del()
+            .map_err(|e| Error::Guest(format!("Ctrl-Alt-Del: {e}")))
+    }
+
+    /// The running VM's counters in Firecracker's metric groups, summed
+    /// over devices of a kind: `block`, `net`, `vcpu`.
+    pub fn device_metrics(&self) -> Vec<(&'static str, metrics::Counters)> {
+        fn add(group: &mut metrics::Counters, values: &[(&'static str, u64)]) {
+            for (k, v) in values {
+                *group.entry(k).or_default() += v;
+            }
+        }
+        let (mut block, mut net, mut vcpu) = Default::default();
+        for d in &self.disks {
+            let c = d
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .device()
+                .counters();
+            add(
+                &mut block,
+                &[
+                    ("read_count", c.reads),
+                    ("read_bytes", c.read_bytes),
+                    ("write_count", c.writes),
+                    ("write_bytes", c.write_bytes),
+                    ("flush_count", c.flushes),
+                    ("invalid_reqs_count", c.errors),
+                ],
+            );
+        }
+        for n in &self.nets {
+            let c = n
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .device()
+                .counters();
+            add(
+                &mut net,
+                &[
+                    ("rx_packets_count", c.rx_packets),
+                    ("rx_bytes_count", c.rx_bytes),
+                    ("rx_dropped", c.rx_dropped),
+                    ("tx_packets_count", c.tx_packets),
+                    ("tx_bytes_count", c.tx_bytes),
+                    ("tx_dropped", c.tx_dropped),
+                ],
+            );
+        }
+        for c in &self.exit_counters {
+            let c = c.snapshot();
+            add(
+                &mut vcpu,
+                &[
+                    ("exit_io_in", c.io_in),
+                    ("exit_io_out", c.io_out),
+                    ("exit_mmio_read", c.mmio_read),
+                    ("exit_mmio_write", c.mmio_write),
+                    ("exit_interrupted", c.interrupted),
+                    ("exit_other", c.other),
+                ],
+            );
+        }
+        vec![("block", block), ("net", net), ("vcpu", vcpu)]
+    }
+
+    /// Stops the vCPUs, flushes the disks and logs the device counters.
+    pub fn shutdown(&mut self) {
+        if let Some(mut threads) = self.threads.take() {
+            threads.stop(Duration::from_millis(500));
+        }
         disks::flush_all(&self.disks);
         disks::log_counters(&self.disks);
         nets::log_counters(&self.nets);
-        match stop? {
+    }
+}
+
+fn not_started() -> Error {
+    Error::Guest("the VM has not been started".into())
+}
+
+impl ExitReason {
+    /// What a [`Stop`] of the event loop means for the process.
+    pub fn from_stop(stop: Stop) -> Result<ExitReason> {
+        match stop {
             Stop::I8042Reset => Ok(ExitReason::GuestReset),
             Stop::Signal(n) => Ok(ExitReason::Signal(n)),
             Stop::Vcpu(VcpuEnd::Guest(GuestStop::Reset)) => Ok(ExitReason::GuestReset),

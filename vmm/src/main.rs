@@ -1,25 +1,80 @@
 //! `ember`: boot a microVM from a config file and/or flags.
 
-use std::io::Write;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
-use ember_vmm::config::{DiskConfig, NetConfig, Overrides, ValidConfig, VmConfig};
+use ember_vmm::config::{ConfigError, DiskConfig, NetConfig, Overrides, ValidConfig, VmConfig};
+use ember_vmm::instance::{Instance, InstanceOptions};
 use ember_vmm::jail::{parse_cgroup_flag, JailOptions};
+use ember_vmm::signals::StopSignals;
 use ember_vmm::terminal::RawTerminal;
-use ember_vmm::{error_chain, seccomp, Console, Vmm};
+use ember_vmm::{error_chain, seccomp, Console};
 
 /// Ember: a minimal KVM microVM monitor.
 #[derive(Debug, Parser)]
-#[command(name = "ember", version, about, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "ember",
+    about,
+    disable_version_flag = true,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
     vm: VmArgs,
+    #[command(flatten)]
+    fc: FirecrackerArgs,
+}
+
+/// Firecracker's command line, for orchestrators that drive ember as they
+/// drive Firecracker.
+#[derive(Debug, Args)]
+struct FirecrackerArgs {
+    /// Serve Firecracker's HTTP API on this Unix socket (mode 0600; a stale
+    /// socket file is replaced). Without a VM configuration, ember waits
+    /// for one through the API.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// A Firecracker JSON config file (boot-source, drives, machine-config,
+    /// network-interfaces); the VM starts at once.
+    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    config_file: Option<PathBuf>,
+    /// Do not serve the API (the default without --api-sock); needs a VM
+    /// configuration.
+    #[arg(long, conflicts_with = "api_sock")]
+    no_api: bool,
+    /// The VM's id, reported by `GET /`.
+    #[arg(long, value_name = "ID", default_value = "anonymous-instance")]
+    id: String,
+    /// Firecracker's log level: Error, Warning, Info, Debug, Trace or Off
+    /// (overrides --log-level).
+    #[arg(long, value_name = "LEVEL", value_parser = parse_fc_level)]
+    level: Option<log::LevelFilter>,
+    /// Write the log to this file or named pipe (appended; reopened on
+    /// SIGHUP) instead of stderr, in Firecracker's format.
+    #[arg(long, value_name = "PATH")]
+    log_path: Option<PathBuf>,
+    /// Write Firecracker's metrics (one JSON object a line) to this file or
+    /// named pipe, every 60 s and on FlushMetrics.
+    #[arg(long, value_name = "PATH")]
+    metrics_path: Option<PathBuf>,
+    /// Print the version (`ember v<semver>`) and exit.
+    #[arg(long)]
+    version: bool,
+}
+
+/// Firecracker's level names (any case), and ember's.
+fn parse_fc_level(s: &str) -> Result<log::LevelFilter, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "warning" => Ok(log::LevelFilter::Warn),
+        other => other
+            .parse()
+            .map_err(|_| format!("invalid level `{s}` (Error, Warning, Info, Debug, Trace, Off)")),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -67,6 +122,10 @@ struct JailArgs {
     /// RLIMIT_FSIZE of the VM, in bytes.
     #[arg(long, value_name = "BYTES")]
     max_file_size: Option<u64>,
+    /// Serve the API on /run/NAME inside the jail (DIR/run/NAME on the
+    /// host). Without a VM configuration, the VM is configured through it.
+    #[arg(long, value_name = "NAME")]
+    api_sock: Option<String>,
     #[command(flatten)]
     vm: VmArgs,
 }
@@ -110,22 +169,41 @@ struct VmArgs {
     log_level: log::LevelFilter,
 }
 
-fn init_logging(level: log::LevelFilter) {
-    env_logger::Builder::new()
-        .filter_level(level)
-        .format(|buf, record| {
-            writeln!(
-                buf,
-                "ember: {}: {}",
-                record.level().as_str().to_lowercase(),
-                record.args()
-            )
-        })
-        .init();
+/// Installs ember's logger: `level` for every module, `RUST_LOG`-style
+/// module filters from the environment, on stderr or in `path`.
+fn init_logging(
+    level: log::LevelFilter,
+    path: Option<&std::path::Path>,
+    id: &str,
+) -> Result<(), String> {
+    let settings = ember_vmm::logger::LogSettings {
+        level,
+        modules: std::env::var("RUST_LOG").ok().filter(|m| !m.is_empty()),
+        path: path.map(std::path::Path::to_path_buf),
+        ..Default::default()
+    };
+    ember_vmm::logger::init(settings, id).map_err(|e| error_chain(&e))
+}
+
+/// Whether the flags describe a VM (a file or any VM flag).
+fn has_vm_config(cli: &VmArgs) -> bool {
+    cli.config.is_some()
+        || cli.kernel.is_some()
+        || cli.initrd.is_some()
+        || cli.cmdline.is_some()
+        || cli.vcpus.is_some()
+        || cli.memory.is_some()
+        || !cli.disk.is_empty()
+        || !cli.net.is_empty()
 }
 
 /// The validated VM config from the config file and flags.
 fn vm_config(cli: VmArgs) -> ember_vmm::Result<ValidConfig> {
+    Ok(vm_config_unchecked(cli)?.validate()?)
+}
+
+/// The VM config from the config file and flags, not yet validated.
+fn vm_config_unchecked(cli: VmArgs) -> ember_vmm::Result<VmConfig> {
     let mut cfg = match &cli.config {
         Some(path) => VmConfig::from_file(path)?,
         None => VmConfig::default(),
@@ -149,7 +227,7 @@ fn vm_config(cli: VmArgs) -> ember_vmm::Result<ValidConfig> {
         disks,
         nets,
     });
-    Ok(cfg.validate()?)
+    Ok(cfg)
 }
 
 fn run_jailed(args: JailArgs) -> ember_vmm::Result<i32> {
@@ -170,14 +248,43 @@ fn run_jailed(args: JailArgs) -> ember_vmm::Result<i32> {
         max_file_size: args.max_file_size,
         seccomp: args.vm.seccomp,
         log_level: args.vm.log_level,
+        api_sock: args.api_sock,
     };
+    if opts.api_sock.is_some() && !has_vm_config(&args.vm) {
+        return ember_vmm::jail::run(None, &opts);
+    }
     let cfg = vm_config(args.vm)?;
-    ember_vmm::jail::run(&cfg, &opts)
+    ember_vmm::jail::run(Some(&cfg), &opts)
 }
 
-fn run(cli: VmArgs, started: Instant) -> ember_vmm::Result<i32> {
+/// A Firecracker JSON config file as ember's configuration.
+fn fc_config_file(path: &std::path::Path) -> ember_vmm::Result<VmConfig> {
+    let read_err = |source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let text = std::fs::read_to_string(path).map_err(read_err)?;
+    let full: ember_api::model::FullVmConfiguration =
+        serde_json::from_str(&text).map_err(|e| ConfigError::Json {
+            path: path.to_owned(),
+            message: e.to_string().replace('\n', " "),
+        })?;
+    Ok(ember_vmm::config::firecracker::from_api(&full)?)
+}
+
+fn run(cli: VmArgs, fc: FirecrackerArgs, started: Instant) -> ember_vmm::Result<i32> {
     let mode = cli.seccomp;
-    let cfg = vm_config(cli)?;
+    let configured = has_vm_config(&cli) || fc.config_file.is_some();
+    let cfg = match &fc.config_file {
+        Some(path) => fc_config_file(path)?,
+        None => vm_config_unchecked(cli)?,
+    };
+    if configured {
+        // Checked in full before anything is created.
+        cfg.validate()?;
+    } else if fc.api_sock.is_none() {
+        return Err(ConfigError::NoKernel.into());
+    }
     let filters = seccomp::Filters::new(mode)?;
     match mode {
         seccomp::Mode::On => {}
@@ -186,12 +293,32 @@ fn run(cli: VmArgs, started: Instant) -> ember_vmm::Result<i32> {
         ),
         seccomp::Mode::Off => log::warn!("seccomp is off: the threads run without filters"),
     }
+    // Before any thread exists, so every thread inherits the mask.
+    let signals = StopSignals::block().map_err(ember_vmm::Error::Signals)?;
+    let server = match &fc.api_sock {
+        Some(path) => Some(ember_api::Server::bind(path)?),
+        None => None,
+    };
     let console = Console::stdio()?;
     let stdin = std::io::stdin();
     // Restored when this function returns, whichever way.
     let _raw = RawTerminal::enter(stdin.as_fd());
-    let vmm = Vmm::build(&cfg, console, started)?;
-    let reason = vmm.run(&filters)?;
+    let opts = InstanceOptions {
+        id: fc.id.clone(),
+        filters,
+        started,
+    };
+    let mut instance = Instance::new(opts, console, signals, server)?;
+    if let Some(path) = &fc.metrics_path {
+        instance
+            .set_metrics(path, false, Default::default())
+            .map_err(|e| ember_vmm::Error::Lifecycle(error_chain(&e)))?;
+    }
+    if configured {
+        instance.configure(cfg)?;
+        instance.start()?;
+    }
+    let reason = instance.run()?;
     log::info!("guest ended: {reason:?}");
     Ok(reason.code())
 }
@@ -213,14 +340,25 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
+    if cli.fc.version {
+        println!("ember v{}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
     let result = match cli.command {
         Some(Command::Jail(args)) => {
-            init_logging(args.vm.log_level);
+            if let Err(e) = init_logging(args.vm.log_level, None, "jail") {
+                eprintln!("ember: error: {e}");
+                return ExitCode::FAILURE;
+            }
             run_jailed(args)
         }
         None => {
-            init_logging(cli.vm.log_level);
-            run(cli.vm, started)
+            let level = cli.fc.level.unwrap_or(cli.vm.log_level);
+            if let Err(e) = init_logging(level, cli.fc.log_path.as_deref(), &cli.fc.id) {
+                eprintln!("ember: error: {e}");
+                return ExitCode::FAILURE;
+            }
+            run(cli.vm, cli.fc, started)
         }
     };
     match result {

@@ -9,6 +9,10 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 /// The signals that end ember.
 pub const STOP_SIGNALS: [libc::c_int; 2] = [libc::SIGINT, libc::SIGTERM];
 
+/// The signals read from the signalfd: the stop signals, and SIGHUP
+/// (reopen the log file).
+pub const HANDLED_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
 /// A signalfd for [`STOP_SIGNALS`].
 #[derive(Debug)]
 pub struct StopSignals {
@@ -20,7 +24,7 @@ fn stop_set() -> libc::sigset_t {
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t.
     unsafe { libc::sigemptyset(&mut set) };
-    for s in STOP_SIGNALS {
+    for s in HANDLED_SIGNALS {
         // SAFETY: `set` is initialised and `s` is a valid signal number.
         unsafe { libc::sigaddset(&mut set, s) };
     }

@@ -93,6 +93,7 @@ impl VcpuThreads {
                     };
                     log::debug!("vcpu{index}: run loop ended: {end:?}");
                     log::info!("vcpu{index}: {}", vcpu.exit_counts());
+                    c.mark_ended();
                     r.report(end);
                     drop(vcpu);
                     let mut n = run.count.lock().unwrap_or_else(|e| e.into_inner());
@@ -110,6 +111,36 @@ impl VcpuThreads {
             }
         }
         Ok(VcpuThreads { threads, running })
+    }
+
+    /// Parks every vCPU: each is kicked out of the guest, completes its
+    /// pending exit and says it is parked. Returns once all have, or an
+    /// error naming the first that did not within `timeout`.
+    pub fn pause(&self, timeout: Duration) -> Result<(), Error> {
+        for (handle, control) in &self.threads {
+            control.request(RunState::Paused);
+            if let Err(e) = kick_thread(handle) {
+                log::warn!("cannot kick {:?}: {e}", handle.thread().name());
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        for (i, (_, control)) in self.threads.iter().enumerate() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !control.wait_parked(left) {
+                return Err(Error::Guest(format!(
+                    "vcpu{i} did not pause within {} ms",
+                    timeout.as_millis()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets every parked vCPU run the guest again.
+    pub fn resume(&self) {
+        for (_, control) in &self.threads {
+            control.request(RunState::Running);
+        }
     }
 
     /// Asks every vCPU to stop, kicks them out of the guest, and waits up to

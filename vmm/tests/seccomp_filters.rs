@@ -65,6 +65,7 @@ fn seccomp_probe() {
     let kind = match kind {
         "vcpu" => ThreadKind::Vcpu,
         "vmm" => ThreadKind::Vmm,
+        "api" => ThreadKind::Api,
         other => panic!("unknown kind {other}"),
     };
     let filters = Filters::new(Mode::On).expect("filters compile");
@@ -152,8 +153,16 @@ fn event_loop_filter_kills_execve_and_ptrace() {
 }
 
 #[test]
+fn api_filter_kills_open_execve_socket_and_unlisted_ioctls() {
+    assert_killed("api", "openat", libc::SYS_openat);
+    assert_killed("api", "execve", libc::SYS_execve);
+    assert_killed("api", "socket", libc::SYS_socket);
+    assert_killed("api", "ioctl", libc::SYS_ioctl);
+}
+
+#[test]
 fn allowed_syscalls_do_not_kill() {
-    for kind in ["vcpu", "vmm"] {
+    for kind in ["vcpu", "vmm", "api"] {
         let r = run_probe(kind, "write");
         assert!(
             r.status.success(),

@@ -181,19 +181,22 @@ impl ChildPlan {
         let mut binds = Vec::new();
         let mut bind_names = Vec::new();
         for entry in &plan.entries {
-            if let EntryKind::File {
-                host,
-                remount_flags,
-            } = &entry.kind
-            {
-                binds.push(Bind {
-                    src: cstring(host).map_err(nul(format!("host file {}", host.display())))?,
-                    dst: cstring(&entry.dest)
-                        .map_err(nul(format!("path {}", entry.dest.display())))?,
-                    flags: *remount_flags,
-                });
-                bind_names.push((host.clone(), entry.dest.clone()));
-            }
+            // A writable directory is bound onto itself: its own mount, so
+            // a read-only root does not cover it.
+            let (host, remount_flags) = match &entry.kind {
+                EntryKind::File {
+                    host,
+                    remount_flags,
+                } => (host, remount_flags),
+                EntryKind::Dir { remount_flags } => (&entry.dest, remount_flags),
+                EntryKind::Device { .. } => continue,
+            };
+            binds.push(Bind {
+                src: cstring(host).map_err(nul(format!("host file {}", host.display())))?,
+                dst: cstring(&entry.dest).map_err(nul(format!("path {}", entry.dest.display())))?,
+                flags: *remount_flags,
+            });
+            bind_names.push((host.clone(), entry.dest.clone()));
         }
         let root_flags = if spec.read_only_root {
             let flags = crate::sys::mount_flags(&plan.dir).map_err(|source| Error::JailDir {

@@ -52,6 +52,12 @@ impl Placeholders {
                         .map_err(|e| exists_or(path, e))?;
                     made.created.push((path.clone(), false));
                 }
+                EntryKind::Dir { .. } => {
+                    fs::create_dir(path).map_err(|e| exists_or(path, e))?;
+                    made.created.push((path.clone(), true));
+                    fs::set_permissions(path, Permissions::from_mode(0o700)).map_err(create_err)?;
+                    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(create_err)?;
+                }
                 EntryKind::Device { rdev } => {
                     sys::mknod_char(path, rdev).map_err(|e| exists_or(path, e))?;
                     made.created.push((path.clone(), false));

@@ -55,6 +55,13 @@ pub struct JailSpec {
     pub max_file_size: Option<u64>,
     /// Remount the jail root read-only (files marked writable stay writable).
     pub read_only_root: bool,
+    /// Directories (absolute paths inside the jail, e.g. `/run`) created
+    /// empty, owned by `uid:gid` with mode 0700, and mounted writable (no
+    /// exec, no devices, no setuid) even with a read-only root: where the
+    /// program makes its sockets. The host sees them at the same place
+    /// under the jail directory; each is removed at the end if the program
+    /// left it empty.
+    pub writable_dirs: Vec<PathBuf>,
     /// The program to exec, as a path inside the jail; it must be one of `files`.
     pub program: PathBuf,
     /// `argv[1..]` for the program (`argv[0]` is `program`).
@@ -109,6 +116,7 @@ impl JailSpec {
             max_open_files: DEFAULT_MAX_OPEN_FILES,
             max_file_size: None,
             read_only_root: false,
+            writable_dirs: Vec::new(),
             program: program.into(),
             args: Vec::new(),
             env: Vec::new(),

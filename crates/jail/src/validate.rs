@@ -51,6 +51,12 @@ pub(crate) enum EntryKind {
         /// The `MS_*` flags of the bind after its remount.
         remount_flags: libc::c_ulong,
     },
+    /// A writable directory: made empty and owned by the jailed uid, then
+    /// bind-mounted onto itself with these `MS_*` flags.
+    Dir {
+        /// The flags of its bind after the remount.
+        remount_flags: libc::c_ulong,
+    },
     /// A character-device node made with `mknod`.
     Device {
         /// The host node's device number.
@@ -82,6 +88,23 @@ pub(crate) fn validate(spec: &JailSpec) -> Result<Plan> {
             dest: dir.join(&rel),
             rel,
             kind: EntryKind::Device { rdev },
+        });
+    }
+    for d in &spec.writable_dirs {
+        let rel = inside_relative(d)?;
+        let flags = sys::mount_flags(&dir).map_err(|source| Error::JailDir {
+            path: dir.clone(),
+            source,
+        })?;
+        entries.push(Entry {
+            dest: dir.join(&rel),
+            rel,
+            kind: EntryKind::Dir {
+                remount_flags: (flags & !libc::MS_RDONLY)
+                    | libc::MS_NOSUID
+                    | libc::MS_NODEV
+                    | libc::MS_NOEXEC,
+            },
         });
     }
     check_clashes(&entries)?;

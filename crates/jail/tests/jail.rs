@@ -157,7 +157,8 @@ fn top_level(spec: &JailSpec) -> String {
         .files
         .iter()
         .map(|f| f.inside.clone())
-        .chain(spec.devices.iter().cloned());
+        .chain(spec.devices.iter().cloned())
+        .chain(spec.writable_dirs.iter().cloned());
     let mut names: Vec<String> = paths
         .filter_map(|p| p.iter().nth(1).map(|n| n.to_string_lossy().into_owned()))
         .collect();
@@ -199,6 +200,7 @@ fn run_probe_is_confined_and_cleaned_up() {
     spec.max_open_files = 100;
     spec.max_file_size = Some(1 << 20);
     spec.read_only_root = true;
+    spec.writable_dirs = vec!["/run".into()];
     let usr1 = SigUsr1Blocked::new();
     // A descriptor without close-on-exec, as a careless caller might hold.
     // SAFETY: opens /dev/null; closed below.
@@ -234,6 +236,10 @@ fn run_probe_is_confined_and_cleaned_up() {
         r["root_write"],
         format!("errno{}", libc::EROFS),
         "read_only_root"
+    );
+    assert_eq!(
+        r["run_write"], "ok",
+        "the writable directory under a read-only root"
     );
     assert_eq!(
         r["sigusr1_blocked"], "0",

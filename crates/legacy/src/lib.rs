@@ -4,7 +4,8 @@
 //!   interrupt on an eventfd (the VMM registers it as an irqfd) and a
 //!   "receive FIFO drained" eventfd so console input is read only when the
 //!   guest has room for it.
-//! - [`I8042`]: the keyboard controller's CPU-reset command, which ends the VM.
+//! - [`I8042`]: the keyboard controller with a PS/2 keyboard: its CPU-reset
+//!   command ends the VM, and the host can press Ctrl-Alt-Del.
 //! - [`Cmos`]: the CMOS real-time clock, so the guest's wall clock is right.
 //!
 //! ```

@@ -65,6 +65,8 @@ pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfeff_c000;
 
 /// GSI of the first serial port (COM1).
 pub const SERIAL_IRQ: u32 = 4;
+/// The i8042 keyboard's IOAPIC pin (IRQ 1, as on every PC).
+pub const KEYBOARD_IRQ: u32 = 1;
 /// Number of IOAPIC pins KVM's in-kernel IOAPIC has.
 pub const IOAPIC_PINS: u32 = 24;
 

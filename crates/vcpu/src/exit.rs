@@ -108,6 +108,52 @@ impl ExitCounts {
     }
 }
 
+/// [`ExitCounts`] that the vCPU thread counts and any thread reads while
+/// it runs (for metrics): relaxed atomics, one uncontended add per exit.
+#[derive(Debug, Default)]
+pub struct SharedExitCounts {
+    io_in: std::sync::atomic::AtomicU64,
+    io_out: std::sync::atomic::AtomicU64,
+    mmio_read: std::sync::atomic::AtomicU64,
+    mmio_write: std::sync::atomic::AtomicU64,
+    interrupted: std::sync::atomic::AtomicU64,
+    other: std::sync::atomic::AtomicU64,
+}
+
+impl SharedExitCounts {
+    /// Counts one exit.
+    pub fn record(&self, exit: &VcpuExit<'_>) {
+        let c = match exit {
+            VcpuExit::IoIn(..) => &self.io_in,
+            VcpuExit::IoOut(..) => &self.io_out,
+            VcpuExit::MmioRead(..) => &self.mmio_read,
+            VcpuExit::MmioWrite(..) => &self.mmio_write,
+            VcpuExit::Intr => &self.interrupted,
+            _ => &self.other,
+        };
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts one interrupted `KVM_RUN` (a kick).
+    pub fn record_interrupted(&self) {
+        self.interrupted
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The counts so far.
+    pub fn snapshot(&self) -> ExitCounts {
+        let r = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        ExitCounts {
+            io_in: r(&self.io_in),
+            io_out: r(&self.io_out),
+            mmio_read: r(&self.mmio_read),
+            mmio_write: r(&self.mmio_write),
+            interrupted: r(&self.interrupted),
+            other: r(&self.other),
+        }
+    }
+}
+
 impl std::fmt::Display for ExitCounts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(

@@ -41,7 +41,7 @@ mod vcpu;
 use std::os::unix::thread::JoinHandleExt;
 use std::thread::JoinHandle;
 
-pub use exit::{ExitAction, ExitCounts, GuestStop};
+pub use exit::{ExitAction, ExitCounts, GuestStop, SharedExitCounts};
 pub use vcpu::{RunState, Vcpu, VcpuControl, VcpuEnd};
 
 /// Errors of this crate.

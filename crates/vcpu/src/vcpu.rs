@@ -15,7 +15,7 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use vm_device::device_manager::IoManager;
 use vm_memory::GuestMemoryBackend;
 
-use crate::exit::{handle_exit, ExitAction, ExitCounts, GuestStop, UnhandledLog};
+use crate::exit::{handle_exit, ExitAction, ExitCounts, GuestStop, SharedExitCounts, UnhandledLog};
 use crate::{cpuid, regs, Error, Result};
 
 /// What the owner of the VM asks of a vCPU.
@@ -30,45 +30,101 @@ pub enum RunState {
 }
 
 /// Shared between a vCPU thread and its owner.
+///
+/// Pausing is a handshake: the owner requests [`RunState::Paused`] and
+/// kicks the thread; the thread finishes any port or MMIO exit KVM still
+/// has pending, tells the guest's kvmclock it was stopped, marks itself
+/// parked and waits. [`VcpuControl::wait_parked`] returns once it has. A
+/// thread whose run loop has ended counts as parked.
 #[derive(Debug)]
 pub struct VcpuControl {
-    state: Mutex<RunState>,
+    state: Mutex<ControlState>,
     changed: Condvar,
+}
+
+#[derive(Debug)]
+struct ControlState {
+    requested: RunState,
+    parked: bool,
 }
 
 impl Default for VcpuControl {
     fn default() -> Self {
         VcpuControl {
-            state: Mutex::new(RunState::Running),
+            state: Mutex::new(ControlState {
+                requested: RunState::Running,
+                parked: false,
+            }),
             changed: Condvar::new(),
         }
     }
 }
 
 impl VcpuControl {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ControlState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Requests a state. The caller then kicks the thread (see
     /// [`crate::kick_thread`]) so a running guest notices.
     pub fn request(&self, state: RunState) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.lock();
         // Stopped is final.
-        if *s != RunState::Stopped {
-            *s = state;
+        if s.requested != RunState::Stopped {
+            s.requested = state;
         }
         self.changed.notify_all();
     }
 
-    /// The requested state, blocking while it is `Paused`.
+    /// The requested state, blocking while it is `Paused` (with the thread
+    /// marked parked meanwhile).
     fn wait_runnable(&self) -> RunState {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        while *s == RunState::Paused {
-            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        let mut s = self.lock();
+        if s.requested == RunState::Paused {
+            s.parked = true;
+            self.changed.notify_all();
+            while s.requested == RunState::Paused {
+                s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
+            s.parked = false;
         }
-        *s
+        s.requested
+    }
+
+    /// Marks the run loop as ended for good: the thread is parked forever.
+    pub fn mark_ended(&self) {
+        let mut s = self.lock();
+        s.parked = true;
+        self.changed.notify_all();
+    }
+
+    /// Waits up to `timeout` for the thread to park (after a `Paused`
+    /// request and a kick). Returns whether it did.
+    pub fn wait_parked(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut s = self.lock();
+        while !s.parked {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            s = self
+                .changed
+                .wait_timeout(s, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Whether the thread is parked (or ended).
+    pub fn is_parked(&self) -> bool {
+        self.lock().parked
     }
 
     /// The requested state.
     pub fn state(&self) -> RunState {
-        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.lock().requested
     }
 }
 
@@ -132,7 +188,7 @@ pub struct Vcpu {
     index: u8,
     io: Arc<IoManager>,
     unhandled: UnhandledLog,
-    exits: ExitCounts,
+    exits: Arc<SharedExitCounts>,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -152,7 +208,7 @@ impl Vcpu {
             index,
             io,
             unhandled: UnhandledLog::default(),
-            exits: ExitCounts::default(),
+            exits: Arc::default(),
         })
     }
 
@@ -237,7 +293,12 @@ impl Vcpu {
 
     /// The exits to the VMM so far, by kind.
     pub fn exit_counts(&self) -> ExitCounts {
-        self.exits
+        self.exits.snapshot()
+    }
+
+    /// The exit counters, readable from any thread while the vCPU runs.
+    pub fn exit_counter(&self) -> Arc<SharedExitCounts> {
+        self.exits.clone()
     }
 
     /// Runs the guest until `control` asks to stop or the guest stops.
@@ -255,8 +316,16 @@ impl Vcpu {
             // Clear a pending kick before looking at the state: a kick sent
             // after this point makes the next KVM_RUN return at once.
             self.fd.set_kvm_immediate_exit(0);
-            if control.wait_runnable() == RunState::Stopped {
-                return VcpuEnd::Stopped;
+            match control.state() {
+                RunState::Stopped => return VcpuEnd::Stopped,
+                RunState::Paused => {
+                    self.prepare_to_park();
+                    if control.wait_runnable() == RunState::Stopped {
+                        return VcpuEnd::Stopped;
+                    }
+                    continue;
+                }
+                RunState::Running => {}
             }
             let action = match self.fd.run() {
                 Ok(exit) => {
@@ -264,7 +333,7 @@ impl Vcpu {
                     handle_exit(self.index, exit, &self.io, &mut self.unhandled)
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    self.exits.interrupted = self.exits.interrupted.saturating_add(1);
+                    self.exits.record_interrupted();
                     ExitAction::Interrupted
                 }
                 Err(e) => ExitAction::Fail(format!("vcpu{}: KVM_RUN failed: {e}", self.index)),
@@ -274,6 +343,26 @@ impl Vcpu {
                 ExitAction::Stop(why) => return VcpuEnd::Guest(why),
                 ExitAction::Fail(msg) => return VcpuEnd::Failed(msg),
             }
+        }
+    }
+
+    /// Before parking: KVM completes a port-in or MMIO-read exit (copies
+    /// the answer into the registers) only on the next `KVM_RUN`; one with
+    /// `immediate_exit` set does that and returns at once without running
+    /// guest code, so the parked vCPU's registers are whole. Then the
+    /// guest's kvmclock is told it was stopped (`KVM_KVMCLOCK_CTRL`), so it
+    /// does not report a soft lockup when it runs again.
+    fn prepare_to_park(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => log::warn!("vcpu{}: completing the last exit: {e}", self.index),
+            Ok(_) => log::warn!("vcpu{}: KVM_RUN ran with immediate_exit set", self.index),
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        // EINVAL when the guest has not enabled kvmclock: nothing to tell.
+        if let Err(e) = self.fd.kvmclock_ctrl() {
+            log::debug!("vcpu{}: KVM_KVMCLOCK_CTRL: {e}", self.index);
         }
     }
 }
@@ -306,6 +395,22 @@ mod tests {
         c.request(RunState::Running);
         assert_eq!(c.state(), RunState::Stopped);
         assert_eq!(c.wait_runnable(), RunState::Stopped);
+    }
+
+    #[test]
+    fn control_wait_parked_returns_once_the_thread_parks() {
+        let c = Arc::new(VcpuControl::default());
+        assert!(!c.wait_parked(std::time::Duration::from_millis(10)));
+        c.request(RunState::Paused);
+        let c2 = c.clone();
+        let t = std::thread::spawn(move || c2.wait_runnable());
+        assert!(c.wait_parked(std::time::Duration::from_secs(5)));
+        assert!(c.is_parked());
+        c.request(RunState::Running);
+        assert_eq!(t.join().unwrap(), RunState::Running);
+        assert!(!c.is_parked());
+        c.mark_ended();
+        assert!(c.wait_parked(std::time::Duration::from_millis(1)));
     }
 
     #[test]

@@ -194,6 +194,23 @@ impl Block {
         })
     }
 
+    /// Serves the disk from `backend` from now on (Firecracker's `PATCH
+    /// /drives`): the old backend is flushed first, so no write the guest
+    /// saw completed is lost, then replaced; the capacity and the
+    /// configuration space follow the new backend's size. Returns whether
+    /// the capacity changed (the transport then tells the driver). The
+    /// device stays read-only or writable as it was negotiated.
+    pub fn swap_backend(&mut self, backend: Box<dyn BlockBackend>, disk: String) -> Result<bool> {
+        self.flush()?;
+        let capacity = backend.size() / SECTOR_SIZE;
+        let changed = capacity != self.capacity;
+        self.backend = backend;
+        self.disk = disk;
+        self.capacity = capacity;
+        self.config = config_space(capacity);
+        Ok(changed)
+    }
+
     /// The capacity in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
         self.capacity
@@ -862,6 +879,48 @@ mod tests {
         assert_eq!(guest_bytes(&mem, DATA, 2048), sector_pattern(10, 2048));
         assert_eq!(q.used(), vec![(0, 2049)]);
         assert_eq!(irq.count(), 1);
+    }
+
+    #[test]
+    fn block_swap_backend_flushes_old_and_serves_new_with_its_capacity() {
+        let img = image();
+        let mut block = file_block(&img, false);
+        let mem = guest_memory();
+        let mut q = TestQueue::new(&mem, 16);
+        // A write to the old image, then the swap.
+        header(&mem, HDR, VIRTIO_BLK_T_OUT, 1);
+        mem.write_slice(&[0x5a; 512], GuestAddress(DATA)).unwrap();
+        q.add(&[desc(HDR, 16, R), desc(DATA, 512, R), desc(STATUS, 1, W)]);
+        activate(&mut block, &mem, &q);
+        block.process_queue(0);
+        assert_eq!(status(&mem, STATUS), OK);
+        let new = TempFile::new().unwrap();
+        new.as_file().write_all_at(&[0xab; 4096], 0).unwrap();
+        new.as_file().set_len(2 << 20).unwrap();
+        let backend = RawFile::open(new.as_path(), false).unwrap();
+        let changed = block
+            .swap_backend(Box::new(backend), new.as_path().display().to_string())
+            .unwrap();
+        assert!(changed);
+        assert_eq!(block.capacity(), 4096);
+        let mut c = [0u8; 8];
+        block.read_config(0, &mut c);
+        assert_eq!(u64::from_le_bytes(c), 4096);
+        assert_eq!(
+            file_bytes(&img, 512, 512),
+            vec![0x5a; 512],
+            "old image kept the write"
+        );
+        // A read now comes from the new image, also past the old end.
+        header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
+        q.add(&[desc(HDR, 16, R), desc(DATA, 1024, W), desc(STATUS, 1, W)]);
+        block.process_queue(0);
+        assert_eq!(status(&mem, STATUS), OK);
+        assert_eq!(guest_bytes(&mem, DATA, 1024)[..1024], [0xab; 1024]);
+        header(&mem, HDR, VIRTIO_BLK_T_IN, 3000);
+        q.add(&[desc(HDR, 16, R), desc(DATA, 512, W), desc(STATUS, 1, W)]);
+        block.process_queue(0);
+        assert_eq!(status(&mem, STATUS), OK);
     }
 
     #[test]

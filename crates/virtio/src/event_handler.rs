@@ -96,6 +96,9 @@ impl<D: VirtioDevice> MutEventSubscriber for QueueEvents<D> {
                 log::error!("cannot watch virtio queue {i}: {e:?}");
             }
         }
+        // Also when the subscriber is put back after a VM pause: the
+        // backend is watched again and tells whether it still waits.
+        self.backend_paused = false;
         if let Some(fd) = self.backend {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
                 log::error!("cannot watch a virtio backend: {e:?}");

@@ -608,6 +608,13 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     fn needs_reset(&mut self, why: &str) {
         self.log_misuse(why);
         self.status |= S_NEEDS_RESET;
+        let _ = self.signal_config_change();
+    }
+
+    /// The device's configuration space changed (a disk's capacity, say):
+    /// the generation moves on, so a driver reading it knows, and the
+    /// configuration-change interrupt is raised.
+    pub fn signal_config_change(&mut self) -> std::io::Result<()> {
         self.config_generation = self.config_generation.wrapping_add(1);
         let interrupt = PciInterrupt {
             msix: self.msix.clone(),
@@ -615,7 +622,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             config_vector: self.config_vector.clone(),
             queue_vectors: Vec::new(),
         };
-        let _ = interrupt.trigger(InterruptKind::Config);
+        interrupt.trigger(InterruptKind::Config)
     }
 
     fn reset(&mut self) {
@@ -861,6 +868,19 @@ mod tests {
         w8(d, 0x14, s | S_DRIVER_OK);
     }
 
+    /// Enables MSI-X in config space and unmasks `vector` with `data`.
+    fn enable_msix_vector(d: &mut VirtioPciDevice<Dummy>, vector: u64, data: u32) {
+        let ctl = d.msix_control_offset;
+        let mut c = [0u8; 2];
+        d.config_read(ctl, &mut c);
+        let v = u16::from_le_bytes(c) | 0x8000;
+        d.config_write(ctl, &v.to_le_bytes());
+        let entry = MSIX_TABLE_OFFSET + 16 * vector;
+        w64(d, entry, 0xfee0_0000);
+        w32(d, entry + 8, data);
+        w32(d, entry + 12, 0);
+    }
+
     fn config_read32(d: &mut VirtioPciDevice<Dummy>, off: u16) -> u32 {
         let mut b = [0u8; 4];
         d.config_read(off, &mut b);
@@ -1049,15 +1069,7 @@ mod tests {
     #[test]
     fn transport_queue_interrupt_goes_to_its_msix_vector_and_sets_isr() {
         let (mut d, rec) = setup();
-        // Enable MSI-X in config space and unmask vector 1.
-        let ctl = d.msix_control_offset;
-        let mut c = [0u8; 2];
-        d.config_read(ctl, &mut c);
-        let v = u16::from_le_bytes(c) | 0x8000;
-        d.config_write(ctl, &v.to_le_bytes());
-        w64(&mut d, MSIX_TABLE_OFFSET + 16, 0xfee0_0000);
-        w32(&mut d, MSIX_TABLE_OFFSET + 16 + 8, 0x41);
-        w32(&mut d, MSIX_TABLE_OFFSET + 16 + 12, 0);
+        enable_msix_vector(&mut d, 1, 0x41);
         negotiate(&mut d, VERSION_1);
         setup_queue(&mut d);
         w16(&mut d, 0x1a, 1);
@@ -1075,6 +1087,21 @@ mod tests {
             .any(|(v, m)| *v == 1 && m.data == 0x41));
         assert_eq!(r8(&mut d, ISR_CFG_OFFSET), ISR_QUEUE);
         assert_eq!(r8(&mut d, ISR_CFG_OFFSET), 0, "reading the ISR clears it");
+    }
+
+    #[test]
+    fn transport_config_change_moves_the_generation_and_fires_the_config_vector() {
+        let (mut d, rec) = setup();
+        enable_msix_vector(&mut d, 0, 0x42);
+        negotiate(&mut d, VERSION_1);
+        w16(&mut d, 0x10, 0); // config vector 0
+        setup_queue(&mut d);
+        driver_ok(&mut d);
+        let before = r8(&mut d, 0x15);
+        d.signal_config_change().unwrap();
+        assert_eq!(r8(&mut d, 0x15), before.wrapping_add(1));
+        assert_eq!(*rec.fired.lock().unwrap(), vec![0]);
+        assert_eq!(r8(&mut d, ISR_CFG_OFFSET), ISR_CONFIG);
     }
 
     #[test]

@@ -79,7 +79,7 @@ struct Rig {
 impl Rig {
     fn new() -> Option<Rig> {
         let evt = || EventFd::new(EFD_NONBLOCK).ok();
-        let (irq, drained, reset) = (evt()?, evt()?, evt()?);
+        let (irq, drained, reset, kbd) = (evt()?, evt()?, evt()?, evt()?);
         let serial = SerialDevice::new(
             irq.try_clone().ok()?,
             drained.try_clone().ok()?,
@@ -89,7 +89,7 @@ impl Rig {
         let mut io = IoManager::new();
         let range = |(base, size): (u16, u16)| PioRange::new(PioAddress(base), size).ok();
         io.register_pio(range(DEVICES[0])?, serial.clone()).ok()?;
-        let i8042 = I8042::new(reset.try_clone().ok()?);
+        let i8042 = I8042::new(reset.try_clone().ok()?, kbd);
         io.register_pio(range(DEVICES[1])?, Arc::new(Mutex::new(i8042)))
             .ok()?;
         io.register_pio(range(DEVICES[2])?, Arc::new(Mutex::new(Cmos::new(now))))

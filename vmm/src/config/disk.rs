@@ -22,6 +22,15 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// Returned by GET_ID (`/sys/block/vdX/serial`), at most 20 bytes.
     pub id: Option<String>,
+    /// The API's name for the disk (Firecracker's `drive_id`); `drive<N>`
+    /// (its position) when absent.
+    #[serde(default)]
+    pub drive_id: Option<String>,
+    /// The guest's root filesystem: put first (vda) and named on the
+    /// kernel command line (`root=/dev/vda rw`, or `ro`), as Firecracker's
+    /// `is_root_device` does. At most one disk.
+    #[serde(default)]
+    pub root: bool,
 }
 
 impl DiskConfig {
@@ -56,7 +65,16 @@ impl DiskConfig {
             path,
             read_only,
             id,
+            drive_id: None,
+            root: false,
         })
+    }
+
+    /// The API's name for disk `index`.
+    pub fn drive_id(&self, index: usize) -> String {
+        self.drive_id
+            .clone()
+            .unwrap_or_else(|| format!("drive{index}"))
     }
 
     /// Makes a relative path relative to `base`.

@@ -17,6 +17,7 @@
 
 pub mod boot;
 pub mod disk;
+pub mod firecracker;
 pub mod machine;
 pub mod net;
 
@@ -119,6 +120,29 @@ pub enum ConfigError {
     /// The same tap is given twice.
     #[error("net.tap = {0}: the same tap is configured twice")]
     DuplicateTap(String),
+    /// Two disks or two NICs have the same API id.
+    #[error("{what} id {id:?} is used twice")]
+    DuplicateId {
+        /// `drive` or `network interface`.
+        what: &'static str,
+        /// The id.
+        id: String,
+    },
+    /// More than one disk is the root device.
+    #[error("disks {0} and {1} are both the root device; at most one can be")]
+    TwoRoots(usize, usize),
+    /// Something Firecracker's configuration has that ember does not do
+    /// yet; the message says what.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A Firecracker JSON config file cannot be parsed.
+    #[error("invalid config file {}: {message}", .path.display())]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// What and where, on one line.
+        message: String,
+    },
     /// The command line is too long.
     #[error("boot.cmdline is {0} bytes long; the limit is {max} bytes", max = ember_memory::layout::CMDLINE_MAX_SIZE - 1)]
     CmdlineTooLong(usize),
@@ -272,16 +296,66 @@ impl VmConfig {
             }
             nets.push((n.clone(), mac));
         }
+        check_unique_ids(
+            "drive",
+            self.disk.iter().enumerate().map(|(i, d)| d.drive_id(i)),
+        )?;
+        check_unique_ids(
+            "network interface",
+            self.net.iter().enumerate().map(|(i, n)| n.iface_id(i)),
+        )?;
+        let (disks, cmdline) = self.root_first()?;
+        if cmdline.len() >= ember_memory::layout::CMDLINE_MAX_SIZE {
+            return Err(ConfigError::CmdlineTooLong(cmdline.len()));
+        }
         Ok(ValidConfig {
             vcpus,
             memory_mib: self.machine.memory_mib,
             kernel: self.boot.kernel()?.to_owned(),
             initrd: self.boot.initrd.clone(),
-            cmdline: self.boot.cmdline().to_owned(),
-            disks: self.disk.clone(),
+            cmdline,
+            disks,
             nets,
         })
     }
+
+    /// The disks with the root device first, and the command line naming
+    /// it (`root=/dev/vda rw` or `ro`), as Firecracker does.
+    fn root_first(&self) -> Result<(Vec<DiskConfig>, String), ConfigError> {
+        let roots: Vec<usize> = (0..self.disk.len())
+            .filter(|&i| self.disk[i].root)
+            .collect();
+        let mut cmdline = self.boot.cmdline().to_owned();
+        let mut disks = self.disk.clone();
+        // Ids by position are taken before the root moves to the front.
+        for (i, d) in disks.iter_mut().enumerate() {
+            d.drive_id = Some(d.drive_id(i));
+        }
+        match roots.as_slice() {
+            [] => {}
+            [r] => {
+                let root = disks.remove(*r);
+                let mode = if root.read_only { "ro" } else { "rw" };
+                cmdline.push_str(&format!(" root=/dev/vda {mode}"));
+                disks.insert(0, root);
+            }
+            [a, b, ..] => return Err(ConfigError::TwoRoots(*a, *b)),
+        }
+        Ok((disks, cmdline))
+    }
+}
+
+fn check_unique_ids(
+    what: &'static str,
+    ids: impl Iterator<Item = String>,
+) -> Result<(), ConfigError> {
+    let mut seen = std::collections::HashSet::new();
+    for id in ids {
+        if !seen.insert(id.clone()) {
+            return Err(ConfigError::DuplicateId { what, id });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -458,6 +532,8 @@ mod tests {
             path: exe.clone(),
             read_only: false,
             id: id.map(str::to_string),
+            drive_id: None,
+            root: false,
         };
         let mut c = VmConfig::default();
         c.boot.kernel = Some(exe.clone());

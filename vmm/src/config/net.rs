@@ -21,6 +21,10 @@ pub struct NetConfig {
     /// Offer checksum and segmentation offloads (TSO, UFO) to the guest.
     #[serde(default = "default_true")]
     pub offloads: bool,
+    /// The API's name for the NIC (Firecracker's `iface_id`); `net<N>`
+    /// (its position) when absent.
+    #[serde(default)]
+    pub iface_id: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -67,7 +71,19 @@ impl NetConfig {
             }
         }
         let tap = tap.ok_or_else(|| bad("tap= is missing".to_string()))?;
-        Ok(NetConfig { tap, mac, offloads })
+        Ok(NetConfig {
+            tap,
+            mac,
+            offloads,
+            iface_id: None,
+        })
+    }
+
+    /// The API's name for NIC `index`.
+    pub fn iface_id(&self, index: usize) -> String {
+        self.iface_id
+            .clone()
+            .unwrap_or_else(|| format!("net{index}"))
     }
 
     /// Checks the tap name and MAC of NIC `index`, and returns the MAC to use.
@@ -134,6 +150,7 @@ mod tests {
             tap: tap.into(),
             mac: mac.map(str::to_string),
             offloads: true,
+            iface_id: None,
         };
         assert!(matches!(
             n("", None).validate(0),
@@ -163,11 +180,13 @@ mod tests {
             tap: "tap0".into(),
             mac: None,
             offloads: true,
+            iface_id: None,
         };
         let b = NetConfig {
             tap: "tap1".into(),
             mac: None,
             offloads: true,
+            iface_id: None,
         };
         assert_eq!(a.default_mac(0), a.default_mac(0));
         assert_ne!(a.default_mac(0), b.default_mac(0));

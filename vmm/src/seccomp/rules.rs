@@ -82,6 +82,13 @@ const KVM_RUN: u64 = 0xae80;
 const KVM_SET_GSI_ROUTING: u64 = 0x4008_ae6a;
 /// `_IOW('T', 208, unsigned int)`.
 const TUNSETOFFLOAD: u64 = 0x4004_54d0;
+/// `_IO(KVMIO, 0xad)`.
+const KVM_KVMCLOCK_CTRL: u64 = 0xaead;
+/// `_IOR(KVMIO, 0x7c, struct kvm_clock_data)` (48 bytes).
+const KVM_GET_CLOCK: u64 = 0x8030_ae7c;
+/// `_IOW(KVMIO, 0x7b, struct kvm_clock_data)`.
+const KVM_SET_CLOCK: u64 = 0x4030_ae7b;
+const FIONBIO: u64 = 0x5421;
 const TCGETS: u64 = 0x5401;
 const TCSETS: u64 = 0x5402;
 
@@ -194,9 +201,22 @@ pub fn vmm() -> Vec<Rule> {
                     TUNSETOFFLOAD,
                     "apply the offloads the guest driver accepted",
                 ),
+                (KVM_GET_CLOCK, "save the guest clock when pausing"),
+                (KVM_SET_CLOCK, "restore the guest clock when resuming"),
             ],
-            "terminal restore; tap offloads",
+            "terminal restore; tap offloads; the guest clock across a pause",
         ),
+        always(
+            libc::SYS_openat,
+            "PATCH /drives opens the new image; SIGHUP reopens the log file (a jail limits what is visible)",
+        ),
+        only(
+            libc::SYS_flock,
+            // LOCK_SH|LOCK_NB (5), LOCK_EX|LOCK_NB (6)
+            vec![vec![eq(1, 5)], vec![eq(1, 6)]],
+            "lock the image PATCH /drives swaps in, without waiting",
+        ),
+        always(libc::SYS_lseek, "size the image PATCH /drives swaps in"),
         always(libc::SYS_getpid, "pthread_kill (kicking a vCPU thread)"),
         always(libc::SYS_gettid, "pthread_kill (kicking a vCPU thread)"),
         only(
@@ -218,10 +238,44 @@ pub fn vcpu() -> Vec<Rule> {
                 (KVM_RUN, "enter the guest"),
                 (KVM_SET_GSI_ROUTING, "the guest programs an MSI-X vector"),
                 (TUNSETOFFLOAD, "the guest driver accepts tap offloads"),
+                (
+                    KVM_KVMCLOCK_CTRL,
+                    "tell the guest it was paused (no soft-lockup report)",
+                ),
             ],
-            "enter the guest; MSI-X routes; tap offloads at driver activation",
+            "enter the guest; MSI-X routes; tap offloads at driver activation; pause",
         ),
         always(libc::SYS_read, "eventfds"),
+    ]);
+    rules
+}
+
+/// The API thread: a nonblocking HTTP server on a Unix socket that hands
+/// requests to the VMM thread and waits for the answers.
+pub fn api() -> Vec<Rule> {
+    let mut rules = common();
+    rules.extend([
+        always(libc::SYS_epoll_wait, "the server waits for clients"),
+        always(
+            libc::SYS_epoll_pwait,
+            "the server waits (glibc may use epoll_pwait)",
+        ),
+        always(
+            libc::SYS_epoll_ctl,
+            "clients come and go; output waits for room",
+        ),
+        always(libc::SYS_accept4, "a new client on the API socket"),
+        always(libc::SYS_read, "requests; the stop eventfd"),
+        always(libc::SYS_recvfrom, "requests"),
+        always(libc::SYS_sendto, "responses"),
+        always(libc::SYS_writev, "responses"),
+        always(libc::SYS_shutdown, "closing a client"),
+        always(libc::SYS_fcntl, "client sockets made nonblocking"),
+        ioctls(
+            &[(FIONBIO, "client sockets made nonblocking")],
+            "client sockets made nonblocking",
+        ),
+        always(libc::SYS_unlink, "the socket file is removed at exit"),
     ]);
     rules
 }

@@ -104,12 +104,23 @@ fn probe_values() -> Vec<(&'static str, String)> {
             "root_write",
             errno_of(OpenOptions::new().write(true).create_new(true).open("/new")),
         ),
+        ("run_write", run_write()),
         ("sigusr1_blocked", sigusr1_blocked()),
         ("nofile", rlimit(libc::RLIMIT_NOFILE)),
         ("fsize", rlimit(libc::RLIMIT_FSIZE)),
         ("open_fds", open_fds()),
         ("ifaces", interfaces()),
     ]
+}
+
+/// Whether a file can be made (and removed again) in `/run`, the jail's
+/// writable directory when it has one.
+fn run_write() -> String {
+    let path = "/run/probe-file";
+    match fs::write(path, b"x").and_then(|()| fs::remove_file(path)) {
+        Ok(()) => "ok".to_string(),
+        Err(e) => format!("errno{}", e.raw_os_error().unwrap_or(0)),
+    }
 }
 
 /// `effective/permitted/inheritable`, each as 64-bit hex, from capget.

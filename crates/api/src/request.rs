@@ -1,0 +1,509 @@
+//! A parsed, checked API request: the method and path pick the endpoint,
+//! the body is parsed into the spec's type, and the checks that need no
+//! VM (ids, ranges, MAC format) are made here. What is left is for the
+//! VMM to decide.
+
+use serde::de::DeserializeOwned;
+
+use crate::model::{
+    ActionType, BootSource, Drive, InstanceActionInfo, Logger, MachineConfiguration,
+    MachineConfigurationUpdate, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface,
+    RateLimiter, Vm, VmState,
+};
+
+/// The most vCPUs the spec allows.
+pub const MAX_VCPUS: u8 = 32;
+/// The longest drive or interface id (Firecracker's limit).
+pub const MAX_ID_LEN: usize = 64;
+
+/// One request the VMM serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// `GET /`.
+    GetInstanceInfo,
+    /// `GET /version`.
+    GetVersion,
+    /// `GET /machine-config`.
+    GetMachineConfig,
+    /// `PUT /machine-config`.
+    PutMachineConfig(MachineConfiguration),
+    /// `PATCH /machine-config`.
+    PatchMachineConfig(MachineConfigurationUpdate),
+    /// `PUT /boot-source`.
+    PutBootSource(BootSource),
+    /// `PUT /drives/{id}`.
+    PutDrive(Drive),
+    /// `PATCH /drives/{id}`.
+    PatchDrive(PartialDrive),
+    /// `PUT /network-interfaces/{id}`.
+    PutNetworkInterface(NetworkInterface),
+    /// `PATCH /network-interfaces/{id}`.
+    PatchNetworkInterface(PartialNetworkInterface),
+    /// `PUT /actions`.
+    Action(ActionType),
+    /// `PATCH /vm`.
+    PatchVm(VmState),
+    /// `GET /vm/config`.
+    GetVmConfig,
+    /// `PUT /logger`.
+    PutLogger(Logger),
+    /// `PUT /metrics`.
+    PutMetrics(Metrics),
+}
+
+/// Why a request is refused before it reaches the VMM. The message is the
+/// `fault_message`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// No such endpoint (Firecracker's wording).
+    #[error("Invalid request method and/or path: {0} {1}")]
+    InvalidPathMethod(String, String),
+    /// An endpoint of the spec ember does not serve yet.
+    #[error("{method} {path} is not supported by ember yet ({feature})")]
+    Unsupported {
+        /// The method.
+        method: String,
+        /// The path.
+        path: String,
+        /// What it belongs to.
+        feature: &'static str,
+    },
+    /// The body is missing.
+    #[error("{0} needs a JSON body")]
+    MissingBody(String),
+    /// A body where none belongs.
+    #[error("{0} takes no body")]
+    UnexpectedBody(String),
+    /// The body does not parse as the endpoint's type.
+    #[error("invalid body for {0}: {1}")]
+    Body(String, String),
+    /// A value is out of range or malformed.
+    #[error("invalid body for {0}: {1}")]
+    Value(String, String),
+}
+
+impl RequestError {
+    /// The HTTP status (400 for all of them, as Firecracker answers).
+    pub fn status(&self) -> u16 {
+        400
+    }
+}
+
+/// Endpoints of the spec that belong to later work, and what they are.
+const UNSUPPORTED: &[(&str, &str)] = &[
+    ("/balloon", "the balloon device"),
+    ("/balloon/statistics", "the balloon device"),
+    ("/balloon/hinting/start", "the balloon device"),
+    ("/balloon/hinting/status", "the balloon device"),
+    ("/balloon/hinting/stop", "the balloon device"),
+    ("/vsock", "vsock"),
+    ("/entropy", "the entropy device"),
+    ("/snapshot/create", "snapshots"),
+    ("/snapshot/load", "snapshots"),
+    ("/cpu-config", "CPU templates"),
+    ("/mmds", "MMDS"),
+    ("/mmds/config", "MMDS"),
+    ("/hotplug/memory", "memory hotplug"),
+    ("/serial", "serial output redirection"),
+    ("/pmem", "virtio-pmem"),
+];
+
+fn parse_body<T: DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, RequestError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(RequestError::MissingBody(what.to_string()));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| RequestError::Body(what.to_string(), e.to_string().replace('\n', " ")))
+}
+
+fn check_id(what: &str, kind: &str, id: &str) -> Result<(), RequestError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(RequestError::Value(
+            what.to_string(),
+            format!("{kind} {id:?} must be 1 to {MAX_ID_LEN} characters of A-Z, a-z, 0-9 and _"),
+        ))
+    }
+}
+
+fn check_path_id(what: &str, kind: &str, path_id: &str, body_id: &str) -> Result<(), RequestError> {
+    check_id(what, kind, path_id)?;
+    if path_id != body_id {
+        return Err(RequestError::Value(
+            what.to_string(),
+            format!("the path's {kind} {path_id:?} differs from the body's {body_id:?}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_vcpus(what: &str, v: u8) -> Result<(), RequestError> {
+    if (1..=MAX_VCPUS).contains(&v) {
+        Ok(())
+    } else {
+        Err(RequestError::Value(
+            what.to_string(),
+            format!("vcpu_count = {v} is out of range: it must be 1 to {MAX_VCPUS}"),
+        ))
+    }
+}
+
+fn check_memory(what: &str, mib: u64) -> Result<(), RequestError> {
+    if mib == 0 {
+        return Err(RequestError::Value(
+            what.to_string(),
+            "mem_size_mib must be more than 0".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn check_limiter(what: &str, r: Option<&RateLimiter>) -> Result<(), RequestError> {
+    for bucket in r
+        .into_iter()
+        .flat_map(|r| [r.bandwidth.as_ref(), r.ops.as_ref()])
+        .flatten()
+    {
+        if bucket.refill_time == 0 && bucket.size != 0 {
+            return Err(RequestError::Value(
+                what.to_string(),
+                "a token bucket's refill_time must be more than 0".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `s` is a MAC address `aa:bb:cc:dd:ee:ff` (any case).
+pub fn is_mac(s: &str) -> bool {
+    let parts: Vec<&str> = s.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+impl Request {
+    /// Picks the endpoint for `method` and `path` (query string already
+    /// removed) and parses and checks `body`.
+    pub fn parse(method: &str, path: &str, body: &[u8]) -> Result<Request, RequestError> {
+        let what = format!("{method} {path}");
+        let trimmed = path.trim_end_matches('/');
+        let segments: Vec<&str> = trimmed.split('/').skip(1).collect();
+        let no_body = |r: Request| {
+            if body.iter().all(u8::is_ascii_whitespace) {
+                Ok(r)
+            } else {
+                Err(RequestError::UnexpectedBody(what.clone()))
+            }
+        };
+        let request = match (method, segments.as_slice()) {
+            ("GET", []) => no_body(Request::GetInstanceInfo)?,
+            ("GET", ["version"]) => no_body(Request::GetVersion)?,
+            ("GET", ["machine-config"]) => no_body(Request::GetMachineConfig)?,
+            ("GET", ["vm", "config"]) => no_body(Request::GetVmConfig)?,
+            ("PUT", ["machine-config"]) => {
+                let m: MachineConfiguration = parse_body(&what, body)?;
+                check_vcpus(&what, m.vcpu_count)?;
+                check_memory(&what, m.mem_size_mib)?;
+                Request::PutMachineConfig(m)
+            }
+            ("PATCH", ["machine-config"]) => {
+                let m: MachineConfigurationUpdate = parse_body(&what, body)?;
+                if let Some(v) = m.vcpu_count {
+                    check_vcpus(&what, v)?;
+                }
+                if let Some(mib) = m.mem_size_mib {
+                    check_memory(&what, mib)?;
+                }
+                Request::PatchMachineConfig(m)
+            }
+            ("PUT", ["boot-source"]) => {
+                let b: BootSource = parse_body(&what, body)?;
+                if b.kernel_image_path.is_empty() {
+                    return Err(RequestError::Value(
+                        what,
+                        "kernel_image_path is empty".into(),
+                    ));
+                }
+                Request::PutBootSource(b)
+            }
+            ("PUT", ["drives", id]) => {
+                let d: Drive = parse_body(&what, body)?;
+                check_path_id(&what, "drive_id", id, &d.drive_id)?;
+                check_limiter(&what, d.rate_limiter.as_ref())?;
+                Request::PutDrive(d)
+            }
+            ("PATCH", ["drives", id]) => {
+                let d: PartialDrive = parse_body(&what, body)?;
+                check_path_id(&what, "drive_id", id, &d.drive_id)?;
+                check_limiter(&what, d.rate_limiter.as_ref())?;
+                Request::PatchDrive(d)
+            }
+            ("PUT", ["network-interfaces", id]) => {
+                let n: NetworkInterface = parse_body(&what, body)?;
+                check_path_id(&what, "iface_id", id, &n.iface_id)?;
+                if let Some(mac) = &n.guest_mac {
+                    if !is_mac(mac) {
+                        return Err(RequestError::Value(
+                            what,
+                            format!(
+                                "guest_mac {mac:?} is not a MAC address like 06:00:AC:10:00:02"
+                            ),
+                        ));
+                    }
+                }
+                check_limiter(&what, n.rx_rate_limiter.as_ref())?;
+                check_limiter(&what, n.tx_rate_limiter.as_ref())?;
+                Request::PutNetworkInterface(n)
+            }
+            ("PATCH", ["network-interfaces", id]) => {
+                let n: PartialNetworkInterface = parse_body(&what, body)?;
+                check_path_id(&what, "iface_id", id, &n.iface_id)?;
+                check_limiter(&what, n.rx_rate_limiter.as_ref())?;
+                check_limiter(&what, n.tx_rate_limiter.as_ref())?;
+                Request::PatchNetworkInterface(n)
+            }
+            ("PUT", ["actions"]) => {
+                let a: InstanceActionInfo = parse_body(&what, body)?;
+                Request::Action(a.action_type)
+            }
+            ("PATCH", ["vm"]) => {
+                let v: Vm = parse_body(&what, body)?;
+                Request::PatchVm(v.state)
+            }
+            ("PUT", ["logger"]) => Request::PutLogger(parse_body(&what, body)?),
+            ("PUT", ["metrics"]) => {
+                let m: Metrics = parse_body(&what, body)?;
+                if m.metrics_path.is_empty() {
+                    return Err(RequestError::Value(what, "metrics_path is empty".into()));
+                }
+                Request::PutMetrics(m)
+            }
+            _ => return Err(unsupported_or_invalid(method, path, &segments)),
+        };
+        Ok(request)
+    }
+}
+
+fn unsupported_or_invalid(method: &str, path: &str, segments: &[&str]) -> RequestError {
+    let known_method = matches!(method, "GET" | "PUT" | "PATCH");
+    // Spec paths ember does not serve, also with an id (`/pmem/{id}`).
+    for (spec_path, feature) in UNSUPPORTED {
+        let spec_segments: Vec<&str> = spec_path.split('/').skip(1).collect();
+        let matches = segments == spec_segments.as_slice()
+            || (segments.len() == spec_segments.len() + 1
+                && segments.starts_with(&spec_segments)
+                && matches!(*spec_path, "/pmem"));
+        if matches && known_method {
+            return RequestError::Unsupported {
+                method: method.to_string(),
+                path: path.to_string(),
+                feature,
+            };
+        }
+    }
+    RequestError::InvalidPathMethod(method.to_string(), path.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(method: &str, path: &str, body: &str) -> Request {
+        Request::parse(method, path, body.as_bytes())
+            .unwrap_or_else(|e| panic!("{method} {path} {body}: {e}"))
+    }
+
+    fn err(method: &str, path: &str, body: &str) -> RequestError {
+        Request::parse(method, path, body.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn request_every_route_parses() {
+        assert_eq!(ok("GET", "/", ""), Request::GetInstanceInfo);
+        assert_eq!(ok("GET", "/version", ""), Request::GetVersion);
+        assert_eq!(ok("GET", "/machine-config", ""), Request::GetMachineConfig);
+        assert_eq!(ok("GET", "/vm/config", ""), Request::GetVmConfig);
+        assert!(matches!(
+            ok("PUT", "/machine-config", r#"{"vcpu_count":2,"mem_size_mib":256}"#),
+            Request::PutMachineConfig(m) if m.vcpu_count == 2
+        ));
+        assert!(matches!(
+            ok("PATCH", "/machine-config", r#"{"mem_size_mib":512}"#),
+            Request::PatchMachineConfig(m) if m.mem_size_mib == Some(512)
+        ));
+        assert!(matches!(
+            ok("PUT", "/boot-source", r#"{"kernel_image_path":"/k"}"#),
+            Request::PutBootSource(_)
+        ));
+        assert!(matches!(
+            ok(
+                "PUT",
+                "/drives/root",
+                r#"{"drive_id":"root","path_on_host":"/r","is_root_device":true}"#
+            ),
+            Request::PutDrive(_)
+        ));
+        assert!(matches!(
+            ok(
+                "PATCH",
+                "/drives/root",
+                r#"{"drive_id":"root","path_on_host":"/s"}"#
+            ),
+            Request::PatchDrive(_)
+        ));
+        assert!(matches!(
+            ok(
+                "PUT",
+                "/network-interfaces/eth0",
+                r#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"06:00:AC:10:00:02"}"#
+            ),
+            Request::PutNetworkInterface(_)
+        ));
+        assert!(matches!(
+            ok(
+                "PATCH",
+                "/network-interfaces/eth0",
+                r#"{"iface_id":"eth0"}"#
+            ),
+            Request::PatchNetworkInterface(_)
+        ));
+        assert_eq!(
+            ok("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#),
+            Request::Action(ActionType::InstanceStart)
+        );
+        assert_eq!(
+            ok("PATCH", "/vm", r#"{"state":"Paused"}"#),
+            Request::PatchVm(VmState::Paused)
+        );
+        assert!(matches!(
+            ok("PUT", "/logger", r#"{"level":"Debug","show_level":true}"#),
+            Request::PutLogger(_)
+        ));
+        assert!(matches!(
+            ok("PUT", "/metrics", r#"{"metrics_path":"/m"}"#),
+            Request::PutMetrics(_)
+        ));
+    }
+
+    #[test]
+    fn request_unsupported_spec_endpoints_say_so() {
+        for (method, path) in [
+            ("PUT", "/balloon"),
+            ("GET", "/balloon/statistics"),
+            ("PUT", "/vsock"),
+            ("PUT", "/entropy"),
+            ("PUT", "/snapshot/create"),
+            ("PUT", "/snapshot/load"),
+            ("PUT", "/cpu-config"),
+            ("GET", "/mmds"),
+            ("PUT", "/mmds/config"),
+            ("PUT", "/serial"),
+            ("PUT", "/pmem/p0"),
+            ("PUT", "/hotplug/memory"),
+        ] {
+            let e = err(method, path, "{}");
+            assert!(
+                matches!(e, RequestError::Unsupported { .. }),
+                "{method} {path}: {e}"
+            );
+            assert!(e.to_string().contains("not supported"), "{e}");
+            assert_eq!(e.status(), 400);
+        }
+    }
+
+    #[test]
+    fn request_unknown_path_or_method_is_invalid() {
+        for (method, path) in [
+            ("GET", "/nothing"),
+            ("DELETE", "/machine-config"),
+            ("POST", "/actions"),
+            ("GET", "/drives"),
+            ("PUT", "/drives/a/b"),
+            ("BREW", "/"),
+        ] {
+            let e = err(method, path, "");
+            assert!(
+                matches!(e, RequestError::InvalidPathMethod(..)),
+                "{method} {path}: {e}"
+            );
+            assert!(e
+                .to_string()
+                .starts_with("Invalid request method and/or path"));
+        }
+    }
+
+    #[test]
+    fn request_bad_bodies_are_refused_with_what_is_wrong() {
+        let mc = "/machine-config";
+        let cases = [
+            ("{", "EOF"),
+            (
+                r#"{"vcpu_count":1,"mem_size_mib":8,"foo":1}"#,
+                "unknown field `foo`",
+            ),
+            (r#"{"vcpu_count":"two","mem_size_mib":8}"#, "invalid type"),
+            (r#"{"vcpu_count":1}"#, "missing field `mem_size_mib`"),
+            (r#"{"vcpu_count":0,"mem_size_mib":8}"#, "vcpu_count = 0"),
+            (r#"{"vcpu_count":33,"mem_size_mib":8}"#, "1 to 32"),
+            (r#"{"vcpu_count":-1,"mem_size_mib":8}"#, "invalid value"),
+            (r#"{"vcpu_count":1,"mem_size_mib":0}"#, "mem_size_mib"),
+            ("", "needs a JSON body"),
+        ];
+        for (body, needle) in cases {
+            let e = err("PUT", mc, body);
+            assert!(e.to_string().contains(needle), "{body}: {e}");
+            assert!(!e.to_string().contains('\n'));
+        }
+        assert!(matches!(
+            err("GET", "/", "{}"),
+            RequestError::UnexpectedBody(_)
+        ));
+    }
+
+    #[test]
+    fn request_ids_must_match_and_be_well_formed() {
+        let e = err(
+            "PUT",
+            "/drives/a",
+            r#"{"drive_id":"b","path_on_host":"/r","is_root_device":false}"#,
+        );
+        assert!(e.to_string().contains("differs"), "{e}");
+        let e = err(
+            "PUT",
+            "/drives/a-b",
+            r#"{"drive_id":"a-b","path_on_host":"/r","is_root_device":false}"#,
+        );
+        assert!(e.to_string().contains("A-Z"), "{e}");
+        let long = "x".repeat(65);
+        let e = err(
+            "PUT",
+            &format!("/network-interfaces/{long}"),
+            &format!(r#"{{"iface_id":"{long}","host_dev_name":"t"}}"#),
+        );
+        assert!(e.to_string().contains("64"), "{e}");
+    }
+
+    #[test]
+    fn request_bad_mac_and_rate_limiter_are_refused() {
+        for mac in ["06:00:AC:10:00", "zz:00:AC:10:00:02", "0600AC100002"] {
+            let e = err(
+                "PUT",
+                "/network-interfaces/eth0",
+                &format!(r#"{{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"{mac}"}}"#),
+            );
+            assert!(e.to_string().contains("MAC"), "{mac}: {e}");
+        }
+        let e = err(
+            "PUT",
+            "/drives/d",
+            r#"{"drive_id":"d","is_root_device":false,"rate_limiter":{"bandwidth":{"size":10,"refill_time":0}}}"#,
+        );
+        assert!(e.to_string().contains("refill_time"), "{e}");
+    }
+}

@@ -1,0 +1,300 @@
+//! Firecracker's configuration (the API's bodies and the `--config-file`
+//! JSON) in terms of ember's [`VmConfig`], both ways.
+//!
+//! Each `apply_*` changes a copy, checks what changed, and only then
+//! commits it: a bad request changes nothing. What ember does not
+//! support yet is refused with a message that says so, never ignored.
+
+use std::path::PathBuf;
+
+use ember_api::model::{
+    BootSource, CpuTemplate, Drive, FullVmConfiguration, HugePages, MachineConfiguration,
+    MachineConfigurationUpdate, NetworkInterface,
+};
+
+use super::{BootConfig, ConfigError, DiskConfig, MachineConfig, NetConfig, VmConfig};
+
+fn unsupported(what: &str, why: &str) -> ConfigError {
+    ConfigError::Unsupported(format!("{what} is not supported by ember yet ({why})"))
+}
+
+/// `PUT /machine-config`: the whole machine section (fields not given
+/// take their defaults).
+pub fn apply_machine(cfg: &mut VmConfig, m: &MachineConfiguration) -> Result<(), ConfigError> {
+    check_machine_extras(
+        Some(m.smt),
+        Some(m.track_dirty_pages),
+        m.cpu_template.as_ref(),
+        m.huge_pages.as_ref(),
+    )?;
+    let machine = MachineConfig {
+        vcpus: u64::from(m.vcpu_count),
+        memory_mib: m.mem_size_mib,
+    };
+    machine.validate()?;
+    cfg.machine = machine;
+    Ok(())
+}
+
+/// `PATCH /machine-config`: only the fields given.
+pub fn apply_machine_update(
+    cfg: &mut VmConfig,
+    m: &MachineConfigurationUpdate,
+) -> Result<(), ConfigError> {
+    check_machine_extras(
+        m.smt,
+        m.track_dirty_pages,
+        m.cpu_template.as_ref(),
+        m.huge_pages.as_ref(),
+    )?;
+    let mut machine = cfg.machine.clone();
+    if let Some(v) = m.vcpu_count {
+        machine.vcpus = u64::from(v);
+    }
+    if let Some(mib) = m.mem_size_mib {
+        machine.memory_mib = mib;
+    }
+    machine.validate()?;
+    cfg.machine = machine;
+    Ok(())
+}
+
+fn check_machine_extras(
+    smt: Option<bool>,
+    track_dirty_pages: Option<bool>,
+    cpu_template: Option<&CpuTemplate>,
+    huge_pages: Option<&HugePages>,
+) -> Result<(), ConfigError> {
+    if smt == Some(true) {
+        return Err(unsupported(
+            "machine-config.smt = true",
+            "every vCPU is its own core",
+        ));
+    }
+    if track_dirty_pages == Some(true) {
+        return Err(unsupported(
+            "machine-config.track_dirty_pages = true",
+            "it comes with snapshots",
+        ));
+    }
+    if let Some(t) = cpu_template.filter(|t| **t != CpuTemplate::None) {
+        return Err(unsupported(
+            &format!("machine-config.cpu_template = {t:?}"),
+            "CPU models come later; the guest sees the host's CPU",
+        ));
+    }
+    if let Some(h) = huge_pages.filter(|h| **h != HugePages::None) {
+        return Err(unsupported(
+            &format!("machine-config.huge_pages = {h:?}"),
+            "guest memory is anonymous 4 KiB pages",
+        ));
+    }
+    Ok(())
+}
+
+/// The machine section as Firecracker reports it.
+pub fn machine_to_api(m: &MachineConfig) -> MachineConfiguration {
+    MachineConfiguration {
+        vcpu_count: u8::try_from(m.vcpus).unwrap_or(u8::MAX),
+        mem_size_mib: m.memory_mib,
+        smt: false,
+        track_dirty_pages: false,
+        cpu_template: None,
+        huge_pages: None,
+    }
+}
+
+/// `PUT /boot-source`: the kernel (which must exist), initrd and
+/// command line.
+pub fn apply_boot_source(cfg: &mut VmConfig, b: &BootSource) -> Result<(), ConfigError> {
+    let boot = BootConfig {
+        kernel: Some(PathBuf::from(&b.kernel_image_path)),
+        initrd: b.initrd_path.as_ref().map(PathBuf::from),
+        cmdline: b.boot_args.clone(),
+    };
+    boot.validate()?;
+    cfg.boot = boot;
+    Ok(())
+}
+
+/// `PUT /drives/{id}`: adds a disk, or replaces the one with that id.
+pub fn apply_drive(cfg: &mut VmConfig, d: &Drive) -> Result<(), ConfigError> {
+    if d.partuuid.is_some() {
+        return Err(unsupported(
+            "drives.partuuid",
+            "the root device is named /dev/vda",
+        ));
+    }
+    if d.rate_limiter.is_some() {
+        return Err(unsupported("drives.rate_limiter", "no disk rate limits"));
+    }
+    if d.socket.is_some() {
+        return Err(unsupported("drives.socket", "no vhost-user disks"));
+    }
+    if matches!(d.io_engine, Some(ember_api::model::IoEngine::Async)) {
+        return Err(unsupported(
+            "drives.io_engine = Async",
+            "disks are served synchronously",
+        ));
+    }
+    let path = d.path_on_host.as_ref().ok_or_else(|| {
+        ConfigError::Unsupported(format!("drive {}: path_on_host is required", d.drive_id))
+    })?;
+    let disk = DiskConfig {
+        path: PathBuf::from(path),
+        read_only: d.is_read_only.unwrap_or(false),
+        id: None,
+        drive_id: Some(d.drive_id.clone()),
+        root: d.is_root_device,
+    };
+    let mut disks = cfg.disk.clone();
+    let index = disks
+        .iter()
+        .enumerate()
+        .position(|(i, o)| o.drive_id(i) == d.drive_id)
+        .unwrap_or(disks.len());
+    disk.validate(index)?;
+    if index == disks.len() {
+        disks.push(disk);
+    } else {
+        disks[index] = disk;
+    }
+    if disk_count_error(&disks).is_some() {
+        return Err(ConfigError::TooManyDisks(disks.len()));
+    }
+    if d.is_root_device {
+        if let Some(other) = disks
+            .iter()
+            .enumerate()
+            .position(|(i, o)| o.root && i != index)
+        {
+            return Err(ConfigError::TwoRoots(other, index));
+        }
+    }
+    cfg.disk = disks;
+    Ok(())
+}
+
+fn disk_count_error(disks: &[DiskConfig]) -> Option<usize> {
+    (disks.len() > super::disk::MAX_DISKS).then_some(disks.len())
+}
+
+/// `PUT /network-interfaces/{id}`: adds a NIC, or replaces the one with
+/// that id.
+pub fn apply_net(cfg: &mut VmConfig, n: &NetworkInterface) -> Result<(), ConfigError> {
+    if n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some() {
+        return Err(unsupported(
+            "network-interfaces rate limiters",
+            "no NIC rate limits",
+        ));
+    }
+    let net = NetConfig {
+        tap: n.host_dev_name.clone(),
+        mac: n.guest_mac.clone(),
+        offloads: true,
+        iface_id: Some(n.iface_id.clone()),
+    };
+    let mut nets = cfg.net.clone();
+    let index = nets
+        .iter()
+        .enumerate()
+        .position(|(i, o)| o.iface_id(i) == n.iface_id)
+        .unwrap_or(nets.len());
+    net.validate(index)?;
+    if nets
+        .iter()
+        .enumerate()
+        .any(|(i, o)| i != index && o.tap == net.tap)
+    {
+        return Err(ConfigError::DuplicateTap(net.tap));
+    }
+    if index == nets.len() {
+        nets.push(net);
+    } else {
+        nets[index] = net;
+    }
+    if nets.len() > super::net::MAX_NETS {
+        return Err(ConfigError::TooManyNets(nets.len()));
+    }
+    cfg.net = nets;
+    Ok(())
+}
+
+/// The whole configuration in Firecracker's terms (`GET /vm/config`),
+/// usable as a `--config-file`.
+pub fn to_api(cfg: &VmConfig) -> FullVmConfiguration {
+    FullVmConfiguration {
+        boot_source: cfg.boot.kernel.as_ref().map(|k| BootSource {
+            kernel_image_path: k.to_string_lossy().into_owned(),
+            initrd_path: cfg
+                .boot
+                .initrd
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned()),
+            boot_args: Some(cfg.boot.cmdline().to_owned()),
+        }),
+        drives: cfg
+            .disk
+            .iter()
+            .enumerate()
+            .map(|(i, d)| Drive {
+                drive_id: d.drive_id(i),
+                path_on_host: Some(d.path.to_string_lossy().into_owned()),
+                is_root_device: d.root,
+                is_read_only: Some(d.read_only),
+                partuuid: None,
+                // Ember always honours flushes.
+                cache_type: Some(ember_api::model::CacheType::Writeback),
+                io_engine: Some(ember_api::model::IoEngine::Sync),
+                rate_limiter: None,
+                socket: None,
+            })
+            .collect(),
+        machine_config: Some(machine_to_api(&cfg.machine)),
+        network_interfaces: cfg
+            .net
+            .iter()
+            .enumerate()
+            .map(|(i, n)| NetworkInterface {
+                iface_id: n.iface_id(i),
+                host_dev_name: n.tap.clone(),
+                guest_mac: Some(
+                    n.validate(i)
+                        .map(mac_text)
+                        .unwrap_or_else(|_| n.mac.clone().unwrap_or_default()),
+                ),
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// A Firecracker `--config-file` as ember's configuration: each section
+/// applied as the API would apply it, in the order Firecracker does.
+pub fn from_api(full: &FullVmConfiguration) -> Result<VmConfig, ConfigError> {
+    let mut cfg = VmConfig::default();
+    if let Some(m) = &full.machine_config {
+        apply_machine(&mut cfg, m)?;
+    }
+    if let Some(b) = &full.boot_source {
+        apply_boot_source(&mut cfg, b)?;
+    }
+    for d in &full.drives {
+        apply_drive(&mut cfg, d)?;
+    }
+    for n in &full.network_interfaces {
+        apply_net(&mut cfg, n)?;
+    }
+    Ok(cfg)
+}

@@ -1,0 +1,206 @@
+//! What the VMM thread does with each API request.
+
+use ember_api::model::{ActionType, FirecrackerVersion, InstanceInfo, VmState};
+use ember_api::{Request, Response};
+
+use super::{Instance, LifecycleError, State};
+use crate::config::firecracker as fc;
+use crate::config::{ConfigError, VmConfig};
+
+/// Ember's version, as `GET /` and `GET /version` report it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+fn bad_request(e: &dyn std::error::Error) -> Response {
+    Response::fault(400, &crate::error_chain(e))
+}
+
+impl Instance {
+    /// Answers one API request, and counts it in the metrics.
+    pub(super) fn handle(&mut self, request: Request) -> Response {
+        log::debug!("api: {request:?}");
+        let (group, name) = metric_name(&request);
+        let response = self.dispatch(request);
+        self.metrics.count_api(group, name, response.status >= 400);
+        response
+    }
+
+    fn dispatch(&mut self, request: Request) -> Response {
+        match request {
+            Request::GetInstanceInfo => Response::json(
+                200,
+                &InstanceInfo {
+                    app_name: "ember".into(),
+                    id: self.id.clone(),
+                    state: self.state.api_name().into(),
+                    vmm_version: VERSION.into(),
+                },
+            ),
+            Request::GetVersion => Response::json(
+                200,
+                &FirecrackerVersion {
+                    firecracker_version: VERSION.into(),
+                },
+            ),
+            Request::GetMachineConfig => {
+                Response::json(200, &fc::machine_to_api(&self.config.machine))
+            }
+            Request::GetVmConfig => Response::json(200, &fc::to_api(&self.config)),
+            Request::PutMachineConfig(m) => self.change(|c| fc::apply_machine(c, &m)),
+            Request::PatchMachineConfig(m) => self.change(|c| fc::apply_machine_update(c, &m)),
+            Request::PutBootSource(b) => self.change(|c| fc::apply_boot_source(c, &b)),
+            Request::PutDrive(d) => self.change(|c| fc::apply_drive(c, &d)),
+            Request::PutNetworkInterface(n) => self.change(|c| fc::apply_net(c, &n)),
+            Request::PatchDrive(d) => {
+                if d.rate_limiter.is_some() {
+                    return Response::fault(
+                        400,
+                        "drives.rate_limiter is not supported by ember yet (no disk rate limits)",
+                    );
+                }
+                match &d.path_on_host {
+                    Some(path) => match self.patch_drive(&d.drive_id, std::path::Path::new(path)) {
+                        Ok(()) => Response::no_content(),
+                        Err(e) => bad_request(&e),
+                    },
+                    None => Response::no_content(),
+                }
+            }
+            Request::PatchNetworkInterface(n) => Response::fault(
+                400,
+                &format!(
+                    "PATCH /network-interfaces/{}: NIC rate limits are not supported by ember yet",
+                    n.iface_id
+                ),
+            ),
+            Request::Action(action) => self.action(action),
+            Request::PatchVm(VmState::Paused) => match self.pause() {
+                Ok(_) => Response::no_content(),
+                Err(e) => bad_request(&e),
+            },
+            Request::PatchVm(VmState::Resumed) => match self.resume() {
+                Ok(_) => Response::no_content(),
+                Err(e) => bad_request(&e),
+            },
+            Request::PutLogger(l) => self.put_logger(&l),
+            Request::PutMetrics(m) => {
+                if let Err(e) = self.require_not_started() {
+                    return bad_request(&e);
+                }
+                let props = m.properties.clone().unwrap_or_default();
+                match self.set_metrics(
+                    std::path::Path::new(&m.metrics_path),
+                    m.emit_id.unwrap_or(false),
+                    props,
+                ) {
+                    Ok(()) => Response::no_content(),
+                    Err(e) => bad_request(&e),
+                }
+            }
+        }
+    }
+
+    /// A pre-boot configuration change: applied to a copy and committed
+    /// only if it is valid.
+    fn change(&mut self, apply: impl FnOnce(&mut VmConfig) -> Result<(), ConfigError>) -> Response {
+        if let Err(e) = self.require_not_started() {
+            return bad_request(&e);
+        }
+        let mut cfg = self.config.clone();
+        match apply(&mut cfg) {
+            Ok(()) => {
+                self.config = cfg;
+                Response::no_content()
+            }
+            Err(e) => bad_request(&e),
+        }
+    }
+
+    fn action(&mut self, action: ActionType) -> Response {
+        match action {
+            ActionType::InstanceStart => match self.start() {
+                Ok(()) => Response::no_content(),
+                Err(e) => bad_request(&e),
+            },
+            ActionType::SendCtrlAltDel => match (self.state, self.vmm.as_ref()) {
+                (State::Running, Some(vmm)) => match vmm.send_ctrl_alt_del() {
+                    Ok(()) => Response::no_content(),
+                    Err(e) => bad_request(&e),
+                },
+                (State::Paused, _) => Response::fault(
+                    400,
+                    "SendCtrlAltDel: the microVM is paused; resume it first",
+                ),
+                _ => bad_request(&LifecycleError::NotStarted),
+            },
+            ActionType::FlushMetrics => match self.flush_metrics() {
+                Ok(()) => Response::no_content(),
+                Err(e) => bad_request(&e),
+            },
+        }
+    }
+
+    /// `PUT /logger`, before start (as Firecracker): all or nothing.
+    fn put_logger(&mut self, l: &ember_api::model::Logger) -> Response {
+        if let Err(e) = self.require_not_started() {
+            return bad_request(&e);
+        }
+        let mut settings = crate::logger::settings();
+        if let Some(level) = &l.level {
+            settings.level = level_filter(*level);
+        }
+        if let Some(path) = &l.log_path {
+            settings.path = Some(path.into());
+        }
+        if let Some(v) = l.show_level {
+            settings.show_level = v;
+        }
+        if let Some(v) = l.show_log_origin {
+            settings.show_origin = v;
+        }
+        if let Some(m) = &l.module {
+            // Firecracker's `module` is a module path to keep: everything
+            // else goes quiet.
+            settings.modules = Some(format!("off,{m}={}", settings.level));
+        }
+        match crate::logger::reconfigure(settings) {
+            Ok(()) => Response::no_content(),
+            Err(e) => bad_request(&e),
+        }
+    }
+}
+
+fn level_filter(l: ember_api::model::LogLevel) -> log::LevelFilter {
+    use ember_api::model::LogLevel as L;
+    match l {
+        L::Off => log::LevelFilter::Off,
+        L::Error => log::LevelFilter::Error,
+        L::Warning => log::LevelFilter::Warn,
+        L::Info => log::LevelFilter::Info,
+        L::Debug => log::LevelFilter::Debug,
+        L::Trace => log::LevelFilter::Trace,
+    }
+}
+
+/// Firecracker's metric group and counter for a request.
+fn metric_name(r: &Request) -> (&'static str, &'static str) {
+    const GET: &str = "get_api_requests";
+    const PUT: &str = "put_api_requests";
+    const PATCH: &str = "patch_api_requests";
+    match r {
+        Request::GetInstanceInfo => (GET, "instance_info_count"),
+        Request::GetVersion => (GET, "vmm_version_count"),
+        Request::GetMachineConfig => (GET, "machine_cfg_count"),
+        Request::GetVmConfig => (GET, "vm_config_count"),
+        Request::PutMachineConfig(_) => (PUT, "machine_cfg_count"),
+        Request::PatchMachineConfig(_) => (PATCH, "machine_cfg_count"),
+        Request::PutBootSource(_) => (PUT, "boot_source_count"),
+        Request::PutDrive(_) => (PUT, "drive_count"),
+        Request::PatchDrive(_) => (PATCH, "drive_count"),
+        Request::PutNetworkInterface(_) => (PUT, "network_count"),
+        Request::PatchNetworkInterface(_) => (PATCH, "network_count"),
+        Request::Action(_) => (PUT, "actions_count"),
+        Request::PatchVm(_) => (PATCH, "vm_count"),
+        Request::PutLogger(_) => (PUT, "logger_count"),
+        Request::PutMetrics(_) => (PUT, "metrics_count"),
+    }
+}
