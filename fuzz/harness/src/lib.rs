@@ -25,6 +25,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod blk;
 pub mod config;
 pub mod guest;
@@ -37,6 +38,7 @@ pub mod queue;
 pub mod seeds;
 pub mod transport;
 
+pub use api::api_request;
 pub use blk::{virtio_blk_chain, virtio_blk_request};
 pub use config::config;
 pub use legacy::legacy_ports;
@@ -52,6 +54,7 @@ pub type Target = (&'static str, fn(&[u8]));
 
 /// Every target, by name.
 pub const TARGETS: &[Target] = &[
+    ("api_request", api_request),
     ("virtio_blk_request", virtio_blk_request),
     ("virtio_blk_chain", virtio_blk_chain),
     ("virtio_net_tx", virtio_net_tx),
