@@ -425,9 +425,23 @@ fn api_real_guest_starts_pauses_resumes_and_ctrl_alt_del_ends_it() {
     );
     // The agent sleeps far longer than the test: only Ctrl-Alt-Del ends it.
     let boot = format!(
-        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 reboot=k panic=1 quiet ember.agent=on ember.sleep=600"}}"#,
+        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 reboot=k panic=1 loglevel=6 ember.agent=on ember.sleep=600"}}"#,
         kernel.display()
     );
+    // A small placeholder disk, swapped for a bigger image while running
+    // (as Kata does); loglevel=6 shows the driver's notice of the new size.
+    let placeholder = dir.write("placeholder.img", &vec![0u8; 1 << 20]);
+    let real = dir.write("real.img", &vec![0x5au8; 4 << 20]);
+    let drive = format!(
+        r#"{{"drive_id": "scratch", "path_on_host": "{}", "is_root_device": false}}"#,
+        placeholder.display()
+    );
+    api.call("PUT", "/drives/scratch", Some(&drive), 204);
+    let patch = format!(
+        r#"{{"drive_id": "scratch", "path_on_host": "{}"}}"#,
+        real.display()
+    );
+    api.call("PATCH", "/drives/scratch", Some(&patch), 400);
     api.call("PUT", "/boot-source", Some(&boot), 204);
     let start = r#"{"action_type": "InstanceStart"}"#;
     api.call("PUT", "/actions", Some(start), 204);
@@ -457,6 +471,7 @@ fn api_real_guest_starts_pauses_resumes_and_ctrl_alt_del_ends_it() {
     api.call("PATCH", vm, Some(r#"{"state": "Paused"}"#), 204);
     assert_eq!(api.state(), "Paused");
     let cad = r#"{"action_type": "SendCtrlAltDel"}"#;
+    api.call("PATCH", "/drives/scratch", Some(&patch), 400);
     api.call("PUT", "/actions", Some(cad), 400);
     // What the guest wrote before the pause may still be in the pipe.
     std::thread::sleep(Duration::from_secs(1));
@@ -473,7 +488,26 @@ fn api_real_guest_starts_pauses_resumes_and_ctrl_alt_del_ends_it() {
     api.call("PATCH", vm, Some(r#"{"state": "Resumed"}"#), 204);
     api.call("PATCH", vm, Some(r#"{"state": "Resumed"}"#), 204);
     assert_eq!(api.state(), "Running");
-    std::thread::sleep(Duration::from_secs(5));
+    // The drive swap: unknown ids are refused; the guest hears of the new
+    // capacity (8192 sectors of 512 bytes).
+    api.call(
+        "PATCH",
+        "/drives/nosuch",
+        Some(r#"{"drive_id": "nosuch", "path_on_host": "/x"}"#),
+        400,
+    );
+    api.call("PATCH", "/drives/scratch", Some(&patch), 204);
+    assert!(
+        ember.wait_for_output("new size: 8192", Duration::from_secs(60)),
+        "the guest saw the new capacity: {}",
+        ember.stdout_so_far()
+    );
+    let full = api.call("GET", "/vm/config", None, 200).json();
+    assert_eq!(
+        full["drives"][0]["path_on_host"],
+        real.display().to_string()
+    );
+    std::thread::sleep(Duration::from_secs(3));
     // Ctrl-Alt-Del: the guest's keyboard driver reboots it, which ends ember.
     let host = sleeping_seen.elapsed().as_secs_f64();
     api.call("PUT", "/actions", Some(cad), 204);
