@@ -286,6 +286,21 @@ fn api_bad_input_gets_clear_errors_and_ember_keeps_serving() {
         "the log file has the API's debug lines with level and origin: {text}"
     );
 
+    // SIGHUP reopens the log file (after a rotation, say).
+    let rotated = dir.path("ember.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    ember.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !log.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    api.call("GET", "/version", None, 200);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("GetVersion"),
+        "the reopened log gets the new lines: {text}"
+    );
+
     // The configuration as a whole, usable as a --config-file.
     let full = api.call("GET", "/vm/config", None, 200).json();
     assert_eq!(full["machine-config"]["mem_size_mib"], 192);

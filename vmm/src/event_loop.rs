@@ -269,10 +269,15 @@ impl EventLoop {
     /// Takes the console input and devices out of the loop: none of their
     /// events is served until [`EventLoop::resume`].
     pub fn pause(&mut self, p: &mut Pausable) -> Result<(), Error> {
+        // Every one is taken out, even after a failure (a subscriber the
+        // loop does not know is out already), so resume puts each back once.
+        let mut result = Ok(());
         for id in p.ids.drain(..) {
-            self.manager.remove_subscriber(id).map_err(loop_error)?;
+            if let Err(e) = self.manager.remove_subscriber(id) {
+                result = Err(loop_error(e));
+            }
         }
-        Ok(())
+        result
     }
 
     /// Puts the console input and devices (back) into the loop.

@@ -1,15 +1,28 @@
 //! Ember's composer: it only wires the other crates together.
 //!
 //! config → memory → VM and irqchip → devices on the buses → kernel load →
-//! vCPU threads → one epoll event loop → clean exit.
+//! vCPU threads → one epoll event loop → clean exit. The VM's life is one
+//! [`instance::Instance`], which the command line and the API both drive.
 //!
 //! ```no_run
-//! use ember_vmm::{config::VmConfig, seccomp, Console, Vmm};
+//! use ember_vmm::config::VmConfig;
+//! use ember_vmm::instance::{Instance, InstanceOptions};
+//! use ember_vmm::signals::StopSignals;
+//! use ember_vmm::{seccomp, Console};
 //!
-//! let cfg = VmConfig::from_file("vm.toml".as_ref()).unwrap().validate().unwrap();
-//! let filters = seccomp::Filters::new(seccomp::Mode::On).unwrap();
-//! let vmm = Vmm::build(&cfg, Console::stdio().unwrap(), std::time::Instant::now()).unwrap();
-//! let exit = vmm.run(&filters).unwrap();
+//! let cfg = VmConfig::from_file("vm.toml".as_ref()).unwrap();
+//! let opts = InstanceOptions {
+//!     id: "vm0".into(),
+//!     filters: seccomp::Filters::new(seccomp::Mode::On).unwrap(),
+//!     started: std::time::Instant::now(),
+//! };
+//! // Before any thread starts: every thread inherits the signal mask.
+//! let signals = StopSignals::block().unwrap();
+//! // No API socket: configure from the file, then start.
+//! let mut vm = Instance::new(opts, Console::stdio().unwrap(), signals, None).unwrap();
+//! vm.configure(cfg).unwrap();
+//! vm.start().unwrap();
+//! let exit = vm.run().unwrap();
 //! std::process::exit(exit.code());
 //! ```
 
@@ -385,9 +398,18 @@ impl Vmm {
     /// advance while paused.
     pub fn pause(&mut self, event_loop: &mut EventLoop) -> Result<()> {
         let threads = self.threads.as_ref().ok_or_else(not_started)?;
-        threads.pause(PAUSE_TIMEOUT)?;
+        // All or nothing: a vCPU that does not park in time leaves the
+        // whole VM running, not half paused.
+        if let Err(e) = threads.pause(PAUSE_TIMEOUT) {
+            threads.resume();
+            return Err(e);
+        }
         if let Some(p) = self.pausable.as_mut() {
-            event_loop.pause(p)?;
+            if let Err(e) = event_loop.pause(p) {
+                event_loop.resume(p);
+                threads.resume();
+                return Err(e);
+            }
         }
         match self.vm.get_clock() {
             Ok(clock) => self.paused_clock = Some(clock),

@@ -41,7 +41,11 @@ struct FirecrackerArgs {
     api_sock: Option<PathBuf>,
     /// A Firecracker JSON config file (boot-source, drives, machine-config,
     /// network-interfaces); the VM starts at once.
-    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with_all = ["config", "kernel", "initrd", "cmdline", "vcpus", "memory", "disk", "net"]
+    )]
     config_file: Option<PathBuf>,
     /// Do not serve the API (the default without --api-sock); needs a VM
     /// configuration.

@@ -298,3 +298,127 @@ pub fn from_api(full: &FullVmConfiguration) -> Result<VmConfig, ConfigError> {
     }
     Ok(cfg)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn exe() -> String {
+        std::env::current_exe().unwrap().display().to_string()
+    }
+
+    #[test]
+    fn firecracker_json_and_the_same_toml_give_the_same_vm() {
+        let exe = exe();
+        let json = format!(
+            r#"{{
+              "boot-source": {{"kernel_image_path": "{exe}", "boot_args": "console=ttyS0 reboot=k panic=1"}},
+              "drives": [
+                {{"drive_id": "data", "path_on_host": "{exe}", "is_root_device": false, "is_read_only": true}}
+              ],
+              "machine-config": {{"vcpu_count": 2, "mem_size_mib": 256}},
+              "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}}]
+            }}"#
+        );
+        let full: FullVmConfiguration = serde_json::from_str(&json).unwrap();
+        let from_json = from_api(&full).unwrap().validate().unwrap();
+        let toml = format!(
+            r#"
+            [machine]
+            vcpus = 2
+            memory_mib = 256
+            [boot]
+            kernel = "{exe}"
+            cmdline = "console=ttyS0 reboot=k panic=1"
+            [[disk]]
+            path = "{exe}"
+            read_only = true
+            drive_id = "data"
+            [[net]]
+            tap = "tap0"
+            mac = "06:00:ac:10:00:02"
+            iface_id = "eth0"
+            "#
+        );
+        let from_toml = VmConfig::from_toml(&toml, Path::new("vm.toml"), Path::new("/"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(from_json, from_toml);
+        // And GET /vm/config of it reads back as the same configuration.
+        let again = from_api(&to_api(&from_api(&full).unwrap())).unwrap();
+        assert_eq!(again.validate().unwrap(), from_toml);
+    }
+
+    #[test]
+    fn firecracker_root_device_goes_first_and_on_the_command_line() {
+        let exe = exe();
+        let mut cfg = VmConfig::default();
+        apply_boot_source(
+            &mut cfg,
+            &BootSource {
+                kernel_image_path: exe.clone(),
+                boot_args: Some("console=ttyS0".into()),
+                initrd_path: None,
+            },
+        )
+        .unwrap();
+        let drive = |id: &str, root: bool| Drive {
+            drive_id: id.into(),
+            path_on_host: Some(exe.clone()),
+            is_root_device: root,
+            is_read_only: Some(true),
+            partuuid: None,
+            cache_type: None,
+            io_engine: None,
+            rate_limiter: None,
+            socket: None,
+        };
+        apply_drive(&mut cfg, &drive("data", false)).unwrap();
+        // The same image twice is refused when the whole is checked.
+        apply_drive(&mut cfg, &drive("rootfs", true)).unwrap();
+        assert!(matches!(cfg.validate(), Err(ConfigError::DuplicateDisk(_))));
+        let other = std::env::temp_dir().join(format!("ember-fc-test-{}.img", std::process::id()));
+        std::fs::write(&other, [0u8; 512]).unwrap();
+        cfg.disk[0].path = other.clone();
+        let valid = cfg.validate();
+        std::fs::remove_file(&other).unwrap();
+        let valid = valid.unwrap();
+        assert_eq!(valid.disks[0].drive_id.as_deref(), Some("rootfs"));
+        assert_eq!(valid.disks[1].drive_id.as_deref(), Some("data"));
+        assert_eq!(valid.cmdline, "console=ttyS0 root=/dev/vda ro");
+        // A second root is refused and changes nothing.
+        let before = cfg.clone();
+        let mut c2 = cfg.clone();
+        assert!(matches!(
+            apply_drive(&mut c2, &drive("other", true)),
+            Err(ConfigError::TwoRoots(..)) | Err(ConfigError::File { .. })
+        ));
+        assert_eq!(cfg, before);
+    }
+
+    #[test]
+    fn firecracker_unsupported_fields_are_refused_by_name() {
+        let mut cfg = VmConfig::default();
+        let m = MachineConfiguration {
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            smt: false,
+            track_dirty_pages: false,
+            cpu_template: Some(CpuTemplate::T2),
+            huge_pages: None,
+        };
+        let e = apply_machine(&mut cfg, &m).unwrap_err();
+        assert!(e.to_string().contains("cpu_template"), "{e}");
+        let m = MachineConfiguration {
+            cpu_template: None,
+            huge_pages: Some(HugePages::Hugetlbfs2M),
+            ..m
+        };
+        let e = apply_machine(&mut cfg, &m).unwrap_err();
+        assert!(e.to_string().contains("huge_pages"), "{e}");
+        assert_eq!(cfg, VmConfig::default(), "nothing changed");
+    }
+}
