@@ -6,9 +6,11 @@
 //! - [`Request::parse`]: method + path + body to a checked [`Request`]
 //!   (or the 400 the spec's clients expect, with a `fault_message`).
 //! - [`http::parse_message`]: one HTTP/1.1 request from a connection's
-//!   bytes (httparse), with the body limit.
+//!   bytes (httparse), with the body limit; [`handle_bytes`]: every whole
+//!   request in a buffer answered in order, as the server does.
 //! - [`Server`]: the socket, served from one thread with epoll; the VMM
 //!   passes a handler that turns a [`Request`] into a [`Response`].
+//!   [`Limits`] bound what a client may hold.
 //!
 //! The crate knows nothing of a VM: what a request does is the handler's.
 //!
@@ -22,19 +24,33 @@
 //!     .unwrap_err();
 //! let answer = Response::fault(e.status(), &e.to_string());
 //! assert_eq!(answer.status, 400);
+//!
+//! // Bytes as a client sends them, answered as the server answers them.
+//! let version = ember_api::model::FirecrackerVersion { firecracker_version: "1.0.0".into() };
+//! let ex = ember_api::handle_bytes(b"GET /version HTTP/1.1\r\n\r\n", ember_api::MAX_BODY, &mut |r| {
+//!     assert_eq!(r, Request::GetVersion);
+//!     Response::json(200, &version)
+//! });
+//! assert!(ex.output.starts_with(b"HTTP/1.1 200 OK\r\n"));
+//! assert!(ex.output.ends_with(br#"{"firecracker_version":"1.0.0"}"#));
 //! ```
+
+#![deny(unsafe_code)]
 
 pub mod http;
 pub mod model;
 pub mod request;
 pub mod response;
 pub mod server;
+#[allow(unsafe_code)]
+mod sys;
 
 use std::path::PathBuf;
 
+pub use http::{handle_bytes, Exchange};
 pub use request::{Request, RequestError};
 pub use response::Response;
-pub use server::{Server, ServerStats, MAX_BODY};
+pub use server::{Limits, Server, ServerStats, MAX_BODY};
 
 /// What can go wrong setting up or running the server.
 #[derive(Debug, thiserror::Error)]
@@ -63,38 +79,38 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// What the `api_request` fuzz target runs: bytes as they arrive on a
-/// connection, parsed request by request, each body checked and, when
-/// valid, serialised back. Any input is fine; a panic is a bug.
+/// connection, answered as the server answers them ([`handle_bytes`]:
+/// framing, the body limit, routing, the spec's types and checks), each
+/// valid body serialised back and parsed again, and every answer checked
+/// to be well-framed HTTP whose error bodies are the spec's `Error`. Any
+/// input is fine; a panic is a bug.
 pub fn fuzz_request(data: &[u8]) {
-    let mut rest = data;
-    for _ in 0..64 {
-        match http::parse_message(rest, MAX_BODY) {
-            http::Parsed::Complete {
-                method,
-                path,
-                body,
-                consumed,
-                ..
-            } => {
-                assert!(consumed > 0 && consumed <= rest.len());
-                if let Ok(request) = Request::parse(&method, &path, &body) {
-                    check_round_trip(&request);
-                } else {
-                    let e = Request::parse(&method, &path, &body).unwrap_err();
-                    let r = Response::fault(e.status(), &e.to_string());
-                    assert!(!r.to_http_bytes(true).is_empty());
-                }
-                rest = &rest[consumed..];
-            }
-            http::Parsed::Invalid {
-                status, message, ..
-            } => {
-                let _ = Response::fault(status, &message).to_http_bytes(false);
-                return;
-            }
-            http::Parsed::Incomplete => return,
+    let mut handled = 0u64;
+    let mut handler = |request: Request| {
+        handled += 1;
+        check_round_trip(&request);
+        match request {
+            Request::GetMachineConfig => Response::json(
+                200,
+                &model::MachineConfiguration {
+                    vcpu_count: 1,
+                    mem_size_mib: 128,
+                    smt: false,
+                    track_dirty_pages: false,
+                    cpu_template: None,
+                    huge_pages: None,
+                },
+            ),
+            Request::PatchVm(_) => Response::fault(400, "not running"),
+            _ => Response::no_content(),
         }
-    }
+    };
+    let ex = handle_bytes(data, MAX_BODY, &mut handler);
+    assert!(ex.consumed <= data.len());
+    assert!(ex.refused <= ex.requests);
+    let answers = check_answers(&ex.output);
+    assert_eq!(answers, ex.requests, "one answer per request");
+    assert_eq!(handled + ex.refused, ex.requests);
 }
 
 /// A parsed body serialises and parses back to itself.
@@ -118,5 +134,55 @@ fn check_round_trip(request: &Request) {
         Request::PutLogger(l) => again(l),
         Request::PutMetrics(m) => again(m),
         _ => {}
+    }
+}
+
+/// Parses `output` back as HTTP responses: each has a status line,
+/// `Content-Length` framing its body exactly, and, from 400 on, a body
+/// that is the spec's `Error`. Returns how many there are.
+fn check_answers(mut output: &[u8]) -> u64 {
+    let mut count = 0;
+    while !output.is_empty() {
+        let mut headers = [httparse::EMPTY_HEADER; 8];
+        let mut r = httparse::Response::new(&mut headers);
+        let head = match r.parse(output) {
+            Ok(httparse::Status::Complete(n)) => n,
+            other => panic!("an answer that is not HTTP: {other:?}"),
+        };
+        let status = r.code.expect("a status");
+        let length: usize = r
+            .headers
+            .iter()
+            .find(|h| h.name == "Content-Length")
+            .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
+            .expect("Content-Length");
+        let body = output.get(head..head + length).expect("the whole body");
+        if status >= 400 {
+            let e: model::Error = serde_json::from_slice(body).expect("an Error body");
+            assert!(!e.fault_message.contains('\n'));
+        }
+        output = output.get(head + length..).unwrap_or_default();
+        count += 1;
+    }
+    count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fuzz_request_runs_clean_on_odd_inputs() {
+        for input in [
+            &b""[..],
+            b"\0\0\0",
+            b"GET / HTTP/1.1\r\n\r\nGET /machine-config HTTP/1.1\r\n\r\nPATCH /vm HTTP/1.1\r\nContent-Length: 18\r\n\r\n{\"state\":\"Paused\"}",
+            b"PUT /drives/a HTTP/1.1\r\nContent-Length: 40\r\n\r\n{\"drive_id\":\"a\",\"is_root_device\":true}",
+            b"PUT /balloon HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}GET / HTTP/1.0\r\n\r\nGET / HTTP/1.1\r\n\r\n",
+            b"PUT / HTTP/1.1\r\nContent-Length: 999999\r\n\r\n",
+            b"GET / HTTP/1.1\r\nContent-Length: 1\r\n\r\n\xff",
+        ] {
+            fuzz_request(input);
+        }
     }
 }

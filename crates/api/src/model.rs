@@ -1,11 +1,12 @@
 //! Firecracker's schemas (`definitions` in the spec) as serde types, with
 //! the spec's field names. Request bodies refuse unknown fields; required
 //! fields are required; optional ones are `Option` or take the spec's
-//! default.
+//! default. `tests/spec.rs` checks every type here against the spec's
+//! copy in `spec/firecracker.json`.
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// `GET /`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,16 +30,19 @@ pub struct FirecrackerVersion {
     pub firecracker_version: String,
 }
 
-/// An error body.
+/// The spec's `Error`: the body of every 4xx and 5xx answer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ApiError {
+pub struct Error {
     /// What went wrong.
     pub fault_message: String,
 }
 
+/// [`Error`] under the name this crate first gave it.
+pub type ApiError = Error;
+
 /// Firecracker's (deprecated) static CPU templates.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CpuTemplate {
     /// Intel C3.
     C3,
@@ -52,14 +56,16 @@ pub enum CpuTemplate {
     T2A,
     /// Arm V1N1.
     V1N1,
-    /// No template.
+    /// No template (the spec's default).
+    #[default]
     None,
 }
 
 /// Guest memory backing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HugePages {
-    /// 4 KiB pages.
+    /// 4 KiB pages (the spec's default).
+    #[default]
     None,
     /// 2 MiB hugetlbfs pages.
     #[serde(rename = "2M")]
@@ -154,18 +160,20 @@ pub struct RateLimiter {
 }
 
 /// A drive's cache type.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CacheType {
-    /// Flushes are not passed on.
+    /// Flushes are not passed on (the spec's default).
+    #[default]
     Unsafe,
     /// Flushes reach the disk.
     Writeback,
 }
 
 /// A drive's I/O engine.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum IoEngine {
-    /// Synchronous I/O.
+    /// Synchronous I/O (the spec's default).
+    #[default]
     Sync,
     /// io_uring.
     Async,
@@ -182,7 +190,7 @@ pub struct Drive {
     pub partuuid: Option<String>,
     /// Whether the guest boots from it.
     pub is_root_device: bool,
-    /// Cache type.
+    /// Cache type; absent means [`CacheType::Unsafe`] (`unwrap_or_default`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_type: Option<CacheType>,
     /// Read-only.
@@ -194,7 +202,7 @@ pub struct Drive {
     /// Rate limiter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<RateLimiter>,
-    /// I/O engine.
+    /// I/O engine; absent means [`IoEngine::Sync`] (`unwrap_or_default`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_engine: Option<IoEngine>,
     /// A vhost-user backend's socket.
@@ -227,7 +235,7 @@ pub struct NetworkInterface {
     /// The guest's MAC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_mac: Option<String>,
-    /// The MTU.
+    /// The MTU advertised to the guest (68 to 65535).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,
     /// Receive rate limiter.
@@ -367,7 +375,49 @@ pub struct Metrics {
     pub properties: Option<BTreeMap<String, String>>,
 }
 
-/// `GET /vm/config`, and Firecracker's `--config-file`.
+/// A section of [`FullVmConfiguration`] that the spec lists and ember does
+/// not serve yet. It has no values: such a section is refused when it is
+/// read (`null` is taken as absent, as Firecracker writes absent sections),
+/// and never written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NotSupported {}
+
+/// Reads a section ember does not serve: `null` is absent, anything else
+/// an error naming the key and what it belongs to.
+fn refuse<'de, D: Deserializer<'de>>(
+    d: D,
+    key: &str,
+    feature: &str,
+) -> Result<Option<NotSupported>, D::Error> {
+    match Option::<serde::de::IgnoredAny>::deserialize(d)? {
+        None => Ok(None),
+        Some(_) => Err(serde::de::Error::custom(format!(
+            "`{key}` is not supported by ember yet ({feature})"
+        ))),
+    }
+}
+
+macro_rules! refuse_section {
+    ($($name:ident: $key:literal, $feature:literal;)*) => {$(
+        fn $name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<NotSupported>, D::Error> {
+            refuse(d, $key, $feature)
+        }
+    )*};
+}
+
+refuse_section! {
+    refuse_balloon: "balloon", "the balloon device";
+    refuse_cpu_config: "cpu-config", "CPU templates";
+    refuse_memory_hotplug: "memory-hotplug", "memory hotplug";
+    refuse_mmds_config: "mmds-config", "MMDS";
+    refuse_pmem: "pmem", "virtio-pmem";
+    refuse_vsock: "vsock", "vsock";
+    refuse_entropy: "entropy", "the entropy device";
+}
+
+/// `GET /vm/config`, and Firecracker's `--config-file`. The spec's
+/// sections ember does not serve yet are [`NotSupported`]: a file that
+/// sets one is refused with a message naming it, never half applied.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FullVmConfiguration {
@@ -378,7 +428,7 @@ pub struct FullVmConfiguration {
         skip_serializing_if = "Option::is_none"
     )]
     pub boot_source: Option<BootSource>,
-    /// `drives`.
+    /// `drives` (always written, `[]` when there are none, as Firecracker).
     #[serde(default)]
     pub drives: Vec<Drive>,
     /// `machine-config`.
@@ -388,7 +438,7 @@ pub struct FullVmConfiguration {
         skip_serializing_if = "Option::is_none"
     )]
     pub machine_config: Option<MachineConfiguration>,
-    /// `network-interfaces`.
+    /// `network-interfaces` (always written, as `drives`).
     #[serde(rename = "network-interfaces", default)]
     pub network_interfaces: Vec<NetworkInterface>,
     /// `logger`.
@@ -397,24 +447,122 @@ pub struct FullVmConfiguration {
     /// `metrics`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<Metrics>,
+    /// `balloon`: not supported yet.
+    #[serde(
+        default,
+        deserialize_with = "refuse_balloon",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub balloon: Option<NotSupported>,
+    /// `cpu-config`: not supported yet.
+    #[serde(
+        rename = "cpu-config",
+        default,
+        deserialize_with = "refuse_cpu_config",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cpu_config: Option<NotSupported>,
+    /// `memory-hotplug`: not supported yet.
+    #[serde(
+        rename = "memory-hotplug",
+        default,
+        deserialize_with = "refuse_memory_hotplug",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub memory_hotplug: Option<NotSupported>,
+    /// `mmds-config`: not supported yet.
+    #[serde(
+        rename = "mmds-config",
+        default,
+        deserialize_with = "refuse_mmds_config",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mmds_config: Option<NotSupported>,
+    /// `pmem`: not supported yet.
+    #[serde(
+        default,
+        deserialize_with = "refuse_pmem",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub pmem: Option<NotSupported>,
+    /// `vsock`: not supported yet.
+    #[serde(
+        default,
+        deserialize_with = "refuse_vsock",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub vsock: Option<NotSupported>,
+    /// `entropy`: not supported yet.
+    #[serde(
+        default,
+        deserialize_with = "refuse_entropy",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub entropy: Option<NotSupported>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// `minimal` parses as `T`; with one more field it does not.
+    fn refuses_extra<T: serde::de::DeserializeOwned>(minimal: &str) {
+        serde_json::from_str::<T>(minimal).unwrap_or_else(|e| panic!("{minimal}: {e}"));
+        let extra = format!(r#"{{"not_in_the_spec": 1, {}"#, &minimal[1..]);
+        let e = serde_json::from_str::<T>(&extra).err();
+        assert!(
+            e.as_ref()
+                .is_some_and(|e| e.to_string().contains("unknown field `not_in_the_spec`")),
+            "{extra}: {e:?}"
+        );
+    }
+
     #[test]
-    fn model_request_bodies_refuse_unknown_fields() {
-        assert!(serde_json::from_str::<MachineConfiguration>(
-            r#"{"vcpu_count":1,"mem_size_mib":128,"x":1}"#
+    fn model_every_request_body_refuses_unknown_fields() {
+        refuses_extra::<MachineConfiguration>(r#"{"vcpu_count":1,"mem_size_mib":128}"#);
+        refuses_extra::<MachineConfigurationUpdate>(r#"{"mem_size_mib":128}"#);
+        refuses_extra::<BootSource>(r#"{"kernel_image_path":"k"}"#);
+        refuses_extra::<Drive>(r#"{"drive_id":"a","is_root_device":false}"#);
+        refuses_extra::<PartialDrive>(r#"{"drive_id":"a"}"#);
+        refuses_extra::<NetworkInterface>(r#"{"iface_id":"a","host_dev_name":"t"}"#);
+        refuses_extra::<PartialNetworkInterface>(r#"{"iface_id":"a"}"#);
+        refuses_extra::<RateLimiter>(r#"{"ops":{"size":1,"refill_time":1}}"#);
+        refuses_extra::<TokenBucket>(r#"{"size":1,"refill_time":1}"#);
+        refuses_extra::<InstanceActionInfo>(r#"{"action_type":"FlushMetrics"}"#);
+        refuses_extra::<Vm>(r#"{"state":"Paused"}"#);
+        refuses_extra::<Logger>(r#"{"level":"Info"}"#);
+        refuses_extra::<Metrics>(r#"{"metrics_path":"m"}"#);
+        refuses_extra::<FullVmConfiguration>(r#"{"drives":[]}"#);
+        // Nested bodies too.
+        assert!(serde_json::from_str::<Drive>(
+            r#"{"drive_id":"a","is_root_device":false,"rate_limiter":{"ops":{"size":1,"refill_time":1,"x":0}}}"#
         )
         .is_err());
-        assert!(serde_json::from_str::<BootSource>(r#"{"kernel_image_path":"k","y":2}"#).is_err());
-        assert!(
-            serde_json::from_str::<Drive>(r#"{"drive_id":"a","is_root_device":false,"z":0}"#)
-                .is_err()
-        );
-        assert!(serde_json::from_str::<FullVmConfiguration>(r#"{"balloons":{}}"#).is_err());
+    }
+
+    #[test]
+    fn model_full_config_names_the_sections_ember_does_not_serve() {
+        for key in [
+            "balloon",
+            "cpu-config",
+            "memory-hotplug",
+            "mmds-config",
+            "pmem",
+            "vsock",
+            "entropy",
+        ] {
+            let text = format!(r#"{{"drives": [], "{key}": {{"x": [1, 2]}}}}"#);
+            let e = serde_json::from_str::<FullVmConfiguration>(&text).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!("`{key}` is not supported by ember yet")),
+                "{key}: {msg}"
+            );
+            // Firecracker writes an absent section as null.
+            let text = format!(r#"{{"{key}": null, "logger": null}}"#);
+            let c: FullVmConfiguration = serde_json::from_str(&text).unwrap();
+            assert_eq!(c, FullVmConfiguration::default());
+        }
     }
 
     #[test]
@@ -429,6 +577,13 @@ mod tests {
         .unwrap();
         assert_eq!(h.huge_pages, Some(HugePages::Hugetlbfs2M));
         assert_eq!(h.cpu_template, Some(CpuTemplate::None));
+        assert_eq!(CacheType::default(), CacheType::Unsafe);
+        assert_eq!(IoEngine::default(), IoEngine::Sync);
+        assert_eq!(HugePages::default(), HugePages::None);
+        assert_eq!(CpuTemplate::default(), CpuTemplate::None);
+        let d: Drive = serde_json::from_str(r#"{"drive_id":"a","is_root_device":false}"#).unwrap();
+        assert_eq!(d.cache_type.unwrap_or_default(), CacheType::Unsafe);
+        assert_eq!(d.io_engine.unwrap_or_default(), IoEngine::Sync);
         let l: Logger = serde_json::from_str(r#"{"level":"warn"}"#).unwrap();
         assert_eq!(l.level, Some(LogLevel::Warning));
         assert!(serde_json::from_str::<Logger>(r#"{"level":"loud"}"#).is_err());

@@ -89,24 +89,41 @@ impl RequestError {
     }
 }
 
-/// Endpoints of the spec that belong to later work, and what they are.
-const UNSUPPORTED: &[(&str, &str)] = &[
-    ("/balloon", "the balloon device"),
-    ("/balloon/statistics", "the balloon device"),
-    ("/balloon/hinting/start", "the balloon device"),
-    ("/balloon/hinting/status", "the balloon device"),
-    ("/balloon/hinting/stop", "the balloon device"),
-    ("/vsock", "vsock"),
-    ("/entropy", "the entropy device"),
-    ("/snapshot/create", "snapshots"),
-    ("/snapshot/load", "snapshots"),
-    ("/cpu-config", "CPU templates"),
-    ("/mmds", "MMDS"),
-    ("/mmds/config", "MMDS"),
-    ("/hotplug/memory", "memory hotplug"),
-    ("/serial", "serial output redirection"),
-    ("/pmem", "virtio-pmem"),
+/// The spec's endpoints that belong to later work: method, path (`{id}`
+/// stands for one path segment) and what they are part of.
+const UNSUPPORTED: &[(&str, &str, &str)] = &[
+    ("GET", "/balloon", "the balloon device"),
+    ("PUT", "/balloon", "the balloon device"),
+    ("PATCH", "/balloon", "the balloon device"),
+    ("GET", "/balloon/statistics", "the balloon device"),
+    ("PATCH", "/balloon/statistics", "the balloon device"),
+    ("PATCH", "/balloon/hinting/start", "the balloon device"),
+    ("GET", "/balloon/hinting/status", "the balloon device"),
+    ("PATCH", "/balloon/hinting/stop", "the balloon device"),
+    ("PUT", "/cpu-config", "CPU templates"),
+    ("PUT", "/pmem/{id}", "virtio-pmem"),
+    ("PATCH", "/pmem/{id}", "virtio-pmem"),
+    ("GET", "/mmds", "MMDS"),
+    ("PUT", "/mmds", "MMDS"),
+    ("PATCH", "/mmds", "MMDS"),
+    ("PUT", "/mmds/config", "MMDS"),
+    ("PUT", "/entropy", "the entropy device"),
+    ("PUT", "/serial", "serial output redirection"),
+    ("GET", "/hotplug/memory", "memory hotplug"),
+    ("PUT", "/hotplug/memory", "memory hotplug"),
+    ("PATCH", "/hotplug/memory", "memory hotplug"),
+    ("PUT", "/snapshot/create", "snapshots"),
+    ("PUT", "/snapshot/load", "snapshots"),
+    ("PUT", "/vsock", "vsock"),
 ];
+
+/// The largest value of the spec's `int64` token bucket fields.
+const MAX_INT64: u64 = i64::MAX.unsigned_abs();
+/// The longest refill time whose nanoseconds fit a `u64` (Firecracker's
+/// rate limiter counts in nanoseconds).
+pub const MAX_REFILL_TIME_MS: u64 = u64::MAX / 1_000_000;
+/// The MTU range of the spec.
+pub const MTU_RANGE: std::ops::RangeInclusive<u32> = 68..=65535;
 
 fn parse_body<T: DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, RequestError> {
     if body.iter().all(u8::is_ascii_whitespace) {
@@ -162,16 +179,28 @@ fn check_memory(what: &str, mib: u64) -> Result<(), RequestError> {
     Ok(())
 }
 
-fn check_limiter(what: &str, r: Option<&RateLimiter>) -> Result<(), RequestError> {
-    for bucket in r
-        .into_iter()
-        .flat_map(|r| [r.bandwidth.as_ref(), r.ops.as_ref()])
-        .flatten()
-    {
-        if bucket.refill_time == 0 && bucket.size != 0 {
+/// A rate limiter's token buckets. As in Firecracker, a bucket whose
+/// `size` or `refill_time` is 0 limits nothing; the values are the spec's
+/// `int64`, and the refill time must fit in nanoseconds.
+fn check_limiter(what: &str, field: &str, r: Option<&RateLimiter>) -> Result<(), RequestError> {
+    let Some(r) = r else { return Ok(()) };
+    for (name, bucket) in [("bandwidth", &r.bandwidth), ("ops", &r.ops)] {
+        let Some(b) = bucket else { continue };
+        let burst = b.one_time_burst.unwrap_or(0);
+        let wrong = if b.size > MAX_INT64 || burst > MAX_INT64 {
+            Some(format!("is over {MAX_INT64}"))
+        } else if b.refill_time > MAX_REFILL_TIME_MS {
+            Some(format!(
+                "has refill_time = {} ms, over {MAX_REFILL_TIME_MS}",
+                b.refill_time
+            ))
+        } else {
+            None
+        };
+        if let Some(wrong) = wrong {
             return Err(RequestError::Value(
                 what.to_string(),
-                "a token bucket's refill_time must be more than 0".into(),
+                format!("{field}.{name} {wrong}"),
             ));
         }
     }
@@ -214,6 +243,13 @@ impl Request {
             }
             ("PATCH", ["machine-config"]) => {
                 let m: MachineConfigurationUpdate = parse_body(&what, body)?;
+                if m == MachineConfigurationUpdate::default() {
+                    // Firecracker's "Empty PATCH request".
+                    return Err(RequestError::Value(
+                        what,
+                        "nothing to change: give at least one field".into(),
+                    ));
+                }
                 if let Some(v) = m.vcpu_count {
                     check_vcpus(&what, v)?;
                 }
@@ -235,13 +271,13 @@ impl Request {
             ("PUT", ["drives", id]) => {
                 let d: Drive = parse_body(&what, body)?;
                 check_path_id(&what, "drive_id", id, &d.drive_id)?;
-                check_limiter(&what, d.rate_limiter.as_ref())?;
+                check_limiter(&what, "rate_limiter", d.rate_limiter.as_ref())?;
                 Request::PutDrive(d)
             }
             ("PATCH", ["drives", id]) => {
                 let d: PartialDrive = parse_body(&what, body)?;
                 check_path_id(&what, "drive_id", id, &d.drive_id)?;
-                check_limiter(&what, d.rate_limiter.as_ref())?;
+                check_limiter(&what, "rate_limiter", d.rate_limiter.as_ref())?;
                 Request::PatchDrive(d)
             }
             ("PUT", ["network-interfaces", id]) => {
@@ -257,15 +293,21 @@ impl Request {
                         ));
                     }
                 }
-                check_limiter(&what, n.rx_rate_limiter.as_ref())?;
-                check_limiter(&what, n.tx_rate_limiter.as_ref())?;
+                if let Some(mtu) = n.mtu.filter(|m| !MTU_RANGE.contains(m)) {
+                    return Err(RequestError::Value(
+                        what,
+                        format!("mtu = {mtu} is out of range: it must be 68 to 65535"),
+                    ));
+                }
+                check_limiter(&what, "rx_rate_limiter", n.rx_rate_limiter.as_ref())?;
+                check_limiter(&what, "tx_rate_limiter", n.tx_rate_limiter.as_ref())?;
                 Request::PutNetworkInterface(n)
             }
             ("PATCH", ["network-interfaces", id]) => {
                 let n: PartialNetworkInterface = parse_body(&what, body)?;
                 check_path_id(&what, "iface_id", id, &n.iface_id)?;
-                check_limiter(&what, n.rx_rate_limiter.as_ref())?;
-                check_limiter(&what, n.tx_rate_limiter.as_ref())?;
+                check_limiter(&what, "rx_rate_limiter", n.rx_rate_limiter.as_ref())?;
+                check_limiter(&what, "tx_rate_limiter", n.tx_rate_limiter.as_ref())?;
                 Request::PatchNetworkInterface(n)
             }
             ("PUT", ["actions"]) => {
@@ -291,23 +333,23 @@ impl Request {
 }
 
 fn unsupported_or_invalid(method: &str, path: &str, segments: &[&str]) -> RequestError {
-    let known_method = matches!(method, "GET" | "PUT" | "PATCH");
-    // Spec paths ember does not serve, also with an id (`/pmem/{id}`).
-    for (spec_path, feature) in UNSUPPORTED {
-        let spec_segments: Vec<&str> = spec_path.split('/').skip(1).collect();
-        let matches = segments == spec_segments.as_slice()
-            || (segments.len() == spec_segments.len() + 1
-                && segments.starts_with(&spec_segments)
-                && matches!(*spec_path, "/pmem"));
-        if matches && known_method {
-            return RequestError::Unsupported {
-                method: method.to_string(),
-                path: path.to_string(),
-                feature,
-            };
-        }
+    let unsupported = UNSUPPORTED.iter().find(|(m, spec_path, _)| {
+        let spec: Vec<&str> = spec_path.split('/').skip(1).collect();
+        *m == method
+            && spec.len() == segments.len()
+            && spec
+                .iter()
+                .zip(segments)
+                .all(|(s, p)| *s == *p || (*s == "{id}" && !p.is_empty()))
+    });
+    match unsupported {
+        Some((_, _, feature)) => RequestError::Unsupported {
+            method: method.to_string(),
+            path: path.to_string(),
+            feature,
+        },
+        None => RequestError::InvalidPathMethod(method.to_string(), path.to_string()),
     }
-    RequestError::InvalidPathMethod(method.to_string(), path.to_string())
 }
 
 #[cfg(test)]
@@ -406,6 +448,12 @@ mod tests {
             ("PUT", "/serial"),
             ("PUT", "/pmem/p0"),
             ("PUT", "/hotplug/memory"),
+            ("PATCH", "/hotplug/memory"),
+            ("GET", "/balloon"),
+            ("PATCH", "/balloon/hinting/start"),
+            ("GET", "/balloon/hinting/status"),
+            ("PATCH", "/pmem/p0"),
+            ("PATCH", "/mmds"),
         ] {
             let e = err(method, path, "{}");
             assert!(
@@ -426,6 +474,15 @@ mod tests {
             ("GET", "/drives"),
             ("PUT", "/drives/a/b"),
             ("BREW", "/"),
+            // Spec paths, but not with these methods.
+            ("GET", "/vsock"),
+            ("PATCH", "/snapshot/create"),
+            ("DELETE", "/balloon"),
+            ("PUT", "/balloon/statistics"),
+            ("PUT", "/pmem"),
+            ("PUT", "/pmem/a/b"),
+            ("PUT", "/vm"),
+            ("PUT", "/version"),
         ] {
             let e = err(method, path, "");
             assert!(
@@ -499,11 +556,77 @@ mod tests {
             );
             assert!(e.to_string().contains("MAC"), "{mac}: {e}");
         }
-        let e = err(
-            "PUT",
-            "/drives/d",
-            r#"{"drive_id":"d","is_root_device":false,"rate_limiter":{"bandwidth":{"size":10,"refill_time":0}}}"#,
+    }
+
+    #[test]
+    fn request_token_buckets_follow_firecrackers_rules() {
+        let drive = |limiter: &str| {
+            format!(r#"{{"drive_id":"d","is_root_device":false,"rate_limiter":{limiter}}}"#)
+        };
+        // A zero size or refill time disables the bucket, as in Firecracker.
+        for ok_limiter in [
+            r#"{"bandwidth":{"size":10,"refill_time":0}}"#,
+            r#"{"ops":{"size":0,"one_time_burst":0,"refill_time":0}}"#,
+            r#"{"bandwidth":{"size":5000,"refill_time":100},"ops":{"size":500,"refill_time":100}}"#,
+            r#"{}"#,
+        ] {
+            assert!(
+                matches!(
+                    ok("PUT", "/drives/d", &drive(ok_limiter)),
+                    Request::PutDrive(_)
+                ),
+                "{ok_limiter}"
+            );
+        }
+        let too_big = format!(r#"{{"bandwidth":{{"size":{},"refill_time":1}}}}"#, u64::MAX);
+        let e = err("PUT", "/drives/d", &drive(&too_big));
+        assert!(
+            e.to_string().contains("rate_limiter.bandwidth is over"),
+            "{e}"
         );
-        assert!(e.to_string().contains("refill_time"), "{e}");
+        let slow = format!(
+            r#"{{"ops":{{"size":1,"refill_time":{}}}}}"#,
+            u64::MAX / 999_999
+        );
+        let e = err("PUT", "/drives/d", &drive(&slow));
+        assert!(
+            e.to_string().contains("rate_limiter.ops has refill_time"),
+            "{e}"
+        );
+        let e = err(
+            "PATCH",
+            "/network-interfaces/n",
+            &format!(r#"{{"iface_id":"n","tx_rate_limiter":{too_big}}}"#),
+        );
+        assert!(e.to_string().contains("tx_rate_limiter.bandwidth"), "{e}");
+        // A missing required field of a bucket is a body error.
+        let e = err("PUT", "/drives/d", &drive(r#"{"ops":{"size":100}}"#));
+        assert!(e.to_string().contains("missing field `refill_time`"), "{e}");
+    }
+
+    #[test]
+    fn request_mtu_outside_the_spec_range_is_refused() {
+        let net = |mtu: u32| format!(r#"{{"iface_id":"n","host_dev_name":"t","mtu":{mtu}}}"#);
+        for good in [68, 1500, 65535] {
+            assert!(matches!(
+                ok("PUT", "/network-interfaces/n", &net(good)),
+                Request::PutNetworkInterface(n) if n.mtu == Some(good)
+            ));
+        }
+        for bad in [0, 67, 65536] {
+            let e = err("PUT", "/network-interfaces/n", &net(bad));
+            assert!(e.to_string().contains("mtu"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn request_empty_patch_is_refused() {
+        let e = err("PATCH", "/machine-config", "{}");
+        assert!(e.to_string().contains("nothing to change"), "{e}");
+        // PATCH /drives with only the id is Firecracker's no-op, not an error.
+        assert!(matches!(
+            ok("PATCH", "/drives/a", r#"{"drive_id":"a"}"#),
+            Request::PatchDrive(_)
+        ));
     }
 }

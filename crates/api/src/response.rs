@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::model::ApiError;
+use crate::model;
 
 /// One response.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,11 +50,11 @@ impl Response {
         }
     }
 
-    /// An error: `{"fault_message": message}`.
+    /// An error: `{"fault_message": message}` (the spec's `Error`).
     pub fn fault(status: u16, message: &str) -> Self {
         Response::json(
             status,
-            &ApiError {
+            &model::Error {
                 fault_message: message.to_string(),
             },
         )

@@ -2,12 +2,14 @@
 //! sockets and epoll, so a slow or half-sent request never holds up
 //! another client. Requests are answered in order per connection
 //! (pipelining works); connections are kept alive unless the client says
-//! otherwise.
+//! otherwise. What a connection may hold is bounded: its input by the
+//! request limits, its unsent answers by [`MAX_PENDING_OUTPUT`], its time
+//! by [`Limits`].
 
 use std::collections::BTreeMap;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,25 +19,75 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::http::{parse_message, Parsed, MAX_HEAD};
+use crate::http::{handle_bytes, MAX_HEAD};
 use crate::request::Request;
 use crate::response::Response;
-use crate::{Error, Result};
+use crate::{sys, Error, Result};
 
 /// The largest request body (Firecracker's limit).
 pub const MAX_BODY: usize = 51200;
-/// The most connections served at once; one more is told so and closed.
+/// The most connections served at once by default; one more is told so
+/// and closed.
 pub const MAX_CONNECTIONS: usize = 64;
-/// A request that stays half-sent this long has its connection closed.
+/// How long a request may stay half-sent, or answers unread, by default.
 pub const PARTIAL_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection with nothing in flight counts as in use, by
+/// default.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A client that leaves this much of its answers unread is closed.
 pub const MAX_PENDING_OUTPUT: usize = 1 << 20;
-/// The most bytes kept from a client before they make up a request.
+/// The mode of the socket file.
+pub const SOCKET_MODE: u32 = 0o600;
+/// The most bytes read from a client before they are answered. A request
+/// still incomplete after [`handle_bytes`] is shorter than
+/// `MAX_HEAD + MAX_BODY`, so this bounds a connection's input.
 const MAX_INPUT: usize = MAX_HEAD + MAX_BODY + 64 * 1024;
+/// The longest epoll wait: how often timeouts are looked at.
+const MAX_TICK: Duration = Duration::from_secs(1);
 
 const LISTENER: u64 = 0;
 const STOP: u64 = 1;
 const FIRST_CONNECTION: u64 = 2;
+
+/// What the server allows its clients. [`Limits::default`] is what
+/// [`Server::bind`] starts with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once; one more is answered 503 and closed
+    /// (after making room by closing the longest-idle connection, if one
+    /// has been idle for `idle_timeout`).
+    pub max_connections: usize,
+    /// A request half-sent, or answers left unread, for this long: the
+    /// connection is closed.
+    pub request_timeout: Duration,
+    /// A connection with nothing in flight for this long may be closed to
+    /// make room for a new client.
+    pub idle_timeout: Duration,
+    /// Also close every connection idle for `idle_timeout` even when
+    /// there is room. Off by default: orchestrators keep one connection
+    /// open across a guest's boot, and Firecracker does not close it.
+    pub close_idle: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: MAX_CONNECTIONS,
+            request_timeout: PARTIAL_REQUEST_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
+            close_idle: false,
+        }
+    }
+}
+
+/// What a connection waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Interest {
+    /// Requests (EPOLLIN, and EPOLLRDHUP for the client going away).
+    Read,
+    /// Room for its answers (EPOLLOUT only: no input is read meanwhile).
+    Write,
+}
 
 /// One client.
 struct Connection {
@@ -44,10 +96,56 @@ struct Connection {
     output: Vec<u8>,
     /// No more requests are read: the last answer ends the connection.
     closing: bool,
-    /// Waiting for room to write (EPOLLOUT registered).
-    writing: bool,
+    /// The client shut its side.
+    eof: bool,
+    interest: Interest,
     /// When the unanswered bytes in `input` started arriving.
     partial_since: Option<Instant>,
+    /// Since when answers wait for the client with no byte taken.
+    unread_since: Option<Instant>,
+    /// The last byte read or written.
+    active: Instant,
+}
+
+impl Connection {
+    fn new(stream: UnixStream, now: Instant) -> Self {
+        Connection {
+            stream,
+            input: Vec::new(),
+            output: Vec::new(),
+            closing: false,
+            eof: false,
+            interest: Interest::Read,
+            partial_since: None,
+            unread_since: None,
+            active: now,
+        }
+    }
+
+    /// Nothing in flight.
+    fn idle(&self) -> bool {
+        self.input.is_empty() && self.output.is_empty()
+    }
+
+    /// Why the connection has had its time, if it has.
+    fn expired(&self, limits: &Limits, now: Instant) -> Option<&'static str> {
+        let over = |since: Instant, limit: Duration| now.saturating_duration_since(since) > limit;
+        if self
+            .partial_since
+            .is_some_and(|t| over(t, limits.request_timeout))
+        {
+            Some("its request stayed incomplete")
+        } else if self
+            .unread_since
+            .is_some_and(|t| over(t, limits.request_timeout))
+        {
+            Some("it does not read its answers")
+        } else if limits.close_idle && self.idle() && over(self.active, limits.idle_timeout) {
+            Some("it was idle")
+        } else {
+            None
+        }
+    }
 }
 
 /// What the server has seen, readable from any thread (for metrics).
@@ -65,8 +163,8 @@ pub struct ServerStats {
 }
 
 impl ServerStats {
-    fn count(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
     }
 }
 
@@ -76,6 +174,7 @@ pub struct Server {
     listener: UnixListener,
     path: PathBuf,
     stats: Arc<ServerStats>,
+    limits: Limits,
     // Made with the socket, so the thread that serves needs no
     // `epoll_create1` (its seccomp filter can leave it out).
     epoll: Epoll,
@@ -88,8 +187,8 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     }
 }
 
-/// Removes a stale socket file at `path`; refuses a live one or anything
-/// that is not a socket.
+/// Removes a stale socket file at `path` (one nobody listens on); refuses
+/// a live one or anything that is not a socket.
 fn clear_path(path: &Path) -> Result<()> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
@@ -101,33 +200,39 @@ fn clear_path(path: &Path) -> Result<()> {
     }
     match UnixStream::connect(path) {
         Ok(_) => Err(Error::InUse(path.to_owned())),
-        Err(_) => {
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
             log::info!("api: replacing the stale socket {}", path.display());
-            std::fs::remove_file(path).map_err(io_err(path))
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != ErrorKind::NotFound => Err(io_err(path)(e)),
+                _ => Ok(()),
+            }
         }
+        // Gone in the meantime: the path is free.
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(path)(e)),
     }
 }
 
 impl Server {
-    /// Creates the socket at `path` with mode 0600 (a stale socket file is
-    /// replaced; a live one is an error). Call it before starting threads:
-    /// the umask is narrowed while the socket is made.
+    /// Creates the socket at `path`, mode 0600 before it listens (a stale
+    /// socket file is replaced; a live one is [`Error::InUse`], anything
+    /// else at the path [`Error::NotASocket`]). Safe to call with other
+    /// threads running.
     pub fn bind(path: &Path) -> Result<Server> {
         clear_path(path)?;
-        // SAFETY: umask only swaps the process's file-mode mask.
-        let old = unsafe { libc::umask(0o177) };
-        let bound = UnixListener::bind(path);
-        // SAFETY: as above, restoring the previous mask.
-        unsafe { libc::umask(old) };
-        let listener = bound.map_err(io_err(path))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(io_err(path))?;
-        listener.set_nonblocking(true).map_err(io_err(path))?;
-        let epoll = Epoll::new().map_err(Error::Epoll)?;
+        let listener = sys::listen(path, SOCKET_MODE).map_err(io_err(path))?;
+        let epoll = match Epoll::new() {
+            Ok(epoll) => epoll,
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                return Err(Error::Epoll(e));
+            }
+        };
         Ok(Server {
             listener,
             path: path.to_owned(),
             stats: Arc::default(),
+            limits: Limits::default(),
             epoll,
         })
     }
@@ -142,68 +247,108 @@ impl Server {
         self.stats.clone()
     }
 
-    /// Serves until `stop` is written. Each valid request is passed to
-    /// `handler`, whose answer is sent; an invalid one gets its 400 without
-    /// reaching it.
+    /// What clients are allowed.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Changes what clients are allowed (from the next [`Server::run`]).
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// Serves until `stop` is readable (it is not read). Each valid request
+    /// is passed to `handler`, whose answer is sent; an invalid one gets its
+    /// 400 without reaching it. Connections are closed on return; `run` may
+    /// be called again.
     pub fn run(
         &mut self,
         handler: &mut dyn FnMut(Request) -> Response,
         stop: &EventFd,
     ) -> Result<()> {
-        let epoll = &self.epoll;
-        let add = |fd: i32, token: u64| {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(Error::Epoll)
-        };
-        add(self.listener.as_raw_fd(), LISTENER)?;
-        add(stop.as_raw_fd(), STOP)?;
-        let mut conns: BTreeMap<u64, Connection> = BTreeMap::new();
+        let fds = [
+            (self.listener.as_raw_fd(), LISTENER),
+            (stop.as_raw_fd(), STOP),
+        ];
+        for (i, (fd, token)) in fds.iter().enumerate() {
+            let added = self.epoll.ctl(
+                ControlOperation::Add,
+                *fd,
+                EpollEvent::new(EventSet::IN, *token),
+            );
+            if let Err(e) = added {
+                self.unwatch(&fds[..i]);
+                return Err(Error::Epoll(e));
+            }
+        }
+        let mut conns = BTreeMap::new();
+        let served = self.serve_until_stopped(&mut conns, handler);
+        for token in conns.keys().copied().collect::<Vec<_>>() {
+            drop_connection(&self.epoll, &mut conns, token);
+        }
+        self.unwatch(&fds);
+        served
+    }
+
+    fn unwatch(&self, fds: &[(i32, u64)]) {
+        for (fd, _) in fds {
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, *fd, EpollEvent::default());
+        }
+    }
+
+    /// How long to wait for events before looking at the timeouts.
+    fn tick(&self) -> i32 {
+        let shortest = self.limits.request_timeout.min(self.limits.idle_timeout) / 4;
+        let tick = shortest.clamp(Duration::from_millis(10), MAX_TICK);
+        i32::try_from(tick.as_millis()).unwrap_or(1000)
+    }
+
+    fn serve_until_stopped(
+        &self,
+        conns: &mut BTreeMap<u64, Connection>,
+        handler: &mut dyn FnMut(Request) -> Response,
+    ) -> Result<()> {
         let mut next = FIRST_CONNECTION;
         let mut events = vec![EpollEvent::default(); 64];
         loop {
-            let n = match epoll.wait(1000, &mut events) {
+            let n = match self.epoll.wait(self.tick(), &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return Err(Error::Epoll(e)),
             };
-            for ev in &events[..n] {
+            for ev in events.iter().take(n) {
                 match ev.data() {
                     STOP => return Ok(()),
-                    LISTENER => self.accept(epoll, &mut conns, &mut next),
+                    LISTENER => self.accept(conns, &mut next),
                     token => {
                         let Some(conn) = conns.get_mut(&token) else {
                             continue;
                         };
-                        let keep = serve(conn, ev.event_set(), handler, &self.stats)
-                            && update_interest(epoll, token, conn);
+                        let keep = serve(conn, handler, &self.stats)
+                            && update_interest(&self.epoll, token, conn);
                         if !keep {
-                            drop_connection(epoll, &mut conns, token);
+                            drop_connection(&self.epoll, conns, token);
                         }
                     }
                 }
             }
-            // Half-sent requests do not hold a connection forever.
-            let stale: Vec<u64> = conns
+            // After the events, so bytes that waited while the handler ran
+            // count before a connection is judged.
+            let now = Instant::now();
+            let expired: Vec<(u64, &str)> = conns
                 .iter()
-                .filter(|(_, c)| {
-                    c.partial_since
-                        .is_some_and(|t| t.elapsed() > PARTIAL_REQUEST_TIMEOUT)
-                })
-                .map(|(t, _)| *t)
+                .filter_map(|(t, c)| Some((*t, c.expired(&self.limits, now)?)))
                 .collect();
-            for token in stale {
-                log::info!("api: closing a connection whose request stayed incomplete");
-                drop_connection(epoll, &mut conns, token);
+            for (token, why) in expired {
+                log::info!("api: closing a connection: {why}");
+                drop_connection(&self.epoll, conns, token);
             }
         }
     }
 
-    fn accept(&self, epoll: &Epoll, conns: &mut BTreeMap<u64, Connection>, next: &mut u64) {
+    fn accept(&self, conns: &mut BTreeMap<u64, Connection>, next: &mut u64) {
         loop {
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
@@ -217,19 +362,26 @@ impl Server {
             if stream.set_nonblocking(true).is_err() {
                 continue;
             }
-            if conns.len() >= MAX_CONNECTIONS {
-                ServerStats::count(&self.stats.refused_connections);
+            let now = Instant::now();
+            if conns.len() >= self.limits.max_connections {
+                self.make_room(conns, now);
+            }
+            if conns.len() >= self.limits.max_connections {
+                ServerStats::add(&self.stats.refused_connections, 1);
                 let busy = Response::fault(
                     503,
-                    &format!("too many connections (at most {MAX_CONNECTIONS}); try again"),
+                    &format!(
+                        "too many connections (at most {}); try again",
+                        self.limits.max_connections
+                    ),
                 );
-                let _ = (&stream).write(&busy.to_http_bytes(false));
+                let _ = sys::send(&stream, &busy.to_http_bytes(false));
                 continue;
             }
-            ServerStats::count(&self.stats.connections);
+            ServerStats::add(&self.stats.connections, 1);
             let token = *next;
-            *next += 1;
-            let registered = epoll.ctl(
+            *next = next.wrapping_add(1).max(FIRST_CONNECTION);
+            let registered = self.epoll.ctl(
                 ControlOperation::Add,
                 stream.as_raw_fd(),
                 EpollEvent::new(EventSet::IN | EventSet::READ_HANG_UP, token),
@@ -238,17 +390,22 @@ impl Server {
                 log::warn!("api: cannot watch a connection: {e}");
                 continue;
             }
-            conns.insert(
-                token,
-                Connection {
-                    stream,
-                    input: Vec::new(),
-                    output: Vec::new(),
-                    closing: false,
-                    writing: false,
-                    partial_since: None,
-                },
-            );
+            conns.insert(token, Connection::new(stream, now));
+        }
+    }
+
+    /// Closes the connection idle the longest, if it has been idle for
+    /// `idle_timeout`.
+    fn make_room(&self, conns: &mut BTreeMap<u64, Connection>, now: Instant) {
+        let oldest = conns
+            .iter()
+            .filter(|(_, c)| c.idle())
+            .filter(|(_, c)| now.saturating_duration_since(c.active) >= self.limits.idle_timeout)
+            .min_by_key(|(_, c)| c.active)
+            .map(|(t, _)| *t);
+        if let Some(token) = oldest {
+            log::info!("api: closing an idle connection to make room for a new one");
+            drop_connection(&self.epoll, conns, token);
         }
     }
 }
@@ -263,111 +420,39 @@ impl Drop for Server {
 /// what fits. Returns whether the connection stays open.
 fn serve(
     conn: &mut Connection,
-    events: EventSet,
     handler: &mut dyn FnMut(Request) -> Response,
     stats: &ServerStats,
 ) -> bool {
-    let mut eof = false;
-    if events.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP) && !conn.closing
-    {
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            match conn.stream.read(&mut buf) {
-                Ok(0) => {
-                    eof = true;
-                    break;
-                }
-                Ok(n) => {
-                    conn.input.extend_from_slice(&buf[..n]);
-                    if conn.input.len() > MAX_INPUT {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => return false,
-            }
-        }
+    let now = Instant::now();
+    if conn.interest == Interest::Read && !conn.closing && !conn.eof && !read(conn, now) {
+        return false;
     }
-    answer(conn, handler, stats);
-    if !flush(conn) {
+    answer(conn, handler, stats, now);
+    if !flush(conn, now) {
         return false;
     }
     if conn.output.len() > MAX_PENDING_OUTPUT {
         log::info!("api: closing a client that does not read its answers");
         return false;
     }
-    // The client is gone (or ends the connection) once the answers are out.
-    !((eof || conn.closing) && conn.output.is_empty())
+    // The client is gone (or the connection ends) once the answers are out.
+    !((conn.eof || conn.closing) && conn.output.is_empty())
 }
 
-/// Answers every whole request in the input, in order.
-fn answer(
-    conn: &mut Connection,
-    handler: &mut dyn FnMut(Request) -> Response,
-    stats: &ServerStats,
-) {
-    while !conn.closing && !conn.input.is_empty() {
-        match parse_message(&conn.input, MAX_BODY) {
-            Parsed::Incomplete => {
-                if conn.input.len() > MAX_INPUT {
-                    ServerStats::count(&stats.requests);
-                    ServerStats::count(&stats.bad_requests);
-                    let r = Response::fault(400, "request too large");
-                    conn.output.extend(r.to_http_bytes(false));
-                    conn.closing = true;
-                    conn.input.clear();
-                } else if conn.partial_since.is_none() {
-                    conn.partial_since = Some(Instant::now());
-                }
+/// Reads until the socket is empty or the input is full. Returns false if
+/// the connection failed.
+fn read(conn: &mut Connection, now: Instant) -> bool {
+    let mut buf = [0u8; 16 * 1024];
+    while conn.input.len() <= MAX_INPUT {
+        match conn.stream.read(&mut buf) {
+            Ok(0) => {
+                conn.eof = true;
                 break;
             }
-            Parsed::Invalid {
-                status,
-                message,
-                close,
-            } => {
-                ServerStats::count(&stats.requests);
-                ServerStats::count(&stats.bad_requests);
-                conn.output
-                    .extend(Response::fault(status, &message).to_http_bytes(!close));
-                conn.input.clear();
-                conn.closing |= close;
-                conn.partial_since = None;
-            }
-            Parsed::Complete {
-                method,
-                path,
-                body,
-                keep_alive,
-                consumed,
-            } => {
-                conn.input.drain(..consumed);
-                conn.partial_since = None;
-                ServerStats::count(&stats.requests);
-                let response = match Request::parse(&method, &path, &body) {
-                    Ok(request) => handler(request),
-                    Err(e) => {
-                        ServerStats::count(&stats.bad_requests);
-                        Response::fault(e.status(), &e.to_string())
-                    }
-                };
-                conn.output.extend(response.to_http_bytes(keep_alive));
-                if !keep_alive {
-                    conn.closing = true;
-                }
-            }
-        }
-    }
-}
-
-/// Writes what the socket takes. Returns false if the client is gone.
-fn flush(conn: &mut Connection) -> bool {
-    while !conn.output.is_empty() {
-        match conn.stream.write(&conn.output) {
-            Ok(0) => return false,
             Ok(n) => {
-                conn.output.drain(..n);
+                conn.input
+                    .extend_from_slice(buf.get(..n).unwrap_or_default());
+                conn.active = now;
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -377,20 +462,72 @@ fn flush(conn: &mut Connection) -> bool {
     true
 }
 
-/// Watches for room to write while answers are pending, for input
-/// otherwise.
+/// Answers every whole request in the input, in order.
+fn answer(
+    conn: &mut Connection,
+    handler: &mut dyn FnMut(Request) -> Response,
+    stats: &ServerStats,
+    now: Instant,
+) {
+    if conn.closing || conn.input.is_empty() {
+        return;
+    }
+    let ex = handle_bytes(&conn.input, MAX_BODY, handler);
+    ServerStats::add(&stats.requests, ex.requests);
+    ServerStats::add(&stats.bad_requests, ex.refused);
+    conn.input.drain(..ex.consumed.min(conn.input.len()));
+    conn.output.extend_from_slice(&ex.output);
+    if ex.close {
+        conn.closing = true;
+        conn.input.clear();
+    }
+    conn.partial_since = match (conn.input.is_empty(), ex.consumed) {
+        (true, _) => None,
+        // A new request started after the ones just answered.
+        (false, 1..) => Some(now),
+        (false, 0) => conn.partial_since.or(Some(now)),
+    };
+}
+
+/// Writes what the socket takes. Returns false if the client is gone.
+fn flush(conn: &mut Connection, now: Instant) -> bool {
+    while !conn.output.is_empty() {
+        match sys::send(&conn.stream, &conn.output) {
+            Ok(0) => return false,
+            Ok(n) => {
+                conn.output.drain(..n.min(conn.output.len()));
+                conn.active = now;
+                conn.unread_since = None;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => return false,
+        }
+    }
+    if !conn.output.is_empty() && conn.unread_since.is_none() {
+        conn.unread_since = Some(now);
+    }
+    true
+}
+
+/// Watches for room to write while answers are pending, for requests
+/// otherwise. Returns false if epoll refuses.
 fn update_interest(epoll: &Epoll, token: u64, conn: &mut Connection) -> bool {
-    let want_out = !conn.output.is_empty();
-    if want_out == conn.writing {
+    let want = if conn.output.is_empty() {
+        Interest::Read
+    } else {
+        Interest::Write
+    };
+    if want == conn.interest {
         return true;
     }
-    let mut set = EventSet::READ_HANG_UP;
-    set |= if want_out {
-        EventSet::OUT
-    } else {
-        EventSet::IN
+    // Only EPOLLOUT while writing: a client that shut its side would
+    // otherwise report EPOLLRDHUP on every wait.
+    let set = match want {
+        Interest::Read => EventSet::IN | EventSet::READ_HANG_UP,
+        Interest::Write => EventSet::OUT,
     };
-    conn.writing = want_out;
+    conn.interest = want;
     epoll
         .ctl(
             ControlOperation::Modify,

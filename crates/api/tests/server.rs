@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use ember_api::model::InstanceInfo;
-use ember_api::{Error, Request, Response, Server};
+use ember_api::{Error, Limits, Request, Response, Server};
 use vmm_sys_util::eventfd::EventFd;
 
 struct Running {
@@ -29,9 +29,14 @@ fn temp_dir(tag: &str) -> PathBuf {
 }
 
 fn start(tag: &str) -> Running {
+    start_with(tag, Limits::default())
+}
+
+fn start_with(tag: &str, limits: Limits) -> Running {
     let dir = temp_dir(tag);
     let path = dir.join("api.sock");
     let mut server = Server::bind(&path).unwrap();
+    server.set_limits(limits);
     let stop = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let stop2 = stop.try_clone().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -81,6 +86,28 @@ fn connect(r: &Running) -> UnixStream {
     let s = UnixStream::connect(&r.path).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s
+}
+
+/// Whether the server closes `s` (after any answers) within 10 s.
+fn closed_by_server(s: &mut UnixStream) -> bool {
+    let mut chunk = [0u8; 64 * 1024];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    }
+}
+
+/// Short timeouts, for tests.
+fn quick(max_connections: usize, close_idle: bool) -> Limits {
+    Limits {
+        max_connections,
+        request_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_millis(300),
+        close_idle,
+    }
 }
 
 /// Reads one response: status and body.
@@ -218,11 +245,138 @@ fn server_bind_replaces_a_stale_socket_and_refuses_a_live_one() {
     let path = dir.join("s.sock");
     drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
     let live = Server::bind(&path).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the replacement is 0600 too");
+    assert!(UnixStream::connect(&path).is_ok(), "and it listens");
     assert!(matches!(Server::bind(&path), Err(Error::InUse(_))));
     drop(live);
     assert!(!path.exists());
     std::fs::write(&path, b"not a socket").unwrap();
     assert!(matches!(Server::bind(&path), Err(Error::NotASocket(_))));
     assert!(path.exists(), "a file that is not a socket is left alone");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn server_half_sent_request_is_closed_after_the_request_timeout() {
+    let r = start_with("halfsent", quick(8, false));
+    let mut half = connect(&r);
+    half.write_all(b"PUT /machine-config HTTP/1.1\r\nContent-Length: 40\r\n\r\n{\"vc")
+        .unwrap();
+    let mut idle = connect(&r);
+    let t = std::time::Instant::now();
+    assert!(closed_by_server(&mut half));
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // An idle connection is kept while there is room.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut buf = Vec::new();
+    idle.write_all(GET).unwrap();
+    assert_eq!(read_response(&mut idle, &mut buf).unwrap().0, 200);
+    assert!(r
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|q| *q == Request::GetInstanceInfo));
+}
+
+#[test]
+fn server_idle_connection_is_closed_when_told_to() {
+    let r = start_with("idle", quick(8, true));
+    let mut idle = connect(&r);
+    let mut buf = Vec::new();
+    idle.write_all(GET).unwrap();
+    assert_eq!(read_response(&mut idle, &mut buf).unwrap().0, 200);
+    assert!(closed_by_server(&mut idle));
+}
+
+#[test]
+fn server_full_table_makes_room_by_closing_the_longest_idle() {
+    // Idle for a second counts: the 503 below must come well before that.
+    let r = start_with(
+        "evict",
+        Limits {
+            idle_timeout: Duration::from_secs(1),
+            ..quick(2, false)
+        },
+    );
+    let mut first = connect(&r);
+    let mut buf = Vec::new();
+    first.write_all(GET).unwrap();
+    assert_eq!(read_response(&mut first, &mut buf).unwrap().0, 200);
+    std::thread::sleep(Duration::from_millis(100));
+    let mut second = connect(&r);
+    second.write_all(GET).unwrap();
+    assert_eq!(read_response(&mut second, &mut Vec::new()).unwrap().0, 200);
+    // Both are in use: a third is told so.
+    let mut third = connect(&r);
+    let (status, body) = read_response(&mut third, &mut Vec::new()).unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("too many connections"), "{body}");
+    // Once idle long enough, the oldest makes room.
+    std::thread::sleep(Duration::from_millis(1200));
+    let mut fourth = connect(&r);
+    fourth.write_all(GET).unwrap();
+    assert_eq!(read_response(&mut fourth, &mut Vec::new()).unwrap().0, 200);
+    assert!(closed_by_server(&mut first));
+    second.write_all(GET).unwrap();
+    assert_eq!(read_response(&mut second, &mut Vec::new()).unwrap().0, 200);
+}
+
+#[test]
+fn server_client_that_does_not_read_its_answers_is_closed() {
+    let r = start_with("noread", quick(8, false));
+    let mut greedy = connect(&r);
+    greedy
+        .set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    // Far more answers than the socket buffers hold; the writes stall once
+    // the server stops reading.
+    let many = GET.repeat(20_000);
+    let _ = greedy.write_all(&many);
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(closed_by_server(&mut greedy));
+    // Others are still served.
+    let mut other = connect(&r);
+    other.write_all(GET).unwrap();
+    assert_eq!(read_response(&mut other, &mut Vec::new()).unwrap().0, 200);
+}
+
+#[test]
+fn server_client_that_shuts_its_side_still_gets_its_answers() {
+    let r = start("halfclose");
+    let mut s = connect(&r);
+    s.write_all(&GET.repeat(3)).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut buf = Vec::new();
+    for _ in 0..3 {
+        assert_eq!(read_response(&mut s, &mut buf).unwrap().0, 200);
+    }
+    assert!(closed_by_server(&mut s));
+}
+
+#[test]
+fn server_run_can_be_called_again_after_a_stop() {
+    let dir = temp_dir("rerun");
+    let path = dir.join("api.sock");
+    let mut server = Server::bind(&path).unwrap();
+    let stop = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    stop.write(1).unwrap();
+    let mut handler = |_| Response::no_content();
+    server.run(&mut handler, &stop).unwrap();
+    server.run(&mut handler, &stop).unwrap();
+    assert!(path.exists());
+    drop(server);
+    assert!(!path.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn server_bind_refuses_a_path_too_long_for_a_socket() {
+    let dir = temp_dir("long");
+    let path = dir.join("s".repeat(120));
+    let e = Server::bind(&path).unwrap_err();
+    assert!(matches!(e, Error::Socket { .. }), "{e}");
+    assert!(!path.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -3,7 +3,8 @@
 //! setup, a BAR sizing, ...), so the fuzzer starts from inputs that mean
 //! something. `cargo run -p ember-fuzz-harness --example write_seeds`
 //! writes them to `fuzz/corpus/<target>/`; the tests below check that each
-//! does what its name says.
+//! does what its name says. The `api_request` seeds (raw HTTP) are built in
+//! `crate::api`, next to their target, and listed here with the others.
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
@@ -1036,102 +1037,6 @@ offloads = true
     ]
 }
 
-// ---------------------------------------------------------------- api ---
-
-/// One HTTP request with a JSON body.
-fn http(method: &str, path: &str, body: &str) -> String {
-    if body.is_empty() {
-        format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n\r\n")
-    } else {
-        format!(
-            "{method} {path} HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-    }
-}
-
-fn api_seeds() -> Vec<NamedSeed> {
-    let configure = [
-        http("PUT", "/machine-config", r#"{"vcpu_count": 2, "mem_size_mib": 256}"#),
-        http(
-            "PUT",
-            "/boot-source",
-            r#"{"kernel_image_path": "/proc/self/exe", "boot_args": "console=ttyS0"}"#,
-        ),
-        http(
-            "PUT",
-            "/drives/root",
-            r#"{"drive_id": "root", "path_on_host": "/proc/self/exe", "is_root_device": true, "is_read_only": true}"#,
-        ),
-        http(
-            "PUT",
-            "/network-interfaces/eth0",
-            r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:AC:10:00:02"}"#,
-        ),
-        http("PATCH", "/machine-config", r#"{"mem_size_mib": 512}"#),
-        http("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#),
-    ]
-    .concat();
-    let lifecycle = [
-        http("GET", "/", ""),
-        http("GET", "/version", ""),
-        http("PATCH", "/vm", r#"{"state": "Paused"}"#),
-        http("PATCH", "/vm", r#"{"state": "Resumed"}"#),
-        http("GET", "/vm/config", ""),
-        http("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#),
-    ]
-    .concat();
-    let observe = [
-        http(
-            "PUT",
-            "/logger",
-            r#"{"log_path": "/dev/null", "level": "Debug", "show_level": true}"#,
-        ),
-        http(
-            "PUT",
-            "/metrics",
-            r#"{"metrics_path": "/dev/null", "emit_id": true, "properties": {"a": "b"}}"#,
-        ),
-        http(
-            "PATCH",
-            "/drives/root",
-            r#"{"drive_id": "root", "path_on_host": "/x"}"#,
-        ),
-    ]
-    .concat();
-    let bad = [
-        http(
-            "PUT",
-            "/machine-config",
-            r#"{"vcpu_count": 0, "mem_size_mib": 1, "x": 1}"#,
-        ),
-        http(
-            "PUT",
-            "/drives/a",
-            r#"{"drive_id": "b", "is_root_device": false}"#,
-        ),
-        http("PUT", "/balloon", r#"{"amount_mib": 1}"#),
-        http("DELETE", "/", ""),
-        "PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_string(),
-    ]
-    .concat();
-    let config_file = r#"{"boot-source": {"kernel_image_path": "/proc/self/exe"},
- "drives": [{"drive_id": "rootfs", "path_on_host": "/proc/self/exe", "is_root_device": true}],
- "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
- "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"}]}"#;
-    vec![
-        ("configure", configure.into_bytes()),
-        ("lifecycle", lifecycle.into_bytes()),
-        ("observe", observe.into_bytes()),
-        ("bad", bad.into_bytes()),
-        (
-            "half_sent",
-            http("PUT", "/machine-config", r#"{"vcpu_count": 1}"#).as_bytes()[..50].to_vec(),
-        ),
-        ("config_file", config_file.as_bytes().to_vec()),
-    ]
-}
-
 /// Every target's seeds, by target name.
 pub fn all() -> Vec<(&'static str, Vec<NamedSeed>)> {
     vec![
@@ -1146,7 +1051,7 @@ pub fn all() -> Vec<(&'static str, Vec<NamedSeed>)> {
         ("loader_bzimage", bzimage_seeds()),
         ("loader_elf", elf_seeds()),
         ("config", config_seeds()),
-        ("api_request", api_seeds()),
+        ("api_request", crate::api::seeds()),
     ]
 }
 

@@ -182,6 +182,12 @@ fn disk_count_error(disks: &[DiskConfig]) -> Option<usize> {
 /// `PUT /network-interfaces/{id}`: adds a NIC, or replaces the one with
 /// that id.
 pub fn apply_net(cfg: &mut VmConfig, n: &NetworkInterface) -> Result<(), ConfigError> {
+    if n.mtu.is_some() {
+        return Err(unsupported(
+            "network-interfaces.mtu",
+            "the guest's MTU is set inside the guest",
+        ));
+    }
     if n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some() {
         return Err(unsupported(
             "network-interfaces rate limiters",
@@ -283,6 +289,12 @@ pub fn mac_text(mac: [u8; 6]) -> String {
 /// A Firecracker `--config-file` as ember's configuration: each section
 /// applied as the API would apply it, in the order Firecracker does.
 pub fn from_api(full: &FullVmConfiguration) -> Result<VmConfig, ConfigError> {
+    if full.logger.is_some() || full.metrics.is_some() {
+        return Err(unsupported(
+            "the logger and metrics sections of a config file",
+            "use --log-path, --level and --metrics-path",
+        ));
+    }
     let mut cfg = VmConfig::default();
     if let Some(m) = &full.machine_config {
         apply_machine(&mut cfg, m)?;
