@@ -30,6 +30,19 @@ pub struct LegacyDevices {
     pub reset: EventFd,
     /// The keyboard controller, for the host's Ctrl-Alt-Del.
     pub i8042: Arc<Mutex<I8042>>,
+    /// The CMOS clock.
+    pub cmos: Arc<Mutex<Cmos>>,
+}
+
+/// The legacy devices' saved states, for a restore.
+#[derive(Clone, Copy, Debug)]
+pub struct LegacyStates<'a> {
+    /// The UART.
+    pub serial: &'a ember_legacy::SerialState,
+    /// The keyboard controller.
+    pub i8042: &'a ember_legacy::I8042State,
+    /// The CMOS clock.
+    pub cmos: &'a ember_legacy::CmosState,
 }
 
 impl std::fmt::Debug for LegacyDevices {
@@ -49,18 +62,26 @@ fn pio_range(base: u16, size: u16) -> Result<PioRange, Error> {
 impl LegacyDevices {
     /// Creates the devices, registers them on `io`, and wires the UART's
     /// interrupt to IOAPIC pin 4 through an irqfd.
-    pub fn create(vm: &VmFd, io: &mut IoManager, console: ConsoleOut) -> Result<Self, Error> {
+    pub fn create(
+        vm: &VmFd,
+        io: &mut IoManager,
+        console: ConsoleOut,
+        restore: Option<LegacyStates<'_>>,
+    ) -> Result<Self, Error> {
+        let state_err = |what: String| Error::Restore(what);
         let serial_irq = eventfd("serial interrupt")?;
         vm.register_irqfd(&serial_irq, layout::SERIAL_IRQ)
             .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
         let serial_input_drained = eventfd("serial input")?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            serial_irq,
-            serial_input_drained
-                .try_clone()
-                .map_err(|e| Error::EventFd("serial input", e))?,
-            console,
-        )));
+        let drained = serial_input_drained
+            .try_clone()
+            .map_err(|e| Error::EventFd("serial input", e))?;
+        let serial = match restore {
+            Some(r) => SerialDevice::from_state(serial_irq, drained, console, r.serial)
+                .map_err(state_err)?,
+            None => SerialDevice::new(serial_irq, drained, console),
+        };
+        let serial = Arc::new(Mutex::new(serial));
         io.register_pio(pio_range(COM1_PORT_BASE, SERIAL_PORT_SIZE)?, serial.clone())
             .map_err(|e| Error::Bus(format!("COM1: {e:?}")))?;
 
@@ -74,20 +95,28 @@ impl LegacyDevices {
                 .map_err(|e| Error::EventFd("i8042 reset", e))?,
             kbd_irq,
         )));
+        let mut cmos = Cmos::default();
+        if let Some(r) = restore {
+            i8042
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .restore_state(r.i8042)
+                .map_err(state_err)?;
+            cmos.restore_state(r.cmos).map_err(state_err)?;
+        }
+        let cmos = Arc::new(Mutex::new(cmos));
         io.register_pio(pio_range(I8042_PORT_BASE, I8042_PORT_SIZE)?, i8042.clone())
             .map_err(|e| Error::Bus(format!("i8042: {e:?}")))?;
 
-        io.register_pio(
-            pio_range(CMOS_PORT_BASE, CMOS_PORT_SIZE)?,
-            Arc::new(Mutex::new(Cmos::default())),
-        )
-        .map_err(|e| Error::Bus(format!("CMOS: {e:?}")))?;
+        io.register_pio(pio_range(CMOS_PORT_BASE, CMOS_PORT_SIZE)?, cmos.clone())
+            .map_err(|e| Error::Bus(format!("CMOS: {e:?}")))?;
 
         Ok(LegacyDevices {
             serial,
             serial_input_drained,
             reset,
             i8042,
+            cmos,
         })
     }
 }

@@ -39,6 +39,7 @@ pub mod nets;
 pub mod pci;
 pub mod seccomp;
 pub mod signals;
+pub mod snapshot;
 pub mod terminal;
 pub mod vcpus;
 pub mod virtio_devices;
@@ -149,6 +150,12 @@ pub enum Error {
     /// The API thread cannot be started.
     #[error("cannot start the API thread")]
     SpawnApi(#[source] std::io::Error),
+    /// A snapshot cannot be restored.
+    #[error("cannot restore the snapshot: {0}")]
+    Restore(String),
+    /// A snapshot file cannot be read or written.
+    #[error(transparent)]
+    Snapshot(#[from] ember_snapshot::Error),
     /// The guest or KVM failed while running.
     #[error("the VM failed: {0}")]
     Guest(String),
@@ -259,9 +266,57 @@ pub struct Vmm {
     report: Arc<VcpuExitReport>,
     started: Instant,
     paused_clock: Option<kvm_bindings::kvm_clock_data>,
+    start_paused: bool,
     i8042: Arc<std::sync::Mutex<ember_legacy::I8042>>,
     exit_counters: Vec<Arc<ember_vcpu::SharedExitCounts>>,
-    _mem: GuestMemoryMmap,
+    saved: SavedParts,
+    mem: GuestMemoryMmap,
+}
+
+/// What a snapshot needs besides the devices the VM drives.
+struct SavedParts {
+    serial: Arc<std::sync::Mutex<devices::Serial>>,
+    cmos: Arc<std::sync::Mutex<ember_legacy::Cmos>>,
+    machine: snapshot::Machine,
+    disks: Vec<config::DiskConfig>,
+    nets: Vec<config::NetConfig>,
+    cpu: String,
+}
+
+/// Puts each rebuilt disk and NIC in its saved state (the transport
+/// reactivates a running device with its queues where they were), then
+/// kicks it: queues processed, interrupts raised once.
+fn restore_devices(
+    disks: &[disks::DiskDevice],
+    nets: &[nets::NetDevice],
+    s: &snapshot::VmState,
+) -> Result<()> {
+    if disks.len() != s.disks.len() || nets.len() != s.nets.len() {
+        return Err(Error::Restore(
+            "the device list does not match the snapshot".into(),
+        ));
+    }
+    for (i, (d, saved)) in disks.iter().zip(&s.disks).enumerate() {
+        let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
+        d.device()
+            .check_state(&saved.block)
+            .map_err(|source| Error::Disk { index: i, source })?;
+        d.restore_state(&saved.transport).map_err(Error::Restore)?;
+    }
+    for (i, (n, saved)) in nets.iter().zip(&s.nets).enumerate() {
+        let mut n = n.lock().unwrap_or_else(|e| e.into_inner());
+        n.restore_state(&saved.transport).map_err(Error::Restore)?;
+        n.device_mut()
+            .restore_state(&saved.net)
+            .map_err(|source| Error::Net { index: i, source })?;
+    }
+    for d in disks {
+        d.lock().unwrap_or_else(|e| e.into_inner()).kick();
+    }
+    for n in nets {
+        n.lock().unwrap_or_else(|e| e.into_inner()).kick();
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for Vmm {
@@ -286,13 +341,81 @@ impl Vmm {
         let ml = MemoryLayout::new(cfg.memory_mib)?;
         ml.check_phys_bits(hv.phys_address_bits())?;
         let mem = ml.create_guest_memory()?;
-        let vm = Arc::new(vm::create_vm(&hv, &mem)?);
+        Self::assemble(&hv, cfg, &ml, mem, console, started, None)
+    }
+
+    /// Builds the VM saved in a snapshot: the same machine, each component
+    /// in its saved state, guest memory from the snapshot's memory. Nothing
+    /// runs yet; [`start`](Self::start) starts it paused.
+    pub fn restore(
+        load: &snapshot::LoadParams,
+        console: Console,
+        started: Instant,
+    ) -> Result<Self> {
+        let t = Instant::now();
+        let env = snapshot::read_state(&load.state_path)?;
+        let state = &env.state;
+        let cfg = snapshot::config_for(state, load)?;
+        let hv = Hypervisor::open()?;
+        hv.check_vcpus(cfg.vcpus)?;
+        let ml = MemoryLayout::new(cfg.memory_mib)?;
+        ml.check_phys_bits(hv.phys_address_bits())?;
+        let layout: Vec<(u64, u64)> = state
+            .memory
+            .iter()
+            .map(|r| (r.guest_addr, r.size))
+            .collect();
+        if layout != ml.ram_regions() {
+            return Err(Error::Restore(format!(
+                "the memory regions {layout:x?} do not match a {} MiB guest",
+                cfg.memory_mib
+            )));
+        }
+        let offsets: Vec<u64> = state.memory.iter().map(|r| r.file_offset).collect();
+        let mem = match &load.memory {
+            snapshot::MemorySource::File(path) => {
+                let file = snapshot::open_memory(path)?;
+                ml.map_from_file(&file, &offsets)
+                    .map_err(|e| Error::Restore(format!("{}: {e}", path.display())))?
+            }
+            snapshot::MemorySource::Uffd(_) => {
+                return Err(Error::Restore(
+                    "the Uffd memory backend is not served yet".into(),
+                ))
+            }
+        };
+        let vmm = Self::assemble(&hv, &cfg, &ml, mem, console, started, Some(state))?;
+        log::info!(
+            "restored {} (saved by ember {} on {}) in {:.2} ms",
+            load.state_path.display(),
+            env.ember_version,
+            env.cpu,
+            t.elapsed().as_secs_f64() * 1000.0
+        );
+        Ok(vmm)
+    }
+
+    fn assemble(
+        hv: &Hypervisor,
+        cfg: &ValidConfig,
+        ml: &MemoryLayout,
+        mem: GuestMemoryMmap,
+        console: Console,
+        started: Instant,
+        restore: Option<&snapshot::VmState>,
+    ) -> Result<Self> {
+        let vm = Arc::new(vm::create_vm(hv, &mem)?);
 
         let mut io = IoManager::new();
-        let legacy = LegacyDevices::create(&vm, &mut io, console.output)?;
+        let legacy_states = restore.map(|s| devices::LegacyStates {
+            serial: &s.serial,
+            i8042: &s.i8042,
+            cmos: &s.cmos,
+        });
+        let legacy = LegacyDevices::create(&vm, &mut io, console.output, legacy_states)?;
         let bus = pci::create_bus();
         let routes = Arc::new(pci::MsiRoutes::new(vm.clone()));
-        let mut bars = pci::BarAllocator::new(&ml)?;
+        let mut bars = pci::BarAllocator::new(ml)?;
         let mut attach = virtio_devices::AttachContext {
             vm: &vm,
             mem: &mem,
@@ -313,29 +436,58 @@ impl Vmm {
         let mut forced = Vec::new();
         for index in 0..cfg.vcpus {
             let mut vcpu = Vcpu::new(&vm, index, io.clone()).map_err(Error::Vcpu)?;
-            forced = vcpu
-                .set_cpuid(&hv.supported_cpuid, cfg.vcpus)
-                .map_err(Error::Vcpu)?;
+            vcpu.set_msr_list(&hv.msr_list);
+            match restore {
+                Some(s) => {
+                    if index == 0 {
+                        // What a guest gets on this host (KVM_GET_CPUID2
+                        // after setting ember's CPUID: some hosts force
+                        // features on) must cover what the saved guest saw.
+                        vcpu.set_cpuid(&hv.supported_cpuid, cfg.vcpus)
+                            .map_err(Error::Vcpu)?;
+                        let host = vcpu.effective_cpuid().map_err(Error::Vcpu)?;
+                        snapshot::check_cpu(&s.vcpus[0].cpuid, &host)?;
+                    }
+                    vcpu.restore_state(&s.vcpus[usize::from(index)])
+                        .map_err(Error::Vcpu)?
+                }
+                None => {
+                    forced = vcpu
+                        .set_cpuid(&hv.supported_cpuid, cfg.vcpus)
+                        .map_err(Error::Vcpu)?;
+                }
+            }
             vcpus.push(vcpu);
         }
-        let cmdline = guest_cmdline(&cfg.cmdline, &forced);
-
-        let spec = BootSpec {
-            kernel: &cfg.kernel,
-            initrd: cfg.initrd.as_deref(),
-            cmdline: &cmdline,
-            vcpus: cfg.vcpus,
+        let mut paused_clock = None;
+        let cmdline = match restore {
+            Some(s) => {
+                snapshot::restore_kvm(&vm, &s.kvm)?;
+                restore_devices(&disks, &nets, s)?;
+                paused_clock = Some(s.kvm.clock);
+                cfg.cmdline.clone()
+            }
+            None => {
+                let cmdline = guest_cmdline(&cfg.cmdline, &forced);
+                let spec = BootSpec {
+                    kernel: &cfg.kernel,
+                    initrd: cfg.initrd.as_deref(),
+                    cmdline: &cmdline,
+                    vcpus: cfg.vcpus,
+                };
+                let boot = ember_loader::load(&mem, ml, &spec)?;
+                log::info!(
+                    "loaded {:?} kernel {}, entry {:#x}",
+                    boot.kernel.format,
+                    cfg.kernel.display(),
+                    boot.entry
+                );
+                for vcpu in &mut vcpus {
+                    vcpu.setup_boot(&mem, boot.entry).map_err(Error::Vcpu)?;
+                }
+                cmdline
+            }
         };
-        let boot = ember_loader::load(&mem, &ml, &spec)?;
-        log::info!(
-            "loaded {:?} kernel {}, entry {:#x}",
-            boot.kernel.format,
-            cfg.kernel.display(),
-            boot.entry
-        );
-        for vcpu in &mut vcpus {
-            vcpu.setup_boot(&mem, boot.entry).map_err(Error::Vcpu)?;
-        }
 
         let vcpu_evt = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::EventFd("vcpu exit", e))?;
         let report = Arc::new(VcpuExitReport::new(
@@ -343,8 +495,24 @@ impl Vmm {
                 .try_clone()
                 .map_err(|e| Error::EventFd("vcpu exit", e))?,
         ));
+        let cpu = snapshot::cpu_description(&restore.map_or_else(
+            || ember_vcpu::cpuid::normalize(hv.supported_cpuid.as_slice(), 0, cfg.vcpus),
+            |s| s.vcpus[0].cpuid.clone(),
+        ));
         let i8042 = legacy.i8042.clone();
         let exit_counters = vcpus.iter().map(Vcpu::exit_counter).collect();
+        let saved = SavedParts {
+            serial: legacy.serial.clone(),
+            cmos: legacy.cmos.clone(),
+            machine: snapshot::Machine {
+                vcpus: cfg.vcpus,
+                memory_mib: cfg.memory_mib,
+                cmdline,
+            },
+            disks: cfg.disks.clone(),
+            nets: cfg.nets.iter().map(|(n, _)| n.clone()).collect(),
+            cpu,
+        };
         let inputs = VmInputs {
             console_in: console.input,
             serial: legacy.serial,
@@ -364,10 +532,12 @@ impl Vmm {
             pausable: None,
             report,
             started,
-            paused_clock: None,
+            paused_clock,
+            start_paused: restore.is_some(),
             i8042,
             exit_counters,
-            _mem: mem,
+            saved,
+            mem,
         })
     }
 
@@ -380,10 +550,19 @@ impl Vmm {
             .inputs
             .take()
             .ok_or_else(|| Error::Guest("the VM was started twice".into()))?;
-        self.pausable = Some(event_loop.add_vm(inputs)?);
+        let mut pausable = event_loop.add_vm(inputs)?;
+        if self.start_paused {
+            event_loop.pause(&mut pausable)?;
+        }
+        self.pausable = Some(pausable);
         let vcpus = std::mem::take(&mut self.vcpus);
-        let mut threads =
-            VcpuThreads::start(vcpus, self.report.clone(), self.started, filters.clone())?;
+        let mut threads = VcpuThreads::start(
+            vcpus,
+            self.report.clone(),
+            self.started,
+            filters.clone(),
+            self.start_paused,
+        )?;
         if let Err(e) = filters.install(seccomp::ThreadKind::Vmm, "event-loop") {
             threads.stop(Duration::from_millis(500));
             return Err(e.into());
@@ -435,6 +614,123 @@ impl Vmm {
         }
         threads.resume();
         Ok(())
+    }
+
+    /// The configuration this VM was built with (a restored VM's kernel
+    /// path is empty: the kernel is in guest memory).
+    pub fn config(&self) -> ValidConfig {
+        ValidConfig {
+            vcpus: self.saved.machine.vcpus,
+            memory_mib: self.saved.machine.memory_mib,
+            kernel: std::path::PathBuf::new(),
+            initrd: None,
+            cmdline: self.saved.machine.cmdline.clone(),
+            disks: self.saved.disks.clone(),
+            nets: self
+                .saved
+                .nets
+                .iter()
+                .cloned()
+                .zip(self.nets.iter().map(|n| {
+                    n.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .device()
+                        .state()
+                        .mac
+                }))
+                .collect(),
+        }
+    }
+
+    /// Whether [`start`](Self::start) leaves the VM paused (a restored VM).
+    pub fn starts_paused(&self) -> bool {
+        self.start_paused
+    }
+
+    /// Writes a snapshot of the paused VM: each vCPU saves its state on its
+    /// own (parked) thread, the devices and KVM's VM-wide state are saved
+    /// here, the disks are flushed, and guest memory goes to the memory
+    /// file. The VM stays paused; a failure leaves no file behind.
+    pub fn snapshot(&mut self, params: &snapshot::CreateParams) -> Result<snapshot::CreateStats> {
+        let threads = self.threads.as_ref().ok_or_else(not_started)?;
+        let clock = self
+            .paused_clock
+            .ok_or_else(|| Error::Lifecycle("the microVM must be paused to snapshot it".into()))?;
+        if params.kind == ember_snapshot::SnapshotKind::Diff {
+            return Err(Error::Lifecycle(
+                "diff snapshots need track_dirty_pages, which ember does not serve yet".into(),
+            ));
+        }
+        let t = Instant::now();
+        let vcpus = threads.save_states(PAUSE_TIMEOUT)?;
+        let kvm = snapshot::save_kvm(&self.vm, clock)?;
+        let mut disks = Vec::with_capacity(self.disks.len());
+        for (index, (d, config)) in self.disks.iter().zip(&self.saved.disks).enumerate() {
+            let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
+            // What the guest saw written is on the disk the snapshot names.
+            d.device_mut()
+                .flush()
+                .map_err(|source| Error::Disk { index, source })?;
+            disks.push(snapshot::DiskSnapshot {
+                config: config.clone(),
+                transport: d.state(),
+                block: d.device().state(),
+            });
+        }
+        let nets = self
+            .nets
+            .iter()
+            .zip(&self.saved.nets)
+            .map(|(n, config)| {
+                let n = n.lock().unwrap_or_else(|e| e.into_inner());
+                snapshot::NetSnapshot {
+                    config: config.clone(),
+                    transport: n.state(),
+                    net: n.device().state(),
+                }
+            })
+            .collect();
+        let lock = |m: &std::sync::Mutex<_>| -> ember_legacy::SerialState {
+            let g: std::sync::MutexGuard<'_, devices::Serial> =
+                m.lock().unwrap_or_else(|e| e.into_inner());
+            g.state()
+        };
+        let state = snapshot::VmState {
+            version: snapshot::VM_STATE_VERSION,
+            machine: self.saved.machine.clone(),
+            memory: Vec::new(),
+            kvm,
+            vcpus,
+            serial: lock(&self.saved.serial),
+            i8042: self.i8042.lock().unwrap_or_else(|e| e.into_inner()).state(),
+            cmos: self
+                .saved
+                .cmos
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .state(),
+            disks,
+            nets,
+        };
+        let state_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let mut env = ember_snapshot::Envelope {
+            ember_version: env!("CARGO_PKG_VERSION").to_string(),
+            cpu: self.saved.cpu.clone(),
+            kind: params.kind,
+            state,
+        };
+        let (pages_written, state_bytes, memory_ms) = snapshot::write_files(
+            params,
+            &self.mem,
+            ember_snapshot::memory::Pages::NonZero,
+            &mut env,
+        )?;
+        Ok(snapshot::CreateStats {
+            state_ms,
+            memory_ms,
+            pages_written,
+            state_bytes,
+        })
     }
 
     /// Serves disk `index` (in [`ValidConfig::disks`] order) from the image

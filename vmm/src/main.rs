@@ -28,6 +28,69 @@ struct Cli {
     vm: VmArgs,
     #[command(flatten)]
     fc: FirecrackerArgs,
+    #[command(flatten)]
+    restore: RestoreArgs,
+}
+
+/// Restoring a snapshot from the command line, for users without an API
+/// client.
+#[derive(Debug, Args)]
+struct RestoreArgs {
+    /// Restore the snapshot whose state file this is, instead of booting
+    /// (with --restore-mem). The VM waits paused for `PATCH /vm` unless
+    /// --resume is given.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "restore_mem",
+        conflicts_with_all = ["config", "kernel", "initrd", "cmdline", "vcpus", "memory", "disk", "net", "config_file"]
+    )]
+    restore: Option<PathBuf>,
+    /// The snapshot's memory file (mapped copy-on-write: nothing is read
+    /// up front).
+    #[arg(long, value_name = "FILE", requires = "restore")]
+    restore_mem: Option<PathBuf>,
+    /// Run the restored guest at once.
+    #[arg(long, requires = "restore")]
+    resume: bool,
+    /// Reopen a NIC on another tap: `IFACE_ID=TAP` (net0, net1, ... by
+    /// position unless the snapshot's NIC had an id). Repeat for more.
+    #[arg(long, value_name = "IFACE_ID=TAP", requires = "restore")]
+    restore_net: Vec<String>,
+    /// Reopen a disk from another image: `DRIVE_ID=PATH` (drive0, ...).
+    /// Repeat for more.
+    #[arg(long, value_name = "DRIVE_ID=PATH", requires = "restore")]
+    restore_disk: Vec<String>,
+}
+
+impl RestoreArgs {
+    fn params(&self) -> ember_vmm::Result<Option<ember_vmm::snapshot::LoadParams>> {
+        let (Some(state), Some(mem)) = (&self.restore, &self.restore_mem) else {
+            return Ok(None);
+        };
+        let pair = |flag: &str, v: &str| -> ember_vmm::Result<(String, String)> {
+            v.split_once('=')
+                .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| {
+                    ember_vmm::Error::Restore(format!("{flag} {v:?}: expected ID=VALUE"))
+                })
+        };
+        Ok(Some(ember_vmm::snapshot::LoadParams {
+            state_path: state.clone(),
+            memory: ember_vmm::snapshot::MemorySource::File(mem.clone()),
+            network_overrides: self
+                .restore_net
+                .iter()
+                .map(|v| pair("--restore-net", v))
+                .collect::<Result<_, _>>()?,
+            disk_overrides: self
+                .restore_disk
+                .iter()
+                .map(|v| pair("--restore-disk", v).map(|(k, p)| (k, PathBuf::from(p))))
+                .collect::<Result<_, _>>()?,
+        }))
+    }
 }
 
 /// Firecracker's command line, for orchestrators that drive ember as they
@@ -276,8 +339,19 @@ fn fc_config_file(path: &std::path::Path) -> ember_vmm::Result<VmConfig> {
     Ok(ember_vmm::config::firecracker::from_api(&full)?)
 }
 
-fn run(cli: VmArgs, fc: FirecrackerArgs, started: Instant) -> ember_vmm::Result<i32> {
+fn run(
+    cli: VmArgs,
+    fc: FirecrackerArgs,
+    restore: RestoreArgs,
+    started: Instant,
+) -> ember_vmm::Result<i32> {
     let mode = cli.seccomp;
+    let load = restore.params()?;
+    if load.is_some() && !restore.resume && fc.api_sock.is_none() {
+        return Err(ember_vmm::Error::Restore(
+            "--restore without --api-sock needs --resume (nothing else could resume the VM)".into(),
+        ));
+    }
     let configured = has_vm_config(&cli) || fc.config_file.is_some();
     let cfg = match &fc.config_file {
         Some(path) => fc_config_file(path)?,
@@ -286,7 +360,7 @@ fn run(cli: VmArgs, fc: FirecrackerArgs, started: Instant) -> ember_vmm::Result<
     if configured {
         // Checked in full before anything is created.
         cfg.validate()?;
-    } else if fc.api_sock.is_none() {
+    } else if fc.api_sock.is_none() && load.is_none() {
         return Err(ConfigError::NoKernel.into());
     }
     let filters = seccomp::Filters::new(mode)?;
@@ -318,7 +392,9 @@ fn run(cli: VmArgs, fc: FirecrackerArgs, started: Instant) -> ember_vmm::Result<
             .set_metrics(path, false, Default::default())
             .map_err(|e| ember_vmm::Error::Lifecycle(error_chain(&e)))?;
     }
-    if configured {
+    if let Some(load) = &load {
+        instance.load_snapshot(load, restore.resume)?;
+    } else if configured {
         instance.configure(cfg)?;
         instance.start()?;
     }
@@ -362,7 +438,7 @@ fn main() -> ExitCode {
                 eprintln!("ember: error: {e}");
                 return ExitCode::FAILURE;
             }
-            run(cli.vm, cli.fc, started)
+            run(cli.vm, cli.fc, cli.restore, started)
         }
     };
     match result {

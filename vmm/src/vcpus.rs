@@ -65,12 +65,17 @@ impl VcpuThreads {
         report: Arc<VcpuExitReport>,
         started: Instant,
         filters: Filters,
+        paused: bool,
     ) -> Result<Self, Error> {
         ember_vcpu::register_kick_signal().map_err(Error::Vcpu)?;
         let running = Arc::new(Running::default());
         let mut threads = Vec::with_capacity(vcpus.len());
         for mut vcpu in vcpus {
             let control = Arc::new(VcpuControl::default());
+            if paused {
+                // A restored vCPU parks before it first enters the guest.
+                control.request(RunState::Paused);
+            }
             let (c, r, run) = (control.clone(), report.clone(), running.clone());
             let filters = filters.clone();
             *running.count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
@@ -134,6 +139,21 @@ impl VcpuThreads {
             }
         }
         Ok(())
+    }
+
+    /// Has every parked vCPU save its state on its own thread.
+    pub fn save_states(&self, timeout: Duration) -> Result<Vec<ember_vcpu::VcpuState>, Error> {
+        let mut states = Vec::with_capacity(self.threads.len());
+        for (i, (_, control)) in self.threads.iter().enumerate() {
+            if !control.wait_parked(timeout) {
+                return Err(Error::Guest(format!("vcpu{i} is not paused")));
+            }
+            let state = control
+                .save_parked(timeout)
+                .map_err(|e| Error::Guest(format!("vcpu{i}: cannot save its state: {e}")))?;
+            states.push(state);
+        }
+        Ok(states)
     }
 
     /// Lets every parked vCPU run the guest again.

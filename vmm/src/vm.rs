@@ -20,6 +20,9 @@ pub struct Hypervisor {
     pub supported_cpuid: CpuId,
     /// `KVM_CAP_MAX_VCPUS`.
     pub max_vcpus: usize,
+    /// `KVM_GET_MSR_INDEX_LIST`: the MSRs a snapshot saves (with the
+    /// vcpu crate's extras).
+    pub msr_list: Vec<u32>,
 }
 
 impl Hypervisor {
@@ -30,10 +33,15 @@ impl Hypervisor {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
         let max_vcpus = kvm.get_max_vcpus();
+        let msr_list = kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .unwrap_or_default();
         Ok(Hypervisor {
             kvm,
             supported_cpuid,
             max_vcpus,
+            msr_list,
         })
     }
 

@@ -296,6 +296,101 @@ pub struct Vm {
     pub state: VmState,
 }
 
+/// `snapshot_type` of `PUT /snapshot/create`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotType {
+    /// Every page of guest memory.
+    #[default]
+    Full,
+    /// The pages dirtied since the last snapshot.
+    Diff,
+}
+
+/// `PUT /snapshot/create`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    /// Where guest memory goes.
+    pub mem_file_path: String,
+    /// Where the VM state goes.
+    pub snapshot_path: String,
+    /// Full (default) or Diff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_type: Option<SnapshotType>,
+}
+
+/// `backend_type` of a [`MemoryBackend`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemoryBackendType {
+    /// Map the memory file.
+    File,
+    /// A page-fault handler listening on a Unix socket serves guest memory.
+    Uffd,
+}
+
+/// How `PUT /snapshot/load` gets guest memory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryBackend {
+    /// File or Uffd.
+    pub backend_type: MemoryBackendType,
+    /// The memory file, or the handler's socket.
+    pub backend_path: String,
+}
+
+/// A tap to use instead of the one the snapshot names.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    /// The interface.
+    pub iface_id: String,
+    /// Its new tap.
+    pub host_dev_name: String,
+}
+
+/// A vsock socket path to use on restore.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    /// The new socket path.
+    pub uds_path: String,
+}
+
+/// `PUT /snapshot/load`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    /// Deprecated name of `track_dirty_pages`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enable_diff_snapshots: Option<bool>,
+    /// Track dirty pages (for diff snapshots of the restored VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track_dirty_pages: Option<bool>,
+    /// Deprecated: the memory file (instead of `mem_backend`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_file_path: Option<String>,
+    /// How guest memory is loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_backend: Option<MemoryBackend>,
+    /// The VM state file.
+    pub snapshot_path: String,
+    /// Resume once loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_vm: Option<bool>,
+    /// Taps to use instead of the snapshot's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_overrides: Option<Vec<NetworkOverride>>,
+    /// A vsock socket path (ember has no vsock yet: refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_override: Option<VsockOverride>,
+    /// Advance kvmclock by the time since the snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_realtime: Option<bool>,
+    /// Huge pages for the restored VM (only `Snapshot`/`None` served).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<String>,
+}
+
 /// A log level; the spec's values, any case (`Warn` too, as Firecracker
 /// accepts it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

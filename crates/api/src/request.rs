@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use crate::model::{
     ActionType, BootSource, Drive, InstanceActionInfo, Logger, MachineConfiguration,
     MachineConfigurationUpdate, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface,
-    RateLimiter, Vm, VmState,
+    RateLimiter, SnapshotCreateParams, SnapshotLoadParams, Vm, VmState,
 };
 
 /// The most vCPUs the spec allows.
@@ -49,6 +49,10 @@ pub enum Request {
     PutLogger(Logger),
     /// `PUT /metrics`.
     PutMetrics(Metrics),
+    /// `PUT /snapshot/create`.
+    CreateSnapshot(SnapshotCreateParams),
+    /// `PUT /snapshot/load`.
+    LoadSnapshot(SnapshotLoadParams),
 }
 
 /// Why a request is refused before it reaches the VMM. The message is the
@@ -112,8 +116,6 @@ const UNSUPPORTED: &[(&str, &str, &str)] = &[
     ("GET", "/hotplug/memory", "memory hotplug"),
     ("PUT", "/hotplug/memory", "memory hotplug"),
     ("PATCH", "/hotplug/memory", "memory hotplug"),
-    ("PUT", "/snapshot/create", "snapshots"),
-    ("PUT", "/snapshot/load", "snapshots"),
     ("PUT", "/vsock", "vsock"),
 ];
 
@@ -131,6 +133,31 @@ fn parse_body<T: DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, Request
     }
     serde_json::from_slice(body)
         .map_err(|e| RequestError::Body(what.to_string(), e.to_string().replace('\n', " ")))
+}
+
+/// Firecracker's rules for a load: exactly one of `mem_backend` and
+/// `mem_file_path`, a non-empty state path, valid override ids.
+fn check_load(what: &str, l: &SnapshotLoadParams) -> Result<(), RequestError> {
+    let bad = |m: &str| Err(RequestError::Value(what.to_string(), m.to_string()));
+    match (&l.mem_backend, &l.mem_file_path) {
+        (Some(_), Some(_)) => {
+            return bad("too many fields: either `mem_backend` or `mem_file_path` exclusively")
+        }
+        (None, None) => return bad("missing field: either `mem_backend` or `mem_file_path`"),
+        (Some(b), None) if b.backend_path.is_empty() => return bad("backend_path is empty"),
+        (None, Some(p)) if p.is_empty() => return bad("mem_file_path is empty"),
+        _ => {}
+    }
+    if l.snapshot_path.is_empty() {
+        return bad("snapshot_path is empty");
+    }
+    for o in l.network_overrides.iter().flatten() {
+        check_id(what, "iface_id", &o.iface_id)?;
+        if o.host_dev_name.is_empty() {
+            return bad("host_dev_name is empty");
+        }
+    }
+    Ok(())
 }
 
 fn check_id(what: &str, kind: &str, id: &str) -> Result<(), RequestError> {
@@ -318,6 +345,21 @@ impl Request {
                 let v: Vm = parse_body(&what, body)?;
                 Request::PatchVm(v.state)
             }
+            ("PUT", ["snapshot", "create"]) => {
+                let c: SnapshotCreateParams = parse_body(&what, body)?;
+                if c.mem_file_path.is_empty() || c.snapshot_path.is_empty() {
+                    return Err(RequestError::Value(
+                        what,
+                        "mem_file_path and snapshot_path must not be empty".into(),
+                    ));
+                }
+                Request::CreateSnapshot(c)
+            }
+            ("PUT", ["snapshot", "load"]) => {
+                let l: SnapshotLoadParams = parse_body(&what, body)?;
+                check_load(&what, &l)?;
+                Request::LoadSnapshot(l)
+            }
             ("PUT", ["logger"]) => Request::PutLogger(parse_body(&what, body)?),
             ("PUT", ["metrics"]) => {
                 let m: Metrics = parse_body(&what, body)?;
@@ -371,6 +413,25 @@ mod tests {
         assert_eq!(ok("GET", "/version", ""), Request::GetVersion);
         assert_eq!(ok("GET", "/machine-config", ""), Request::GetMachineConfig);
         assert_eq!(ok("GET", "/vm/config", ""), Request::GetVmConfig);
+        assert!(matches!(
+            ok("PUT", "/snapshot/create", r#"{"mem_file_path":"m","snapshot_path":"s","snapshot_type":"Diff"}"#),
+            Request::CreateSnapshot(c) if c.snapshot_type == Some(crate::model::SnapshotType::Diff)
+        ));
+        assert!(matches!(
+            ok("PUT", "/snapshot/load", r#"{"snapshot_path":"s","mem_backend":{"backend_type":"Uffd","backend_path":"/u"},"resume_vm":true}"#),
+            Request::LoadSnapshot(l) if l.resume_vm == Some(true)
+        ));
+        for body in [
+            r#"{"snapshot_path":"s"}"#,
+            r#"{"snapshot_path":"s","mem_file_path":"m","mem_backend":{"backend_type":"File","backend_path":"m"}}"#,
+            r#"{"snapshot_path":"","mem_file_path":"m"}"#,
+            r#"{"snapshot_path":"s","mem_file_path":"m","network_overrides":[{"iface_id":"a b","host_dev_name":"t"}]}"#,
+        ] {
+            assert!(
+                Request::parse("PUT", "/snapshot/load", body.as_bytes()).is_err(),
+                "{body}"
+            );
+        }
         assert!(matches!(
             ok("PUT", "/machine-config", r#"{"vcpu_count":2,"mem_size_mib":256}"#),
             Request::PutMachineConfig(m) if m.vcpu_count == 2
@@ -440,8 +501,6 @@ mod tests {
             ("GET", "/balloon/statistics"),
             ("PUT", "/vsock"),
             ("PUT", "/entropy"),
-            ("PUT", "/snapshot/create"),
-            ("PUT", "/snapshot/load"),
             ("PUT", "/cpu-config"),
             ("GET", "/mmds"),
             ("PUT", "/mmds/config"),

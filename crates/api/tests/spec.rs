@@ -7,8 +7,9 @@ use std::collections::BTreeSet;
 use ember_api::model::{
     ActionType, BootSource, CacheType, CpuTemplate, Drive, FirecrackerVersion, FullVmConfiguration,
     HugePages, InstanceActionInfo, InstanceInfo, IoEngine, LogLevel, Logger, MachineConfiguration,
-    MachineConfigurationUpdate, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface,
-    RateLimiter, TokenBucket, Vm, VmState,
+    MachineConfigurationUpdate, MemoryBackend, Metrics, NetworkInterface, NetworkOverride,
+    PartialDrive, PartialNetworkInterface, RateLimiter, SnapshotCreateParams, SnapshotLoadParams,
+    TokenBucket, Vm, VmState,
 };
 use ember_api::{handle_bytes, model, Request, RequestError, Response, MAX_BODY};
 use serde::de::DeserializeOwned;
@@ -65,6 +66,8 @@ const SERVED: &[(&str, &str)] = &[
     ("GET", "/vm/config"),
     ("PUT", "/logger"),
     ("PUT", "/metrics"),
+    ("PUT", "/snapshot/create"),
+    ("PUT", "/snapshot/load"),
 ];
 
 /// A spec path with each `{parameter}` replaced by an id.
@@ -205,6 +208,36 @@ fn cases() -> Vec<Case> {
             true,
         ),
         case("Vm", json!({"state": "Paused"}), again::<Vm>, true),
+        case(
+            "SnapshotCreateParams",
+            json!({"mem_file_path": "m", "snapshot_path": "s", "snapshot_type": "Diff"}),
+            again::<SnapshotCreateParams>,
+            true,
+        ),
+        case(
+            "SnapshotLoadParams",
+            json!({
+                "enable_diff_snapshots": true, "track_dirty_pages": true, "mem_file_path": "m",
+                "mem_backend": {"backend_type": "Uffd", "backend_path": "/u"},
+                "snapshot_path": "s", "resume_vm": true,
+                "network_overrides": [{"iface_id": "n", "host_dev_name": "tap1"}],
+                "vsock_override": {"uds_path": "/v"}, "clock_realtime": false, "huge_pages": "None"
+            }),
+            again::<SnapshotLoadParams>,
+            true,
+        ),
+        case(
+            "MemoryBackend",
+            json!({"backend_type": "File", "backend_path": "/m"}),
+            again::<MemoryBackend>,
+            true,
+        ),
+        case(
+            "NetworkOverride",
+            json!({"iface_id": "n", "host_dev_name": "tap1"}),
+            again::<NetworkOverride>,
+            true,
+        ),
         case(
             "Logger",
             json!({

@@ -123,6 +123,25 @@ impl Cmos {
         }
     }
 
+    /// The index register and NVRAM.
+    pub fn state(&self) -> crate::CmosState {
+        crate::CmosState {
+            index: self.index,
+            nvram: self.nvram.to_vec(),
+        }
+    }
+
+    /// Puts the clock in `state`; NVRAM of another size is an error.
+    pub fn restore_state(&mut self, state: &crate::CmosState) -> Result<(), String> {
+        self.nvram = state
+            .nvram
+            .as_slice()
+            .try_into()
+            .map_err(|_| format!("CMOS: {} bytes of NVRAM, expected 128", state.nvram.len()))?;
+        self.index = state.index & 0x7f;
+        Ok(())
+    }
+
     fn encode(&self, v: u8) -> u8 {
         if self.nvram[usize::from(REG_STATUS_B)] & STATUS_B_BINARY != 0 {
             v
@@ -215,6 +234,21 @@ mod tests {
         let mut b = [0];
         c.pio_read(BASE, 1, &mut b);
         b[0]
+    }
+
+    #[test]
+    fn cmos_state_round_trips_nvram_and_index() {
+        let mut a = Cmos::new(|| FIXED);
+        a.pio_write(BASE, 0, &[0x40]);
+        a.pio_write(BASE, 1, &[0x99]);
+        let saved = a.state();
+        let mut b = Cmos::new(|| FIXED);
+        b.restore_state(&saved).unwrap();
+        assert_eq!(b.state(), saved);
+        assert_eq!(read(&mut b, 0x40), 0x99);
+        let mut bad = saved.clone();
+        bad.nvram.pop();
+        assert!(b.restore_state(&bad).is_err());
     }
 
     #[test]

@@ -80,10 +80,12 @@ const SC_BREAK: u8 = 0xf0;
 /// the newest, never grows ember's memory.
 const OUTPUT_CAPACITY: usize = 32;
 
-/// A byte the controller expects on the data port after a command.
+/// A byte the controller expects on the data port after a command (the
+/// discriminant is what a saved state holds).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 enum Expect {
-    Nothing,
+    Nothing = 0,
     CommandByte,
     OutputPort,
     KbdBuffer,
@@ -125,6 +127,44 @@ impl I8042 {
             expect: Expect::Nothing,
             output: VecDeque::with_capacity(OUTPUT_CAPACITY),
         }
+    }
+
+    /// The controller's state.
+    pub fn state(&self) -> crate::I8042State {
+        crate::I8042State {
+            command_byte: self.command_byte,
+            last_was_command: self.last_was_command,
+            expect: self.expect as u8,
+            output: self.output.iter().copied().collect(),
+        }
+    }
+
+    /// Puts the controller in `state` (as saved by [`state`](Self::state));
+    /// an unknown `expect` value or an oversized output queue is an error.
+    pub fn restore_state(&mut self, state: &crate::I8042State) -> Result<(), String> {
+        let expect = [
+            Expect::Nothing,
+            Expect::CommandByte,
+            Expect::OutputPort,
+            Expect::KbdBuffer,
+            Expect::AuxBuffer,
+            Expect::AuxByte,
+            Expect::KbdArgument,
+        ]
+        .into_iter()
+        .find(|e| *e as u8 == state.expect)
+        .ok_or_else(|| format!("i8042: unknown expect value {}", state.expect))?;
+        if state.output.len() > OUTPUT_CAPACITY {
+            return Err(format!(
+                "i8042: {} bytes queued, at most {OUTPUT_CAPACITY}",
+                state.output.len()
+            ));
+        }
+        self.command_byte = state.command_byte;
+        self.last_was_command = state.last_was_command;
+        self.expect = expect;
+        self.output = state.output.iter().copied().collect();
+        Ok(())
     }
 
     /// Presses and releases Ctrl-Alt-Del on the keyboard.
@@ -337,6 +377,29 @@ mod tests {
         // Input buffer empty: Linux's kb_wait() proceeds.
         assert_eq!(r.read(COMMAND) & 0x2, 0);
         assert_eq!(r.read(COMMAND) & SB_OUT_FULL, 0);
+    }
+
+    #[test]
+    fn i8042_state_round_trips_pending_output() {
+        let mut a = rig();
+        a.dev.trigger_ctrl_alt_del().unwrap();
+        a.dev.pio_write(BASE, COMMAND, &[0x60]);
+        let saved = a.dev.state();
+        let mut b = rig();
+        b.dev.restore_state(&saved).unwrap();
+        assert_eq!(b.dev.state(), saved);
+        assert_eq!(b.drain(), a.drain());
+    }
+
+    #[test]
+    fn i8042_restore_refuses_bad_state() {
+        let mut r = rig();
+        let mut bad = r.dev.state();
+        bad.expect = 200;
+        assert!(r.dev.restore_state(&bad).is_err());
+        let mut big = r.dev.state();
+        big.output = vec![0; 1000];
+        assert!(r.dev.restore_state(&big).is_err());
     }
 
     #[test]

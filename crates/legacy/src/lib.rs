@@ -34,10 +34,12 @@
 pub mod cmos;
 pub mod i8042;
 pub mod serial;
+pub mod state;
 
 pub use cmos::{Cmos, CMOS_PORT_BASE, CMOS_PORT_SIZE};
 pub use i8042::{I8042, I8042_PORT_BASE, I8042_PORT_SIZE};
 pub use serial::{SerialDevice, SERIAL_PORT_SIZE};
+pub use state::{CmosState, I8042State, SerialState};
 
 use vmm_sys_util::eventfd::EventFd;
 

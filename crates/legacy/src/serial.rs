@@ -66,6 +66,29 @@ impl<W: Write + Send> SerialDevice<W> {
         }
     }
 
+    /// Like [`new`](Self::new), with the registers and receive FIFO of
+    /// `state`.
+    pub fn from_state(
+        interrupt: EventFd,
+        drained: EventFd,
+        out: W,
+        state: &crate::SerialState,
+    ) -> Result<Self, String> {
+        let serial = Serial::from_state(
+            &state.into(),
+            EventFdTrigger::new(interrupt),
+            InputDrained::new(drained),
+            out,
+        )
+        .map_err(|e| format!("serial: {e:?}"))?;
+        Ok(SerialDevice { serial })
+    }
+
+    /// The registers and receive FIFO.
+    pub fn state(&self) -> crate::SerialState {
+        self.serial.state().into()
+    }
+
     /// Room left in the receive FIFO.
     pub fn input_capacity(&self) -> usize {
         self.serial.fifo_capacity()
@@ -144,6 +167,31 @@ mod tests {
         let mut b = [0u8];
         dev.pio_read(BASE, off, &mut b);
         b[0]
+    }
+
+    #[test]
+    fn serial_state_round_trips_registers_and_input() {
+        let (mut a, _, _, _) = device();
+        a.pio_write(BASE, IER, &[0x01]);
+        a.pio_write(BASE, 7, &[0x5a]);
+        assert_eq!(a.enqueue_input(b"abc"), 3);
+        let saved = a.state();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let drained = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut b = SerialDevice::from_state(irq, drained, Sink::default(), &saved).unwrap();
+        assert_eq!(b.state(), saved);
+        assert_eq!(read(&mut b, 7), 0x5a);
+        assert_eq!(read(&mut b, 0), b'a');
+    }
+
+    #[test]
+    fn serial_from_state_refuses_an_oversized_fifo() {
+        let (a, _, _, _) = device();
+        let mut saved = a.state();
+        saved.in_buffer = vec![0; 10_000];
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let drained = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        assert!(SerialDevice::from_state(irq, drained, Sink::default(), &saved).is_err());
     }
 
     #[test]

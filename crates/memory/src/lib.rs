@@ -62,6 +62,22 @@ pub enum Error {
 /// Result type of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Why guest memory cannot be mapped from a file.
+#[derive(Debug, thiserror::Error)]
+pub enum FileMapError {
+    /// The file is shorter than the RAM it must hold.
+    #[error("the memory file is {len} bytes, the guest's RAM needs {needed}")]
+    TooShort {
+        /// The file's length.
+        len: u64,
+        /// What the regions need.
+        needed: u64,
+    },
+    /// The file cannot be read or mapped.
+    #[error("cannot map the memory file: {0}")]
+    Map(String),
+}
+
 /// Smallest guest this crate lays out: room for the boot structures below
 /// 1 MiB and a kernel above it.
 pub const MIN_MEMORY_MIB: u64 = 8;
@@ -202,6 +218,49 @@ impl MemoryLayout {
             });
         }
         map
+    }
+
+    /// Maps the guest's RAM from `file` (a snapshot's memory file), region
+    /// `i` from byte `offsets[i]`, private and copy-on-write
+    /// (`MAP_PRIVATE | MAP_NORESERVE`): nothing is copied up front, a page
+    /// comes in from the page cache on its first touch, the guest's writes
+    /// stay in this process, and clones mapped from one file share its
+    /// unwritten pages.
+    pub fn map_from_file(
+        &self,
+        file: &std::fs::File,
+        offsets: &[u64],
+    ) -> std::result::Result<GuestMemoryMmap, FileMapError> {
+        use vm_memory::mmap::MmapRegionBuilder;
+        use vm_memory::{FileOffset, GuestRegionMmap};
+        let map = |e: String| FileMapError::Map(e);
+        if offsets.len() != self.regions.len() {
+            return Err(map(format!(
+                "{} regions in the snapshot, {} in the layout",
+                offsets.len(),
+                self.regions.len()
+            )));
+        }
+        let len = file.metadata().map_err(|e| map(e.to_string()))?.len();
+        let mut regions = Vec::with_capacity(self.regions.len());
+        for (&(start, size), &offset) in self.regions.iter().zip(offsets) {
+            let needed = offset.saturating_add(size);
+            if len < needed {
+                return Err(FileMapError::TooShort { len, needed });
+            }
+            let file = file.try_clone().map_err(|e| map(e.to_string()))?;
+            let size = usize::try_from(size).map_err(|e| map(e.to_string()))?;
+            let region = MmapRegionBuilder::new(size)
+                .with_file_offset(FileOffset::new(file, offset))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|e| map(e.to_string()))?;
+            let region = GuestRegionMmap::new(region, GuestAddress(start))
+                .ok_or_else(|| map("region overflows the address space".into()))?;
+            regions.push(region);
+        }
+        GuestMemoryMmap::from_regions(regions).map_err(|e| map(e.to_string()))
     }
 
     /// Maps the RAM regions (anonymous, private, `MAP_NORESERVE`).

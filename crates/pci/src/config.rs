@@ -347,6 +347,35 @@ impl PciConfiguration {
         (0..NUM_BARS).find_map(|i| self.check_bar_move(i, start, end))
     }
 
+    /// The 256 bytes of configuration space, for a snapshot.
+    pub fn state(&self) -> Vec<u8> {
+        self.regs.to_vec()
+    }
+
+    /// Puts the registers in `regs` (256 bytes saved by
+    /// [`state`](Self::state) from a device built the same way). The
+    /// identity and BARs must match what this device was built with:
+    /// ember does not relocate BARs.
+    pub fn restore_state(&mut self, regs: &[u8]) -> Result<()> {
+        let regs: [u8; PCI_CONFIG_SPACE_SIZE] = regs.try_into().map_err(|_| {
+            Error::State(format!(
+                "{} bytes of config space, expected 256",
+                regs.len()
+            ))
+        })?;
+        if regs[..4] != self.regs[..4] {
+            return Err(Error::State(
+                "saved for a device of another vendor or id".into(),
+            ));
+        }
+        let bars = BAR0..BAR0 + 4 * NUM_BARS;
+        if regs[bars.clone()] != self.regs[bars] {
+            return Err(Error::State("saved with BARs at other addresses".into()));
+        }
+        self.regs = regs;
+        Ok(())
+    }
+
     /// Reads the dword at `offset` (see [`read`](Self::read)).
     pub fn read_u32(&self, offset: u16) -> u32 {
         let mut b = [0u8; 4];

@@ -72,11 +72,16 @@ pub use bus::{
 pub use config::{
     BarKind, BarMove, PciBar, PciConfigParams, PciConfiguration, PCI_CONFIG_SPACE_SIZE,
 };
-pub use msix::{MsiMessage, MsiSink, MsixConfig, MSIX_TABLE_ENTRY_SIZE, PCI_CAP_ID_MSIX};
+pub use msix::{
+    MsiMessage, MsiSink, MsixConfig, MsixState, MSIX_TABLE_ENTRY_SIZE, PCI_CAP_ID_MSIX,
+};
 
 /// Errors from building a PCI device's configuration or the bus.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
+    /// A saved configuration space does not fit this device.
+    #[error("PCI config space state: {0}")]
+    State(String),
     /// The BAR slot is out of range.
     #[error("BAR {index}: slot out of range (6 slots, a 64-bit BAR takes two)")]
     BarIndex {

@@ -58,6 +58,20 @@ type Entry = [u32; 4];
 
 const RESET_ENTRY: Entry = [0, 0, 0, VECTOR_MASKED];
 
+/// The saved MSI-X state of one function.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MsixState {
+    /// Table entries: address low, address high, data, vector control.
+    pub entries: Vec<[u32; 4]>,
+    /// Pending bits, 64 vectors a word.
+    pub pba: Vec<u64>,
+    /// MSI-X enable.
+    pub enabled: bool,
+    /// Function mask.
+    pub function_masked: bool,
+}
+
 /// The MSI-X state of one function: table, PBA and message control.
 pub struct MsixConfig {
     entries: Vec<Entry>,
@@ -277,6 +291,45 @@ impl MsixConfig {
         self.pba
             .get(v / 64)
             .is_some_and(|bits| bits & (1 << (v % 64)) != 0)
+    }
+
+    /// The table, pending bits and control bits, for a snapshot.
+    pub fn state(&self) -> MsixState {
+        MsixState {
+            entries: self.entries.clone(),
+            pba: self.pba.clone(),
+            enabled: self.enabled,
+            function_masked: self.function_masked,
+        }
+    }
+
+    /// Puts the table in `state` (same vector count) and configures every
+    /// vector that has an address or data through the sink, as the guest's
+    /// table writes did before the snapshot.
+    pub fn restore_state(&mut self, state: &MsixState) -> Result<(), String> {
+        if state.entries.len() != self.entries.len() || state.pba.len() != self.pba.len() {
+            return Err(format!(
+                "MSI-X: {} vectors saved, the device has {}",
+                state.entries.len(),
+                self.entries.len()
+            ));
+        }
+        self.entries.clone_from(&state.entries);
+        for e in &mut self.entries {
+            e[ENTRY_CONTROL] &= VECTOR_MASKED;
+        }
+        self.pba.clone_from(&state.pba);
+        self.enabled = state.enabled;
+        self.function_masked = state.function_masked;
+        for (i, e) in self.entries.iter().enumerate() {
+            if e[..ENTRY_CONTROL] != [0, 0, 0] {
+                let vector = u16::try_from(i).unwrap_or(u16::MAX);
+                self.sink
+                    .configure(vector, message(e))
+                    .map_err(|err| format!("MSI-X vector {vector}: {err}"))?;
+            }
+        }
+        Ok(())
     }
 
     /// Returns to the state after [`new`](Self::new): every vector masked

@@ -36,12 +36,14 @@
 pub mod cpuid;
 pub mod exit;
 pub mod regs;
+pub mod state;
 mod vcpu;
 
 use std::os::unix::thread::JoinHandleExt;
 use std::thread::JoinHandle;
 
 pub use exit::{ExitAction, ExitCounts, GuestStop, SharedExitCounts};
+pub use state::VcpuState;
 pub use vcpu::{RunState, Vcpu, VcpuControl, VcpuEnd};
 
 /// Errors of this crate.
@@ -59,6 +61,19 @@ pub enum Error {
     /// Boot structures could not be written.
     #[error(transparent)]
     Regs(#[from] regs::Error),
+    /// A saved state of another layout version.
+    #[error("{what} state version {found} is not supported (this ember reads {supported})")]
+    StateVersion {
+        /// Which state.
+        what: &'static str,
+        /// In the snapshot.
+        found: u32,
+        /// What this build reads.
+        supported: u32,
+    },
+    /// A saved state does not fit this vCPU.
+    #[error("{0}")]
+    StateMismatch(String),
     /// The kick signal handler could not be installed or sent.
     #[error("cannot install or send the vCPU kick signal")]
     Signal(#[source] vmm_sys_util::errno::Error),
@@ -66,6 +81,18 @@ pub enum Error {
 
 /// Result type of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// The error and its sources on one line.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        line.push_str(": ");
+        line.push_str(&s.to_string());
+        source = s.source();
+    }
+    line
+}
 
 /// The real-time signal that kicks a vCPU thread out of `KVM_RUN`.
 pub fn kick_signal() -> libc::c_int {

@@ -16,6 +16,7 @@ use vm_device::device_manager::IoManager;
 use vm_memory::GuestMemoryBackend;
 
 use crate::exit::{handle_exit, ExitAction, ExitCounts, GuestStop, SharedExitCounts, UnhandledLog};
+use crate::state::{self, VcpuState};
 use crate::{cpuid, regs, Error, Result};
 
 /// What the owner of the VM asks of a vCPU.
@@ -46,6 +47,15 @@ pub struct VcpuControl {
 struct ControlState {
     requested: RunState,
     parked: bool,
+    save: SaveSlot,
+}
+
+/// A state save asked of a parked vCPU thread.
+#[derive(Debug)]
+enum SaveSlot {
+    Idle,
+    Requested,
+    Done(std::result::Result<Box<VcpuState>, String>),
 }
 
 impl Default for VcpuControl {
@@ -54,6 +64,7 @@ impl Default for VcpuControl {
             state: Mutex::new(ControlState {
                 requested: RunState::Running,
                 parked: false,
+                save: SaveSlot::Idle,
             }),
             changed: Condvar::new(),
         }
@@ -77,18 +88,66 @@ impl VcpuControl {
     }
 
     /// The requested state, blocking while it is `Paused` (with the thread
-    /// marked parked meanwhile).
-    fn wait_runnable(&self) -> RunState {
+    /// marked parked meanwhile). A state save requested while parked runs
+    /// `save` on this (the vCPU's) thread.
+    fn wait_runnable(
+        &self,
+        mut save: impl FnMut() -> std::result::Result<VcpuState, String>,
+    ) -> RunState {
         let mut s = self.lock();
         if s.requested == RunState::Paused {
             s.parked = true;
             self.changed.notify_all();
-            while s.requested == RunState::Paused {
+            loop {
+                if matches!(s.save, SaveSlot::Requested) {
+                    drop(s);
+                    let result = save().map(Box::new);
+                    s = self.lock();
+                    s.save = SaveSlot::Done(result);
+                    self.changed.notify_all();
+                    continue;
+                }
+                if s.requested != RunState::Paused {
+                    break;
+                }
                 s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
             }
             s.parked = false;
         }
         s.requested
+    }
+
+    /// Has the parked vCPU thread save its state, and waits up to `timeout`
+    /// for it. Fails if the thread is not parked (or has ended).
+    pub fn save_parked(
+        &self,
+        timeout: std::time::Duration,
+    ) -> std::result::Result<VcpuState, String> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut s = self.lock();
+        if !s.parked || s.requested != RunState::Paused {
+            return Err("the vCPU is not paused".into());
+        }
+        s.save = SaveSlot::Requested;
+        self.changed.notify_all();
+        loop {
+            if let SaveSlot::Done(_) = s.save {
+                let SaveSlot::Done(result) = std::mem::replace(&mut s.save, SaveSlot::Idle) else {
+                    unreachable!("checked above");
+                };
+                return result.map(|b| *b);
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                s.save = SaveSlot::Idle;
+                return Err("the vCPU thread did not save its state in time".into());
+            }
+            s = self
+                .changed
+                .wait_timeout(s, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Marks the run loop as ended for good: the thread is parked forever.
@@ -189,6 +248,7 @@ pub struct Vcpu {
     io: Arc<IoManager>,
     unhandled: UnhandledLog,
     exits: Arc<SharedExitCounts>,
+    msr_list: Vec<u32>,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -209,12 +269,36 @@ impl Vcpu {
             io,
             unhandled: UnhandledLog::default(),
             exits: Arc::default(),
+            msr_list: state::msr_list(&[]),
         })
     }
 
     /// The vCPU's index (and APIC id).
     pub fn index(&self) -> u8 {
         self.index
+    }
+
+    /// The MSRs a state save reads: KVM's index list
+    /// (`KVM_GET_MSR_INDEX_LIST`) and [`state::EXTRA_MSRS`].
+    pub fn set_msr_list(&mut self, kvm_list: &[u32]) {
+        self.msr_list = state::msr_list(kvm_list);
+    }
+
+    /// Saves the state of this vCPU (not running).
+    pub fn save_state(&self) -> Result<VcpuState> {
+        state::save(&self.fd, self.index, &self.msr_list)
+    }
+
+    /// Restores `saved` into this new vCPU, instead of
+    /// [`set_cpuid`](Self::set_cpuid) and [`setup_boot`](Self::setup_boot).
+    pub fn restore_state(&mut self, saved: &VcpuState) -> Result<()> {
+        if saved.index != self.index {
+            return Err(Error::StateMismatch(format!(
+                "the state of vcpu{} restored into vcpu{}",
+                saved.index, self.index
+            )));
+        }
+        state::restore(&self.fd, saved)
     }
 
     /// Sets CPUID, normalised for `count` vCPUs, and returns the masked
@@ -236,6 +320,15 @@ impl Vcpu {
             .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| Error::Kvm("KVM_GET_CPUID2", e))?;
         Ok(cpuid::forced_features(effective.as_slice()))
+    }
+
+    /// The CPUID KVM applies to this vCPU now (`KVM_GET_CPUID2`).
+    pub fn effective_cpuid(&self) -> Result<Vec<kvm_bindings::kvm_cpuid_entry2>> {
+        let c = self
+            .fd
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Error::Kvm("KVM_GET_CPUID2", e))?;
+        Ok(c.as_slice().to_vec())
     }
 
     /// Sets MSRs, registers for a 64-bit entry at `entry` (page tables and
@@ -320,7 +413,9 @@ impl Vcpu {
                 RunState::Stopped => return VcpuEnd::Stopped,
                 RunState::Paused => {
                     self.prepare_to_park();
-                    if control.wait_runnable() == RunState::Stopped {
+                    let (fd, index, msrs) = (&self.fd, self.index, &self.msr_list);
+                    let save = || state::save(fd, index, msrs).map_err(|e| crate::error_chain(&e));
+                    if control.wait_runnable(save) == RunState::Stopped {
                         return VcpuEnd::Stopped;
                     }
                     continue;
@@ -388,13 +483,34 @@ mod tests {
         assert_eq!(lapic_reg(&s, APIC_LVT0), 0);
     }
 
+    fn no_save() -> std::result::Result<VcpuState, String> {
+        Err("no vCPU here".into())
+    }
+
+    #[test]
+    fn control_save_parked_runs_on_the_parked_thread() {
+        let c = Arc::new(VcpuControl::default());
+        assert!(c.save_parked(std::time::Duration::from_millis(10)).is_err());
+        c.request(RunState::Paused);
+        let c2 = c.clone();
+        let t = std::thread::spawn(move || {
+            c2.wait_runnable(|| Err(format!("{:?}", std::thread::current().id())))
+        });
+        assert!(c.wait_parked(std::time::Duration::from_secs(5)));
+        let tid = format!("{:?}", t.thread().id());
+        let r = c.save_parked(std::time::Duration::from_secs(5));
+        assert_eq!(r.unwrap_err(), tid, "the save ran on the vCPU thread");
+        c.request(RunState::Running);
+        assert_eq!(t.join().unwrap(), RunState::Running);
+    }
+
     #[test]
     fn control_stopped_is_final() {
         let c = VcpuControl::default();
         c.request(RunState::Stopped);
         c.request(RunState::Running);
         assert_eq!(c.state(), RunState::Stopped);
-        assert_eq!(c.wait_runnable(), RunState::Stopped);
+        assert_eq!(c.wait_runnable(no_save), RunState::Stopped);
     }
 
     #[test]
@@ -403,7 +519,7 @@ mod tests {
         assert!(!c.wait_parked(std::time::Duration::from_millis(10)));
         c.request(RunState::Paused);
         let c2 = c.clone();
-        let t = std::thread::spawn(move || c2.wait_runnable());
+        let t = std::thread::spawn(move || c2.wait_runnable(no_save));
         assert!(c.wait_parked(std::time::Duration::from_secs(5)));
         assert!(c.is_parked());
         c.request(RunState::Running);
@@ -418,7 +534,7 @@ mod tests {
         let c = Arc::new(VcpuControl::default());
         c.request(RunState::Paused);
         let c2 = c.clone();
-        let t = std::thread::spawn(move || c2.wait_runnable());
+        let t = std::thread::spawn(move || c2.wait_runnable(no_save));
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(!t.is_finished());
         c.request(RunState::Running);

@@ -306,6 +306,14 @@ impl VirtioDevice for Block {
         );
     }
 
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        // Requests complete within process_queue: nothing is in flight.
+        self.active
+            .as_ref()
+            .map(|a| vec![a.queue.state()])
+            .unwrap_or_default()
+    }
+
     fn activate(&mut self, ctx: ActivateContext) -> std::result::Result<(), ActivateError> {
         let got = ctx.queues.len();
         let mut queues = ctx.queues.into_iter();

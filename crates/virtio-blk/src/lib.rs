@@ -38,6 +38,7 @@
 pub mod backend;
 pub mod device;
 pub mod request;
+pub mod state;
 
 #[cfg(test)]
 mod test_utils;
@@ -48,10 +49,14 @@ use std::path::PathBuf;
 pub use backend::{BlockBackend, RawFile};
 pub use device::{Block, BlockConfig, BlockCounters, IO_CHUNK};
 pub use request::{parse, status_address, DataRegion, Request, RequestError, RequestKind, Segment};
+pub use state::BlockState;
 
 /// Why a disk could not be opened or flushed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A saved state does not fit the rebuilt device.
+    #[error("saved state does not match: {0}")]
+    StateMismatch(String),
     /// The disk image could not be opened.
     #[error("cannot open disk image {}", path.display())]
     Open {

@@ -34,6 +34,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use crate::backend::NetBackend;
+use crate::state::NetState;
 use crate::tap::Tap;
 use crate::{Error, Result};
 
@@ -273,6 +274,42 @@ impl Net {
     /// What the device has moved and dropped so far.
     pub fn counters(&self) -> NetCounters {
         self.counters
+    }
+
+    /// The NIC's own state (for a snapshot; the device is paused).
+    pub fn state(&self) -> NetState {
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&self.config[..6]);
+        NetState {
+            mac,
+            pending_frame: self
+                .rx_pending
+                .and_then(|len| self.rx_buf.get(..len))
+                .map(<[u8]>::to_vec),
+        }
+    }
+
+    /// Puts a restored (and, through its transport, reactivated) device in
+    /// `state`: a different MAC or an oversized frame is refused.
+    pub fn restore_state(&mut self, state: &NetState) -> Result<()> {
+        if state.mac[..] != self.config[..6] {
+            return Err(Error::StateMismatch(format!(
+                "saved with MAC {:02x?}, the device has {:02x?}",
+                state.mac,
+                &self.config[..6]
+            )));
+        }
+        if let Some(frame) = &state.pending_frame {
+            let Some(dst) = self.rx_buf.get_mut(..frame.len()) else {
+                return Err(Error::StateMismatch(format!(
+                    "a pending frame of {} bytes, more than {MAX_FRAME}",
+                    frame.len()
+                )));
+            };
+            dst.copy_from_slice(frame);
+            self.rx_pending = Some(frame.len());
+        }
+        Ok(())
     }
 
     /// The tap's name (or "(custom backend)").
@@ -575,6 +612,18 @@ impl VirtioDevice for Net {
 
     fn is_activated(&self) -> bool {
         self.active.is_some()
+    }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        let Some(a) = self.active.as_ref() else {
+            return Vec::new();
+        };
+        // Receive chains parked for the direct path were taken but not
+        // used: the restored device takes them again.
+        let mut rx = a.rx.state();
+        let parked = u16::try_from(self.rx_parked.chain_count()).unwrap_or(u16::MAX);
+        rx.next_avail = rx.next_avail.wrapping_sub(parked);
+        vec![rx, a.tx.state()]
     }
 
     fn process_queue(&mut self, index: usize) {

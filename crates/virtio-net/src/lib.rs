@@ -76,6 +76,7 @@
 
 pub mod backend;
 pub mod device;
+pub mod state;
 pub mod tap;
 
 #[cfg(test)]
@@ -85,11 +86,15 @@ use std::io;
 
 pub use backend::NetBackend;
 pub use device::{Net, NetConfig, NetCounters, MAX_FRAME, QUEUE_SIZE, VNET_HDR_LEN};
+pub use state::NetState;
 pub use tap::Tap;
 
 /// Why a tap could not be opened or set up.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A saved state does not fit the rebuilt device.
+    #[error("saved state does not match: {0}")]
+    StateMismatch(String),
     /// The name is not a valid interface name.
     #[error("tap name {name:?} is invalid: {reason}")]
     TapName {

@@ -110,6 +110,15 @@ pub trait VirtioDevice: Send {
     /// queues, memory and interrupt). The backend (file, tap) is kept.
     fn reset(&mut self);
 
+    /// The activated device's queues, in order, as a snapshot keeps them:
+    /// the positions a restored device goes on from. A device that holds
+    /// descriptor chains it has taken but not used gives positions before
+    /// them (the restored device takes them again). Empty when not
+    /// activated.
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        Vec::new()
+    }
+
     /// A host file descriptor the event loop must watch for readability
     /// (a tap), if the device has one.
     fn backend_fd(&self) -> Option<std::os::fd::RawFd> {

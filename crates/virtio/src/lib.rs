@@ -6,10 +6,12 @@
 pub mod device;
 pub mod event_handler;
 pub mod queue;
+pub mod state;
 pub mod transport;
 
 pub use device::{
     ActivateContext, ActivateError, BackendInterest, InterruptKind, VirtioDevice, VirtioInterrupt,
 };
 pub use event_handler::QueueEvents;
+pub use state::{QueueState, TransportState};
 pub use transport::{VirtioPciDevice, VIRTIO_BAR_SIZE};

@@ -188,7 +188,7 @@ pub fn seeds() -> Vec<NamedSeed> {
         http("PUT", "/vsock", r#"{"guest_cid": 3, "uds_path": "/v"}"#),
         http("PUT", "/pmem/p0", r#"{"id": "p0", "path_on_host": "/p"}"#),
         http("GET", "/mmds", ""),
-        http("PUT", "/snapshot/load", r#"{"snapshot_path": "/s"}"#),
+        http("PUT", "/entropy", "{}"),
         http("GET", "/hotplug/memory", ""),
         http("GET", "/vsock", ""),
         http("PUT", "/pmem", "{}"),

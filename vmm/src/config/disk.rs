@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
 
@@ -12,7 +12,7 @@ pub const MAX_DISKS: usize = 8;
 pub const MAX_ID_LEN: usize = 20;
 
 /// One `[[disk]]` table.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
     /// The raw image file; its size must be a multiple of 512.

@@ -1,6 +1,6 @@
 //! `[[net]]`: virtio-net NICs on taps, and the `--net` flag.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
 
@@ -10,7 +10,7 @@ pub const MAX_NETS: usize = 8;
 pub const MAX_TAP_NAME: usize = 15;
 
 /// One `[[net]]` table.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
     /// An existing tap interface.

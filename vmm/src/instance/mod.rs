@@ -197,6 +197,82 @@ impl Instance {
         Ok(())
     }
 
+    /// Loads a snapshot into this fresh instance (nothing configured yet)
+    /// and leaves it paused, or running with `resume`. A failure leaves
+    /// the instance as it was: not started, configurable.
+    pub fn load_snapshot(
+        &mut self,
+        params: &crate::snapshot::LoadParams,
+        resume: bool,
+    ) -> Result<()> {
+        self.require_not_started()
+            .map_err(|e| Error::Lifecycle(e.to_string()))?;
+        if self.config != VmConfig::default() {
+            return Err(Error::Lifecycle(
+                "loading a snapshot is only allowed before any other configuration (the machine, boot source, drives or network interfaces were set)".into(),
+            ));
+        }
+        let console = match self.console.take() {
+            Some(c) => c,
+            None => Console::stdio()?,
+        };
+        let t = Instant::now();
+        let mut vmm = Vmm::restore(params, console, self.started)?;
+        vmm.start(&self.filters, &mut self.event_loop)?;
+        let took = t.elapsed();
+        self.metrics
+            .latencies_us
+            .insert("load_snapshot", micros(took));
+        log::info!(
+            "instance {}: snapshot loaded in {:.2} ms, paused",
+            self.id,
+            took.as_secs_f64() * 1000.0
+        );
+        self.started_with = Some(vmm.config());
+        self.vmm = Some(vmm);
+        self.state = State::Paused;
+        if resume {
+            self.resume()?;
+        }
+        Ok(())
+    }
+
+    /// Writes a snapshot of the paused VM (see [`Vmm::snapshot`]).
+    pub fn create_snapshot(
+        &mut self,
+        params: &crate::snapshot::CreateParams,
+    ) -> Result<crate::snapshot::CreateStats> {
+        let vmm = match (self.state, self.vmm.as_mut()) {
+            (State::Paused, Some(vmm)) => vmm,
+            (State::Running, _) => {
+                return Err(Error::Lifecycle(
+                    "the microVM must be paused to snapshot it (PATCH /vm Paused)".into(),
+                ))
+            }
+            (State::Stopped, _) => return Err(LifecycleError::Stopped.into()),
+            _ => return Err(LifecycleError::NotStarted.into()),
+        };
+        let t = Instant::now();
+        let stats = vmm.snapshot(params)?;
+        let took = t.elapsed();
+        let key = match params.kind {
+            ember_snapshot::SnapshotKind::Full => "full_create_snapshot",
+            ember_snapshot::SnapshotKind::Diff => "diff_create_snapshot",
+        };
+        self.metrics.latencies_us.insert(key, micros(took));
+        log::info!(
+            "instance {}: snapshot {} written in {:.1} ms (state {:.1} ms, {} bytes; memory {:.1} ms, {} pages)",
+            self.id,
+            params.state_path.display(),
+            took.as_secs_f64() * 1000.0,
+            stats.state_ms,
+            stats.state_bytes,
+            stats.memory_ms,
+            stats.pages_written
+        );
+        Ok(stats)
+    }
+
     /// Pauses a running VM (idempotent on a paused one). Returns how long
     /// it took.
     pub fn pause(&mut self) -> Result<Duration> {

@@ -81,6 +81,8 @@ impl Instance {
                 Ok(_) => Response::no_content(),
                 Err(e) => bad_request(&e),
             },
+            Request::CreateSnapshot(c) => self.api_create_snapshot(&c),
+            Request::LoadSnapshot(l) => self.api_load_snapshot(&l),
             Request::PutLogger(l) => self.put_logger(&l),
             Request::PutMetrics(m) => {
                 if let Err(e) = self.require_not_started() {
@@ -136,6 +138,76 @@ impl Instance {
                 Ok(()) => Response::no_content(),
                 Err(e) => bad_request(&e),
             },
+        }
+    }
+
+    fn api_create_snapshot(&mut self, c: &ember_api::model::SnapshotCreateParams) -> Response {
+        use ember_api::model::SnapshotType;
+        let params = crate::snapshot::CreateParams {
+            state_path: c.snapshot_path.clone().into(),
+            mem_path: c.mem_file_path.clone().into(),
+            kind: match c.snapshot_type.unwrap_or_default() {
+                SnapshotType::Full => ember_snapshot::SnapshotKind::Full,
+                SnapshotType::Diff => ember_snapshot::SnapshotKind::Diff,
+            },
+        };
+        match self.create_snapshot(&params) {
+            Ok(_) => Response::no_content(),
+            Err(e) => bad_request(&e),
+        }
+    }
+
+    fn api_load_snapshot(&mut self, l: &ember_api::model::SnapshotLoadParams) -> Response {
+        use ember_api::model::MemoryBackendType;
+        if l.vsock_override.is_some() {
+            return Response::fault(400, "vsock_override: ember has no vsock device yet");
+        }
+        if l.track_dirty_pages.or(l.enable_diff_snapshots) == Some(true) {
+            return Response::fault(
+                400,
+                "track_dirty_pages is not supported by ember yet (diff snapshots)",
+            );
+        }
+        if l.clock_realtime == Some(true) {
+            return Response::fault(400, "clock_realtime is not supported by ember yet");
+        }
+        if let Some(h) = l
+            .huge_pages
+            .as_deref()
+            .filter(|h| !matches!(*h, "Snapshot" | "None"))
+        {
+            return Response::fault(
+                400,
+                &format!("huge_pages = {h} is not supported by ember yet"),
+            );
+        }
+        let memory = match (&l.mem_backend, &l.mem_file_path) {
+            (Some(b), _) if b.backend_type == MemoryBackendType::Uffd => {
+                crate::snapshot::MemorySource::Uffd(b.backend_path.clone().into())
+            }
+            (Some(b), _) => crate::snapshot::MemorySource::File(b.backend_path.clone().into()),
+            (None, Some(p)) => crate::snapshot::MemorySource::File(p.into()),
+            (None, None) => {
+                return Response::fault(
+                    400,
+                    "missing field: either `mem_backend` or `mem_file_path`",
+                )
+            }
+        };
+        let params = crate::snapshot::LoadParams {
+            state_path: l.snapshot_path.clone().into(),
+            memory,
+            network_overrides: l
+                .network_overrides
+                .iter()
+                .flatten()
+                .map(|o| (o.iface_id.clone(), o.host_dev_name.clone()))
+                .collect(),
+            disk_overrides: Vec::new(),
+        };
+        match self.load_snapshot(&params, l.resume_vm.unwrap_or(false)) {
+            Ok(()) => Response::no_content(),
+            Err(e) => bad_request(&e),
         }
     }
 
@@ -202,5 +274,7 @@ fn metric_name(r: &Request) -> (&'static str, &'static str) {
         Request::PatchVm(_) => (PATCH, "vm_count"),
         Request::PutLogger(_) => (PUT, "logger_count"),
         Request::PutMetrics(_) => (PUT, "metrics_count"),
+        Request::CreateSnapshot(_) => (PUT, "snapshot_create_count"),
+        Request::LoadSnapshot(_) => (PUT, "snapshot_load_count"),
     }
 }

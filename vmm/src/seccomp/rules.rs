@@ -88,6 +88,49 @@ const KVM_KVMCLOCK_CTRL: u64 = 0xaead;
 const KVM_GET_CLOCK: u64 = 0x8030_ae7c;
 /// `_IOW(KVMIO, 0x7b, struct kvm_clock_data)`.
 const KVM_SET_CLOCK: u64 = 0x4030_ae7b;
+/// `_IOR(KVMIO, nr, size)` and `_IOWR(KVMIO, nr, size)`.
+const fn kvm_ior(nr: u64, size: usize) -> u64 {
+    (2 << 30) | ((size as u64) << 16) | (0xae << 8) | nr
+}
+const fn kvm_iowr(nr: u64, size: usize) -> u64 {
+    (3 << 30) | ((size as u64) << 16) | (0xae << 8) | nr
+}
+use kvm_bindings as kb;
+use std::mem::size_of;
+/// What saving a vCPU's state reads (ember_vcpu::state::save).
+const VCPU_SAVE: [(u64, &str); 10] = [
+    (
+        kvm_ior(0x98, size_of::<kb::kvm_mp_state>()),
+        "KVM_GET_MP_STATE",
+    ),
+    (kvm_ior(0x81, size_of::<kb::kvm_regs>()), "KVM_GET_REGS"),
+    (kvm_ior(0x83, size_of::<kb::kvm_sregs>()), "KVM_GET_SREGS"),
+    (kvm_ior(0xa4, size_of::<kb::kvm_xsave>()), "KVM_GET_XSAVE"),
+    (kvm_ior(0xa6, size_of::<kb::kvm_xcrs>()), "KVM_GET_XCRS"),
+    (
+        kvm_ior(0xa1, size_of::<kb::kvm_debugregs>()),
+        "KVM_GET_DEBUGREGS",
+    ),
+    (
+        kvm_ior(0x8e, size_of::<kb::kvm_lapic_state>()),
+        "KVM_GET_LAPIC",
+    ),
+    (
+        kvm_iowr(0x91, size_of::<kb::kvm_cpuid2>()),
+        "KVM_GET_CPUID2",
+    ),
+    (kvm_iowr(0x88, size_of::<kb::kvm_msrs>()), "KVM_GET_MSRS"),
+    (
+        kvm_ior(0x9f, size_of::<kb::kvm_vcpu_events>()),
+        "KVM_GET_VCPU_EVENTS",
+    ),
+];
+/// `_IOWR(KVMIO, 0x62, struct kvm_irqchip)`.
+const KVM_GET_IRQCHIP: u64 = kvm_iowr(0x62, size_of::<kb::kvm_irqchip>());
+/// `_IOR(KVMIO, 0x9f, struct kvm_pit_state2)`.
+const KVM_GET_PIT2: u64 = kvm_ior(0x9f, size_of::<kb::kvm_pit_state2>());
+/// `_IOWR(KVMIO, 0x42, struct kvm_dirty_log)`.
+const KVM_GET_DIRTY_LOG: u64 = (1 << 30) | (16 << 16) | (0xae << 8) | 0x42;
 const FIONBIO: u64 = 0x5421;
 const TCGETS: u64 = 0x5401;
 const TCSETS: u64 = 0x5402;
@@ -203,9 +246,25 @@ pub fn vmm() -> Vec<Rule> {
                 ),
                 (KVM_GET_CLOCK, "save the guest clock when pausing"),
                 (KVM_SET_CLOCK, "restore the guest clock when resuming"),
+                (KVM_GET_IRQCHIP, "a snapshot saves the PIC and IOAPIC"),
+                (KVM_GET_PIT2, "a snapshot saves the PIT"),
+                (KVM_GET_DIRTY_LOG, "a diff snapshot reads the dirty pages"),
             ],
-            "terminal restore; tap offloads; the guest clock across a pause",
+            "terminal restore; tap offloads; the guest clock across a pause; snapshots",
         ),
+        always(
+            libc::SYS_ftruncate,
+            "a snapshot sizes its sparse memory file",
+        ),
+        always(
+            libc::SYS_rename,
+            "a snapshot's files replace the old ones whole",
+        ),
+        always(
+            libc::SYS_unlink,
+            "a failed snapshot removes its temporary files",
+        ),
+        always(libc::SYS_fstat, "a snapshot checks its files' sizes"),
         always(
             libc::SYS_openat,
             "PATCH /drives opens the new image; SIGHUP reopens the log file (a jail limits what is visible)",
@@ -242,8 +301,18 @@ pub fn vcpu() -> Vec<Rule> {
                     KVM_KVMCLOCK_CTRL,
                     "tell the guest it was paused (no soft-lockup report)",
                 ),
+                VCPU_SAVE[0],
+                VCPU_SAVE[1],
+                VCPU_SAVE[2],
+                VCPU_SAVE[3],
+                VCPU_SAVE[4],
+                VCPU_SAVE[5],
+                VCPU_SAVE[6],
+                VCPU_SAVE[7],
+                VCPU_SAVE[8],
+                VCPU_SAVE[9],
             ],
-            "enter the guest; MSI-X routes; tap offloads at driver activation; pause",
+            "enter the guest; MSI-X routes; tap offloads at driver activation; pause; a paused vCPU saves its state for a snapshot",
         ),
         always(libc::SYS_read, "eventfds"),
     ]);

@@ -324,6 +324,11 @@ impl ParkedChains {
         slices.clear();
     }
 
+    /// How many chains are parked (taken from the queue, not yet used).
+    pub(super) fn chain_count(&self) -> usize {
+        self.chains.len()
+    }
+
     /// Forgets the parked chains without touching the queue (reset,
     /// activation: the queue is gone or new).
     pub(super) fn forget(&mut self) {

@@ -1,0 +1,391 @@
+//! Snapshots: a paused VM's whole state to a state file and a memory file
+//! ([`ember_snapshot`]'s formats), and a new VM rebuilt from them.
+//!
+//! The state ([`VmState`]) is made of each component's own state type,
+//! from the crate that owns the component: vCPUs (`ember-vcpu`), the UART,
+//! i8042 and CMOS (`ember-legacy`), each virtio-pci function's transport
+//! and queues (`ember-virtio`), the disks and NICs (`ember-virtio-blk`,
+//! `ember-virtio-net`), plus the VM-wide KVM state (PIC, IOAPIC, PIT,
+//! kvmclock) and the configuration that says how to rebuild the devices:
+//! disk images by path, taps by name. A restore builds the same machine
+//! (same memory layout, same bus order, same BARs and GSIs), puts each
+//! component in its saved state, and starts the vCPUs parked.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ember_snapshot::memory::{MemoryRegion, Pages};
+use ember_snapshot::{Envelope, SnapshotKind};
+use ember_vcpu::VcpuState;
+use ember_virtio::TransportState;
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+};
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{DiskConfig, NetConfig, ValidConfig};
+use crate::{Error, Result};
+
+/// The version of [`VmState`]'s layout.
+pub const VM_STATE_VERSION: u32 = 1;
+
+/// The VM-wide state KVM holds.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvmVmState {
+    /// The master PIC.
+    pub pic_master: kvm_irqchip,
+    /// The slave PIC.
+    pub pic_slave: kvm_irqchip,
+    /// The IOAPIC.
+    pub ioapic: kvm_irqchip,
+    /// The PIT.
+    pub pit: kvm_pit_state2,
+    /// kvmclock when the VM was paused.
+    pub clock: kvm_clock_data,
+}
+
+/// What the guest was built with, to build it again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Machine {
+    /// vCPUs.
+    pub vcpus: u8,
+    /// RAM in MiB.
+    pub memory_mib: u64,
+    /// The command line the kernel booted with (informational).
+    pub cmdline: String,
+}
+
+/// One disk: how to reopen it, and its state.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSnapshot {
+    /// Its configuration (the image's path).
+    pub config: DiskConfig,
+    /// The virtio-pci function.
+    pub transport: TransportState,
+    /// What the guest knows of the disk.
+    pub block: ember_virtio_blk::BlockState,
+}
+
+/// One NIC: how to reopen it, and its state.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetSnapshot {
+    /// Its configuration (the tap's name).
+    pub config: NetConfig,
+    /// The virtio-pci function.
+    pub transport: TransportState,
+    /// The NIC's own state (MAC, a pending frame).
+    pub net: ember_virtio_net::NetState,
+}
+
+/// A whole VM.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmState {
+    /// Layout version ([`VM_STATE_VERSION`]).
+    pub version: u32,
+    /// The machine.
+    pub machine: Machine,
+    /// Guest RAM in the memory file.
+    pub memory: Vec<MemoryRegion>,
+    /// PIC, IOAPIC, PIT, kvmclock.
+    pub kvm: KvmVmState,
+    /// Each vCPU.
+    pub vcpus: Vec<VcpuState>,
+    /// The UART.
+    pub serial: ember_legacy::SerialState,
+    /// The keyboard controller.
+    pub i8042: ember_legacy::I8042State,
+    /// The CMOS clock.
+    pub cmos: ember_legacy::CmosState,
+    /// Disks in bus order.
+    pub disks: Vec<DiskSnapshot>,
+    /// NICs in bus order.
+    pub nets: Vec<NetSnapshot>,
+}
+
+/// Where a snapshot goes.
+#[derive(Clone, Debug)]
+pub struct CreateParams {
+    /// The state file.
+    pub state_path: PathBuf,
+    /// The memory file.
+    pub mem_path: PathBuf,
+    /// Full or diff.
+    pub kind: SnapshotKind,
+}
+
+/// What a snapshot took and wrote.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CreateStats {
+    /// Milliseconds to save the state of devices and vCPUs.
+    pub state_ms: f64,
+    /// Milliseconds to write guest memory.
+    pub memory_ms: f64,
+    /// Pages written to the memory file.
+    pub pages_written: u64,
+    /// Bytes of the state file.
+    pub state_bytes: u64,
+}
+
+/// Where a restored VM's memory comes from.
+#[derive(Clone, Debug)]
+pub enum MemorySource {
+    /// The memory file, mapped privately.
+    File(PathBuf),
+    /// A page-fault handler listening on this Unix socket (Firecracker's
+    /// `Uffd` backend).
+    Uffd(PathBuf),
+}
+
+/// How to load a snapshot.
+#[derive(Clone, Debug)]
+pub struct LoadParams {
+    /// The state file.
+    pub state_path: PathBuf,
+    /// Guest memory.
+    pub memory: MemorySource,
+    /// Taps to use instead of the snapshot's: (iface_id, tap).
+    pub network_overrides: Vec<(String, String)>,
+    /// Disk images to use instead of the snapshot's: (drive_id, path).
+    pub disk_overrides: Vec<(String, PathBuf)>,
+}
+
+/// "vendor family/model/stepping" from CPUID leaves 0 and 1.
+pub fn cpu_description(cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> String {
+    let leaf = |f: u32| cpuid.iter().find(|e| e.function == f && e.index == 0);
+    let vendor = leaf(0)
+        .map(|e| {
+            let mut v = Vec::with_capacity(12);
+            for r in [e.ebx, e.edx, e.ecx] {
+                v.extend_from_slice(&r.to_le_bytes());
+            }
+            String::from_utf8_lossy(&v).into_owned()
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let (family, model, stepping) = leaf(1).map_or((0, 0, 0), |e| {
+        let base_family = (e.eax >> 8) & 0xf;
+        let family = if base_family == 0xf {
+            base_family + ((e.eax >> 20) & 0xff)
+        } else {
+            base_family
+        };
+        let model = ((e.eax >> 4) & 0xf) | (((e.eax >> 16) & 0xf) << 4);
+        (family, model, e.eax & 0xf)
+    });
+    format!("{vendor} family {family} model {model} stepping {stepping}")
+}
+
+/// The CPUID feature words a guest may rely on: (leaf, subleaf, register
+/// name, value).
+fn feature_words(cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> Vec<(u32, u32, &'static str, u32)> {
+    let mut v = Vec::new();
+    for e in cpuid {
+        match (e.function, e.index) {
+            // Leaves without subleaves: KVM leaves `index` as it found it.
+            (1, _) | (0x8000_0001, _) => {
+                v.push((e.function, 0, "ecx", e.ecx));
+                v.push((e.function, 0, "edx", e.edx));
+            }
+            (7, 0) => {
+                v.push((e.function, e.index, "ebx", e.ebx));
+                v.push((e.function, e.index, "ecx", e.ecx));
+                v.push((e.function, e.index, "edx", e.edx));
+            }
+            (0xd, 1) => v.push((e.function, e.index, "eax", e.eax)),
+            _ => {}
+        }
+    }
+    v
+}
+
+/// Checks that this host offers every CPU feature the snapshot's guest
+/// saw (`host` is what ember would give a new guest here).
+pub fn check_cpu(
+    saved: &[kvm_bindings::kvm_cpuid_entry2],
+    host: &[kvm_bindings::kvm_cpuid_entry2],
+) -> Result<()> {
+    let host_words = feature_words(host);
+    let mut missing = Vec::new();
+    for (leaf, sub, reg, bits) in feature_words(saved) {
+        let have = host_words
+            .iter()
+            .find(|(l, s, r, _)| *l == leaf && *s == sub && *r == reg)
+            .map_or(0, |w| w.3);
+        // The hypervisor bit and APIC-id-dependent bits aside, every
+        // feature bit must be offered here.
+        let lacking = bits & !have;
+        if lacking != 0 {
+            missing.push(format!("leaf {leaf:#x}.{sub} {reg} bits {lacking:#x}"));
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Restore(format!(
+            "this host's CPU lacks features the snapshot's guest uses ({}): restore on a host with a compatible CPU",
+            missing.join(", ")
+        )))
+    }
+}
+
+/// Saves the VM-wide KVM state; `clock` is kvmclock as saved at pause.
+pub fn save_kvm(vm: &VmFd, clock: kvm_clock_data) -> Result<KvmVmState> {
+    let chip = |id| -> Result<kvm_irqchip> {
+        let mut c = kvm_irqchip {
+            chip_id: id,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut c)
+            .map_err(|e| Error::Kvm("KVM_GET_IRQCHIP", e))?;
+        Ok(c)
+    };
+    Ok(KvmVmState {
+        pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+        pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+        ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+        pit: vm.get_pit2().map_err(|e| Error::Kvm("KVM_GET_PIT2", e))?,
+        clock,
+    })
+}
+
+/// Restores the PIC, IOAPIC and PIT (kvmclock is set when the vCPUs are
+/// let run).
+pub fn restore_kvm(vm: &VmFd, s: &KvmVmState) -> Result<()> {
+    let ids = [
+        (&s.pic_master, KVM_IRQCHIP_PIC_MASTER),
+        (&s.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
+        (&s.ioapic, KVM_IRQCHIP_IOAPIC),
+    ];
+    for (chip, id) in ids {
+        if chip.chip_id != id {
+            return Err(Error::Restore(format!(
+                "irqchip {id} saved with chip id {}",
+                chip.chip_id
+            )));
+        }
+        vm.set_irqchip(chip)
+            .map_err(|e| Error::Kvm("KVM_SET_IRQCHIP", e))?;
+    }
+    vm.set_pit2(&s.pit)
+        .map_err(|e| Error::Kvm("KVM_SET_PIT2", e))?;
+    Ok(())
+}
+
+/// The configuration to rebuild the saved VM with, the overrides applied.
+pub fn config_for(state: &VmState, load: &LoadParams) -> Result<ValidConfig> {
+    let mut disks: Vec<DiskConfig> = state.disks.iter().map(|d| d.config.clone()).collect();
+    for (id, path) in &load.disk_overrides {
+        let d = disks
+            .iter_mut()
+            .enumerate()
+            .find(|(i, d)| d.drive_id(*i) == *id)
+            .map(|(_, d)| d)
+            .ok_or_else(|| Error::Restore(format!("no drive {id:?} in the snapshot")))?;
+        d.path.clone_from(path);
+    }
+    let mut nets: Vec<(NetConfig, [u8; 6])> = state
+        .nets
+        .iter()
+        .map(|n| (n.config.clone(), n.net.mac))
+        .collect();
+    for (id, tap) in &load.network_overrides {
+        let n = nets
+            .iter_mut()
+            .enumerate()
+            .find(|(i, (n, _))| {
+                n.iface_id
+                    .clone()
+                    .unwrap_or_else(|| format!("net{i}"))
+                    .eq(id)
+            })
+            .map(|(_, n)| n)
+            .ok_or_else(|| {
+                Error::Restore(format!("no network interface {id:?} in the snapshot"))
+            })?;
+        n.0.tap.clone_from(tap);
+    }
+    if state.vcpus.len() != usize::from(state.machine.vcpus) || state.vcpus.is_empty() {
+        return Err(Error::Restore(format!(
+            "{} vCPU states for {} vCPUs",
+            state.vcpus.len(),
+            state.machine.vcpus
+        )));
+    }
+    Ok(ValidConfig {
+        vcpus: state.machine.vcpus,
+        memory_mib: state.machine.memory_mib,
+        kernel: PathBuf::new(),
+        initrd: None,
+        cmdline: state.machine.cmdline.clone(),
+        disks,
+        nets,
+    })
+}
+
+/// Reads and checks a state file. A diff snapshot's state file loads like
+/// a full one's, with the memory file its diff was merged onto (see
+/// [`ember_snapshot::memory::apply_diff`]).
+pub fn read_state(path: &Path) -> Result<Envelope<VmState>> {
+    let bytes = ember_snapshot::read_file(path)?;
+    let env: Envelope<VmState> = ember_snapshot::decode(&bytes)?;
+    if env.state.version != VM_STATE_VERSION {
+        return Err(Error::Restore(format!(
+            "VM state version {} is not supported (this ember reads {VM_STATE_VERSION})",
+            env.state.version
+        )));
+    }
+    Ok(env)
+}
+
+/// Writes the memory file and the state file, each whole or not at all
+/// (temporary files renamed into place once both are written).
+pub fn write_files(
+    params: &CreateParams,
+    mem: &ember_memory::GuestMemoryMmap,
+    pages: Pages<'_>,
+    env: &mut Envelope<VmState>,
+) -> Result<(u64, u64, f64)> {
+    let t = Instant::now();
+    let mem_tmp = ember_snapshot::temp_path(&params.mem_path);
+    let mem_err = |what: &str, source| {
+        Error::Snapshot(ember_snapshot::Error::Memory {
+            path: params.mem_path.display().to_string(),
+            what: what.to_string(),
+            source,
+        })
+    };
+    let result = (|| {
+        let file = File::create(&mem_tmp).map_err(|e| mem_err("cannot create", e))?;
+        let (regions, stats) = ember_snapshot::memory::write_memory(&file, mem, pages)
+            .map_err(|e| mem_err("write", e))?;
+        file.sync_all().map_err(|e| mem_err("sync", e))?;
+        env.state.memory = regions;
+        let memory_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let bytes = ember_snapshot::encode(env)?;
+        ember_snapshot::write_file(&params.state_path, &bytes)?;
+        std::fs::rename(&mem_tmp, &params.mem_path).map_err(|e| mem_err("rename", e))?;
+        Ok((stats.pages_written, bytes.len() as u64, memory_ms))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&mem_tmp);
+    }
+    result
+}
+
+/// Opens the memory file of a `File` load.
+pub fn open_memory(path: &Path) -> Result<File> {
+    File::open(path).map_err(|source| {
+        Error::Snapshot(ember_snapshot::Error::Memory {
+            path: path.display().to_string(),
+            what: "cannot open".into(),
+            source,
+        })
+    })
+}
