@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ember_tests::http::{Client, Reply, Spec};
+use ember_tests::http::{Api, Client};
 use ember_tests::{agent_lines, guest_kernel_dir, kvm_available, spawn_ember, Running, TempDir};
 
 const CONNECT: Duration = Duration::from_secs(20);
@@ -18,57 +18,6 @@ fn start_api(dir: &TempDir) -> (Running, std::path::PathBuf) {
         b"",
     );
     (ember, sock)
-}
-
-/// A client that checks every reply against the spec.
-struct Api {
-    client: Client,
-    spec: Spec,
-}
-
-impl Api {
-    fn connect(sock: &Path) -> Api {
-        Api {
-            client: Client::connect(sock, CONNECT),
-            spec: Spec::load(),
-        }
-    }
-
-    /// Sends a request, checks the reply against the spec and its status.
-    fn call(&mut self, method: &str, path: &str, body: Option<&str>, want: u16) -> Reply {
-        let r = self.client.request(method, path, body);
-        self.spec.check(method, spec_path(path), &r);
-        assert_eq!(r.status, want, "{method} {path} {body:?}: {r:?}");
-        if want >= 400 {
-            let fault = r.fault();
-            assert!(
-                !fault.is_empty(),
-                "{method} {path}: no fault_message: {r:?}"
-            );
-            assert!(!fault.contains('\n'), "one line: {fault}");
-            assert!(!fault.contains("panicked"), "{fault}");
-        }
-        r
-    }
-
-    /// `GET /`'s state.
-    fn state(&mut self) -> String {
-        self.call("GET", "/", None, 200).json()["state"]
-            .as_str()
-            .unwrap_or("")
-            .to_string()
-    }
-}
-
-/// The spec's name for a path (`/drives/root` is `/drives/{drive_id}`).
-fn spec_path(path: &str) -> &str {
-    if path.starts_with("/drives/") {
-        "/drives/{drive_id}"
-    } else if path.starts_with("/network-interfaces/") {
-        "/network-interfaces/{iface_id}"
-    } else {
-        path
-    }
 }
 
 fn fd_count(pid: i32) -> usize {

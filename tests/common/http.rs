@@ -258,3 +258,56 @@ impl Spec {
         }
     }
 }
+
+/// A client that checks every reply against the spec.
+pub struct Api {
+    /// The connection (for requests the spec does not describe).
+    pub client: Client,
+    spec: Spec,
+}
+
+impl Api {
+    /// Connects to `sock` (waiting up to 20 s for it to appear).
+    pub fn connect(sock: &Path) -> Api {
+        Api {
+            client: Client::connect(sock, Duration::from_secs(20)),
+            spec: Spec::load(),
+        }
+    }
+
+    /// Sends a request, checks the reply against the spec and its status.
+    pub fn call(&mut self, method: &str, path: &str, body: Option<&str>, want: u16) -> Reply {
+        let r = self.client.request(method, path, body);
+        self.spec.check(method, spec_route(path), &r);
+        assert_eq!(r.status, want, "{method} {path} {body:?}: {r:?}");
+        if want >= 400 {
+            let fault = r.fault();
+            assert!(
+                !fault.is_empty(),
+                "{method} {path}: no fault_message: {r:?}"
+            );
+            assert!(!fault.contains('\n'), "one line: {fault}");
+            assert!(!fault.contains("panicked"), "{fault}");
+        }
+        r
+    }
+
+    /// `GET /`'s state.
+    pub fn state(&mut self) -> String {
+        self.call("GET", "/", None, 200).json()["state"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+}
+
+/// The spec's name for a path (`/drives/root` is `/drives/{drive_id}`).
+pub fn spec_route(path: &str) -> &str {
+    if path.starts_with("/drives/") {
+        "/drives/{drive_id}"
+    } else if path.starts_with("/network-interfaces/") {
+        "/network-interfaces/{iface_id}"
+    } else {
+        path
+    }
+}

@@ -41,6 +41,7 @@ pub mod seccomp;
 pub mod signals;
 pub mod snapshot;
 pub mod terminal;
+pub mod uffd;
 pub mod vcpus;
 pub mod virtio_devices;
 pub mod vm;
@@ -270,6 +271,7 @@ pub struct Vmm {
     i8042: Arc<std::sync::Mutex<ember_legacy::I8042>>,
     exit_counters: Vec<Arc<ember_vcpu::SharedExitCounts>>,
     saved: SavedParts,
+    _uffd: Option<uffd::UffdBackend>,
     mem: GuestMemoryMmap,
 }
 
@@ -372,19 +374,22 @@ impl Vmm {
             )));
         }
         let offsets: Vec<u64> = state.memory.iter().map(|r| r.file_offset).collect();
-        let mem = match &load.memory {
+        let (mem, uffd) = match &load.memory {
             snapshot::MemorySource::File(path) => {
                 let file = snapshot::open_memory(path)?;
-                ml.map_from_file(&file, &offsets)
-                    .map_err(|e| Error::Restore(format!("{}: {e}", path.display())))?
+                let mem = ml
+                    .map_from_file(&file, &offsets)
+                    .map_err(|e| Error::Restore(format!("{}: {e}", path.display())))?;
+                (mem, None)
             }
-            snapshot::MemorySource::Uffd(_) => {
-                return Err(Error::Restore(
-                    "the Uffd memory backend is not served yet".into(),
-                ))
+            snapshot::MemorySource::Uffd(socket) => {
+                let mem = ml.create_guest_memory()?;
+                let backend = uffd::attach(&mem, socket, &offsets, uffd::FIRST_PAGE_TIMEOUT)?;
+                (mem, Some(backend))
             }
         };
-        let vmm = Self::assemble(&hv, &cfg, &ml, mem, console, started, Some(state))?;
+        let mut vmm = Self::assemble(&hv, &cfg, &ml, mem, console, started, Some(state))?;
+        vmm._uffd = uffd;
         log::info!(
             "restored {} (saved by ember {} on {}) in {:.2} ms",
             load.state_path.display(),
@@ -537,6 +542,7 @@ impl Vmm {
             i8042,
             exit_counters,
             saved,
+            _uffd: None,
             mem,
         })
     }

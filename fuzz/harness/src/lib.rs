@@ -36,6 +36,7 @@ pub mod net;
 pub mod pci;
 pub mod queue;
 pub mod seeds;
+pub mod snapshot;
 pub mod transport;
 
 pub use api::api_request;
@@ -46,6 +47,7 @@ pub use loader::{loader_bzimage, loader_elf};
 pub use net::{virtio_net_rx, virtio_net_tx};
 pub use pci::pci_config_space;
 pub use queue::virtio_queue_chain;
+pub use snapshot::snapshot_state;
 pub use transport::virtio_pci_transport;
 
 /// A fuzz target: its name (the cargo-fuzz target and the corpus
@@ -66,6 +68,7 @@ pub const TARGETS: &[Target] = &[
     ("loader_bzimage", loader_bzimage),
     ("loader_elf", loader_elf),
     ("config", config),
+    ("snapshot_state", snapshot_state),
 ];
 
 /// The target called `name`.

@@ -1052,6 +1052,7 @@ pub fn all() -> Vec<(&'static str, Vec<NamedSeed>)> {
         ("loader_elf", elf_seeds()),
         ("config", config_seeds()),
         ("api_request", crate::api::seeds()),
+        ("snapshot_state", crate::snapshot::seeds()),
     ]
 }
 

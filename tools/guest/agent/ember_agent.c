@@ -43,6 +43,13 @@
  *   ember.blk_stress=DEV:THREADS:OPS:OFFSET_KIB:LEN_KIB
  *                             THREADS kernel threads write, flush and verify
  *                             OPS blocks each in their own slice of the range
+ *   ember.beat=DEV:SECONDS:MEM_MIB
+ *                             start a kernel thread that makes SECONDS beats,
+ *                             one a second: beat N checks MEM_MIB MiB of
+ *                             patterned memory, writes and fsyncs 4 KiB block
+ *                             N of DEV and prints `beat n=N mem_ok= disk_ok=
+ *                             uptime_ms=`; the agent goes on at once (for
+ *                             snapshot/restore tests, see beat.c)
  */
 
 #include <linux/init.h>
@@ -167,6 +174,8 @@ static int __init ember_agent_run(void)
 	check_read_file();
 	ember_block_checks();
 	ember_net_checks();
+	/* The heartbeat thread beats on while the agent finishes. */
+	ember_beat_start();
 
 	if (sleep_s) {
 		AGENT_LINE("sleeping seconds=%u", sleep_s);

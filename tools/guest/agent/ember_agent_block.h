@@ -16,4 +16,7 @@ void ember_block_checks(void);
 /* Runs the network checks the command line asks for. */
 void ember_net_checks(void);
 
+/* Starts the heartbeat thread if the command line asks for one (beat.c). */
+void ember_beat_start(void);
+
 #endif
