@@ -356,9 +356,11 @@ impl Vmm {
     ) -> Result<Self> {
         let t = Instant::now();
         let env = snapshot::read_state(&load.state_path)?;
+        log::debug!("restore: state read in {:?}", t.elapsed());
         let state = &env.state;
         let cfg = snapshot::config_for(state, load)?;
         let hv = Hypervisor::open()?;
+        log::debug!("restore: /dev/kvm opened at {:?}", t.elapsed());
         hv.check_vcpus(cfg.vcpus)?;
         let ml = MemoryLayout::new(cfg.memory_mib)?;
         ml.check_phys_bits(hv.phys_address_bits())?;
@@ -388,6 +390,7 @@ impl Vmm {
                 (mem, Some(backend))
             }
         };
+        log::debug!("restore: memory mapped at {:?}", t.elapsed());
         let mut vmm = Self::assemble(&hv, &cfg, &ml, mem, console, started, Some(state))?;
         vmm._uffd = uffd;
         log::info!(
@@ -409,7 +412,9 @@ impl Vmm {
         started: Instant,
         restore: Option<&snapshot::VmState>,
     ) -> Result<Self> {
+        let t = Instant::now();
         let vm = Arc::new(vm::create_vm(hv, &mem)?);
+        log::debug!("assemble: VM created in {:?}", t.elapsed());
 
         let mut io = IoManager::new();
         let legacy_states = restore.map(|s| devices::LegacyStates {
@@ -435,6 +440,7 @@ impl Vmm {
         let device_events = attach.subscribers;
         pci::attach_config_ports(&mut io, &bus)?;
         let io = Arc::new(io);
+        log::debug!("assemble: devices built at {:?}", t.elapsed());
 
         // CPUID first: what the host will not hide decides the command line.
         let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
@@ -464,6 +470,7 @@ impl Vmm {
             }
             vcpus.push(vcpu);
         }
+        log::debug!("assemble: vCPUs ready at {:?}", t.elapsed());
         let mut paused_clock = None;
         let cmdline = match restore {
             Some(s) => {

@@ -69,6 +69,11 @@ pub fn create_vm(hv: &Hypervisor, mem: &GuestMemoryMmap) -> Result<VmFd, Error> 
         .kvm
         .create_vm()
         .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+    // Memory first: once the irqchip and the TSS exist, KVM has private
+    // memory slots of its own and every slot added after them waits for
+    // an SRCU grace period (7 ms here for one 256 MiB slot, against 0.2 ms
+    // before them; as Firecracker orders it).
+    register_memory(&vm, mem)?;
     vm.set_tss_address(usize::try_from(layout::KVM_TSS_ADDRESS).unwrap_or(0))
         .map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
     vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
@@ -82,7 +87,6 @@ pub fn create_vm(hv: &Hypervisor, mem: &GuestMemoryMmap) -> Result<VmFd, Error> 
     };
     vm.create_pit2(pit)
         .map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
-    register_memory(&vm, mem)?;
     Ok(vm)
 }
 
