@@ -9,7 +9,9 @@
 //!    banner), the beats go on from the next number with the memory
 //!    pattern intact, the disk writes go on where they were, and it
 //!    answers ping on its tap;
-//! 4. three clones restored at once from the same snapshot, each in its
+//! 4. two diff snapshots of the restored guest, merged onto the full one
+//!    (`ember snapshot rebase`), restore and pass the same checks;
+//! 5. three clones restored at once from the same snapshot, each in its
 //!    own network namespace on its own tap and disk copy (the load's
 //!    overrides), all run; their memory (PSS) is reported.
 //!
@@ -21,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use ember_tests::http::Api;
 use ember_tests::{
-    agent_all, guest_kernel_dir, kvm_available, netns_available, spawn_ember_in_netns, NetNs,
-    Running, TempDir,
+    agent_all, guest_kernel_dir, kvm_available, netns_available, run_ember, spawn_ember_in_netns,
+    NetNs, Running, TempDir,
 };
 
 const BOOT: Duration = Duration::from_secs(300);
@@ -221,7 +223,6 @@ fn snapshot_real_guest_restores_and_clones_keep_memory_disk_and_network() {
         })
         .collect();
 
-    // 1. A new process continues the guest.
     let restore_args = |extra: &[String]| -> Vec<String> {
         let mut v = vec![
             "--restore".to_string(),
@@ -233,26 +234,103 @@ fn snapshot_real_guest_restores_and_clones_keep_memory_disk_and_network() {
         v.extend_from_slice(extra);
         v
     };
-    let args = restore_args(&[]);
+
+    // 1. A new process continues the guest, tracking dirty pages; two diff
+    //    snapshots of it follow.
+    let sock_r = dir.path("restored.sock");
+    let args = restore_args(&[
+        "--api-sock".into(),
+        sock_r.display().to_string(),
+        "--restore-track-dirty-pages".into(),
+    ]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let t = Instant::now();
     let mut restored = spawn_ember_in_netns(&ns.name, &args, b"");
     let after = wait_beat(&mut restored, last + 2, BOOT);
     eprintln!("restored: beat {} in {:?}", last + 2, t.elapsed());
     let after_ping = ping(&ns);
-    restored.signal(libc::SIGTERM);
-    let run = restored.finish(BOOT);
-    let last_restored = check_continued(&after, last, "the restored guest");
     let pinged = after_ping.unwrap_or_else(|e| panic!("ping after the restore: {e}"));
-    run.check(
+    assert!(
         pinged.contains(" 0% packet loss"),
-        &format!("the restored guest answers ping on its tap:\n{pinged}"),
+        "the restored guest answers ping on its tap:\n{pinged}"
     );
+    let mut api = Api::connect(&sock_r);
+    let diff = |api: &mut Api, name: &str| {
+        api.call("PATCH", "/vm", Some(r#"{"state": "Paused"}"#), 204);
+        let body = format!(
+            r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "snapshot_type": "Diff"}}"#,
+            dir.path(&format!("{name}.state")).display(),
+            dir.path(&format!("{name}.mem")).display()
+        );
+        api.call("PUT", "/snapshot/create", Some(&body), 204);
+    };
+    diff(&mut api, "diff1");
+    let seen = beats(&after).iter().map(|b| b.0).max().unwrap();
+    api.call("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#), 204);
+    wait_beat(&mut restored, seen + 2, BOOT);
+    diff(&mut api, "diff2");
+    let console = restored.stdout_so_far();
+    restored.signal(libc::SIGKILL);
+    let run = restored.finish(BOOT);
     run.check(!run.stderr.contains("panicked"), "no panic");
+    let last_restored = check_continued(&console, last, "the restored guest");
     // The disk holds every beat's block, before and after the restore.
     check_disk(&disk, last_restored);
+    let on_disk =
+        |p: &Path| std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(p).unwrap()) * 512;
+    let (d1, d2) = (
+        on_disk(&dir.path("diff1.mem")),
+        on_disk(&dir.path("diff2.mem")),
+    );
+    eprintln!(
+        "diffs: {} KiB and {} KiB on disk against the full snapshot's {} KiB",
+        d1 >> 10,
+        d2 >> 10,
+        allocated >> 10
+    );
+    assert!(
+        d1 < allocated / 2 && d2 < allocated / 2,
+        "a diff holds what changed only"
+    );
 
-    // 2. Three clones at once, each on its own tap and disk.
+    // 2. Full + diff 1 + diff 2 merged: the merged snapshot restores.
+    let merged = dir.path("merged.mem");
+    std::fs::copy(&mem, &merged).unwrap();
+    for d in ["diff1.mem", "diff2.mem"] {
+        let run = run_ember(
+            &[
+                "snapshot",
+                "rebase",
+                "--memory-path",
+                merged.to_str().unwrap(),
+                "--diff-path",
+                dir.path(d).to_str().unwrap(),
+            ],
+            b"",
+            BOOT,
+        );
+        run.check(run.code() == 0, "rebase");
+    }
+    let diff2_state = dir.path("diff2.state");
+    let args = [
+        "--restore",
+        diff2_state.to_str().unwrap(),
+        "--restore-mem",
+        merged.to_str().unwrap(),
+        "--resume",
+    ];
+    let mut merged_vm = spawn_ember_in_netns(&ns.name, &args, b"");
+    let out = wait_beat(&mut merged_vm, last_restored + 2, BOOT);
+    let merged_ping = ping(&ns);
+    merged_vm.signal(libc::SIGTERM);
+    let run = merged_vm.finish(BOOT);
+    let last_merged = check_continued(&out, last_restored, "the merged snapshot's guest");
+    let p = merged_ping.unwrap_or_else(|e| panic!("ping the merged snapshot's guest: {e}"));
+    run.check(p.contains(" 0% packet loss"), &p);
+    check_disk(&disk, last_merged);
+
+    // 3. Three clones of the full snapshot at once, each on its own tap
+    //    and disk.
     let mut clones = Vec::new();
     let mut spaces = Vec::new();
     for (k, clone_disk) in clone_disks.iter().enumerate() {

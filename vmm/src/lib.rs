@@ -268,6 +268,7 @@ pub struct Vmm {
     started: Instant,
     paused_clock: Option<kvm_bindings::kvm_clock_data>,
     start_paused: bool,
+    track_dirty_pages: bool,
     i8042: Arc<std::sync::Mutex<ember_legacy::I8042>>,
     exit_counters: Vec<Arc<ember_vcpu::SharedExitCounts>>,
     saved: SavedParts,
@@ -413,7 +414,7 @@ impl Vmm {
         restore: Option<&snapshot::VmState>,
     ) -> Result<Self> {
         let t = Instant::now();
-        let vm = Arc::new(vm::create_vm(hv, &mem)?);
+        let vm = Arc::new(vm::create_vm(hv, &mem, cfg.track_dirty_pages)?);
         log::debug!("assemble: VM created in {:?}", t.elapsed());
 
         let mut io = IoManager::new();
@@ -546,6 +547,7 @@ impl Vmm {
             started,
             paused_clock,
             start_paused: restore.is_some(),
+            track_dirty_pages: cfg.track_dirty_pages,
             i8042,
             exit_counters,
             saved,
@@ -635,6 +637,7 @@ impl Vmm {
         ValidConfig {
             vcpus: self.saved.machine.vcpus,
             memory_mib: self.saved.machine.memory_mib,
+            track_dirty_pages: self.track_dirty_pages,
             kernel: std::path::PathBuf::new(),
             initrd: None,
             cmdline: self.saved.machine.cmdline.clone(),
@@ -669,9 +672,10 @@ impl Vmm {
         let clock = self
             .paused_clock
             .ok_or_else(|| Error::Lifecycle("the microVM must be paused to snapshot it".into()))?;
-        if params.kind == ember_snapshot::SnapshotKind::Diff {
+        let diff = params.kind == ember_snapshot::SnapshotKind::Diff;
+        if diff && !self.track_dirty_pages {
             return Err(Error::Lifecycle(
-                "diff snapshots need track_dirty_pages, which ember does not serve yet".into(),
+                "a diff snapshot needs dirty page tracking (machine-config track_dirty_pages, or track_dirty_pages in the snapshot load)".into(),
             ));
         }
         let t = Instant::now();
@@ -732,12 +736,23 @@ impl Vmm {
             kind: params.kind,
             state,
         };
-        let (pages_written, state_bytes, memory_ms) = snapshot::write_files(
-            params,
-            &self.mem,
-            ember_snapshot::memory::Pages::NonZero,
-            &mut env,
-        )?;
+        // The pages written since the last snapshot (or since the start):
+        // taken (and reset) here, so the next diff is relative to this one.
+        let dirty = if self.track_dirty_pages {
+            Some(vm::take_dirty_pages(&self.vm, &self.mem)?)
+        } else {
+            None
+        };
+        let pages = match (&dirty, diff) {
+            (Some(maps), true) => ember_snapshot::memory::Pages::Dirty(maps),
+            _ => ember_snapshot::memory::Pages::NonZero,
+        };
+        let written = snapshot::write_files(params, &self.mem, pages, &mut env);
+        if let (Err(_), Some(maps)) = (&written, &dirty) {
+            // A failed snapshot: the pages stay dirty for the next one.
+            vm::mark_dirty(&self.mem, maps);
+        }
+        let (pages_written, state_bytes, memory_ms) = written?;
         Ok(snapshot::CreateStats {
             state_ms,
             memory_ms,

@@ -61,6 +61,9 @@ struct RestoreArgs {
     /// Repeat for more.
     #[arg(long, value_name = "DRIVE_ID=PATH", requires = "restore")]
     restore_disk: Vec<String>,
+    /// Track the pages the restored guest dirties, for diff snapshots of it.
+    #[arg(long, requires = "restore")]
+    restore_track_dirty_pages: bool,
 }
 
 impl RestoreArgs {
@@ -89,6 +92,7 @@ impl RestoreArgs {
                 .iter()
                 .map(|v| pair("--restore-disk", v).map(|(k, p)| (k, PathBuf::from(p))))
                 .collect::<Result<_, _>>()?,
+            track_dirty_pages: self.restore_track_dirty_pages,
         }))
     }
 }
@@ -150,7 +154,59 @@ enum Command {
     /// holding only what the VM needs, an unprivileged uid/gid with no
     /// capabilities, optionally a network namespace, a new PID namespace
     /// and cgroup limits. Everything it creates is removed after the VM exits.
-    Jail(JailArgs),
+    Jail(Box<JailArgs>),
+    /// Work on snapshot files.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// Applies a diff snapshot's memory file onto the memory file of the
+    /// snapshot it follows (in place), as Firecracker's `snapshot-editor
+    /// edit-memory rebase`: the result loads with the diff's state file.
+    Rebase {
+        /// The base memory file (a full snapshot's, or one already rebased).
+        #[arg(long, value_name = "FILE")]
+        memory_path: PathBuf,
+        /// The diff snapshot's memory file.
+        #[arg(long, value_name = "FILE")]
+        diff_path: PathBuf,
+    },
+}
+
+fn run_snapshot(cmd: SnapshotCommand) -> ember_vmm::Result<i32> {
+    match cmd {
+        SnapshotCommand::Rebase {
+            memory_path,
+            diff_path,
+        } => {
+            let io = |path: &std::path::Path, what: &str, source| {
+                ember_vmm::Error::Snapshot(ember_snapshot::Error::Memory {
+                    path: path.display().to_string(),
+                    what: what.into(),
+                    source,
+                })
+            };
+            let base = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&memory_path)
+                .map_err(|e| io(&memory_path, "cannot open", e))?;
+            let diff =
+                std::fs::File::open(&diff_path).map_err(|e| io(&diff_path, "cannot open", e))?;
+            let copied = ember_snapshot::memory::apply_diff(&base, &diff)
+                .map_err(|e| io(&memory_path, "cannot apply the diff", e))?;
+            base.sync_all()
+                .map_err(|e| io(&memory_path, "cannot sync", e))?;
+            log::info!(
+                "{} bytes of {} applied onto {}",
+                copied,
+                diff_path.display(),
+                memory_path.display()
+            );
+            Ok(0)
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -425,12 +481,19 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let result = match cli.command {
+        Some(Command::Snapshot(cmd)) => {
+            if let Err(e) = init_logging(cli.vm.log_level, None, "snapshot") {
+                eprintln!("ember: error: {e}");
+                return ExitCode::FAILURE;
+            }
+            run_snapshot(cmd)
+        }
         Some(Command::Jail(args)) => {
             if let Err(e) = init_logging(args.vm.log_level, None, "jail") {
                 eprintln!("ember: error: {e}");
                 return ExitCode::FAILURE;
             }
-            run_jailed(args)
+            run_jailed(*args)
         }
         None => {
             let level = cli.fc.level.unwrap_or(cli.vm.log_level);

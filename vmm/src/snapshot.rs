@@ -155,6 +155,8 @@ pub struct LoadParams {
     pub network_overrides: Vec<(String, String)>,
     /// Disk images to use instead of the snapshot's: (drive_id, path).
     pub disk_overrides: Vec<(String, PathBuf)>,
+    /// Track dirty pages in the restored VM (for diff snapshots of it).
+    pub track_dirty_pages: bool,
 }
 
 /// "vendor family/model/stepping" from CPUID leaves 0 and 1.
@@ -321,6 +323,7 @@ pub fn config_for(state: &VmState, load: &LoadParams) -> Result<ValidConfig> {
     Ok(ValidConfig {
         vcpus: state.machine.vcpus,
         memory_mib: state.machine.memory_mib,
+        track_dirty_pages: load.track_dirty_pages,
         kernel: PathBuf::new(),
         initrd: None,
         cmdline: state.machine.cmdline.clone(),

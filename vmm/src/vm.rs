@@ -63,8 +63,9 @@ impl Hypervisor {
 }
 
 /// Creates the VM with the in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT,
-/// and registers `mem` as its RAM.
-pub fn create_vm(hv: &Hypervisor, mem: &GuestMemoryMmap) -> Result<VmFd, Error> {
+/// and registers `mem` as its RAM (slot `i` for region `i`), with KVM's
+/// dirty log on when `track_dirty`.
+pub fn create_vm(hv: &Hypervisor, mem: &GuestMemoryMmap, track_dirty: bool) -> Result<VmFd, Error> {
     let vm = hv
         .kvm
         .create_vm()
@@ -73,7 +74,7 @@ pub fn create_vm(hv: &Hypervisor, mem: &GuestMemoryMmap) -> Result<VmFd, Error> 
     // memory slots of its own and every slot added after them waits for
     // an SRCU grace period (7 ms here for one 256 MiB slot, against 0.2 ms
     // before them; as Firecracker orders it).
-    register_memory(&vm, mem)?;
+    register_memory(&vm, mem, track_dirty)?;
     vm.set_tss_address(usize::try_from(layout::KVM_TSS_ADDRESS).unwrap_or(0))
         .map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
     vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
@@ -90,11 +91,15 @@ pub fn create_vm(hv: &Hypervisor, mem: &GuestMemoryMmap) -> Result<VmFd, Error> 
     Ok(vm)
 }
 
-fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Error> {
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, track_dirty: bool) -> Result<(), Error> {
     for (slot, region) in mem.iter().enumerate() {
         let region_desc = kvm_userspace_memory_region {
             slot: u32::try_from(slot).map_err(|_| Error::TooManyRegions)?,
-            flags: 0,
+            flags: if track_dirty {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,
@@ -107,4 +112,40 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Error> {
             .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
     }
     Ok(())
+}
+
+/// The pages written since the last call (or since the slots were made),
+/// one bitmap per region of `mem`, bit `i` for page `i`: KVM's dirty log
+/// (the guest's writes, read and reset) united with each region's bitmap
+/// (ember's own writes through vm-memory, read and reset).
+pub fn take_dirty_pages(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, Error> {
+    let mut maps = Vec::new();
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = u32::try_from(slot).map_err(|_| Error::TooManyRegions)?;
+        let size = usize::try_from(region.len()).map_err(|_| Error::TooManyRegions)?;
+        let mut kvm = vm
+            .get_dirty_log(slot, size)
+            .map_err(|e| Error::Kvm("KVM_GET_DIRTY_LOG", e))?;
+        let ours = vm_memory::mmap::MmapRegion::bitmap(region).get_and_reset();
+        for (k, o) in kvm.iter_mut().zip(ours) {
+            *k |= o;
+        }
+        maps.push(kvm);
+    }
+    Ok(maps)
+}
+
+/// Marks the pages of `maps` (as [`take_dirty_pages`] returned them) dirty
+/// again in ember's bitmaps, after a snapshot that could not be written.
+pub fn mark_dirty(mem: &GuestMemoryMmap, maps: &[Vec<u64>]) {
+    for (region, map) in mem.iter().zip(maps) {
+        let bitmap = vm_memory::mmap::MmapRegion::bitmap(region);
+        for (w, word) in map.iter().enumerate() {
+            for b in 0..64 {
+                if word & (1 << b) != 0 {
+                    bitmap.set_addr_range((w * 64 + b) * 4096, 4096);
+                }
+            }
+        }
+    }
 }

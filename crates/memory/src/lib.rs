@@ -25,8 +25,18 @@ pub mod layout;
 
 use vm_memory::GuestAddress;
 
-/// Guest memory as every Ember crate uses it: anonymous mmap regions, no dirty bitmap.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+/// The dirty bitmap every guest memory region carries: one bit per 4 KiB
+/// page, set by every write ember itself makes through vm-memory (device
+/// data, used rings), read and cleared by a diff snapshot. KVM's dirty log
+/// covers the guest's own writes.
+pub type Bitmap = vm_memory::bitmap::AtomicBitmap;
+
+/// Guest memory as every Ember crate uses it: mmap regions with a
+/// [`Bitmap`].
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<Bitmap>;
+
+/// A slice of [`GuestMemoryMmap`] (writes through it mark the bitmap).
+pub type Slice<'a> = vm_memory::VolatileSlice<'a, vm_memory::bitmap::BS<'a, Bitmap>>;
 
 /// One MiB.
 pub const MIB: u64 = 1 << 20;
@@ -231,6 +241,7 @@ impl MemoryLayout {
         file: &std::fs::File,
         offsets: &[u64],
     ) -> std::result::Result<GuestMemoryMmap, FileMapError> {
+        use vm_memory::bitmap::NewBitmap;
         use vm_memory::mmap::MmapRegionBuilder;
         use vm_memory::{FileOffset, GuestRegionMmap};
         let map = |e: String| FileMapError::Map(e);
@@ -250,7 +261,7 @@ impl MemoryLayout {
             }
             let file = file.try_clone().map_err(|e| map(e.to_string()))?;
             let size = usize::try_from(size).map_err(|e| map(e.to_string()))?;
-            let region = MmapRegionBuilder::new(size)
+            let region = MmapRegionBuilder::new_with_bitmap(size, Bitmap::with_len(size))
                 .with_file_offset(FileOffset::new(file, offset))
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
                 .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
@@ -265,6 +276,14 @@ impl MemoryLayout {
 
     /// Maps the RAM regions (anonymous, private, `MAP_NORESERVE`).
     pub fn create_guest_memory(&self) -> Result<GuestMemoryMmap> {
+        // No host maps more than its 47-bit user address space; refuse that
+        // before allocating the dirty bitmaps for it.
+        if self.end_of_ram() > 1 << 47 {
+            return Err(Error::TooLarge {
+                size_mib: self.size_mib,
+                phys_bits: 47,
+            });
+        }
         let mut ranges = Vec::with_capacity(self.regions.len());
         for &(start, size) in &self.regions {
             let size = usize::try_from(size).map_err(|_| Error::TooLarge {

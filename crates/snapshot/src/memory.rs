@@ -10,9 +10,10 @@
 //!
 //! ```
 //! use ember_snapshot::memory::{write_memory, Pages};
-//! use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+//! use ember_memory::GuestMemoryMmap;
+//! use vm_memory::{Bytes, GuestAddress};
 //!
-//! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+//! let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
 //! mem.write_slice(b"hello", GuestAddress(0x3000)).unwrap();
 //! let file = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
 //! let (regions, stats) = write_memory(&file, &mem, Pages::NonZero).unwrap();
@@ -228,10 +229,11 @@ pub fn allocated_bytes(file: &File) -> std::io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use ember_memory::GuestMemoryMmap;
+    use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::tempfile::TempFile;
 
-    fn mem() -> GuestMemoryMmap<()> {
+    fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[
             (GuestAddress(0), 4 << 20),
             (GuestAddress(1 << 32), 2 << 20),

@@ -21,12 +21,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ember_memory::GuestMemoryMmap;
 use ember_virtio::{ActivateContext, InterruptKind, VirtioDevice, VirtioInterrupt};
 use ember_virtio_blk::{Block, RawFile};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const QUEUE_SIZE: u16 = 256;
 /// Rounds of device and host runs, alternated; the medians are compared.

@@ -10,8 +10,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use ember_memory::Slice;
 use vm_memory::bitmap::Bitmap;
-use vm_memory::VolatileSlice;
 use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 
 use crate::request::SECTOR_SIZE;
@@ -30,7 +30,7 @@ pub trait BlockBackend: Send {
     ///
     /// The default copies through a buffer with [`BlockBackend::read_at`];
     /// [`RawFile`] reads straight into guest memory with `preadv`.
-    fn read_vectored_at(&mut self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+    fn read_vectored_at(&mut self, bufs: &[Slice<'_>], offset: u64) -> io::Result<()> {
         let mut offset = offset;
         for s in bufs {
             let mut tmp = vec![0u8; s.len()];
@@ -44,7 +44,7 @@ pub trait BlockBackend: Send {
     ///
     /// The default copies through a buffer with [`BlockBackend::write_at`];
     /// [`RawFile`] writes straight from guest memory with `pwritev`.
-    fn write_vectored_at(&mut self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+    fn write_vectored_at(&mut self, bufs: &[Slice<'_>], offset: u64) -> io::Result<()> {
         let mut offset = offset;
         for s in bufs {
             let mut tmp = vec![0u8; s.len()];
@@ -134,11 +134,11 @@ impl BlockBackend for RawFile {
         self.file.write_all_at(buf, offset)
     }
 
-    fn read_vectored_at(&mut self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+    fn read_vectored_at(&mut self, bufs: &[Slice<'_>], offset: u64) -> io::Result<()> {
         vectored_io(&self.file, bufs, offset, Direction::Read)
     }
 
-    fn write_vectored_at(&mut self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+    fn write_vectored_at(&mut self, bufs: &[Slice<'_>], offset: u64) -> io::Result<()> {
         vectored_io(&self.file, bufs, offset, Direction::Write)
     }
 
@@ -188,12 +188,7 @@ const MAX_IOVECS: usize = 64;
 /// transfers continue where they stopped, `EINTR` retries, and the end of
 /// the file before the last byte is `UnexpectedEof`.
 #[allow(unsafe_code)]
-fn vectored_io(
-    file: &File,
-    bufs: &[VolatileSlice<'_>],
-    mut offset: u64,
-    dir: Direction,
-) -> io::Result<()> {
+fn vectored_io(file: &File, bufs: &[Slice<'_>], mut offset: u64, dir: Direction) -> io::Result<()> {
     if let [one] = bufs {
         return single_io(file, one, offset, dir);
     }
@@ -289,12 +284,7 @@ fn progress(ret: isize, dir: Direction) -> io::Result<Option<usize>> {
 
 /// [`vectored_io`] for one buffer: plain `pread`/`pwrite`, no iovec.
 #[allow(unsafe_code)]
-fn single_io(
-    file: &File,
-    buf: &VolatileSlice<'_>,
-    mut offset: u64,
-    dir: Direction,
-) -> io::Result<()> {
+fn single_io(file: &File, buf: &Slice<'_>, mut offset: u64, dir: Direction) -> io::Result<()> {
     let guard = buf.ptr_guard_mut();
     let mut done = 0usize;
     while done < buf.len() {
@@ -327,7 +317,7 @@ fn single_io(
 
 /// Records in the slices' dirty bitmaps the `len` bytes the kernel wrote,
 /// starting `skip` bytes into `bufs[0]`.
-fn mark_dirty(bufs: &[VolatileSlice<'_>], mut skip: usize, mut len: usize) {
+fn mark_dirty(bufs: &[Slice<'_>], mut skip: usize, mut len: usize) {
     for s in bufs {
         if len == 0 {
             break;
@@ -389,8 +379,9 @@ fn lock(file: &File, shared: bool) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ember_memory::GuestMemoryMmap;
     use std::os::unix::fs::MetadataExt;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
     use vmm_sys_util::tempfile::TempFile;
 
     fn image(len: u64) -> TempFile {
@@ -470,7 +461,7 @@ mod tests {
     }
 
     /// Guest memory with `n` slices of the given lengths, 64 KiB apart.
-    fn slices_of(mem: &GuestMemoryMmap, lens: &[usize]) -> Vec<VolatileSlice<'static>> {
+    fn slices_of(mem: &GuestMemoryMmap, lens: &[usize]) -> Vec<Slice<'static>> {
         // The slices borrow `mem`; tests keep `mem` alive longer than them.
         let mem: &'static GuestMemoryMmap = Box::leak(Box::new(mem.clone()));
         lens.iter()

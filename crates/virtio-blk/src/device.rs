@@ -7,6 +7,8 @@ use std::mem::{offset_of, size_of};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use ember_memory::GuestMemoryMmap;
+use ember_memory::Slice;
 use ember_virtio::queue::UsedRing;
 use ember_virtio::{ActivateContext, ActivateError, InterruptKind, VirtioDevice, VirtioInterrupt};
 use log::{debug, warn};
@@ -19,7 +21,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::backend::{BlockBackend, RawFile};
 use crate::request::{
@@ -437,7 +439,7 @@ struct Executor<'a> {
     counters: &'a mut BlockCounters,
     /// The guest buffers of the transfer under way (kept between requests
     /// so that a batch allocates once).
-    slices: Vec<VolatileSlice<'a>>,
+    slices: Vec<Slice<'a>>,
 }
 
 impl Executor<'_> {

@@ -666,9 +666,10 @@ mod tests {
     use crate::test_utils::{
         desc, guest_memory, header, indirect, DATA, HDR, MEM_SIZE, NEXT, R, STATUS, W,
     };
+    use ember_memory::GuestMemoryMmap;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{Bytes, GuestMemoryMmap};
+    use vm_memory::Bytes;
 
     const CAPACITY: u64 = 2048;
 

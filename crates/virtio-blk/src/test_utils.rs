@@ -5,10 +5,12 @@ use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use ember_memory::GuestMemoryMmap;
+use ember_memory::Slice;
 use ember_virtio::{InterruptKind, VirtioInterrupt};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, VolatileSlice};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::backend::BlockBackend;
 
@@ -262,7 +264,7 @@ impl BlockBackend for MemBackend {
     }
 
     /// One backend call for all of `bufs`, as a file's `preadv` would be.
-    fn read_vectored_at(&mut self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+    fn read_vectored_at(&mut self, bufs: &[Slice<'_>], offset: u64) -> io::Result<()> {
         let total = bufs.iter().map(|s| s.len()).sum();
         let r = self.range(offset, total)?;
         let data = self.0.data.lock().unwrap();
@@ -275,7 +277,7 @@ impl BlockBackend for MemBackend {
     }
 
     /// One backend call for all of `bufs`, as a file's `pwritev` would be.
-    fn write_vectored_at(&mut self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+    fn write_vectored_at(&mut self, bufs: &[Slice<'_>], offset: u64) -> io::Result<()> {
         let total = bufs.iter().map(|s| s.len()).sum();
         let r = self.range(offset, total)?;
         let mut data = self.0.data.lock().unwrap();

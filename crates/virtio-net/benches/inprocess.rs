@@ -27,6 +27,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ember_memory::GuestMemoryMmap;
 use ember_virtio::{
     ActivateContext, BackendInterest, InterruptKind, VirtioDevice, VirtioInterrupt,
 };
@@ -34,7 +35,7 @@ use ember_virtio_net::{Net, NetConfig, Tap, VNET_HDR_LEN};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 const TAP: &str = "benchtap0";
 /// Rounds of device and host runs, alternated; the medians are compared.

@@ -4,7 +4,7 @@
 use std::io;
 use std::os::fd::RawFd;
 
-use vm_memory::VolatileSlice;
+use ember_memory::Slice;
 
 /// Where the device's frames go and come from: a [`Tap`](crate::Tap) on a
 /// host, an in-memory queue in tests.
@@ -29,7 +29,7 @@ pub trait NetBackend: Send {
     /// The default gathers the buffers into one and calls
     /// [`NetBackend::write`]; a [`Tap`](crate::Tap) hands them to the kernel
     /// as they are with `writev`.
-    fn write_vectored(&mut self, bufs: &[VolatileSlice<'_>]) -> io::Result<usize> {
+    fn write_vectored(&mut self, bufs: &[Slice<'_>]) -> io::Result<usize> {
         let mut frame = vec![0u8; bufs.iter().map(|s| s.len()).sum()];
         let mut at = 0;
         for s in bufs {
@@ -45,7 +45,7 @@ pub trait NetBackend: Send {
     ///
     /// The default reads into a buffer with [`NetBackend::read`] and copies;
     /// a [`Tap`](crate::Tap) reads into guest memory itself with `readv`.
-    fn read_vectored(&mut self, bufs: &[VolatileSlice<'_>]) -> io::Result<usize> {
+    fn read_vectored(&mut self, bufs: &[Slice<'_>]) -> io::Result<usize> {
         let mut frame = vec![0u8; bufs.iter().map(|s| s.len()).sum()];
         let n = self.read(&mut frame)?;
         let mut at = 0;

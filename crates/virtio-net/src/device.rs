@@ -14,6 +14,7 @@ use std::fmt;
 use std::mem::{offset_of, size_of};
 use std::sync::Arc;
 
+use ember_memory::GuestMemoryMmap;
 use ember_virtio::queue::{ChainReader, UsedRing};
 use ember_virtio::{
     ActivateContext, ActivateError, BackendInterest, InterruptKind, VirtioDevice, VirtioInterrupt,
@@ -31,7 +32,6 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use crate::backend::NetBackend;
 use crate::state::NetState;

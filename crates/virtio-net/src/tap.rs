@@ -18,13 +18,13 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
+use ember_memory::Slice;
 use libc::{
     c_char, c_int, c_short, c_ulong, ifreq, IFF_NO_PI, IFF_PERSIST, IFF_TAP, IFF_VNET_HDR,
     IFNAMSIZ, TUNGETIFF, TUNSETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ,
 };
 use vm_memory::bitmap::Bitmap;
 use vm_memory::volatile_memory::PtrGuardMut;
-use vm_memory::VolatileSlice;
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
 
 use crate::backend::NetBackend;
@@ -100,7 +100,7 @@ impl Tap {
     /// other, with one `readv`: the kernel copies it into guest memory
     /// itself. At most `UIO_MAXIOV` (1024) buffers; `WouldBlock` when no
     /// frame waits.
-    pub fn read_vectored(&self, bufs: &[VolatileSlice<'_>]) -> io::Result<usize> {
+    pub fn read_vectored(&self, bufs: &[Slice<'_>]) -> io::Result<usize> {
         if bufs.len() > 1024 {
             return Err(io::ErrorKind::InvalidInput.into());
         }
@@ -139,7 +139,7 @@ impl Tap {
     /// Writes one frame (vnet header first) given as guest buffers, one
     /// after the other, with one `writev`: the kernel copies them from guest
     /// memory itself. At most `UIO_MAXIOV` (1024) buffers.
-    pub fn write_vectored(&self, bufs: &[VolatileSlice<'_>]) -> io::Result<usize> {
+    pub fn write_vectored(&self, bufs: &[Slice<'_>]) -> io::Result<usize> {
         if bufs.len() > 1024 {
             return Err(io::ErrorKind::InvalidInput.into());
         }
@@ -171,7 +171,7 @@ const FEW_IOVECS: usize = 8;
 /// Calls `f` with the iovecs of `bufs`, in order, while their pointer
 /// guards are held: on the stack for up to [`FEW_IOVECS`], in a `Vec`
 /// beyond (a system call per frame should not also cost an allocation).
-fn with_iovecs<R>(bufs: &[VolatileSlice<'_>], f: impl FnOnce(&[libc::iovec]) -> R) -> R {
+fn with_iovecs<R>(bufs: &[Slice<'_>], f: impl FnOnce(&[libc::iovec]) -> R) -> R {
     fn iovec(g: &PtrGuardMut) -> libc::iovec {
         libc::iovec {
             iov_base: g.as_ptr().cast(),
@@ -217,11 +217,11 @@ impl NetBackend for Tap {
         Tap::write(self, buf)
     }
 
-    fn write_vectored(&mut self, bufs: &[VolatileSlice<'_>]) -> io::Result<usize> {
+    fn write_vectored(&mut self, bufs: &[Slice<'_>]) -> io::Result<usize> {
         Tap::write_vectored(self, bufs)
     }
 
-    fn read_vectored(&mut self, bufs: &[VolatileSlice<'_>]) -> io::Result<usize> {
+    fn read_vectored(&mut self, bufs: &[Slice<'_>]) -> io::Result<usize> {
         Tap::read_vectored(self, bufs)
     }
 
@@ -376,13 +376,14 @@ fn check(ret: c_int) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ember_memory::GuestMemoryMmap;
     use libc::{
         IFF_TUN, TUNGETVNETHDRSZ, TUNSETPERSIST, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN,
     };
     use std::os::fd::{FromRawFd, OwnedFd};
     use std::path::Path;
     use std::time::{Duration, Instant};
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
     #[test]
     fn tap_open_name_too_long_is_rejected() {
@@ -515,7 +516,7 @@ mod tests {
 
         // The same from guest memory, the header and frame split over three
         // buffers out of address order: one writev, one whole frame.
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
         let out = [vec![0; VNET_HDR_LEN], test_frame(3)].concat();
         let parts = [(0x8000, 0..5), (0x1000, 5..40), (0x4000, 40..out.len())];
         for (addr, range) in &parts {

@@ -7,10 +7,11 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use ember_memory::GuestMemoryMmap;
 use ember_virtio::{InterruptKind, VirtioInterrupt};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::backend::NetBackend;
 
@@ -278,7 +279,7 @@ impl NetBackend for MemBackend {
     }
 
     /// As the default (a read into a buffer, then copied), counted.
-    fn read_vectored(&mut self, bufs: &[vm_memory::VolatileSlice<'_>]) -> io::Result<usize> {
+    fn read_vectored(&mut self, bufs: &[ember_memory::Slice<'_>]) -> io::Result<usize> {
         self.0.vectored_reads.fetch_add(1, Ordering::SeqCst);
         let mut frame = vec![0u8; bufs.iter().map(|s| s.len()).sum()];
         let n = self.read(&mut frame)?;

@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
+use ember_memory::GuestMemoryMmap;
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 
 /// Which interrupt a device raises.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -7,13 +7,11 @@
 
 use std::sync::atomic::{fence, Ordering};
 
+use ember_memory::{GuestMemoryMmap, Slice};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileMemory,
-    VolatileSlice,
-};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, VolatileMemory};
 
 /// The used ring's header (`flags`, `idx`) in bytes.
 const USED_HEADER: usize = 4;
@@ -50,10 +48,10 @@ pub enum UsedRingError {
 /// with [`needs_notification`](UsedRing::needs_notification), not the
 /// queue's.
 pub struct UsedRing<'m> {
-    ring: VolatileSlice<'m>,
+    ring: Slice<'m>,
     /// The driver's `used_event` (after the avail ring), with
     /// `VIRTIO_RING_F_EVENT_IDX`.
-    used_event: Option<VolatileSlice<'m>>,
+    used_event: Option<Slice<'m>>,
     size: u16,
     /// Entries added since the last notification decision (a pass may add
     /// more than the index space, and then always interrupts).
@@ -172,9 +170,9 @@ pub enum ChainError {
 /// reader refuses ([`ChainError`]: malformed, or indirect) are left for
 /// virtio-queue, whose error handling the device already has.
 pub struct ChainReader<'m> {
-    desc: VolatileSlice<'m>,
+    desc: Slice<'m>,
     /// The avail ring's header and entries.
-    avail: VolatileSlice<'m>,
+    avail: Slice<'m>,
     size: u16,
 }
 

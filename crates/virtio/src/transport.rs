@@ -17,6 +17,7 @@
 use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
+use ember_memory::GuestMemoryMmap;
 use ember_pci::{
     BarKind, BarMove, MsiSink, MsixConfig, PciBar, PciConfigParams, PciConfiguration, PciDevice,
     PCI_CAP_ID_MSIX,
@@ -29,7 +30,6 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_device::bus::{MmioAddress, MmioAddressOffset};
 use vm_device::MutDeviceMmio;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{ActivateContext, InterruptKind, VirtioDevice, VirtioInterrupt};

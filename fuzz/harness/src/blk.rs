@@ -15,10 +15,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use arbitrary::Arbitrary;
+use ember_memory::GuestMemoryMmap;
 use ember_virtio::{ActivateContext, VirtioDevice};
 use ember_virtio_blk::{Block, BlockBackend, RawFile, IO_CHUNK};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::tempfile::TempFile;
 
 use crate::guest::{guest_memory, init_logging, poke, Irq, QueueSetup};

@@ -7,9 +7,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Once;
 
 use arbitrary::Arbitrary;
+use ember_memory::GuestMemoryMmap;
 use ember_virtio::{InterruptKind, VirtioInterrupt};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// Guest RAM at 0: 64 KiB, where the input's memory image goes first.
 pub const LOW_SIZE: usize = 0x1_0000;

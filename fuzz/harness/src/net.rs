@@ -20,11 +20,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use arbitrary::Arbitrary;
+use ember_memory::GuestMemoryMmap;
+use ember_memory::Slice;
 use ember_virtio::{ActivateContext, VirtioDevice};
 use ember_virtio_net::{Net, NetBackend, MAX_FRAME, QUEUE_SIZE, VNET_HDR_LEN};
 use libc::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use vm_memory::{GuestMemoryMmap, VolatileSlice};
 
 use crate::guest::{guest_memory, init_logging, negotiated, poke, Irq, QueueSetup};
 use crate::input::Input;
@@ -127,7 +128,7 @@ impl NetBackend for SocketTap {
 
     /// As a tap's `readv`: one datagram into the buffers in turn (through a
     /// kept buffer: the harness has no `unsafe`).
-    fn read_vectored(&mut self, bufs: &[VolatileSlice<'_>]) -> io::Result<usize> {
+    fn read_vectored(&mut self, bufs: &[Slice<'_>]) -> io::Result<usize> {
         let total: usize = bufs.iter().map(|s| s.len()).sum();
         if self.rx_buf.len() < total {
             self.rx_buf.resize(total, 0);

@@ -10,13 +10,14 @@
 //! agree with virtio-queue.
 
 use arbitrary::Arbitrary;
+use ember_memory::GuestMemoryMmap;
 use ember_virtio::queue::{ChainError, ChainReader};
 use ember_virtio_blk::request::{
     parse, status_address, RequestKind, MAX_DISCARD_SECTORS, MAX_WRITE_ZEROES_SECTORS, SECTOR_SIZE,
 };
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{GuestMemory, Permissions};
 
 use crate::guest::{guest_memory, init_logging, QueueSetup};
 use crate::input::Input;

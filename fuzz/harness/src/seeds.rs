@@ -1060,7 +1060,8 @@ pub fn all() -> Vec<(&'static str, Vec<NamedSeed>)> {
 mod tests {
     use std::sync::atomic::Ordering;
 
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use ember_memory::GuestMemoryMmap;
+    use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
 

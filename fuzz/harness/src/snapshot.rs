@@ -84,6 +84,7 @@ pub fn snapshot_state(data: &[u8]) {
         memory: MemorySource::File("mem".into()),
         network_overrides: vec![("net0".into(), "tap1".into())],
         disk_overrides: Vec::new(),
+        track_dirty_pages: true,
     };
     let _ = config_for(&state, &load);
     if let (Ok(irq), Ok(drained)) = (EventFd::new(EFD_NONBLOCK), EventFd::new(EFD_NONBLOCK)) {

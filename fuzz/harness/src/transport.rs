@@ -16,6 +16,7 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use ember_memory::GuestMemoryMmap;
 use ember_pci::{
     BarMove, MsiMessage, MsiSink, PciBus, PciConfigIo, PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_PORT_SIZE,
 };
@@ -25,7 +26,6 @@ use ember_virtio_net::Net;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
-use vm_memory::GuestMemoryMmap;
 
 use crate::blk::CheckedDisk;
 use crate::guest::{access, guest_memory, init_logging, poke, QueueSetup};

@@ -21,15 +21,11 @@ fn unsupported(what: &str, why: &str) -> ConfigError {
 /// `PUT /machine-config`: the whole machine section (fields not given
 /// take their defaults).
 pub fn apply_machine(cfg: &mut VmConfig, m: &MachineConfiguration) -> Result<(), ConfigError> {
-    check_machine_extras(
-        Some(m.smt),
-        Some(m.track_dirty_pages),
-        m.cpu_template.as_ref(),
-        m.huge_pages.as_ref(),
-    )?;
+    check_machine_extras(Some(m.smt), m.cpu_template.as_ref(), m.huge_pages.as_ref())?;
     let machine = MachineConfig {
         vcpus: u64::from(m.vcpu_count),
         memory_mib: m.mem_size_mib,
+        track_dirty_pages: m.track_dirty_pages,
     };
     machine.validate()?;
     cfg.machine = machine;
@@ -41,13 +37,11 @@ pub fn apply_machine_update(
     cfg: &mut VmConfig,
     m: &MachineConfigurationUpdate,
 ) -> Result<(), ConfigError> {
-    check_machine_extras(
-        m.smt,
-        m.track_dirty_pages,
-        m.cpu_template.as_ref(),
-        m.huge_pages.as_ref(),
-    )?;
+    check_machine_extras(m.smt, m.cpu_template.as_ref(), m.huge_pages.as_ref())?;
     let mut machine = cfg.machine.clone();
+    if let Some(t) = m.track_dirty_pages {
+        machine.track_dirty_pages = t;
+    }
     if let Some(v) = m.vcpu_count {
         machine.vcpus = u64::from(v);
     }
@@ -61,7 +55,6 @@ pub fn apply_machine_update(
 
 fn check_machine_extras(
     smt: Option<bool>,
-    track_dirty_pages: Option<bool>,
     cpu_template: Option<&CpuTemplate>,
     huge_pages: Option<&HugePages>,
 ) -> Result<(), ConfigError> {
@@ -69,12 +62,6 @@ fn check_machine_extras(
         return Err(unsupported(
             "machine-config.smt = true",
             "every vCPU is its own core",
-        ));
-    }
-    if track_dirty_pages == Some(true) {
-        return Err(unsupported(
-            "machine-config.track_dirty_pages = true",
-            "it comes with snapshots",
         ));
     }
     if let Some(t) = cpu_template.filter(|t| **t != CpuTemplate::None) {
@@ -98,7 +85,7 @@ pub fn machine_to_api(m: &MachineConfig) -> MachineConfiguration {
         vcpu_count: u8::try_from(m.vcpus).unwrap_or(u8::MAX),
         mem_size_mib: m.memory_mib,
         smt: false,
-        track_dirty_pages: false,
+        track_dirty_pages: m.track_dirty_pages,
         cpu_template: None,
         huge_pages: None,
     }

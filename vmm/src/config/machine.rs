@@ -21,6 +21,10 @@ pub struct MachineConfig {
     /// Guest RAM in MiB.
     #[serde(default = "default_memory_mib")]
     pub memory_mib: u64,
+    /// Track the pages the guest and ember write (KVM's dirty log and
+    /// ember's bitmap), so diff snapshots hold only what changed.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
 }
 
 fn default_vcpus() -> u64 {
@@ -36,6 +40,7 @@ impl Default for MachineConfig {
         MachineConfig {
             vcpus: default_vcpus(),
             memory_mib: default_memory_mib(),
+            track_dirty_pages: false,
         }
     }
 }

@@ -192,6 +192,8 @@ pub struct ValidConfig {
     pub vcpus: u8,
     /// Guest memory in MiB.
     pub memory_mib: u64,
+    /// Dirty-page tracking for diff snapshots.
+    pub track_dirty_pages: bool,
     /// The kernel file.
     pub kernel: PathBuf,
     /// The initrd file.
@@ -311,6 +313,7 @@ impl VmConfig {
         Ok(ValidConfig {
             vcpus,
             memory_mib: self.machine.memory_mib,
+            track_dirty_pages: self.machine.track_dirty_pages,
             kernel: self.boot.kernel()?.to_owned(),
             initrd: self.boot.initrd.clone(),
             cmdline,

@@ -162,12 +162,6 @@ impl Instance {
         if l.vsock_override.is_some() {
             return Response::fault(400, "vsock_override: ember has no vsock device yet");
         }
-        if l.track_dirty_pages.or(l.enable_diff_snapshots) == Some(true) {
-            return Response::fault(
-                400,
-                "track_dirty_pages is not supported by ember yet (diff snapshots)",
-            );
-        }
         if l.clock_realtime == Some(true) {
             return Response::fault(400, "clock_realtime is not supported by ember yet");
         }
@@ -204,6 +198,7 @@ impl Instance {
                 .map(|o| (o.iface_id.clone(), o.host_dev_name.clone()))
                 .collect(),
             disk_overrides: Vec::new(),
+            track_dirty_pages: l.track_dirty_pages.or(l.enable_diff_snapshots) == Some(true),
         };
         match self.load_snapshot(&params, l.resume_vm.unwrap_or(false)) {
             Ok(()) => Response::no_content(),

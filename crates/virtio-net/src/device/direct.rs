@@ -31,12 +31,12 @@
 use std::collections::VecDeque;
 use std::io;
 
+use ember_memory::{GuestMemoryMmap, Slice};
 use ember_virtio::queue::ChainReader;
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::QueueT;
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    VolatileSlice,
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileSlice,
 };
 
 use super::rx::RxQueue;
@@ -68,7 +68,7 @@ pub(super) struct ParkedChains {
 #[derive(Clone, Copy)]
 struct Region<'m> {
     start: GuestAddress,
-    whole: VolatileSlice<'m>,
+    whole: Slice<'m>,
 }
 
 impl<'m> Region<'m> {
@@ -88,7 +88,7 @@ struct Run<'m> {
 }
 
 impl<'m> Run<'m> {
-    fn slice(&self) -> Option<VolatileSlice<'m>> {
+    fn slice(&self) -> Option<Slice<'m>> {
         let off = self.region.offset(self.addr, self.len)?;
         self.region.whole.subslice(off, self.len).ok()
     }
@@ -110,7 +110,7 @@ pub(super) struct PassSlices<'m> {
     /// The memory region of the last lookup.
     region: Option<Region<'m>>,
     /// The slices handed to one read (kept for the pass's next reads).
-    iov: Vec<VolatileSlice<'m>>,
+    iov: Vec<Slice<'m>>,
 }
 
 impl<'m> PassSlices<'m> {
@@ -487,9 +487,9 @@ impl ParkedChains {
             backend.read_vectored(&slices.iov)
         } else {
             let tail = bounce.get_mut(self.capacity..MAX_FRAME).unwrap_or_default();
-            let mut bufs: Vec<VolatileSlice<'_>> = Vec::with_capacity(slices.iov.len() + 1);
+            let mut bufs: Vec<Slice<'_>> = Vec::with_capacity(slices.iov.len() + 1);
             bufs.extend(slices.iov.iter().copied());
-            bufs.push(VolatileSlice::from(tail));
+            bufs.push(host_slice(tail));
             backend.read_vectored(&bufs)
         };
         let n = match read {
@@ -557,4 +557,21 @@ impl ParkedChains {
         rx.publish();
         DirectOutcome::Delivered(n)
     }
+}
+
+/// A bitmap of no pages: writes through a host buffer's slice mark nothing
+/// (it is not guest memory).
+static NO_PAGES: std::sync::LazyLock<ember_memory::Bitmap> = std::sync::LazyLock::new(|| {
+    ember_memory::Bitmap::new(0, std::num::NonZeroUsize::MIN.saturating_add(4095))
+});
+
+/// `buf`, a host buffer, as a slice of the type guest memory gives, so one
+/// vectored read can fill guest buffers and it.
+#[allow(unsafe_code)]
+fn host_slice(buf: &mut [u8]) -> Slice<'_> {
+    use vm_memory::bitmap::Bitmap;
+    // SAFETY: `buf` is a live, exclusively borrowed host buffer of
+    // `buf.len()` bytes for the slice's lifetime; nothing else accesses it
+    // meanwhile. The bitmap covers no page, so marks are ignored.
+    unsafe { VolatileSlice::with_bitmap(buf.as_mut_ptr(), buf.len(), NO_PAGES.slice_at(0), None) }
 }

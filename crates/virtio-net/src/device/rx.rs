@@ -6,9 +6,10 @@ use std::io;
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 
+use ember_memory::GuestMemoryMmap;
 use ember_virtio::queue::{ChainReader, UsedRing};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::{complete, Fault, FaultLog, MAX_CHAIN_DESCS, NUM_BUFFERS_AT, VNET_HDR_LEN};
 use crate::backend::NetBackend;

@@ -5,9 +5,11 @@
 
 use std::io;
 
+use ember_memory::GuestMemoryMmap;
+use ember_memory::Slice;
 use log::debug;
 use virtio_queue::DescriptorChain;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::{payload_len, Fault, FaultLog, NetCounters, MAX_CHAIN_DESCS, MAX_FRAME, VNET_HDR_LEN};
 use crate::backend::NetBackend;
@@ -36,7 +38,7 @@ pub(super) enum TxError {
 pub(super) fn gather<'m>(
     chain: DescriptorChain<&'m GuestMemoryMmap>,
     mem: &'m GuestMemoryMmap,
-    bufs: &mut Vec<VolatileSlice<'m>>,
+    bufs: &mut Vec<Slice<'m>>,
 ) -> std::result::Result<usize, TxError> {
     bufs.clear();
     let mut len = 0usize;
@@ -72,7 +74,7 @@ pub(super) fn gather<'m>(
 /// Hands one frame to the backend, counting it as sent or dropped.
 pub(super) fn send(
     backend: &mut dyn NetBackend,
-    frame: &[VolatileSlice<'_>],
+    frame: &[Slice<'_>],
     len: usize,
     c: &mut NetCounters,
     log: &mut FaultLog,
