@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ember_tests::http::Api;
-use ember_tests::{kvm_available, spawn_ember, tiny_elf, Running, TempDir};
+use ember_tests::{ember_bin, kvm_available, spawn_ember, tiny_elf, Running, TempDir};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -283,6 +283,44 @@ fn snapshot_tiny_guest_continues_where_it_stopped_and_bad_snapshots_are_refused(
     );
     run.check(!run.stderr.contains("panicked"), "no panic");
 
+    // The Uffd backend with ember's example page-fault handler.
+    let handler_sock = dir.path("handler.sock");
+    let handler = std::process::Command::new(ember_bin().with_file_name("ember-uffd-handler"))
+        .args([&handler_sock, &mem])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start ember-uffd-handler");
+    let deadline = Instant::now() + TIMEOUT;
+    while !handler_sock.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sock4 = dir.path("api4.sock");
+    let mut served = spawn_ember(&["--api-sock", sock4.to_str().unwrap()], b"");
+    let mut api = Api::connect(&sock4);
+    let uffd = format!(
+        r#""mem_backend": {{"backend_type": "Uffd", "backend_path": "{}"}}, "resume_vm": true"#,
+        handler_sock.display()
+    );
+    api.call(
+        "PUT",
+        "/snapshot/load",
+        Some(&load_body(&state, &uffd)),
+        204,
+    );
+    let by_uffd = wait_output(&mut served, 4);
+    served.signal(libc::SIGTERM);
+    let run = served.finish(TIMEOUT);
+    run.check(
+        by_uffd.bytes().next() == Some(b'0' + (last - b'0' + 1) % 8),
+        &format!("served by the handler, the count goes on too: {by_uffd:?}"),
+    );
+    let out = handler
+        .wait_with_output()
+        .expect("the handler ends with the VMM");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the handler exits 0: {log}");
+    assert!(log.contains("faults"), "the handler served faults: {log}");
+
     // A VM that already has configuration cannot load a snapshot.
     let sock3 = dir.path("api3.sock");
     let configured = spawn_ember(&["--api-sock", sock3.to_str().unwrap()], b"");
@@ -308,4 +346,79 @@ fn snapshot_tiny_guest_continues_where_it_stopped_and_bad_snapshots_are_refused(
     assert_eq!(api.state(), "Not started");
     configured.signal(libc::SIGTERM);
     let _ = configured.finish(TIMEOUT);
+}
+
+#[test]
+fn snapshot_of_a_jailed_vm_lands_in_the_jail_and_restores() {
+    let name = "snapshot_of_a_jailed_vm_lands_in_the_jail_and_restores";
+    if !kvm_available(name) {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("\n!!!!! SKIPPED {name}: ember jail needs root !!!!!\n");
+        return;
+    }
+    let dir = TempDir::new("snapshot-jail");
+    let jail = dir.path("jail");
+    std::fs::create_dir(&jail).unwrap();
+    std::fs::set_permissions(&jail, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let kernel = dir.write("counter.elf", &tiny_elf(&COUNTER));
+    let mut jailed = spawn_ember(
+        &[
+            "jail",
+            "--dir",
+            jail.to_str().unwrap(),
+            "--uid",
+            "65534",
+            "--gid",
+            "65534",
+            "--new-pid-ns",
+            "--api-sock",
+            "api.sock",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "32",
+        ],
+        b"",
+    );
+    let before = wait_output(&mut jailed, 8);
+    assert!(before.len() >= 8, "the jailed guest counts: {before:?}");
+    let mut api = Api::connect(&jail.join("run/api.sock"));
+    api.call("PATCH", "/vm", Some(r#"{"state": "Paused"}"#), 204);
+    // Paths are the jail's: /run is the jailed VM's writable directory.
+    api.call(
+        "PUT",
+        "/snapshot/create",
+        Some(r#"{"snapshot_path": "/run/vm.state", "mem_file_path": "/run/vm.mem"}"#),
+        204,
+    );
+    let printed = jailed.stdout_so_far();
+    jailed.signal(libc::SIGTERM);
+    let run = jailed.finish(TIMEOUT);
+    run.check(!run.stderr.contains("panicked"), "no panic");
+    let (state, mem) = (jail.join("run/vm.state"), jail.join("run/vm.mem"));
+    assert!(
+        state.exists() && mem.exists(),
+        "the snapshot is in the jail directory and outlives the jail"
+    );
+    let mut restored = spawn_ember(
+        &[
+            "--restore",
+            state.to_str().unwrap(),
+            "--restore-mem",
+            mem.to_str().unwrap(),
+            "--resume",
+        ],
+        b"",
+    );
+    let after = wait_output(&mut restored, 4);
+    restored.signal(libc::SIGTERM);
+    let run = restored.finish(TIMEOUT);
+    let last = printed.bytes().last().unwrap();
+    run.check(
+        after.bytes().next() == Some(b'0' + (last - b'0' + 1) % 8),
+        &format!("the count goes on from {:?}: {after:?}", last as char),
+    );
 }
