@@ -343,7 +343,7 @@ impl Vmm {
         hv.check_vcpus(cfg.vcpus)?;
         let ml = MemoryLayout::new(cfg.memory_mib)?;
         ml.check_phys_bits(hv.phys_address_bits())?;
-        let mem = ml.create_guest_memory()?;
+        let mem = ml.create_guest_memory_tracked(cfg.track_dirty_pages)?;
         Self::assemble(&hv, cfg, &ml, mem, console, started, None)
     }
 
@@ -381,12 +381,12 @@ impl Vmm {
             snapshot::MemorySource::File(path) => {
                 let file = snapshot::open_memory(path)?;
                 let mem = ml
-                    .map_from_file(&file, &offsets)
+                    .map_from_file(&file, &offsets, cfg.track_dirty_pages)
                     .map_err(|e| Error::Restore(format!("{}: {e}", path.display())))?;
                 (mem, None)
             }
             snapshot::MemorySource::Uffd(socket) => {
-                let mem = ml.create_guest_memory()?;
+                let mem = ml.create_guest_memory_tracked(cfg.track_dirty_pages)?;
                 let backend = uffd::attach(&mem, socket, &offsets, uffd::FIRST_PAGE_TIMEOUT)?;
                 (mem, Some(backend))
             }

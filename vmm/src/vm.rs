@@ -126,7 +126,7 @@ pub fn take_dirty_pages(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>
         let mut kvm = vm
             .get_dirty_log(slot, size)
             .map_err(|e| Error::Kvm("KVM_GET_DIRTY_LOG", e))?;
-        let ours = vm_memory::mmap::MmapRegion::bitmap(region).get_and_reset();
+        let ours = vm_memory::mmap::MmapRegion::bitmap(region).take();
         for (k, o) in kvm.iter_mut().zip(ours) {
             *k |= o;
         }
@@ -143,7 +143,7 @@ pub fn mark_dirty(mem: &GuestMemoryMmap, maps: &[Vec<u64>]) {
         for (w, word) in map.iter().enumerate() {
             for b in 0..64 {
                 if word & (1 << b) != 0 {
-                    bitmap.set_addr_range((w * 64 + b) * 4096, 4096);
+                    bitmap.mark((w * 64 + b) * 4096, 4096);
                 }
             }
         }

@@ -25,18 +25,16 @@ pub mod layout;
 
 use vm_memory::GuestAddress;
 
-/// The dirty bitmap every guest memory region carries: one bit per 4 KiB
-/// page, set by every write ember itself makes through vm-memory (device
-/// data, used rings), read and cleared by a diff snapshot. KVM's dirty log
-/// covers the guest's own writes.
-pub type Bitmap = vm_memory::bitmap::AtomicBitmap;
+pub mod dirty;
 
-/// Guest memory as every Ember crate uses it: mmap regions with a
-/// [`Bitmap`].
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<Bitmap>;
+pub use dirty::DirtyBitmap;
+
+/// Guest memory as every Ember crate uses it: mmap regions, each with a
+/// [`DirtyBitmap`] that is on only when the VM tracks dirty pages.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<DirtyBitmap>;
 
 /// A slice of [`GuestMemoryMmap`] (writes through it mark the bitmap).
-pub type Slice<'a> = vm_memory::VolatileSlice<'a, vm_memory::bitmap::BS<'a, Bitmap>>;
+pub type Slice<'a> = vm_memory::VolatileSlice<'a, vm_memory::bitmap::BS<'a, DirtyBitmap>>;
 
 /// One MiB.
 pub const MIB: u64 = 1 << 20;
@@ -240,8 +238,8 @@ impl MemoryLayout {
         &self,
         file: &std::fs::File,
         offsets: &[u64],
+        track_dirty: bool,
     ) -> std::result::Result<GuestMemoryMmap, FileMapError> {
-        use vm_memory::bitmap::NewBitmap;
         use vm_memory::mmap::MmapRegionBuilder;
         use vm_memory::{FileOffset, GuestRegionMmap};
         let map = |e: String| FileMapError::Map(e);
@@ -261,12 +259,13 @@ impl MemoryLayout {
             }
             let file = file.try_clone().map_err(|e| map(e.to_string()))?;
             let size = usize::try_from(size).map_err(|e| map(e.to_string()))?;
-            let region = MmapRegionBuilder::new_with_bitmap(size, Bitmap::with_len(size))
-                .with_file_offset(FileOffset::new(file, offset))
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-                .build()
-                .map_err(|e| map(e.to_string()))?;
+            let region =
+                MmapRegionBuilder::new_with_bitmap(size, DirtyBitmap::new(track_dirty, size))
+                    .with_file_offset(FileOffset::new(file, offset))
+                    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                    .build()
+                    .map_err(|e| map(e.to_string()))?;
             let region = GuestRegionMmap::new(region, GuestAddress(start))
                 .ok_or_else(|| map("region overflows the address space".into()))?;
             regions.push(region);
@@ -276,25 +275,40 @@ impl MemoryLayout {
 
     /// Maps the RAM regions (anonymous, private, `MAP_NORESERVE`).
     pub fn create_guest_memory(&self) -> Result<GuestMemoryMmap> {
-        // No host maps more than its 47-bit user address space; refuse that
-        // before allocating the dirty bitmaps for it.
-        if self.end_of_ram() > 1 << 47 {
-            return Err(Error::TooLarge {
-                size_mib: self.size_mib,
-                phys_bits: 47,
-            });
-        }
-        let mut ranges = Vec::with_capacity(self.regions.len());
-        for &(start, size) in &self.regions {
-            let size = usize::try_from(size).map_err(|_| Error::TooLarge {
-                size_mib: self.size_mib,
-                phys_bits: 64,
-            })?;
-            ranges.push((GuestAddress(start), size));
-        }
-        GuestMemoryMmap::from_ranges(&ranges).map_err(|source| Error::Map {
+        self.create_guest_memory_tracked(false)
+    }
+
+    /// [`create_guest_memory`](Self::create_guest_memory), each region
+    /// with a dirty bitmap when `track_dirty` (one bit per 4 KiB page).
+    pub fn create_guest_memory_tracked(&self, track_dirty: bool) -> Result<GuestMemoryMmap> {
+        use vm_memory::mmap::MmapRegionBuilder;
+        use vm_memory::GuestRegionMmap;
+        let too_large = |bits| Error::TooLarge {
             size_mib: self.size_mib,
-            source,
+            phys_bits: bits,
+        };
+        // No host maps more than its 47-bit user address space.
+        if self.end_of_ram() > 1 << 47 {
+            return Err(too_large(47));
+        }
+        let mut regions = Vec::with_capacity(self.regions.len());
+        for &(start, size) in &self.regions {
+            let size = usize::try_from(size).map_err(|_| too_large(64))?;
+            let map_err = |e: vm_memory::mmap::MmapRegionError| Error::Map {
+                size_mib: self.size_mib,
+                source: vm_memory::mmap::FromRangesError::MmapRegion(e),
+            };
+            let region =
+                MmapRegionBuilder::new_with_bitmap(size, DirtyBitmap::new(track_dirty, size))
+                    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                    .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_PRIVATE)
+                    .build()
+                    .map_err(map_err)?;
+            regions.push(GuestRegionMmap::new(region, GuestAddress(start)).ok_or(too_large(64))?);
+        }
+        GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Map {
+            size_mib: self.size_mib,
+            source: vm_memory::mmap::FromRangesError::Collection(e),
         })
     }
 }

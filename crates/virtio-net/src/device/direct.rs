@@ -559,19 +559,13 @@ impl ParkedChains {
     }
 }
 
-/// A bitmap of no pages: writes through a host buffer's slice mark nothing
-/// (it is not guest memory).
-static NO_PAGES: std::sync::LazyLock<ember_memory::Bitmap> = std::sync::LazyLock::new(|| {
-    ember_memory::Bitmap::new(0, std::num::NonZeroUsize::MIN.saturating_add(4095))
-});
-
-/// `buf`, a host buffer, as a slice of the type guest memory gives, so one
-/// vectored read can fill guest buffers and it.
+/// `buf`, a host buffer, as a slice of the type guest memory gives (with
+/// no dirty bitmap: it is not guest memory), so one vectored read can fill
+/// guest buffers and it.
 #[allow(unsafe_code)]
 fn host_slice(buf: &mut [u8]) -> Slice<'_> {
-    use vm_memory::bitmap::Bitmap;
     // SAFETY: `buf` is a live, exclusively borrowed host buffer of
     // `buf.len()` bytes for the slice's lifetime; nothing else accesses it
-    // meanwhile. The bitmap covers no page, so marks are ignored.
-    unsafe { VolatileSlice::with_bitmap(buf.as_mut_ptr(), buf.len(), NO_PAGES.slice_at(0), None) }
+    // meanwhile.
+    unsafe { VolatileSlice::with_bitmap(buf.as_mut_ptr(), buf.len(), None, None) }
 }
