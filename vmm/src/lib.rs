@@ -286,42 +286,6 @@ struct SavedParts {
     cpu: String,
 }
 
-/// Puts each rebuilt disk and NIC in its saved state (the transport
-/// reactivates a running device with its queues where they were), then
-/// kicks it: queues processed, interrupts raised once.
-fn restore_devices(
-    disks: &[disks::DiskDevice],
-    nets: &[nets::NetDevice],
-    s: &snapshot::VmState,
-) -> Result<()> {
-    if disks.len() != s.disks.len() || nets.len() != s.nets.len() {
-        return Err(Error::Restore(
-            "the device list does not match the snapshot".into(),
-        ));
-    }
-    for (i, (d, saved)) in disks.iter().zip(&s.disks).enumerate() {
-        let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
-        d.device()
-            .check_state(&saved.block)
-            .map_err(|source| Error::Disk { index: i, source })?;
-        d.restore_state(&saved.transport).map_err(Error::Restore)?;
-    }
-    for (i, (n, saved)) in nets.iter().zip(&s.nets).enumerate() {
-        let mut n = n.lock().unwrap_or_else(|e| e.into_inner());
-        n.restore_state(&saved.transport).map_err(Error::Restore)?;
-        n.device_mut()
-            .restore_state(&saved.net)
-            .map_err(|source| Error::Net { index: i, source })?;
-    }
-    for d in disks {
-        d.lock().unwrap_or_else(|e| e.into_inner()).kick();
-    }
-    for n in nets {
-        n.lock().unwrap_or_else(|e| e.into_inner()).kick();
-    }
-    Ok(())
-}
-
 impl std::fmt::Debug for Vmm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vmm")
@@ -345,63 +309,6 @@ impl Vmm {
         ml.check_phys_bits(hv.phys_address_bits())?;
         let mem = ml.create_guest_memory_tracked(cfg.track_dirty_pages)?;
         Self::assemble(&hv, cfg, &ml, mem, console, started, None)
-    }
-
-    /// Builds the VM saved in a snapshot: the same machine, each component
-    /// in its saved state, guest memory from the snapshot's memory. Nothing
-    /// runs yet; [`start`](Self::start) starts it paused.
-    pub fn restore(
-        load: &snapshot::LoadParams,
-        console: Console,
-        started: Instant,
-    ) -> Result<Self> {
-        let t = Instant::now();
-        let env = snapshot::read_state(&load.state_path)?;
-        log::debug!("restore: state read in {:?}", t.elapsed());
-        let state = &env.state;
-        let cfg = snapshot::config_for(state, load)?;
-        let hv = Hypervisor::open()?;
-        log::debug!("restore: /dev/kvm opened at {:?}", t.elapsed());
-        hv.check_vcpus(cfg.vcpus)?;
-        let ml = MemoryLayout::new(cfg.memory_mib)?;
-        ml.check_phys_bits(hv.phys_address_bits())?;
-        let layout: Vec<(u64, u64)> = state
-            .memory
-            .iter()
-            .map(|r| (r.guest_addr, r.size))
-            .collect();
-        if layout != ml.ram_regions() {
-            return Err(Error::Restore(format!(
-                "the memory regions {layout:x?} do not match a {} MiB guest",
-                cfg.memory_mib
-            )));
-        }
-        let offsets: Vec<u64> = state.memory.iter().map(|r| r.file_offset).collect();
-        let (mem, uffd) = match &load.memory {
-            snapshot::MemorySource::File(path) => {
-                let file = snapshot::open_memory(path)?;
-                let mem = ml
-                    .map_from_file(&file, &offsets, cfg.track_dirty_pages)
-                    .map_err(|e| Error::Restore(format!("{}: {e}", path.display())))?;
-                (mem, None)
-            }
-            snapshot::MemorySource::Uffd(socket) => {
-                let mem = ml.create_guest_memory_tracked(cfg.track_dirty_pages)?;
-                let backend = uffd::attach(&mem, socket, &offsets, uffd::FIRST_PAGE_TIMEOUT)?;
-                (mem, Some(backend))
-            }
-        };
-        log::debug!("restore: memory mapped at {:?}", t.elapsed());
-        let mut vmm = Self::assemble(&hv, &cfg, &ml, mem, console, started, Some(state))?;
-        vmm._uffd = uffd;
-        log::info!(
-            "restored {} (saved by ember {} on {}) in {:.2} ms",
-            load.state_path.display(),
-            env.ember_version,
-            env.cpu,
-            t.elapsed().as_secs_f64() * 1000.0
-        );
-        Ok(vmm)
     }
 
     fn assemble(
@@ -476,7 +383,7 @@ impl Vmm {
         let cmdline = match restore {
             Some(s) => {
                 snapshot::restore_kvm(&vm, &s.kvm)?;
-                restore_devices(&disks, &nets, s)?;
+                snapshot::restore_devices(&disks, &nets, s)?;
                 paused_clock = Some(s.kvm.clock);
                 cfg.cmdline.clone()
             }
@@ -661,104 +568,6 @@ impl Vmm {
     /// Whether [`start`](Self::start) leaves the VM paused (a restored VM).
     pub fn starts_paused(&self) -> bool {
         self.start_paused
-    }
-
-    /// Writes a snapshot of the paused VM: each vCPU saves its state on its
-    /// own (parked) thread, the devices and KVM's VM-wide state are saved
-    /// here, the disks are flushed, and guest memory goes to the memory
-    /// file. The VM stays paused; a failure leaves no file behind.
-    pub fn snapshot(&mut self, params: &snapshot::CreateParams) -> Result<snapshot::CreateStats> {
-        let threads = self.threads.as_ref().ok_or_else(not_started)?;
-        let clock = self
-            .paused_clock
-            .ok_or_else(|| Error::Lifecycle("the microVM must be paused to snapshot it".into()))?;
-        let diff = params.kind == ember_snapshot::SnapshotKind::Diff;
-        if diff && !self.track_dirty_pages {
-            return Err(Error::Lifecycle(
-                "a diff snapshot needs dirty page tracking (machine-config track_dirty_pages, or track_dirty_pages in the snapshot load)".into(),
-            ));
-        }
-        let t = Instant::now();
-        let vcpus = threads.save_states(PAUSE_TIMEOUT)?;
-        let kvm = snapshot::save_kvm(&self.vm, clock)?;
-        let mut disks = Vec::with_capacity(self.disks.len());
-        for (index, (d, config)) in self.disks.iter().zip(&self.saved.disks).enumerate() {
-            let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
-            // What the guest saw written is on the disk the snapshot names.
-            d.device_mut()
-                .flush()
-                .map_err(|source| Error::Disk { index, source })?;
-            disks.push(snapshot::DiskSnapshot {
-                config: config.clone(),
-                transport: d.state(),
-                block: d.device().state(),
-            });
-        }
-        let nets = self
-            .nets
-            .iter()
-            .zip(&self.saved.nets)
-            .map(|(n, config)| {
-                let n = n.lock().unwrap_or_else(|e| e.into_inner());
-                snapshot::NetSnapshot {
-                    config: config.clone(),
-                    transport: n.state(),
-                    net: n.device().state(),
-                }
-            })
-            .collect();
-        let lock = |m: &std::sync::Mutex<_>| -> ember_legacy::SerialState {
-            let g: std::sync::MutexGuard<'_, devices::Serial> =
-                m.lock().unwrap_or_else(|e| e.into_inner());
-            g.state()
-        };
-        let state = snapshot::VmState {
-            version: snapshot::VM_STATE_VERSION,
-            machine: self.saved.machine.clone(),
-            memory: Vec::new(),
-            kvm,
-            vcpus,
-            serial: lock(&self.saved.serial),
-            i8042: self.i8042.lock().unwrap_or_else(|e| e.into_inner()).state(),
-            cmos: self
-                .saved
-                .cmos
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .state(),
-            disks,
-            nets,
-        };
-        let state_ms = t.elapsed().as_secs_f64() * 1000.0;
-        let mut env = ember_snapshot::Envelope {
-            ember_version: env!("CARGO_PKG_VERSION").to_string(),
-            cpu: self.saved.cpu.clone(),
-            kind: params.kind,
-            state,
-        };
-        // The pages written since the last snapshot (or since the start):
-        // taken (and reset) here, so the next diff is relative to this one.
-        let dirty = if self.track_dirty_pages {
-            Some(vm::take_dirty_pages(&self.vm, &self.mem)?)
-        } else {
-            None
-        };
-        let pages = match (&dirty, diff) {
-            (Some(maps), true) => ember_snapshot::memory::Pages::Dirty(maps),
-            _ => ember_snapshot::memory::Pages::NonZero,
-        };
-        let written = snapshot::write_files(params, &self.mem, pages, &mut env);
-        if let (Err(_), Some(maps)) = (&written, &dirty) {
-            // A failed snapshot: the pages stay dirty for the next one.
-            vm::mark_dirty(&self.mem, maps);
-        }
-        let (pages_written, state_bytes, memory_ms) = written?;
-        Ok(snapshot::CreateStats {
-            state_ms,
-            memory_ms,
-            pages_written,
-            state_bytes,
-        })
     }
 
     /// Serves disk `index` (in [`ValidConfig::disks`] order) from the image

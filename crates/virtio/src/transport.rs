@@ -33,7 +33,6 @@ use vm_device::MutDeviceMmio;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{ActivateContext, InterruptKind, VirtioDevice, VirtioInterrupt};
-use crate::state::{TransportState, TRANSPORT_STATE_VERSION};
 
 /// PCI vendor id of virtio devices.
 pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
@@ -99,11 +98,11 @@ fn pci_class(device_type: u32) -> (u8, u8) {
 }
 
 /// Interrupts of one virtio-pci device: the ISR byte and MSI-X vectors.
-struct PciInterrupt {
-    msix: Arc<Mutex<MsixConfig>>,
-    isr: Arc<AtomicU8>,
-    config_vector: Arc<AtomicU16>,
-    queue_vectors: Vec<u16>,
+pub(crate) struct PciInterrupt {
+    pub(crate) msix: Arc<Mutex<MsixConfig>>,
+    pub(crate) isr: Arc<AtomicU8>,
+    pub(crate) config_vector: Arc<AtomicU16>,
+    pub(crate) queue_vectors: Vec<u16>,
 }
 
 impl VirtioInterrupt for PciInterrupt {
@@ -133,24 +132,24 @@ impl VirtioInterrupt for PciInterrupt {
 
 /// A virtio device on the PCI bus.
 pub struct VirtioPciDevice<D: VirtioDevice> {
-    device: D,
-    config: PciConfiguration,
-    msix: Arc<Mutex<MsixConfig>>,
-    msix_control_offset: u16,
-    mem: GuestMemoryMmap,
-    queues: Vec<Queue>,
-    queue_vectors: Vec<u16>,
-    queue_evts: Vec<EventFd>,
-    isr: Arc<AtomicU8>,
-    config_vector: Arc<AtomicU16>,
-    device_feature_select: u32,
-    driver_feature_select: u32,
-    driver_features: u64,
-    status: u8,
-    config_generation: u8,
-    queue_select: u16,
-    misuse_logged: bool,
-    name: String,
+    pub(crate) device: D,
+    pub(crate) config: PciConfiguration,
+    pub(crate) msix: Arc<Mutex<MsixConfig>>,
+    pub(crate) msix_control_offset: u16,
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) queues: Vec<Queue>,
+    pub(crate) queue_vectors: Vec<u16>,
+    pub(crate) queue_evts: Vec<EventFd>,
+    pub(crate) isr: Arc<AtomicU8>,
+    pub(crate) config_vector: Arc<AtomicU16>,
+    pub(crate) device_feature_select: u32,
+    pub(crate) driver_feature_select: u32,
+    pub(crate) driver_features: u64,
+    pub(crate) status: u8,
+    pub(crate) config_generation: u8,
+    pub(crate) queue_select: u16,
+    pub(crate) misuse_logged: bool,
+    pub(crate) name: String,
 }
 
 impl<D: VirtioDevice> std::fmt::Debug for VirtioPciDevice<D> {
@@ -372,7 +371,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             .vectors()
     }
 
-    fn valid_vector(&self, v: u16) -> u16 {
+    pub(crate) fn valid_vector(&self, v: u16) -> u16 {
         if v < self.msix_vectors() {
             v
         } else {
@@ -562,7 +561,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         self.status = new;
     }
 
-    fn activate(&mut self) {
+    pub(crate) fn activate(&mut self) {
         let event_idx = self.driver_features & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let mut queues = Vec::new();
         let mut vectors = Vec::new();
@@ -641,152 +640,6 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         self.queue_select = 0;
         self.status = 0;
         self.misuse_logged = false;
-    }
-
-    /// The transport's state and the device's queue positions, for a
-    /// snapshot (the device is paused: no queue is being processed).
-    pub fn state(&self) -> TransportState {
-        let activated = self.is_running();
-        TransportState {
-            version: TRANSPORT_STATE_VERSION,
-            device_type: self.device.device_type(),
-            pci_config: self.config.state(),
-            msix: self.msix.lock().unwrap_or_else(|e| e.into_inner()).state(),
-            device_feature_select: self.device_feature_select,
-            driver_feature_select: self.driver_feature_select,
-            driver_features: self.driver_features,
-            status: self.status,
-            config_generation: self.config_generation,
-            queue_select: self.queue_select,
-            config_vector: self.config_vector.load(Ordering::SeqCst),
-            queue_vectors: self.queue_vectors.clone(),
-            isr: self.isr.load(Ordering::SeqCst),
-            queues: self.queues.iter().map(|q| q.state().into()).collect(),
-            activated,
-            device_queues: if activated {
-                self.device
-                    .queue_states()
-                    .into_iter()
-                    .map(Into::into)
-                    .collect()
-            } else {
-                Vec::new()
-            },
-        }
-    }
-
-    /// Puts this newly built transport (same device type, BAR and queue
-    /// count) in `state` and, if the device was running, activates it with
-    /// its queues where they were. Then [`kick`](Self::kick) it once the VM
-    /// is ready to run.
-    pub fn restore_state(&mut self, state: &TransportState) -> Result<(), String> {
-        let name = self.name.clone();
-        let err = |what: String| format!("{name}: {what}");
-        if state.version != TRANSPORT_STATE_VERSION {
-            return Err(err(format!(
-                "transport state version {} is not supported (this ember reads {TRANSPORT_STATE_VERSION})",
-                state.version
-            )));
-        }
-        if state.device_type != self.device.device_type() {
-            return Err(err(format!(
-                "saved as virtio device type {}, this is type {}",
-                state.device_type,
-                self.device.device_type()
-            )));
-        }
-        if state.queues.len() != self.queues.len() || state.queue_vectors.len() != self.queues.len()
-        {
-            return Err(err(format!(
-                "{} queues saved, the device has {}",
-                state.queues.len(),
-                self.queues.len()
-            )));
-        }
-        self.config
-            .restore_state(&state.pci_config)
-            .map_err(|e| err(e.to_string()))?;
-        self.msix
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .restore_state(&state.msix)
-            .map_err(err)?;
-        let mut queues = Vec::with_capacity(state.queues.len());
-        for (i, q) in state.queues.iter().enumerate() {
-            let max = self.queues[i].max_size();
-            if q.max_size != max {
-                return Err(err(format!(
-                    "queue {i}: saved with {} entries at most, the device offers {max}",
-                    q.max_size
-                )));
-            }
-            queues.push(
-                Queue::try_from(virtio_queue::QueueState::from(*q))
-                    .map_err(|e| err(format!("queue {i}: {e:?}")))?,
-            );
-        }
-        self.queues = queues;
-        self.device_feature_select = state.device_feature_select;
-        self.driver_feature_select = state.driver_feature_select;
-        self.driver_features = state.driver_features;
-        self.status = state.status;
-        self.config_generation = state.config_generation;
-        self.queue_select = state.queue_select;
-        self.config_vector
-            .store(self.valid_vector(state.config_vector), Ordering::SeqCst);
-        self.queue_vectors = state
-            .queue_vectors
-            .iter()
-            .map(|&v| self.valid_vector(v))
-            .collect();
-        self.isr.store(state.isr, Ordering::SeqCst);
-        if !state.activated {
-            return Ok(());
-        }
-        // The running queues go on from the device's positions.
-        let mut running = state.device_queues.iter();
-        for q in self.queues.iter_mut().filter(|q| q.ready()) {
-            let Some(pos) = running.next() else {
-                return Err(err("fewer running queues saved than ready ones".into()));
-            };
-            q.set_next_avail(pos.next_avail);
-            q.set_next_used(pos.next_used);
-        }
-        self.activate();
-        if !self.is_running() {
-            return Err(err("the restored device did not activate".into()));
-        }
-        // The transport's own copies stay as the driver left them.
-        for (q, saved) in self.queues.iter_mut().zip(&state.queues) {
-            q.set_next_avail(saved.next_avail);
-            q.set_next_used(saved.next_used);
-        }
-        Ok(())
-    }
-
-    /// After a restore: processes every queue (a notification may have
-    /// been pending when the snapshot was taken) and raises every queue's
-    /// interrupt (one may have been raised and not delivered); a driver
-    /// takes a spurious interrupt in its stride.
-    pub fn kick(&mut self) {
-        if !self.is_running() {
-            return;
-        }
-        for i in 0..self.queues.len() {
-            self.device.process_queue(i);
-        }
-        let interrupt = PciInterrupt {
-            msix: self.msix.clone(),
-            isr: self.isr.clone(),
-            config_vector: self.config_vector.clone(),
-            queue_vectors: self.queue_vectors.clone(),
-        };
-        for i in 0..self.queues.len() {
-            let q = u16::try_from(i).unwrap_or(u16::MAX);
-            if let Err(e) = interrupt.trigger(InterruptKind::Queue(q)) {
-                log::warn!("{}: queue {i} interrupt after restore: {e}", self.name);
-            }
-        }
     }
 
     /// Reads `data.len()` bytes at `offset` into BAR 0.
