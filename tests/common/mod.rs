@@ -196,6 +196,18 @@ pub struct Running {
     stdout_rx: mpsc::Receiver<Vec<u8>>,
     stdout_buf: Vec<u8>,
     stderr_thread: Option<std::thread::JoinHandle<Vec<u8>>>,
+    reaped: bool,
+}
+
+impl Drop for Running {
+    /// A test that fails before it finished its ember kills it, so a
+    /// spinning guest does not outlive the test.
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = self.child.kill();
+            wait4_blocking(self.pid());
+        }
+    }
 }
 
 fn reader<R: Read + Send + 'static>(mut r: R) -> mpsc::Receiver<Vec<u8>> {
@@ -255,6 +267,7 @@ fn spawn_command(cmd: &mut Command, stdin: &[u8]) -> Running {
         stdout_rx,
         stdout_buf: Vec::new(),
         stderr_thread: Some(stderr_thread),
+        reaped: false,
     }
 }
 
@@ -307,11 +320,13 @@ impl Running {
         let deadline = self.started + timeout;
         let (status, rss) = loop {
             if let Some(r) = try_wait4(self.pid()) {
+                self.reaped = true;
                 break r;
             }
             if Instant::now() >= deadline {
                 let _ = self.child.kill();
                 wait4_blocking(self.pid());
+                self.reaped = true;
                 let stderr = self.collect_stderr();
                 self.drain_stdout();
                 panic!(

@@ -375,7 +375,11 @@ pub fn write_files(
         let memory_ms = t.elapsed().as_secs_f64() * 1000.0;
         let bytes = ember_snapshot::encode(env)?;
         ember_snapshot::write_file(&params.state_path, &bytes)?;
-        std::fs::rename(&mem_tmp, &params.mem_path).map_err(|e| mem_err("rename", e))?;
+        if let Err(e) = std::fs::rename(&mem_tmp, &params.mem_path) {
+            // No state file without its memory.
+            let _ = std::fs::remove_file(&params.state_path);
+            return Err(mem_err("rename", e));
+        }
         Ok((stats.pages_written, bytes.len() as u64, memory_ms))
     })();
     if result.is_err() {
