@@ -119,9 +119,23 @@ fn field_kib(file: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The beats of a restored guest: they start right after `last`, all with
-/// the memory pattern intact and the disk write done.
-fn check_continued(console: &str, last: u32, who: &str) -> u32 {
+/// The guest's uptime (ms, its boot clock) at beat `n`.
+fn uptime_at(console: &str, n: u32) -> Option<u64> {
+    agent_all(console)
+        .remove("beat")?
+        .iter()
+        .find(|b| b.get("n").and_then(|v| v.parse().ok()) == Some(n))?
+        .get("uptime_ms")?
+        .parse()
+        .ok()
+}
+
+/// The beats of a restored guest: they start right after the last one of
+/// `before` (the console up to the snapshot), all with the memory pattern
+/// intact and the disk write done, and the guest's clock goes on from
+/// where it was (restored kvmclock: no reset, no jump).
+fn check_continued(console: &str, before: &str, who: &str) -> u32 {
+    let last = beats(before).iter().map(|b| b.0).max().unwrap();
     let b = beats(console);
     assert!(
         !b.is_empty(),
@@ -142,6 +156,14 @@ fn check_continued(console: &str, last: u32, who: &str) -> u32 {
     assert!(
         !console.contains("Linux version"),
         "{who}: no second boot:\n{console}"
+    );
+    let (t0, t1) = (
+        uptime_at(before, last).unwrap(),
+        uptime_at(console, last + 1).unwrap(),
+    );
+    assert!(
+        t0 < t1 && t1 < t0 + 10_000,
+        "{who}: the guest's clock goes on (beat {last} at {t0} ms, the next at {t1} ms)"
     );
     b.last().unwrap().0
 }
@@ -269,11 +291,11 @@ fn snapshot_real_guest_restores_and_clones_keep_memory_disk_and_network() {
     api.call("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#), 204);
     wait_beat(&mut restored, seen + 2, BOOT);
     diff(&mut api, "diff2");
-    let console = restored.stdout_so_far();
+    let restored_console = restored.stdout_so_far();
     restored.signal(libc::SIGKILL);
     let run = restored.finish(BOOT);
     run.check(!run.stderr.contains("panicked"), "no panic");
-    let last_restored = check_continued(&console, last, "the restored guest");
+    let last_restored = check_continued(&restored_console, &console, "the restored guest");
     // The disk holds every beat's block, before and after the restore.
     check_disk(&disk, last_restored);
     let on_disk =
@@ -324,7 +346,7 @@ fn snapshot_real_guest_restores_and_clones_keep_memory_disk_and_network() {
     let merged_ping = ping(&ns);
     merged_vm.signal(libc::SIGTERM);
     let run = merged_vm.finish(BOOT);
-    let last_merged = check_continued(&out, last_restored, "the merged snapshot's guest");
+    let last_merged = check_continued(&out, &restored_console, "the merged snapshot's guest");
     let p = merged_ping.unwrap_or_else(|e| panic!("ping the merged snapshot's guest: {e}"));
     run.check(p.contains(" 0% packet loss"), &p);
     check_disk(&disk, last_merged);
@@ -349,7 +371,7 @@ fn snapshot_real_guest_restores_and_clones_keep_memory_disk_and_network() {
     let mut pss = Vec::new();
     for (k, c) in clones.iter_mut().enumerate() {
         let out = wait_beat(c, last + 2, BOOT);
-        check_continued(&out, last, &format!("clone {}", k + 1));
+        check_continued(&out, &console, &format!("clone {}", k + 1));
         pss.push(pss_kib(c.pid()));
     }
     for (k, cns) in spaces.iter().enumerate() {

@@ -440,8 +440,12 @@ impl Vmm {
             }
             self::MemorySource::Uffd(socket) => {
                 let mem = ml.create_guest_memory_tracked(cfg.track_dirty_pages)?;
-                let backend =
-                    crate::uffd::attach(&mem, socket, &offsets, crate::uffd::FIRST_PAGE_TIMEOUT)?;
+                let backend = crate::uffd::attach(
+                    &mem,
+                    socket,
+                    &offsets,
+                    crate::uffd::first_page_timeout(cfg.memory_mib),
+                )?;
                 (mem, Some(backend))
             }
         };

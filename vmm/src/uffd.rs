@@ -16,8 +16,12 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::{Error, Result};
 
-/// How long the handler may take to serve the first page.
-pub const FIRST_PAGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the handler may take to serve the first page of a guest with
+/// `memory_mib` of RAM: 5 s, and 5 s more per GiB, since some handlers
+/// (Firecracker's examples) read the whole memory file before serving.
+pub fn first_page_timeout(memory_mib: u64) -> Duration {
+    Duration::from_secs(5 + 5 * memory_mib / 1024)
+}
 
 /// The userfaultfd and the connection to the handler, kept for the VM's
 /// life (the handler takes a closed connection as "the VMM is gone").
