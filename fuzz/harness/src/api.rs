@@ -232,7 +232,27 @@ pub fn seeds() -> Vec<NamedSeed> {
         "PUT /boot-source HTTP/1.1\r\nContent-Length: 51201\r\n\r\n{{\"kernel_image_path\": \"{}\"}}",
         "a".repeat(64)
     );
+    let snapshot = [
+        http("PATCH", "/vm", r#"{"state": "Paused"}"#),
+        http(
+            "PUT",
+            "/snapshot/create",
+            r#"{"snapshot_path": "/s", "mem_file_path": "/m", "snapshot_type": "Diff"}"#,
+        ),
+        http(
+            "PUT",
+            "/snapshot/load",
+            r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "Uffd", "backend_path": "/u"}, "track_dirty_pages": true, "resume_vm": true, "network_overrides": [{"iface_id": "net0", "host_dev_name": "tap1"}]}"#,
+        ),
+        http(
+            "PUT",
+            "/snapshot/load",
+            r#"{"snapshot_path": "/s", "mem_file_path": "/m", "enable_diff_snapshots": false}"#,
+        ),
+    ]
+    .concat();
     vec![
+        ("snapshot", snapshot.into_bytes()),
         ("configure", configure.into_bytes()),
         ("lifecycle", lifecycle.into_bytes()),
         ("observe", observe.into_bytes()),
@@ -282,6 +302,7 @@ mod tests {
             ("lifecycle", 6),
             ("observe", 3),
             ("patch_and_get", 7),
+            ("snapshot", 4),
         ] {
             let (ex, seen) = run(name);
             assert_eq!(

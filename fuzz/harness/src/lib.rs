@@ -38,6 +38,7 @@ pub mod queue;
 pub mod seeds;
 pub mod snapshot;
 pub mod transport;
+pub mod uffd;
 
 pub use api::api_request;
 pub use blk::{virtio_blk_chain, virtio_blk_request};
@@ -49,6 +50,7 @@ pub use pci::pci_config_space;
 pub use queue::virtio_queue_chain;
 pub use snapshot::snapshot_state;
 pub use transport::virtio_pci_transport;
+pub use uffd::uffd_handshake;
 
 /// A fuzz target: its name (the cargo-fuzz target and the corpus
 /// directory) and its function.
@@ -69,6 +71,7 @@ pub const TARGETS: &[Target] = &[
     ("loader_elf", loader_elf),
     ("config", config),
     ("snapshot_state", snapshot_state),
+    ("uffd_handshake", uffd_handshake),
 ];
 
 /// The target called `name`.

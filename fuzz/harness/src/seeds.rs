@@ -1053,6 +1053,7 @@ pub fn all() -> Vec<(&'static str, Vec<NamedSeed>)> {
         ("config", config_seeds()),
         ("api_request", crate::api::seeds()),
         ("snapshot_state", crate::snapshot::seeds()),
+        ("uffd_handshake", crate::uffd::seeds()),
     ]
 }
 
