@@ -41,7 +41,9 @@ fn cmdline() -> String {
 
 /// The beat lines printed so far: (n, mem_ok, disk_ok).
 fn beats(console: &str) -> Vec<(u32, bool, bool)> {
-    agent_all(console)
+    // Only whole lines: the console may be read while a line is half out.
+    let whole = console.rfind('\n').map_or("", |i| &console[..=i]);
+    agent_all(whole)
         .remove("beat")
         .unwrap_or_default()
         .iter()
@@ -121,7 +123,8 @@ fn field_kib(file: &str, key: &str) -> u64 {
 
 /// The guest's uptime (ms, its boot clock) at beat `n`.
 fn uptime_at(console: &str, n: u32) -> Option<u64> {
-    agent_all(console)
+    let whole = console.rfind('\n').map_or("", |i| &console[..=i]);
+    agent_all(whole)
         .remove("beat")?
         .iter()
         .find(|b| b.get("n").and_then(|v| v.parse().ok()) == Some(n))?
