@@ -12,7 +12,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ember_tests::http::Api;
-use ember_tests::{ember_bin, kvm_available, spawn_ember, tiny_elf, Running, TempDir};
+use ember_tests::{
+    assert_clean_error, ember_bin, kvm_available, spawn_ember, spawn_ember_env, tiny_elf, Running,
+    TempDir,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -346,6 +349,69 @@ fn snapshot_tiny_guest_continues_where_it_stopped_and_bad_snapshots_are_refused(
     assert_eq!(api.state(), "Not started");
     configured.signal(libc::SIGTERM);
     let _ = configured.finish(TIMEOUT);
+}
+
+/// The guest's CPU fingerprint travels in the state file: a destination
+/// that lacks features of the guest's model refuses, naming each one,
+/// before it creates anything; one that lacks only what the guest never had
+/// restores it.
+#[test]
+fn a_snapshot_refuses_a_host_without_its_cpu_features() {
+    if !kvm_available("a_snapshot_refuses_a_host_without_its_cpu_features") {
+        return;
+    }
+    let dir = TempDir::new("snapshot-cpu");
+    let kernel = dir.write("counter.elf", &tiny_elf(&COUNTER));
+    let (state, mem) = (dir.path("vm.state"), dir.path("vm.mem"));
+    let sock = dir.path("api.sock");
+    let mut source = spawn_ember(
+        &[
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "32",
+            "--cpu",
+            "x86-64-v2",
+        ],
+        b"",
+    );
+    wait_output(&mut source, 4);
+    let mut api = Api::connect(&sock);
+    api.call("PATCH", "/vm", Some(r#"{"state": "Paused"}"#), 204);
+    let create = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        state.display(),
+        mem.display()
+    );
+    api.call("PUT", "/snapshot/create", Some(&create), 204);
+    source.signal(libc::SIGKILL);
+    let _ = source.finish(TIMEOUT);
+
+    let args = [
+        "--restore",
+        state.to_str().unwrap(),
+        "--restore-mem",
+        mem.to_str().unwrap(),
+        "--resume",
+    ];
+    let weak = spawn_ember_env(&args, &[("EMBER_TEST_HOST_CPU_REMOVE", "sse4.2,ssse3")]);
+    let run = weak.finish(TIMEOUT);
+    assert_clean_error(
+        &run,
+        &["cannot provide 2 CPU feature(s) the guest (CPU model x86-64-v2) uses: sse4.2 ssse3"],
+    );
+    run.check(run.stdout.is_empty(), "the guest did not run");
+    // A host without what the guest never had (nor was shown) runs it.
+    let mut fine = spawn_ember_env(
+        &args,
+        &[("EMBER_TEST_HOST_CPU_REMOVE", "3dnowprefetch,clzero")],
+    );
+    let after = wait_output(&mut fine, 4);
+    fine.signal(libc::SIGTERM);
+    let run = fine.finish(TIMEOUT);
+    run.check(after.len() >= 4, "the restored guest counts on");
 }
 
 #[test]

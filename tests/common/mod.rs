@@ -394,6 +394,13 @@ pub fn run_ember(args: &[&str], stdin: &[u8], timeout: Duration) -> Run {
     spawn_ember(args, stdin).finish(timeout)
 }
 
+/// Starts `ember ARGS` with extra environment variables.
+pub fn spawn_ember_env(args: &[&str], env: &[(&str, &str)]) -> Running {
+    let mut cmd = Command::new(ember_bin());
+    cmd.args(args).envs(env.iter().copied());
+    spawn_command(&mut cmd, b"")
+}
+
 /// The `EMBER-AGENT <check> k=v ...` lines of a console log, by check
 /// name (the last line of each check).
 pub fn agent_lines(console: &str) -> HashMap<String, HashMap<String, String>> {

@@ -28,6 +28,7 @@
 
 pub mod api;
 pub mod config;
+pub mod cpu;
 pub mod devices;
 pub mod disks;
 pub mod event_loop;
@@ -151,6 +152,12 @@ pub enum Error {
     /// The API thread cannot be started.
     #[error("cannot start the API thread")]
     SpawnApi(#[source] std::io::Error),
+    /// The CPU model cannot be given to a guest on this host.
+    #[error("CPU model: {0}")]
+    Cpu(#[source] ember_vcpu::model::ModelError),
+    /// A saved guest's CPU cannot run on this host.
+    #[error("cannot restore the snapshot: {0}")]
+    CpuMismatch(#[source] ember_vcpu::model::fingerprint::FingerprintError),
     /// A snapshot cannot be restored.
     #[error("cannot restore the snapshot: {0}")]
     Restore(String),
@@ -253,6 +260,15 @@ fn guest_cmdline(user: &str, forced: &[&'static ember_vcpu::cpuid::MaskedFeature
     }
 }
 
+/// How a VM's vCPUs and memory get their first contents.
+#[derive(Clone, Copy)]
+enum Boot<'a> {
+    /// A fresh boot with this CPU.
+    Fresh(&'a cpu::GuestCpu),
+    /// A snapshot's state.
+    Restore(&'a snapshot::VmState),
+}
+
 /// A built VM: created, loaded, then started, paused, resumed and shut
 /// down by its [`instance::Instance`]. Field order matters: vCPUs and the
 /// VM fd are dropped before the guest memory they point into.
@@ -284,6 +300,8 @@ struct SavedParts {
     disks: Vec<config::DiskConfig>,
     nets: Vec<config::NetConfig>,
     cpu: String,
+    fingerprint: ember_vcpu::model::fingerprint::CpuFingerprint,
+    cpu_choice: config::CpuChoice,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -305,10 +323,21 @@ impl Vmm {
     pub fn build(cfg: &ValidConfig, console: Console, started: Instant) -> Result<Self> {
         let hv = Hypervisor::open()?;
         hv.check_vcpus(cfg.vcpus)?;
+        // The CPU model first: a host that cannot run it fails here,
+        // before anything is created.
+        let guest_cpu = cpu::GuestCpu::resolve(&hv, &cfg.cpu)?;
         let ml = MemoryLayout::new(cfg.memory_mib)?;
         ml.check_phys_bits(hv.phys_address_bits())?;
         let mem = ml.create_guest_memory_tracked(cfg.track_dirty_pages)?;
-        Self::assemble(&hv, cfg, &ml, mem, console, started, None)
+        Self::assemble(
+            &hv,
+            cfg,
+            &ml,
+            mem,
+            console,
+            started,
+            Boot::Fresh(&guest_cpu),
+        )
     }
 
     fn assemble(
@@ -318,8 +347,12 @@ impl Vmm {
         mem: GuestMemoryMmap,
         console: Console,
         started: Instant,
-        restore: Option<&snapshot::VmState>,
+        boot: Boot<'_>,
     ) -> Result<Self> {
+        let restore = match boot {
+            Boot::Restore(s) => Some(s),
+            Boot::Fresh(_) => None,
+        };
         let t = Instant::now();
         let vm = Arc::new(vm::create_vm(hv, &mem, cfg.track_dirty_pages)?);
         log::debug!("assemble: VM created in {:?}", t.elapsed());
@@ -353,27 +386,36 @@ impl Vmm {
         // CPUID first: what the host will not hide decides the command line.
         let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
         let mut forced = Vec::new();
+        let mut fingerprint = None;
+        let mut tsc_khz = None;
         for index in 0..cfg.vcpus {
             let mut vcpu = Vcpu::new(&vm, index, io.clone()).map_err(Error::Vcpu)?;
             vcpu.set_msr_list(&hv.msr_list);
-            match restore {
-                Some(s) => {
+            match boot {
+                Boot::Restore(s) => {
                     if index == 0 {
-                        // What a guest gets on this host (KVM_GET_CPUID2
-                        // after setting ember's CPUID: some hosts force
-                        // features on) must cover what the saved guest saw.
-                        vcpu.set_cpuid(&hv.supported_cpuid, cfg.vcpus)
-                            .map_err(Error::Vcpu)?;
-                        let host = vcpu.effective_cpuid().map_err(Error::Vcpu)?;
-                        snapshot::check_cpu(&s.vcpus[0].cpuid, &host)?;
+                        // The saved guest's CPU must be one this host can
+                        // give, feature for feature.
+                        tsc_khz = cpu::check_fingerprint(hv, &s.cpu, &vcpu)?;
+                        fingerprint = Some(s.cpu.clone());
+                    }
+                    if let Some(khz) = tsc_khz {
+                        vcpu.set_tsc_khz(khz).map_err(Error::Vcpu)?;
                     }
                     vcpu.restore_state(&s.vcpus[usize::from(index)])
                         .map_err(Error::Vcpu)?
                 }
-                None => {
-                    forced = vcpu
-                        .set_cpuid(&hv.supported_cpuid, cfg.vcpus)
-                        .map_err(Error::Vcpu)?;
+                Boot::Fresh(c) => {
+                    forced = vcpu.set_cpuid(&c.base, cfg.vcpus).map_err(Error::Vcpu)?;
+                    if index == 0 {
+                        let effective = vcpu.effective_cpuid().map_err(Error::Vcpu)?;
+                        c.report_forced(&effective);
+                        fingerprint = Some(ember_vcpu::model::fingerprint::CpuFingerprint::new(
+                            &c.model,
+                            &effective,
+                            vcpu.tsc_khz(),
+                        ));
+                    }
                 }
             }
             vcpus.push(vcpu);
@@ -395,15 +437,18 @@ impl Vmm {
                     cmdline: &cmdline,
                     vcpus: cfg.vcpus,
                 };
-                let boot = ember_loader::load(&mem, ml, &spec)?;
+                let loaded = ember_loader::load(&mem, ml, &spec)?;
                 log::info!(
                     "loaded {:?} kernel {}, entry {:#x}",
-                    boot.kernel.format,
+                    loaded.kernel.format,
                     cfg.kernel.display(),
-                    boot.entry
+                    loaded.entry
                 );
-                for vcpu in &mut vcpus {
-                    vcpu.setup_boot(&mem, boot.entry).map_err(Error::Vcpu)?;
+                for (index, vcpu) in (0u8..).zip(vcpus.iter_mut()) {
+                    vcpu.setup_boot(&mem, loaded.entry).map_err(Error::Vcpu)?;
+                    if let Boot::Fresh(c) = boot {
+                        c.apply_msrs(vcpu, index)?;
+                    }
                 }
                 cmdline
             }
@@ -415,10 +460,11 @@ impl Vmm {
                 .try_clone()
                 .map_err(|e| Error::EventFd("vcpu exit", e))?,
         ));
-        let cpu = snapshot::cpu_description(&restore.map_or_else(
-            || ember_vcpu::cpuid::normalize(hv.supported_cpuid.as_slice(), 0, cfg.vcpus),
-            |s| s.vcpus[0].cpuid.clone(),
-        ));
+        let cpu_text = snapshot::cpu_description(&match boot {
+            Boot::Restore(s) => s.vcpus[0].cpuid.clone(),
+            Boot::Fresh(c) => ember_vcpu::cpuid::normalize(&c.base, 0, cfg.vcpus),
+        });
+        let fingerprint = fingerprint.ok_or_else(|| Error::Guest("no vCPU".into()))?;
         let i8042 = legacy.i8042.clone();
         let exit_counters = vcpus.iter().map(Vcpu::exit_counter).collect();
         let saved = SavedParts {
@@ -431,7 +477,9 @@ impl Vmm {
             },
             disks: cfg.disks.clone(),
             nets: cfg.nets.iter().map(|(n, _)| n.clone()).collect(),
-            cpu,
+            cpu: cpu_text,
+            fingerprint,
+            cpu_choice: cfg.cpu.clone(),
         };
         let inputs = VmInputs {
             console_in: console.input,
@@ -545,6 +593,7 @@ impl Vmm {
             vcpus: self.saved.machine.vcpus,
             memory_mib: self.saved.machine.memory_mib,
             track_dirty_pages: self.track_dirty_pages,
+            cpu: self.saved.cpu_choice.clone(),
             kernel: std::path::PathBuf::new(),
             initrd: None,
             cmdline: self.saved.machine.cmdline.clone(),

@@ -43,7 +43,7 @@ struct RestoreArgs {
         long,
         value_name = "FILE",
         requires = "restore_mem",
-        conflicts_with_all = ["config", "kernel", "initrd", "cmdline", "vcpus", "memory", "disk", "net", "config_file"]
+        conflicts_with_all = ["config", "kernel", "initrd", "cmdline", "vcpus", "memory", "cpu", "disk", "net", "config_file"]
     )]
     restore: Option<PathBuf>,
     /// The snapshot's memory file (mapped copy-on-write: nothing is read
@@ -111,7 +111,7 @@ struct FirecrackerArgs {
     #[arg(
         long,
         value_name = "FILE",
-        conflicts_with_all = ["config", "kernel", "initrd", "cmdline", "vcpus", "memory", "disk", "net"]
+        conflicts_with_all = ["config", "kernel", "initrd", "cmdline", "vcpus", "memory", "cpu", "disk", "net"]
     )]
     config_file: Option<PathBuf>,
     /// Do not serve the API (the default without --api-sock); needs a VM
@@ -158,6 +158,52 @@ enum Command {
     /// Work on snapshot files.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// CPU models: list them, show what a guest would get on this host.
+    #[command(subcommand)]
+    Cpu(CpuCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CpuCommand {
+    /// Every model, one a line, with whether this host can run it.
+    List {
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A model as a guest would get it here: vendor, family/model/stepping,
+    /// features, what the host lacks, what ember hides, the CPUID leaves.
+    Show {
+        /// `MODEL[,+FEATURE][,-FEATURE]`.
+        #[arg(value_name = "MODEL")]
+        model: String,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every feature name ember knows, and the CPUID bit or MSR bit it is.
+    Features {
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn run_cpu(cmd: CpuCommand) -> ember_vmm::Result<i32> {
+    let text = match cmd {
+        CpuCommand::Features { json } => ember_vmm::cpu::feature_list(json),
+        CpuCommand::List { json } => {
+            ember_vmm::cpu::list(&ember_vmm::vm::Hypervisor::open()?, json)?
+        }
+        CpuCommand::Show { model, json } => {
+            ember_vmm::cpu::show(&ember_vmm::vm::Hypervisor::open()?, &model, json)?
+        }
+    };
+    print!("{text}");
+    if !text.ends_with('\n') {
+        println!();
+    }
+    Ok(0)
 }
 
 #[derive(Debug, Subcommand)]
@@ -274,6 +320,12 @@ struct VmArgs {
     /// Guest memory in MiB.
     #[arg(long, value_name = "MIB")]
     memory: Option<u64>,
+    /// The guest's CPU model, as QEMU's -cpu:
+    /// `MODEL[,+FEATURE][,-FEATURE][,enforce|,check]` (default `host`;
+    /// `ember cpu list` lists the models). A `.json` file is a Firecracker
+    /// custom CPU template.
+    #[arg(long, value_name = "MODEL")]
+    cpu: Option<String>,
     /// A virtio-blk disk: `path=FILE[,read_only=on][,id=ID]`. Repeat for more
     /// disks (vda, vdb, ... in order); replaces the config file's disks.
     #[arg(long, value_name = "SPEC")]
@@ -347,6 +399,7 @@ fn vm_config_unchecked(cli: VmArgs) -> ember_vmm::Result<VmConfig> {
         cmdline: cli.cmdline,
         vcpus: cli.vcpus,
         memory_mib: cli.memory,
+        cpu: cli.cpu,
         disks,
         nets,
     });
@@ -487,6 +540,13 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
             run_snapshot(cmd)
+        }
+        Some(Command::Cpu(cmd)) => {
+            if let Err(e) = init_logging(cli.vm.log_level, None, "cpu") {
+                eprintln!("ember: error: {e}");
+                return ExitCode::FAILURE;
+            }
+            run_cpu(cmd)
         }
         Some(Command::Jail(args)) => {
             if let Err(e) = init_logging(args.vm.log_level, None, "jail") {

@@ -152,6 +152,7 @@ fn fails_name(name: &'static str) -> &'static str {
         "instance_info_count" => "instance_info_fails",
         "vmm_version_count" => "vmm_version_fails",
         "vm_config_count" => "vm_config_fails",
+        "cpu_cfg_count" => "cpu_cfg_fails",
         _ => "other_fails",
     }
 }

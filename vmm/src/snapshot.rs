@@ -32,7 +32,7 @@ use crate::{Error, Result};
 use ember_memory::MemoryLayout;
 
 /// The version of [`VmState`]'s layout.
-pub const VM_STATE_VERSION: u32 = 1;
+pub const VM_STATE_VERSION: u32 = 2;
 
 /// The VM-wide state KVM holds.
 #[derive(Debug, Serialize, Deserialize)]
@@ -94,6 +94,9 @@ pub struct VmState {
     pub version: u32,
     /// The machine.
     pub machine: Machine,
+    /// The guest's CPU, checked against a destination before anything is
+    /// created there.
+    pub cpu: ember_vcpu::model::fingerprint::CpuFingerprint,
     /// Guest RAM in the memory file.
     pub memory: Vec<MemoryRegion>,
     /// PIC, IOAPIC, PIT, kvmclock.
@@ -186,59 +189,6 @@ pub fn cpu_description(cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> String {
     format!("{vendor} family {family} model {model} stepping {stepping}")
 }
 
-/// The CPUID feature words a guest may rely on: (leaf, subleaf, register
-/// name, value).
-fn feature_words(cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> Vec<(u32, u32, &'static str, u32)> {
-    let mut v = Vec::new();
-    for e in cpuid {
-        match (e.function, e.index) {
-            // Leaves without subleaves: KVM leaves `index` as it found it.
-            (1, _) | (0x8000_0001, _) => {
-                v.push((e.function, 0, "ecx", e.ecx));
-                v.push((e.function, 0, "edx", e.edx));
-            }
-            (7, 0) => {
-                v.push((e.function, e.index, "ebx", e.ebx));
-                v.push((e.function, e.index, "ecx", e.ecx));
-                v.push((e.function, e.index, "edx", e.edx));
-            }
-            (0xd, 1) => v.push((e.function, e.index, "eax", e.eax)),
-            _ => {}
-        }
-    }
-    v
-}
-
-/// Checks that this host offers every CPU feature the snapshot's guest
-/// saw (`host` is what ember would give a new guest here).
-pub fn check_cpu(
-    saved: &[kvm_bindings::kvm_cpuid_entry2],
-    host: &[kvm_bindings::kvm_cpuid_entry2],
-) -> Result<()> {
-    let host_words = feature_words(host);
-    let mut missing = Vec::new();
-    for (leaf, sub, reg, bits) in feature_words(saved) {
-        let have = host_words
-            .iter()
-            .find(|(l, s, r, _)| *l == leaf && *s == sub && *r == reg)
-            .map_or(0, |w| w.3);
-        // The hypervisor bit and APIC-id-dependent bits aside, every
-        // feature bit must be offered here.
-        let lacking = bits & !have;
-        if lacking != 0 {
-            missing.push(format!("leaf {leaf:#x}.{sub} {reg} bits {lacking:#x}"));
-        }
-    }
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::Restore(format!(
-            "this host's CPU lacks features the snapshot's guest uses ({}): restore on a host with a compatible CPU",
-            missing.join(", ")
-        )))
-    }
-}
-
 /// Saves the VM-wide KVM state; `clock` is kvmclock as saved at pause.
 pub fn save_kvm(vm: &VmFd, clock: kvm_clock_data) -> Result<KvmVmState> {
     let chip = |id| -> Result<kvm_irqchip> {
@@ -326,6 +276,10 @@ pub fn config_for(state: &VmState, load: &LoadParams) -> Result<ValidConfig> {
         vcpus: state.machine.vcpus,
         memory_mib: state.machine.memory_mib,
         track_dirty_pages: load.track_dirty_pages,
+        cpu: crate::config::CpuChoice {
+            text: state.cpu.model.clone(),
+            template: None,
+        },
         kernel: PathBuf::new(),
         initrd: None,
         cmdline: state.machine.cmdline.clone(),
@@ -450,7 +404,15 @@ impl Vmm {
             }
         };
         log::debug!("restore: memory mapped at {:?}", t.elapsed());
-        let mut vmm = Self::assemble(&hv, &cfg, &ml, mem, console, started, Some(state))?;
+        let mut vmm = Self::assemble(
+            &hv,
+            &cfg,
+            &ml,
+            mem,
+            console,
+            started,
+            crate::Boot::Restore(state),
+        )?;
         vmm._uffd = uffd;
         log::info!(
             "restored {} (saved by ember {} on {}) in {:.2} ms",
@@ -514,6 +476,7 @@ impl Vmm {
         let state = self::VmState {
             version: self::VM_STATE_VERSION,
             machine: self.saved.machine.clone(),
+            cpu: self.saved.fingerprint.clone(),
             memory: Vec::new(),
             kvm,
             vcpus,

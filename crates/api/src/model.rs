@@ -41,6 +41,72 @@ pub struct Error {
 /// [`Error`] under the name this crate first gave it.
 pub type ApiError = Error;
 
+/// `PUT /cpu-config`: a custom CPU template, modifiers over the host's
+/// CPUID and MSRs (the spec's `CpuConfig`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuConfig {
+    /// KVM capabilities to require (`"121"`) or not (`"!121"`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kvm_capabilities: Vec<String>,
+    /// CPUID leaf modifiers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpuid_modifiers: Vec<CpuidLeafModifier>,
+    /// MSR modifiers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub msr_modifiers: Vec<MsrModifier>,
+    /// aarch64 register modifiers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reg_modifiers: Vec<MsrModifier>,
+    /// aarch64 vCPU features.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vcpu_features: Vec<VcpuFeatures>,
+}
+
+/// One CPUID leaf's modifiers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuidLeafModifier {
+    /// Leaf (hex, binary or decimal text).
+    pub leaf: String,
+    /// Subleaf.
+    pub subleaf: String,
+    /// KVM's flags for the leaf.
+    pub flags: u32,
+    /// Register modifiers.
+    pub modifiers: Vec<CpuidRegisterModifier>,
+}
+
+/// A bitmap over one CPUID register.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuidRegisterModifier {
+    /// `eax`..`edx`.
+    pub register: String,
+    /// `0b` and 32 of `0`, `1`, `x`.
+    pub bitmap: String,
+}
+
+/// A bitmap over one register by address (an MSR; an aarch64 register).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MsrModifier {
+    /// Address (hex, binary or decimal text).
+    pub addr: String,
+    /// `0b` and 64 of `0`, `1`, `x`.
+    pub bitmap: String,
+}
+
+/// An aarch64 vCPU feature modifier.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VcpuFeatures {
+    /// Feature index.
+    pub index: i32,
+    /// Bitmap.
+    pub bitmap: String,
+}
+
 /// Firecracker's (deprecated) static CPU templates.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CpuTemplate {
@@ -502,7 +568,6 @@ macro_rules! refuse_section {
 
 refuse_section! {
     refuse_balloon: "balloon", "the balloon device";
-    refuse_cpu_config: "cpu-config", "CPU templates";
     refuse_memory_hotplug: "memory-hotplug", "memory hotplug";
     refuse_mmds_config: "mmds-config", "MMDS";
     refuse_pmem: "pmem", "virtio-pmem";
@@ -549,14 +614,13 @@ pub struct FullVmConfiguration {
         skip_serializing_if = "Option::is_none"
     )]
     pub balloon: Option<NotSupported>,
-    /// `cpu-config`: not supported yet.
+    /// `cpu-config`: a custom CPU template.
     #[serde(
         rename = "cpu-config",
         default,
-        deserialize_with = "refuse_cpu_config",
         skip_serializing_if = "Option::is_none"
     )]
-    pub cpu_config: Option<NotSupported>,
+    pub cpu_config: Option<CpuConfig>,
     /// `memory-hotplug`: not supported yet.
     #[serde(
         rename = "memory-hotplug",
@@ -639,7 +703,6 @@ mod tests {
     fn model_full_config_names_the_sections_ember_does_not_serve() {
         for key in [
             "balloon",
-            "cpu-config",
             "memory-hotplug",
             "mmds-config",
             "pmem",

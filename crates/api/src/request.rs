@@ -6,7 +6,7 @@
 use serde::de::DeserializeOwned;
 
 use crate::model::{
-    ActionType, BootSource, Drive, InstanceActionInfo, Logger, MachineConfiguration,
+    ActionType, BootSource, CpuConfig, Drive, InstanceActionInfo, Logger, MachineConfiguration,
     MachineConfigurationUpdate, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface,
     RateLimiter, SnapshotCreateParams, SnapshotLoadParams, Vm, VmState,
 };
@@ -49,6 +49,8 @@ pub enum Request {
     PutLogger(Logger),
     /// `PUT /metrics`.
     PutMetrics(Metrics),
+    /// `PUT /cpu-config`.
+    PutCpuConfig(CpuConfig),
     /// `PUT /snapshot/create`.
     CreateSnapshot(SnapshotCreateParams),
     /// `PUT /snapshot/load`.
@@ -104,7 +106,6 @@ const UNSUPPORTED: &[(&str, &str, &str)] = &[
     ("PATCH", "/balloon/hinting/start", "the balloon device"),
     ("GET", "/balloon/hinting/status", "the balloon device"),
     ("PATCH", "/balloon/hinting/stop", "the balloon device"),
-    ("PUT", "/cpu-config", "CPU templates"),
     ("PUT", "/pmem/{id}", "virtio-pmem"),
     ("PATCH", "/pmem/{id}", "virtio-pmem"),
     ("GET", "/mmds", "MMDS"),
@@ -285,6 +286,7 @@ impl Request {
                 }
                 Request::PatchMachineConfig(m)
             }
+            ("PUT", ["cpu-config"]) => Request::PutCpuConfig(parse_body(&what, body)?),
             ("PUT", ["boot-source"]) => {
                 let b: BootSource = parse_body(&what, body)?;
                 if b.kernel_image_path.is_empty() {
@@ -501,7 +503,6 @@ mod tests {
             ("GET", "/balloon/statistics"),
             ("PUT", "/vsock"),
             ("PUT", "/entropy"),
-            ("PUT", "/cpu-config"),
             ("GET", "/mmds"),
             ("PUT", "/mmds/config"),
             ("PUT", "/serial"),

@@ -5,11 +5,11 @@
 use std::collections::BTreeSet;
 
 use ember_api::model::{
-    ActionType, BootSource, CacheType, CpuTemplate, Drive, FirecrackerVersion, FullVmConfiguration,
-    HugePages, InstanceActionInfo, InstanceInfo, IoEngine, LogLevel, Logger, MachineConfiguration,
-    MachineConfigurationUpdate, MemoryBackend, Metrics, NetworkInterface, NetworkOverride,
-    PartialDrive, PartialNetworkInterface, RateLimiter, SnapshotCreateParams, SnapshotLoadParams,
-    TokenBucket, Vm, VmState,
+    ActionType, BootSource, CacheType, CpuConfig, CpuTemplate, CpuidLeafModifier, Drive,
+    FirecrackerVersion, FullVmConfiguration, HugePages, InstanceActionInfo, InstanceInfo, IoEngine,
+    LogLevel, Logger, MachineConfiguration, MachineConfigurationUpdate, MemoryBackend, Metrics,
+    NetworkInterface, NetworkOverride, PartialDrive, PartialNetworkInterface, RateLimiter,
+    SnapshotCreateParams, SnapshotLoadParams, TokenBucket, Vm, VmState,
 };
 use ember_api::{handle_bytes, model, Request, RequestError, Response, MAX_BODY};
 use serde::de::DeserializeOwned;
@@ -68,6 +68,7 @@ const SERVED: &[(&str, &str)] = &[
     ("PUT", "/metrics"),
     ("PUT", "/snapshot/create"),
     ("PUT", "/snapshot/load"),
+    ("PUT", "/cpu-config"),
 ];
 
 /// A spec path with each `{parameter}` replaced by an id.
@@ -254,6 +255,26 @@ fn cases() -> Vec<Case> {
             true,
         ),
         case(
+            "CpuConfig",
+            json!({
+                "kvm_capabilities": ["!121"],
+                "cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0,
+                    "modifiers": [{"register": "ecx", "bitmap": "0bxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx1"}]}],
+                "msr_modifiers": [{"addr": "0x10a", "bitmap": "0b1"}],
+                "reg_modifiers": [{"addr": "0x0", "bitmap": "0b1"}],
+                "vcpu_features": [{"index": 0, "bitmap": "0b1"}]
+            }),
+            again::<CpuConfig>,
+            true,
+        ),
+        case(
+            "CpuidLeafModifier",
+            json!({"leaf": "0x1", "subleaf": "0x0", "flags": 0,
+                "modifiers": [{"register": "ecx", "bitmap": "0b1"}]}),
+            again::<CpuidLeafModifier>,
+            true,
+        ),
+        case(
             "InstanceInfo",
             json!({"app_name": "ember", "id": "vm", "state": "Not started", "vmm_version": "1"}),
             again::<InstanceInfo>,
@@ -325,6 +346,7 @@ fn spec_full_vm_configuration_has_every_section() {
         network_interfaces: vec![],
         logger: Some(Logger::default()),
         metrics: Some(serde_json::from_value(json!({"metrics_path": "m"})).unwrap()),
+        cpu_config: Some(serde_json::from_value(json!({"kvm_capabilities": ["!121"]})).unwrap()),
         ..Default::default()
     };
     let served = keys(&serde_json::to_value(&full).unwrap());

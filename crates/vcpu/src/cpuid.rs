@@ -11,7 +11,7 @@
 use kvm_bindings::kvm_cpuid_entry2;
 
 /// `KVM_CPUID_FLAG_SIGNIFCANT_INDEX`: the entry depends on the subleaf.
-const FLAG_SIGNIFICANT_INDEX: u32 = 1;
+pub(crate) const FLAG_SIGNIFICANT_INDEX: u32 = 1;
 
 /// Which register of a CPUID leaf a feature bit lives in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -170,7 +170,7 @@ fn bits_for(count: u32) -> u32 {
     }
 }
 
-fn reg_mut(e: &mut kvm_cpuid_entry2, reg: Reg) -> &mut u32 {
+pub(crate) fn reg_mut(e: &mut kvm_cpuid_entry2, reg: Reg) -> &mut u32 {
     match reg {
         Reg::Eax => &mut e.eax,
         Reg::Ebx => &mut e.ebx,
@@ -179,7 +179,7 @@ fn reg_mut(e: &mut kvm_cpuid_entry2, reg: Reg) -> &mut u32 {
     }
 }
 
-fn leaf_matches(e: &kvm_cpuid_entry2, leaf: u32, subleaf: u32) -> bool {
+pub(crate) fn leaf_matches(e: &kvm_cpuid_entry2, leaf: u32, subleaf: u32) -> bool {
     e.function == leaf && (e.flags & FLAG_SIGNIFICANT_INDEX == 0 || e.index == subleaf)
 }
 

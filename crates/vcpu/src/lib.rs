@@ -24,7 +24,7 @@
 //! // ... register `mem` with the VM and load a kernel ...
 //! let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
 //! let mut vcpu = Vcpu::new(&vm, 0, Arc::new(IoManager::new())).unwrap();
-//! let forced = vcpu.set_cpuid(&supported, 1).unwrap();
+//! let forced = vcpu.set_cpuid(supported.as_slice(), 1).unwrap();
 //! // Add `cpuid::kernel_params_hiding(&forced)` to the kernel command line.
 //! vcpu.setup_boot(&mem, 0x100_0000).unwrap();
 //! register_kick_signal().unwrap();
@@ -35,6 +35,7 @@
 
 pub mod cpuid;
 pub mod exit;
+pub mod model;
 pub mod regs;
 pub mod state;
 mod vcpu;

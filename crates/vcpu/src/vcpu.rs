@@ -301,16 +301,17 @@ impl Vcpu {
         state::restore(&self.fd, saved)
     }
 
-    /// Sets CPUID, normalised for `count` vCPUs, and returns the masked
-    /// features the host keeps visible anyway (read back with
+    /// Sets CPUID from `base` (KVM's supported CPUID, or a CPU model's,
+    /// see [`crate::model`]), normalised for `count` vCPUs, and returns the
+    /// masked features the host keeps visible anyway (read back with
     /// `KVM_GET_CPUID2`): the guest must be told to ignore those some other
     /// way (see [`cpuid::kernel_params_hiding`]).
     pub fn set_cpuid(
         &mut self,
-        supported: &CpuId,
+        base: &[kvm_bindings::kvm_cpuid_entry2],
         count: u8,
     ) -> Result<Vec<&'static cpuid::MaskedFeature>> {
-        let entries = cpuid::normalize(supported.as_slice(), self.index, count);
+        let entries = cpuid::normalize(base, self.index, count);
         let cpuid = CpuId::from_entries(&entries).map_err(|_| Error::CpuidTooLarge)?;
         self.fd
             .set_cpuid2(&cpuid)
@@ -320,6 +321,53 @@ impl Vcpu {
             .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| Error::Kvm("KVM_GET_CPUID2", e))?;
         Ok(cpuid::forced_features(effective.as_slice()))
+    }
+
+    /// One MSR's value (`None` if KVM will not read it).
+    pub fn msr(&self, index: u32) -> Option<u64> {
+        let mut msrs = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index,
+            ..Default::default()
+        }])
+        .ok()?;
+        match self.fd.get_msrs(&mut msrs) {
+            Ok(1) => Some(msrs.as_slice()[0].data),
+            _ => None,
+        }
+    }
+
+    /// Sets MSRs; every one must be taken.
+    pub fn set_msrs(&self, values: &[(u32, u64)]) -> Result<()> {
+        let entries: Vec<_> = values
+            .iter()
+            .map(|&(index, data)| kvm_bindings::kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries).map_err(|_| Error::CpuidTooLarge)?;
+        let written = self
+            .fd
+            .set_msrs(&msrs)
+            .map_err(|e| Error::Kvm("KVM_SET_MSRS", e))?;
+        match entries.get(written) {
+            Some(failed) => Err(Error::MsrRejected(failed.index)),
+            None => Ok(()),
+        }
+    }
+
+    /// The guest TSC's frequency (`KVM_GET_TSC_KHZ`).
+    pub fn tsc_khz(&self) -> Option<u32> {
+        self.fd.get_tsc_khz().ok()
+    }
+
+    /// Sets the guest TSC's frequency (`KVM_SET_TSC_KHZ`: needs TSC scaling
+    /// unless it is the host's).
+    pub fn set_tsc_khz(&self, khz: u32) -> Result<()> {
+        self.fd
+            .set_tsc_khz(khz)
+            .map_err(|e| Error::Kvm("KVM_SET_TSC_KHZ", e))
     }
 
     /// The CPUID KVM applies to this vCPU now (`KVM_GET_CPUID2`).

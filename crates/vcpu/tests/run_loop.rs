@@ -57,7 +57,7 @@ fn run_loop_pauses_resumes_and_stops_a_counting_guest() {
 
     let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
     let mut vcpu = Vcpu::new(&vm, 0, Arc::new(IoManager::new())).unwrap();
-    vcpu.set_cpuid(&supported, 1).unwrap();
+    vcpu.set_cpuid(supported.as_slice(), 1).unwrap();
     vcpu.setup_boot(&mem, CODE_ADDR).unwrap();
     register_kick_signal().unwrap();
 

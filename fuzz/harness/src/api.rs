@@ -23,6 +23,7 @@ fn apply(cfg: &mut VmConfig, request: &Request) {
         Request::PutBootSource(b) => fc::apply_boot_source(cfg, b),
         Request::PutDrive(d) => fc::apply_drive(cfg, d),
         Request::PutNetworkInterface(n) => fc::apply_net(cfg, n),
+        Request::PutCpuConfig(c) => fc::apply_cpu_config(cfg, c),
         _ => Ok(()),
     };
     if let Err(e) = r {
@@ -251,7 +252,26 @@ pub fn seeds() -> Vec<NamedSeed> {
         ),
     ]
     .concat();
+    let cpu = [
+        http(
+            "PUT",
+            "/cpu-config",
+            r#"{"kvm_capabilities": ["!121"], "cpuid_modifiers": [{"leaf": "0x7", "subleaf": "0x0", "flags": 1, "modifiers": [{"register": "ebx", "bitmap": "0bxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx0"}]}], "msr_modifiers": [{"addr": "0x10a", "bitmap": "0bxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx0000"}]}"#,
+        ),
+        http(
+            "PUT",
+            "/cpu-config",
+            r#"{"cpuid_modifiers": [{"leaf": "zz", "subleaf": "0", "flags": 0, "modifiers": []}]}"#,
+        ),
+        http(
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 1, "mem_size_mib": 64, "cpu_template": "T2"}"#,
+        ),
+    ]
+    .concat();
     vec![
+        ("cpu_config", cpu.into_bytes()),
         ("snapshot", snapshot.into_bytes()),
         ("configure", configure.into_bytes()),
         ("lifecycle", lifecycle.into_bytes()),

@@ -28,6 +28,7 @@
 pub mod api;
 pub mod blk;
 pub mod config;
+pub mod cpu;
 pub mod guest;
 pub mod input;
 pub mod legacy;
@@ -43,6 +44,7 @@ pub mod uffd;
 pub use api::api_request;
 pub use blk::{virtio_blk_chain, virtio_blk_request};
 pub use config::config;
+pub use cpu::cpu_model;
 pub use legacy::legacy_ports;
 pub use loader::{loader_bzimage, loader_elf};
 pub use net::{virtio_net_rx, virtio_net_tx};
@@ -72,6 +74,7 @@ pub const TARGETS: &[Target] = &[
     ("config", config),
     ("snapshot_state", snapshot_state),
     ("uffd_handshake", uffd_handshake),
+    ("cpu_model", cpu_model),
 ];
 
 /// The target called `name`.

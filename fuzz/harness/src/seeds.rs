@@ -1054,6 +1054,7 @@ pub fn all() -> Vec<(&'static str, Vec<NamedSeed>)> {
         ("api_request", crate::api::seeds()),
         ("snapshot_state", crate::snapshot::seeds()),
         ("uffd_handshake", crate::uffd::seeds()),
+        ("cpu_model", crate::cpu::seeds()),
     ]
 }
 

@@ -1,6 +1,7 @@
 //! `snapshot_state`: a snapshot state file, as `PUT /snapshot/load` and
 //! `ember --restore` read it, then every check and component restore that
-//! needs no KVM: the configuration the VM would be rebuilt with, the UART,
+//! needs no KVM: the configuration the VM would be rebuilt with, the CPU
+//! fingerprint's check against a host, the UART,
 //! i8042 and CMOS states, and each disk's and NIC's transport state
 //! restored into a freshly built virtio-pci function (which reactivates a
 //! running device on the fuzzer's guest memory) and kicked.
@@ -87,6 +88,8 @@ pub fn snapshot_state(data: &[u8]) {
         track_dirty_pages: true,
     };
     let _ = config_for(&state, &load);
+    // The CPU check a restore makes first, on a host like the fuzzer's.
+    let _ = state.cpu.check(&crate::cpu::fuzz_host());
     if let (Ok(irq), Ok(drained)) = (EventFd::new(EFD_NONBLOCK), EventFd::new(EFD_NONBLOCK)) {
         let _ =
             ember_legacy::SerialDevice::from_state(irq, drained, std::io::sink(), &state.serial);
@@ -161,9 +164,18 @@ fn sample_state() -> Option<VmState> {
         );
         ember_legacy::I8042::new(reset, irq).state()
     };
+    let host = crate::cpu::fuzz_host();
+    let spec = ember_vcpu::model::CpuSpec::parse("EPYC-Rome,check").ok()?;
+    let model = ember_vcpu::model::resolve(&spec, &host).ok()?;
+    let cpu = ember_vcpu::model::fingerprint::CpuFingerprint::new(
+        &model,
+        &model.cpuid(&host).ok()?,
+        Some(2_000_000),
+    );
     let json = serde_json::json!({
-        "version": 1,
+        "version": 2,
         "machine": {"vcpus": 1, "memory_mib": 128, "cmdline": "console=ttyS0"},
+        "cpu": cpu,
         "memory": [{"guest_addr": 0, "size": 134217728u64, "file_offset": 0}],
         "kvm": {
             "pic_master": vec![0u8; 520], "pic_slave": vec![0u8; 520], "ioapic": vec![0u8; 520],

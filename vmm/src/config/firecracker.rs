@@ -8,8 +8,8 @@
 use std::path::PathBuf;
 
 use ember_api::model::{
-    BootSource, CpuTemplate, Drive, FullVmConfiguration, HugePages, MachineConfiguration,
-    MachineConfigurationUpdate, NetworkInterface,
+    BootSource, CpuConfig, CpuTemplate, Drive, FullVmConfiguration, HugePages,
+    MachineConfiguration, MachineConfigurationUpdate, NetworkInterface,
 };
 
 use super::{BootConfig, ConfigError, DiskConfig, MachineConfig, NetConfig, VmConfig};
@@ -26,6 +26,9 @@ pub fn apply_machine(cfg: &mut VmConfig, m: &MachineConfiguration) -> Result<(),
         vcpus: u64::from(m.vcpu_count),
         memory_mib: m.mem_size_mib,
         track_dirty_pages: m.track_dirty_pages,
+        // The CPU is chosen by `PUT /cpu-config` (or ember's `machine.cpu`).
+        cpu: cfg.machine.cpu.clone(),
+        cpu_template: cfg.machine.cpu_template.clone(),
     };
     machine.validate()?;
     cfg.machine = machine;
@@ -67,7 +70,7 @@ fn check_machine_extras(
     if let Some(t) = cpu_template.filter(|t| **t != CpuTemplate::None) {
         return Err(unsupported(
             &format!("machine-config.cpu_template = {t:?}"),
-            "CPU models come later; the guest sees the host's CPU",
+            "Firecracker's static templates are deprecated there and not modelled here: give a custom template with PUT /cpu-config, or an ember CPU model (machine.cpu)",
         ));
     }
     if let Some(h) = huge_pages.filter(|h| **h != HugePages::None) {
@@ -244,6 +247,7 @@ pub fn to_api(cfg: &VmConfig) -> FullVmConfiguration {
             })
             .collect(),
         machine_config: Some(machine_to_api(&cfg.machine)),
+        cpu_config: cfg.machine.cpu_template.as_ref().map(template_to_api),
         network_interfaces: cfg
             .net
             .iter()
@@ -263,6 +267,28 @@ pub fn to_api(cfg: &VmConfig) -> FullVmConfiguration {
             .collect(),
         ..Default::default()
     }
+}
+
+/// `PUT /cpu-config`: a custom CPU template becomes the VM's CPU model.
+pub fn apply_cpu_config(cfg: &mut VmConfig, c: &CpuConfig) -> Result<(), ConfigError> {
+    // The same JSON schema on both sides.
+    let value = serde_json::to_value(c).map_err(|e| ConfigError::Unsupported(e.to_string()))?;
+    let t: ember_vcpu::model::CustomTemplate = serde_json::from_value(value)
+        .map_err(|e| ConfigError::Cpu(ember_vcpu::model::ModelError::Template(e.to_string())))?;
+    t.validate().map_err(ConfigError::Cpu)?;
+    let mut machine = cfg.machine.clone();
+    machine.cpu_template = Some(t);
+    machine.cpu = None;
+    machine.validate()?;
+    cfg.machine = machine;
+    Ok(())
+}
+
+fn template_to_api(t: &ember_vcpu::model::CustomTemplate) -> CpuConfig {
+    serde_json::to_value(t)
+        .ok()
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default()
 }
 
 /// `aa:bb:cc:dd:ee:ff`.
@@ -285,6 +311,9 @@ pub fn from_api(full: &FullVmConfiguration) -> Result<VmConfig, ConfigError> {
     let mut cfg = VmConfig::default();
     if let Some(m) = &full.machine_config {
         apply_machine(&mut cfg, m)?;
+    }
+    if let Some(c) = &full.cpu_config {
+        apply_cpu_config(&mut cfg, c)?;
     }
     if let Some(b) = &full.boot_source {
         apply_boot_source(&mut cfg, b)?;

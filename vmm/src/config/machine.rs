@@ -25,6 +25,37 @@ pub struct MachineConfig {
     /// ember's bitmap), so diff snapshots hold only what changed.
     #[serde(default)]
     pub track_dirty_pages: bool,
+    /// The CPU model, QEMU's `-cpu` syntax:
+    /// `MODEL[,+FEATURE][,-FEATURE][,enforce|,check]` (`host` when absent;
+    /// `ember cpu list` lists the models).
+    #[serde(default)]
+    pub cpu: Option<String>,
+    /// A Firecracker custom CPU template (`PUT /cpu-config`, the config
+    /// file's `cpu-config`); in TOML, `cpu = "FILE.json"` names one.
+    #[serde(skip)]
+    pub cpu_template: Option<ember_vcpu::model::CustomTemplate>,
+}
+
+/// The CPU a configuration asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpuChoice {
+    /// `machine.cpu` (`host` when not given).
+    pub text: String,
+    /// `cpu-config`, which is the model when given.
+    pub template: Option<ember_vcpu::model::CustomTemplate>,
+}
+
+impl CpuChoice {
+    /// The parsed choice.
+    pub fn spec(&self) -> Result<ember_vcpu::model::CpuSpec, ember_vcpu::model::ModelError> {
+        match &self.template {
+            Some(t) => {
+                t.validate()?;
+                Ok(ember_vcpu::model::CpuSpec::template(t.clone()))
+            }
+            None => ember_vcpu::model::CpuSpec::parse(&self.text),
+        }
+    }
 }
 
 fn default_vcpus() -> u64 {
@@ -41,6 +72,8 @@ impl Default for MachineConfig {
             vcpus: default_vcpus(),
             memory_mib: default_memory_mib(),
             track_dirty_pages: false,
+            cpu: None,
+            cpu_template: None,
         }
     }
 }
@@ -49,11 +82,28 @@ impl MachineConfig {
     /// Checks the values that can be checked without the host: the vCPU
     /// count range and the memory layout.
     pub fn validate(&self) -> Result<u8, ConfigError> {
+        if self.cpu_template.is_some() && self.cpu.as_deref().is_some_and(|c| c != "host") {
+            return Err(ConfigError::Cpu(ember_vcpu::model::ModelError::Template(
+                format!(
+                    "machine.cpu = {:?} and a custom CPU template are both given: choose one",
+                    self.cpu.as_deref().unwrap_or("")
+                ),
+            )));
+        }
+        self.cpu_choice().spec().map_err(ConfigError::Cpu)?;
         let vcpus = u8::try_from(self.vcpus)
             .ok()
             .filter(|v| (1..=MAX_VCPUS).contains(v))
             .ok_or(ConfigError::Vcpus(self.vcpus))?;
         ember_memory::MemoryLayout::new(self.memory_mib).map_err(ConfigError::Memory)?;
         Ok(vcpus)
+    }
+
+    /// The CPU asked for.
+    pub fn cpu_choice(&self) -> CpuChoice {
+        CpuChoice {
+            text: self.cpu.clone().unwrap_or_else(|| "host".into()),
+            template: self.cpu_template.clone(),
+        }
     }
 }

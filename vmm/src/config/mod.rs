@@ -27,7 +27,7 @@ use serde::Deserialize;
 
 pub use boot::BootConfig;
 pub use disk::DiskConfig;
-pub use machine::MachineConfig;
+pub use machine::{CpuChoice, MachineConfig};
 pub use net::NetConfig;
 
 /// What is wrong with a configuration. Each message names the key or file.
@@ -53,6 +53,9 @@ pub enum ConfigError {
     /// `machine.vcpus` is out of range.
     #[error("machine.vcpus = {0} is out of range: it must be 1 to {max}", max = machine::MAX_VCPUS)]
     Vcpus(u64),
+    /// `machine.cpu` (or the CPU template) cannot be used.
+    #[error("machine.cpu: {0}")]
+    Cpu(#[source] ember_vcpu::model::ModelError),
     /// `machine.memory_mib` is not a usable size.
     #[error("machine.memory_mib is invalid")]
     Memory(#[source] ember_memory::Error),
@@ -179,6 +182,8 @@ pub struct Overrides {
     pub vcpus: Option<u64>,
     /// `--memory`.
     pub memory_mib: Option<u64>,
+    /// `--cpu`.
+    pub cpu: Option<String>,
     /// `--disk`, repeated: replace the file's disks when given.
     pub disks: Vec<DiskConfig>,
     /// `--net`, repeated: replace the file's NICs when given.
@@ -194,6 +199,8 @@ pub struct ValidConfig {
     pub memory_mib: u64,
     /// Dirty-page tracking for diff snapshots.
     pub track_dirty_pages: bool,
+    /// The CPU model.
+    pub cpu: CpuChoice,
     /// The kernel file.
     pub kernel: PathBuf,
     /// The initrd file.
@@ -262,6 +269,9 @@ impl VmConfig {
         if let Some(m) = o.memory_mib {
             self.machine.memory_mib = m;
         }
+        if let Some(c) = &o.cpu {
+            self.machine.cpu = Some(c.clone());
+        }
         if !o.disks.is_empty() {
             self.disk = o.disks.clone();
         }
@@ -314,6 +324,7 @@ impl VmConfig {
             vcpus,
             memory_mib: self.machine.memory_mib,
             track_dirty_pages: self.machine.track_dirty_pages,
+            cpu: self.machine.cpu_choice(),
             kernel: self.boot.kernel()?.to_owned(),
             initrd: self.boot.initrd.clone(),
             cmdline,
@@ -474,6 +485,20 @@ mod tests {
     }
 
     #[test]
+    fn machine_cpu_is_parsed_and_checked() {
+        let c = parse("[machine]\ncpu = \"Cascadelake-Server,check\"\n[boot]\nkernel = \"a\"\n")
+            .unwrap();
+        assert_eq!(c.machine.cpu.as_deref(), Some("Cascadelake-Server,check"));
+        assert!(c.machine.validate().is_ok());
+        let bad = parse("[machine]\ncpu = \"Cascadelake-Server,+avx512vnnni\"\n").unwrap();
+        let e = bad.machine.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("machine.cpu") && e.contains("did you mean \"avx512vnni\""),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn overrides_replace_file_values() {
         let mut c = parse("[machine]\nvcpus = 2\n[boot]\nkernel = \"a\"\n").unwrap();
         c.apply(&Overrides {
@@ -482,9 +507,11 @@ mod tests {
             memory_mib: Some(256),
             cmdline: Some("quiet".into()),
             initrd: None,
+            cpu: Some("EPYC-Rome,-sha-ni".into()),
             disks: vec![],
             nets: vec![],
         });
+        assert_eq!(c.machine.cpu.as_deref(), Some("EPYC-Rome,-sha-ni"));
         assert_eq!(c.machine.vcpus, 4);
         assert_eq!(c.machine.memory_mib, 256);
         assert_eq!(c.boot.kernel.as_deref(), Some(Path::new("/k")));

@@ -48,6 +48,7 @@ impl Instance {
             Request::PutMachineConfig(m) => self.change(|c| fc::apply_machine(c, &m)),
             Request::PatchMachineConfig(m) => self.change(|c| fc::apply_machine_update(c, &m)),
             Request::PutBootSource(b) => self.change(|c| fc::apply_boot_source(c, &b)),
+            Request::PutCpuConfig(t) => self.change(|c| fc::apply_cpu_config(c, &t)),
             Request::PutDrive(d) => self.change(|c| fc::apply_drive(c, &d)),
             Request::PutNetworkInterface(n) => self.change(|c| fc::apply_net(c, &n)),
             Request::PatchDrive(d) => {
@@ -261,6 +262,7 @@ fn metric_name(r: &Request) -> (&'static str, &'static str) {
         Request::PutMachineConfig(_) => (PUT, "machine_cfg_count"),
         Request::PatchMachineConfig(_) => (PATCH, "machine_cfg_count"),
         Request::PutBootSource(_) => (PUT, "boot_source_count"),
+        Request::PutCpuConfig(_) => (PUT, "cpu_cfg_count"),
         Request::PutDrive(_) => (PUT, "drive_count"),
         Request::PatchDrive(_) => (PATCH, "drive_count"),
         Request::PutNetworkInterface(_) => (PUT, "network_count"),
