@@ -184,13 +184,15 @@ fn the_guest_kernel_sees_each_vendors_model() {
         return;
     }
     let kernel = guest_kernel_dir().join("vmlinux");
-    let boot = |model: &str| {
+    let boot = |model: &str, vcpus: &str| {
         spawn_ember(
             &[
                 "--kernel",
                 kernel.to_str().unwrap(),
                 "--cpu",
                 model,
+                "--vcpus",
+                vcpus,
                 "--memory",
                 "128",
                 "--cmdline",
@@ -200,8 +202,9 @@ fn the_guest_kernel_sees_each_vendors_model() {
         )
     };
     // Both at once: each ends when the kernel finds no root filesystem.
-    let intel = boot("SapphireRapids,check");
-    let amd = boot("EPYC-Rome,check");
+    // The AMD guest has two vCPUs: the model's CPUID with ember's topology.
+    let intel = boot("SapphireRapids,check", "1");
+    let amd = boot("EPYC-Rome,check", "2");
     let cases = [
         (
             intel.finish(Duration::from_secs(240)),
@@ -232,6 +235,12 @@ fn the_guest_kernel_sees_each_vendors_model() {
             );
         }
     }
+    let (amd, ..) = &cases[1];
+    amd.check(
+        amd.stdout
+            .contains("smpboot: Total of 2 processors activated"),
+        "both vCPUs of the EPYC-Rome guest came up",
+    );
     // `check` says what the guest goes without.
     let (intel, ..) = &cases[0];
     if !host_flags().iter().any(|f| f == "amx_tile") {

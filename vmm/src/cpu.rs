@@ -16,8 +16,25 @@ use crate::{Error, Result};
 /// host, to play a weaker migration or restore destination.
 pub const TEST_REMOVE_ENV: &str = "EMBER_TEST_HOST_CPU_REMOVE";
 
-/// What this host's KVM can give a guest.
-pub fn host_cpu(hv: &Hypervisor) -> Result<HostCpu> {
+/// Where the bits a host forces on every guest are read from.
+#[derive(Clone, Copy)]
+pub enum Probe<'a> {
+    /// Nowhere: KVM's supported CPUID as it is (the `host` model needs
+    /// nothing more).
+    None,
+    /// A throw-away VM and vCPU.
+    NewVcpu,
+    /// A vCPU of the VM being built, before its CPUID is set for good.
+    Vcpu(&'a ember_vcpu::Vcpu),
+}
+
+/// What this host's KVM can give a guest: `KVM_GET_SUPPORTED_CPUID`, the
+/// TSC deadline timer capability, KVM's `IA32_ARCH_CAPABILITIES` feature
+/// MSR, and the bits the host shows every guest whatever its CPUID says
+/// (read back through `probe`; PVM hosts pass their own leaf 1 and leaf 7
+/// bits through, and their supported CPUID omits them: a guest runs those
+/// natively, so the host provides them; a normal KVM host adds nothing).
+pub fn host_cpu(hv: &Hypervisor, probe: Probe<'_>) -> Result<HostCpu> {
     let arch_capabilities = hv
         .kvm
         .get_msr_feature_index_list()
@@ -36,7 +53,23 @@ pub fn host_cpu(hv: &Hypervisor) -> Result<HostCpu> {
         })
         .unwrap_or(0);
     let mut cpuid = hv.supported_cpuid.as_slice().to_vec();
-    add_forced_bits(hv, &mut cpuid);
+    let effective = match probe {
+        Probe::None => None,
+        Probe::NewVcpu => probe_new_vcpu(hv),
+        Probe::Vcpu(vcpu) => vcpu
+            .set_cpuid(hv.supported_cpuid.as_slice(), 1)
+            .and_then(|_| vcpu.effective_cpuid())
+            .map_err(|e| log::debug!("CPUID probe: {e}"))
+            .ok(),
+    };
+    if let Some(effective) = effective {
+        let before = model::fingerprint::named_features(&cpuid);
+        for name in model::fingerprint::named_features(&effective) {
+            if !before.contains(&name) {
+                model::set_feature(&mut cpuid, name, true);
+            }
+        }
+    }
     let host = HostCpu {
         cpuid,
         arch_capabilities,
@@ -55,12 +88,9 @@ pub fn host_cpu(hv: &Hypervisor) -> Result<HostCpu> {
     }
 }
 
-/// Adds the feature bits this host shows every guest whatever its CPUID
-/// says (read back from a probe vCPU; PVM hosts pass their own leaf 1 and
-/// leaf 7 bits through, and their `KVM_GET_SUPPORTED_CPUID` omits them): a
-/// guest runs those natively, so the host provides them. On a normal KVM
-/// host nothing is added.
-fn add_forced_bits(hv: &Hypervisor, cpuid: &mut Vec<kvm_cpuid_entry2>) {
+/// The CPUID a throw-away vCPU really has after being given the supported
+/// one.
+fn probe_new_vcpu(hv: &Hypervisor) -> Option<Vec<kvm_cpuid_entry2>> {
     let probe = || -> std::result::Result<Vec<kvm_cpuid_entry2>, kvm_ioctls::Error> {
         let vm = hv.kvm.create_vm()?;
         let vcpu = vm.create_vcpu(0)?;
@@ -70,19 +100,7 @@ fn add_forced_bits(hv: &Hypervisor, cpuid: &mut Vec<kvm_cpuid_entry2>) {
             .as_slice()
             .to_vec())
     };
-    let effective = match probe() {
-        Ok(e) => e,
-        Err(e) => {
-            log::debug!("CPUID probe: {e}");
-            return;
-        }
-    };
-    let before = model::fingerprint::named_features(cpuid);
-    for name in model::fingerprint::named_features(&effective) {
-        if !before.contains(&name) {
-            model::set_feature(cpuid, name, true);
-        }
-    }
+    probe().map_err(|e| log::debug!("CPUID probe: {e}")).ok()
 }
 
 /// The guest CPU of a VM being built.
@@ -103,7 +121,13 @@ impl GuestCpu {
     /// cannot provide fails here, before anything is created.
     pub fn resolve(hv: &Hypervisor, choice: &CpuChoice) -> Result<Self> {
         let spec = choice.spec().map_err(Error::Cpu)?;
-        let host = host_cpu(hv)?;
+        // `host` is KVM's supported CPUID as it is; a model is checked
+        // against everything the host provides.
+        let probe = match spec.base {
+            model::Base::Host => Probe::None,
+            _ => Probe::NewVcpu,
+        };
+        let host = host_cpu(hv, probe)?;
         for cap in template_caps(&spec)? {
             if hv.kvm.check_extension_raw(u64::from(cap)) <= 0 {
                 return Err(Error::Cpu(model::ModelError::Template(format!(
@@ -226,7 +250,7 @@ pub fn check_fingerprint(
     fp: &CpuFingerprint,
     vcpu: &ember_vcpu::Vcpu,
 ) -> Result<Option<u32>> {
-    let host = host_cpu(hv)?;
+    let host = host_cpu(hv, Probe::Vcpu(vcpu))?;
     fp.check(&host).map_err(Error::CpuMismatch)?;
     let scaling = hv.kvm.check_extension(Cap::TscControl);
     match fp.tsc_note(vcpu.tsc_khz(), scaling) {
@@ -275,7 +299,7 @@ fn model_json(m: &CpuModel, cpuid: &[kvm_cpuid_entry2]) -> Value {
 
 /// `ember cpu list`: every model, and whether this host runs it.
 pub fn list(hv: &Hypervisor, as_json: bool) -> Result<String> {
-    let host = host_cpu(hv)?;
+    let host = host_cpu(hv, Probe::NewVcpu)?;
     let mut rows = Vec::new();
     for name in model::model_names() {
         let spec = CpuSpec::parse(&format!("{name},check")).map_err(Error::Cpu)?;
@@ -318,7 +342,7 @@ pub fn list(hv: &Hypervisor, as_json: bool) -> Result<String> {
 
 /// `ember cpu show SPEC`: what a guest would get here.
 pub fn show(hv: &Hypervisor, text: &str, as_json: bool) -> Result<String> {
-    let host = host_cpu(hv)?;
+    let host = host_cpu(hv, Probe::NewVcpu)?;
     let mut spec = CpuSpec::parse(text).map_err(Error::Cpu)?;
     // Show a model the host cannot run too, with what it lacks.
     spec.mode = Mode::Check;

@@ -307,7 +307,7 @@ impl Vcpu {
     /// `KVM_GET_CPUID2`): the guest must be told to ignore those some other
     /// way (see [`cpuid::kernel_params_hiding`]).
     pub fn set_cpuid(
-        &mut self,
+        &self,
         base: &[kvm_bindings::kvm_cpuid_entry2],
         count: u8,
     ) -> Result<Vec<&'static cpuid::MaskedFeature>> {

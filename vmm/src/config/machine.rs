@@ -99,6 +99,22 @@ impl MachineConfig {
         Ok(vcpus)
     }
 
+    /// A CPU template file named relative to the config file's directory.
+    pub fn resolve_paths(&mut self, base: &std::path::Path) {
+        if let Some(cpu) = &mut self.cpu {
+            let (model, rest) = cpu.split_once(',').unwrap_or((cpu.as_str(), ""));
+            let path = std::path::Path::new(model.trim());
+            if model.trim().ends_with(".json") && path.is_relative() {
+                let joined = base.join(path).display().to_string();
+                *cpu = if rest.is_empty() {
+                    joined
+                } else {
+                    format!("{joined},{rest}")
+                };
+            }
+        }
+    }
+
     /// The CPU asked for.
     pub fn cpu_choice(&self) -> CpuChoice {
         CpuChoice {

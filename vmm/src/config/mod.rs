@@ -236,6 +236,7 @@ impl VmConfig {
             message: toml_error_line(text, &e),
         })?;
         cfg.boot.resolve_paths(base);
+        cfg.machine.resolve_paths(base);
         for d in &mut cfg.disk {
             d.resolve_path(base);
         }
@@ -490,6 +491,13 @@ mod tests {
             .unwrap();
         assert_eq!(c.machine.cpu.as_deref(), Some("Cascadelake-Server,check"));
         assert!(c.machine.validate().is_ok());
+        let t = VmConfig::from_toml(
+            "[machine]\ncpu = \"t2s.json\"\n",
+            Path::new("/etc/vm.toml"),
+            Path::new("/etc/vms"),
+        )
+        .unwrap();
+        assert_eq!(t.machine.cpu.as_deref(), Some("/etc/vms/t2s.json"));
         let bad = parse("[machine]\ncpu = \"Cascadelake-Server,+avx512vnnni\"\n").unwrap();
         let e = bad.machine.validate().unwrap_err().to_string();
         assert!(

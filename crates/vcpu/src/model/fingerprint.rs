@@ -43,7 +43,8 @@ pub struct CpuFingerprint {
     pub model_number: u32,
     /// Stepping.
     pub stepping: u32,
-    /// The features the guest was given, QEMU's names.
+    /// The features the guest was given (the model's, and any other the
+    /// guest really saw that ember does not hide), QEMU's names.
     pub features: Vec<String>,
     /// Features the source host showed the guest though ember hid them
     /// (hosts that force CPUID bits, such as PVM).
@@ -103,10 +104,26 @@ impl CpuFingerprint {
     /// The fingerprint of a guest given `model`, whose vCPU 0 really has
     /// `effective` (`KVM_GET_CPUID2`).
     pub fn new(model: &CpuModel, effective: &[kvm_cpuid_entry2], tsc_khz: Option<u32>) -> Self {
-        let seen = named_features(effective);
+        let masked = super::masked_names();
+        // Topology bits are ember's to set on any host.
+        let seen: Vec<&str> = named_features(effective)
+            .into_iter()
+            .filter(|n| !matches!(*n, "ht" | "cmp-legacy"))
+            .collect();
+        // What the guest was given: the model's features, and whatever
+        // else it really sees that ember does not hide (a host may add
+        // its own).
+        let mut given: Vec<String> = model
+            .guest
+            .iter()
+            .chain(seen.iter().filter(|n| !masked.contains(n)))
+            .map(|s| s.to_string())
+            .collect();
+        given.sort();
+        given.dedup();
         let forced = seen
             .iter()
-            .filter(|n| model.hidden.contains(n) || super::masked_names().contains(n))
+            .filter(|n| masked.contains(n))
             .map(|n| n.to_string())
             .collect();
         let mut words = Vec::new();
@@ -138,7 +155,7 @@ impl CpuFingerprint {
             family: model.family,
             model_number: model.model,
             stepping: model.stepping,
-            features: model.guest.iter().map(|s| s.to_string()).collect(),
+            features: given,
             forced,
             words,
             tsc_khz,

@@ -161,7 +161,10 @@ impl CustomTemplate {
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ModelError::Template(format!("{}: {e}", path.display())))?;
-        Self::from_json(&text).map_err(|e| ModelError::Template(format!("{}: {e}", path.display())))
+        Self::from_json(&text).map_err(|e| match e {
+            ModelError::Template(why) => ModelError::Template(format!("{}: {why}", path.display())),
+            other => other,
+        })
     }
 
     /// Checks every field (numbers, registers, bitmaps).
