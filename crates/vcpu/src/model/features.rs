@@ -359,12 +359,28 @@ const ALIASES: &[(&str, &str)] = &[
 
 /// The feature called `name` (any accepted spelling).
 pub fn find(name: &str) -> Option<&'static Feature> {
+    // The canonical spelling, without allocating: ember's own lists use it.
+    if let Some(f) = FEATURES.iter().find(|f| f.name == name) {
+        return Some(f);
+    }
     let k = key(name);
     let k = ALIASES
         .iter()
         .find(|(a, _)| *a == k)
         .map_or(k.as_str(), |(_, to)| to);
-    FEATURES.iter().find(|f| key(f.name) == k)
+    FEATURES.iter().find(|f| same_key(f.name, k))
+}
+
+/// `key(name) == k` without allocating.
+fn same_key(name: &str, k: &str) -> bool {
+    name.len() == k.len()
+        && name.bytes().zip(k.bytes()).all(|(a, b)| {
+            let a = match a.to_ascii_lowercase() {
+                b'_' | b'.' => b'-',
+                c => c,
+            };
+            a == b
+        })
 }
 
 /// The feature at a CPUID location, if ember knows one there.
