@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ember_tests::http::Api;
 use ember_tests::{
-    assert_clean_error, guest_kernel_dir, kvm_available, run_ember, spawn_ember, TempDir,
+    assert_clean_error, guest_kernel_dir, kvm_available, run_ember, spawn_ember, tiny_elf, TempDir,
 };
 use serde_json::Value;
 
@@ -150,7 +150,8 @@ fn cpu_models_are_listed_shown_enforced_and_set_through_the_api() {
     let mut api = Api::connect(&sock);
     let template = r#"{"cpuid_modifiers": [{"leaf": "0x7", "subleaf": "0x0", "flags": 1,
         "modifiers": [{"register": "ebx", "bitmap": "0bxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx0"}]}],
-        "msr_modifiers": []}"#;
+        "msr_modifiers": [{"addr": "0x1a0", "bitmap":
+            "0bxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx1"}]}"#;
     api.call("PUT", "/cpu-config", Some(template), 204);
     let cfg = api.call("GET", "/vm/config", None, 200).json();
     assert_eq!(
@@ -167,9 +168,29 @@ fn cpu_models_are_listed_shown_enforced_and_set_through_the_api() {
         400,
     );
     assert!(r.fault().contains("PUT /cpu-config"), "{}", r.fault());
-    // The good template is still there.
+    // The good template is still there, and a guest starts with it (its
+    // CPUID and MSR modifiers applied to a real vCPU).
     let cfg = api.call("GET", "/vm/config", None, 200).json();
     assert!(!cfg["cpu-config"].is_null(), "{cfg}");
+    // hlt; jmp back.
+    let kernel = dir.write("halt.elf", &tiny_elf(&[0xf4, 0xeb, 0xfd]));
+    let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, kernel.display());
+    api.call("PUT", "/boot-source", Some(&boot), 204);
+    api.call(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 2, "mem_size_mib": 32}"#),
+        204,
+    );
+    api.call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+        204,
+    );
+    assert_eq!(api.state(), "Running");
+    let r = api.call("PUT", "/cpu-config", Some(template), 400);
+    assert!(r.fault().contains("start"), "{}", r.fault());
     ember.signal(libc::SIGTERM);
     let run = ember.finish(TIMEOUT);
     run.check(!run.stderr.contains("panicked"), "no panic");
