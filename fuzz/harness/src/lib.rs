@@ -33,6 +33,7 @@ pub mod guest;
 pub mod input;
 pub mod legacy;
 pub mod loader;
+pub mod migration;
 pub mod net;
 pub mod pci;
 pub mod queue;
@@ -47,6 +48,7 @@ pub use config::config;
 pub use cpu::cpu_model;
 pub use legacy::legacy_ports;
 pub use loader::{loader_bzimage, loader_elf};
+pub use migration::migration_stream;
 pub use net::{virtio_net_rx, virtio_net_tx};
 pub use pci::pci_config_space;
 pub use queue::virtio_queue_chain;
@@ -75,6 +77,7 @@ pub const TARGETS: &[Target] = &[
     ("snapshot_state", snapshot_state),
     ("uffd_handshake", uffd_handshake),
     ("cpu_model", cpu_model),
+    ("migration_stream", migration_stream),
 ];
 
 /// The target called `name`.

@@ -1055,6 +1055,7 @@ pub fn all() -> Vec<(&'static str, Vec<NamedSeed>)> {
         ("snapshot_state", crate::snapshot::seeds()),
         ("uffd_handshake", crate::uffd::seeds()),
         ("cpu_model", crate::cpu::seeds()),
+        ("migration_stream", crate::migration::seeds()),
     ]
 }
 

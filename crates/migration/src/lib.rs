@@ -1,0 +1,457 @@
+//! The live-migration stream: a header, then frames, each CRC-64 checked,
+//! in an order the [`Receiver`] enforces. See the crate README for the
+//! layout.
+//!
+//! ```
+//! use ember_migration::{Kind, Receiver, Event, Writer, PAGE_SIZE};
+//! let mut out = Vec::new();
+//! let mut w = Writer::new(&mut out).unwrap();
+//! w.start(b"{\"cpu\": {}}").unwrap();
+//! w.pages(0, &[(0x1000, &[7u8; PAGE_SIZE][..])]).unwrap();
+//! w.zero_pages(0, &[0x2000]).unwrap();
+//! w.state(b"{}").unwrap();
+//! w.end().unwrap();
+//! let mut r = Receiver::new(&out[..]).unwrap();
+//! assert!(matches!(r.next().unwrap(), Event::Start(_)));
+//! let Event::Pages(b) = r.next().unwrap() else { panic!() };
+//! assert_eq!(b.pages().next().unwrap(), (0x1000, &[7u8; PAGE_SIZE][..]));
+//! assert!(matches!(r.next().unwrap(), Event::ZeroPages(_)));
+//! assert!(matches!(r.next().unwrap(), Event::State(_)));
+//! assert!(matches!(r.next().unwrap(), Event::End));
+//! let _ = Kind::End;
+//! ```
+
+use std::io::{Read, Write};
+
+/// First bytes of a stream.
+pub const MAGIC: [u8; 8] = *b"EMBERMIG";
+/// The stream layout this crate reads and writes.
+pub const VERSION: u32 = 1;
+/// Guest page size.
+pub const PAGE_SIZE: usize = 4096;
+/// Largest frame payload accepted (a batch of 4096 pages and its header).
+pub const MAX_FRAME: usize = 17 << 20;
+/// Most pages in one batch.
+pub const MAX_BATCH: usize = 4096;
+
+const FRAME_HEAD: usize = 8;
+const CRC: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
+
+/// A frame's kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// What the destination checks before memory moves.
+    Start = 1,
+    /// A batch of pages.
+    Pages = 2,
+    /// A batch of zero pages (addresses only).
+    ZeroPages = 3,
+    /// The device and vCPU state.
+    State = 4,
+    /// The source hands over.
+    End = 5,
+    /// Back channel: the destination accepts the start.
+    Ready = 16,
+    /// Back channel: the destination refuses, with a reason.
+    Refused = 17,
+    /// Back channel: the destination runs the guest.
+    Done = 18,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Option<Self> {
+        Some(match b {
+            1 => Kind::Start,
+            2 => Kind::Pages,
+            3 => Kind::ZeroPages,
+            4 => Kind::State,
+            5 => Kind::End,
+            16 => Kind::Ready,
+            17 => Kind::Refused,
+            18 => Kind::Done,
+            _ => return None,
+        })
+    }
+}
+
+/// What is wrong with a stream. Each names the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading or writing the connection failed.
+    #[error("migration stream: {0}")]
+    Io(#[from] std::io::Error),
+    /// The stream ended inside a header or frame.
+    #[error("migration stream truncated: {0}")]
+    Truncated(&'static str),
+    /// Not a migration stream.
+    #[error("not an ember migration stream (bad magic)")]
+    Magic,
+    /// Another layout version.
+    #[error("migration stream version {0} is not supported: this ember speaks version {VERSION}")]
+    Version(u32),
+    /// An unknown frame kind.
+    #[error("migration stream: unknown frame kind {0}")]
+    UnknownKind(u8),
+    /// A frame longer than [`MAX_FRAME`].
+    #[error("migration stream: a frame of {0} bytes is longer than the limit ({MAX_FRAME})")]
+    TooLong(usize),
+    /// A frame's checksum does not match.
+    #[error("migration stream corrupt: CRC64 {found:#018x} of a {kind:?} frame does not match {expected:#018x}")]
+    Crc {
+        /// The frame's kind.
+        kind: Kind,
+        /// In the frame.
+        found: u64,
+        /// Computed.
+        expected: u64,
+    },
+    /// A frame in the wrong place.
+    #[error("migration stream out of order: {got:?} after {after}")]
+    Order {
+        /// What came.
+        got: Kind,
+        /// What came before.
+        after: &'static str,
+    },
+    /// A malformed batch.
+    #[error("migration stream: bad page batch: {0}")]
+    Batch(String),
+}
+
+/// The result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Writes a stream (or the back channel) to `W`.
+pub struct Writer<W: Write> {
+    out: W,
+}
+
+impl<W: Write> Writer<W> {
+    /// Writes the header.
+    pub fn new(mut out: W) -> Result<Self> {
+        out.write_all(&MAGIC)?;
+        out.write_all(&VERSION.to_le_bytes())?;
+        Ok(Writer { out })
+    }
+
+    /// A writer for the back channel (no header: the forward stream's
+    /// header covers the connection).
+    pub fn back_channel(out: W) -> Self {
+        Writer { out }
+    }
+
+    /// Writes one frame.
+    pub fn frame(&mut self, kind: Kind, payload: &[u8]) -> Result<()> {
+        if payload.len() > MAX_FRAME {
+            return Err(Error::TooLong(payload.len()));
+        }
+        let len = u32::try_from(payload.len()).map_err(|_| Error::TooLong(payload.len()))?;
+        let mut head = [0u8; FRAME_HEAD];
+        head[0] = kind as u8;
+        head[4..].copy_from_slice(&len.to_le_bytes());
+        let mut digest = CRC.digest();
+        digest.update(&head);
+        digest.update(payload);
+        self.out.write_all(&head)?;
+        self.out.write_all(payload)?;
+        self.out.write_all(&digest.finalize().to_le_bytes())?;
+        Ok(())
+    }
+
+    /// `Start`.
+    pub fn start(&mut self, payload: &[u8]) -> Result<()> {
+        self.frame(Kind::Start, payload)
+    }
+
+    /// A batch of pages of round `round`: (guest address, page).
+    pub fn pages(&mut self, round: u32, pages: &[(u64, &[u8])]) -> Result<()> {
+        let mut p = batch_head(round, pages.len())?;
+        for (gpa, _) in pages {
+            p.extend_from_slice(&gpa.to_le_bytes());
+        }
+        for (gpa, page) in pages {
+            if page.len() != PAGE_SIZE {
+                return Err(Error::Batch(format!(
+                    "the page at {gpa:#x} is {} bytes",
+                    page.len()
+                )));
+            }
+            p.extend_from_slice(page);
+        }
+        self.frame(Kind::Pages, &p)
+    }
+
+    /// A batch of zero pages.
+    pub fn zero_pages(&mut self, round: u32, gpas: &[u64]) -> Result<()> {
+        let mut p = batch_head(round, gpas.len())?;
+        for gpa in gpas {
+            p.extend_from_slice(&gpa.to_le_bytes());
+        }
+        self.frame(Kind::ZeroPages, &p)
+    }
+
+    /// `State`.
+    pub fn state(&mut self, payload: &[u8]) -> Result<()> {
+        self.frame(Kind::State, payload)
+    }
+
+    /// `End`, then a flush.
+    pub fn end(&mut self) -> Result<()> {
+        self.frame(Kind::End, &[])?;
+        self.out.flush()?;
+        Ok(())
+    }
+
+    /// The connection.
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+}
+
+fn batch_head(round: u32, count: usize) -> Result<Vec<u8>> {
+    if count == 0 || count > MAX_BATCH {
+        return Err(Error::Batch(format!(
+            "{count} pages (1 to {MAX_BATCH} per batch)"
+        )));
+    }
+    let n = u32::try_from(count).map_err(|_| Error::Batch(format!("{count} pages")))?;
+    let mut p = Vec::with_capacity(8 + count * (8 + PAGE_SIZE));
+    p.extend_from_slice(&round.to_le_bytes());
+    p.extend_from_slice(&n.to_le_bytes());
+    Ok(p)
+}
+
+/// A checked batch: guest addresses page-aligned, sizes consistent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageBatch {
+    /// The pre-copy round it belongs to.
+    pub round: u32,
+    gpas: Vec<u64>,
+    data: Vec<u8>,
+}
+
+impl PageBatch {
+    fn decode(payload: &[u8], with_data: bool) -> Result<Self> {
+        let bad = |s: String| Error::Batch(s);
+        if payload.len() < 8 {
+            return Err(bad(format!(
+                "{} bytes, shorter than its head",
+                payload.len()
+            )));
+        }
+        let round = u32::from_le_bytes(payload[0..4].try_into().expect("4 bytes"));
+        let count = u32::from_le_bytes(payload[4..8].try_into().expect("4 bytes")) as usize;
+        if count == 0 || count > MAX_BATCH {
+            return Err(bad(format!("{count} pages (1 to {MAX_BATCH} per batch)")));
+        }
+        let want = 8 + count * 8 + if with_data { count * PAGE_SIZE } else { 0 };
+        if payload.len() != want {
+            return Err(bad(format!(
+                "{count} pages need {want} bytes, the frame has {}",
+                payload.len()
+            )));
+        }
+        let gpas: Vec<u64> = payload[8..8 + count * 8]
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        if let Some(g) = gpas.iter().find(|g| *g % PAGE_SIZE as u64 != 0) {
+            return Err(bad(format!("address {g:#x} is not page-aligned")));
+        }
+        if let Some(g) = gpas
+            .iter()
+            .find(|g| g.checked_add(PAGE_SIZE as u64).is_none())
+        {
+            return Err(bad(format!("address {g:#x} overflows")));
+        }
+        let data = if with_data {
+            payload[8 + count * 8..].to_vec()
+        } else {
+            Vec::new()
+        };
+        Ok(PageBatch { round, gpas, data })
+    }
+
+    /// The guest addresses.
+    pub fn gpas(&self) -> &[u64] {
+        &self.gpas
+    }
+
+    /// (address, page) pairs; empty for a zero-page batch.
+    pub fn pages(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.gpas
+            .iter()
+            .copied()
+            .zip(self.data.chunks_exact(PAGE_SIZE))
+    }
+}
+
+/// What the receiver read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The start payload.
+    Start(Vec<u8>),
+    /// Pages to write into guest memory.
+    Pages(PageBatch),
+    /// Pages to zero.
+    ZeroPages(PageBatch),
+    /// The device and vCPU state.
+    State(Vec<u8>),
+    /// The source handed over; nothing may follow.
+    End,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Start,
+    Memory,
+    End,
+    Done,
+}
+
+/// Reads one frame: (kind, payload).
+pub fn read_frame<R: Read>(input: &mut R) -> Result<(Kind, Vec<u8>)> {
+    let mut head = [0u8; FRAME_HEAD];
+    read_exact(input, &mut head, "frame head")?;
+    let kind = Kind::from_u8(head[0]).ok_or(Error::UnknownKind(head[0]))?;
+    let len = u32::from_le_bytes(head[4..].try_into().expect("4 bytes")) as usize;
+    if len > MAX_FRAME {
+        return Err(Error::TooLong(len));
+    }
+    let mut payload = vec![0u8; len];
+    read_exact(input, &mut payload, "frame payload")?;
+    let mut crc = [0u8; 8];
+    read_exact(input, &mut crc, "frame checksum")?;
+    let mut digest = CRC.digest();
+    digest.update(&head);
+    digest.update(&payload);
+    let (found, expected) = (u64::from_le_bytes(crc), digest.finalize());
+    if found != expected {
+        return Err(Error::Crc {
+            kind,
+            found,
+            expected,
+        });
+    }
+    Ok((kind, payload))
+}
+
+fn read_exact<R: Read>(input: &mut R, buf: &mut [u8], what: &'static str) -> Result<()> {
+    input.read_exact(buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => Error::Truncated(what),
+        _ => Error::Io(e),
+    })
+}
+
+/// The destination's side: reads the header, then one [`Event`] at a time,
+/// in the only order a stream may have.
+pub struct Receiver<R: Read> {
+    input: R,
+    phase: Phase,
+}
+
+impl<R: Read> Receiver<R> {
+    /// Reads and checks the header.
+    pub fn new(mut input: R) -> Result<Self> {
+        let mut head = [0u8; 12];
+        read_exact(&mut input, &mut head, "header")?;
+        if head[..8] != MAGIC {
+            return Err(Error::Magic);
+        }
+        let version = u32::from_le_bytes(head[8..].try_into().expect("4 bytes"));
+        if version != VERSION {
+            return Err(Error::Version(version));
+        }
+        Ok(Receiver {
+            input,
+            phase: Phase::Start,
+        })
+    }
+
+    /// The next event; an error for anything out of order or malformed.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> Result<Event> {
+        if self.phase == Phase::Done {
+            return Err(Error::Order {
+                got: Kind::End,
+                after: "the end of the stream",
+            });
+        }
+        let (kind, payload) = read_frame(&mut self.input)?;
+        let after = match self.phase {
+            Phase::Start => "the header",
+            Phase::Memory => "the start",
+            Phase::End => "the state",
+            Phase::Done => "the end",
+        };
+        let out_of_order = Error::Order { got: kind, after };
+        let event = match (self.phase, kind) {
+            (Phase::Start, Kind::Start) => {
+                self.phase = Phase::Memory;
+                Event::Start(payload)
+            }
+            (Phase::Memory, Kind::Pages) => Event::Pages(PageBatch::decode(&payload, true)?),
+            (Phase::Memory, Kind::ZeroPages) => {
+                Event::ZeroPages(PageBatch::decode(&payload, false)?)
+            }
+            (Phase::Memory, Kind::State) => {
+                self.phase = Phase::End;
+                Event::State(payload)
+            }
+            (Phase::End, Kind::End) if payload.is_empty() => {
+                self.phase = Phase::Done;
+                Event::End
+            }
+            _ => return Err(out_of_order),
+        };
+        Ok(event)
+    }
+
+    /// The connection.
+    pub fn into_inner(self) -> R {
+        self.input
+    }
+}
+
+/// The destination's answers on the back channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// The start was accepted: send memory.
+    Ready,
+    /// Refused, with the reason (the source keeps running).
+    Refused(String),
+    /// The destination runs the guest.
+    Done,
+}
+
+/// Writes a reply.
+pub fn write_reply<W: Write>(out: W, reply: &Reply) -> Result<()> {
+    let mut w = Writer::back_channel(out);
+    match reply {
+        Reply::Ready => w.frame(Kind::Ready, &[]),
+        Reply::Refused(why) => w.frame(Kind::Refused, why.as_bytes()),
+        Reply::Done => w.frame(Kind::Done, &[]),
+    }?;
+    w.out.flush()?;
+    Ok(())
+}
+
+/// Reads a reply.
+pub fn read_reply<R: Read>(mut input: R) -> Result<Reply> {
+    let (kind, payload) = read_frame(&mut input)?;
+    match kind {
+        Kind::Ready if payload.is_empty() => Ok(Reply::Ready),
+        Kind::Refused => Ok(Reply::Refused(
+            String::from_utf8_lossy(&payload).into_owned(),
+        )),
+        Kind::Done if payload.is_empty() => Ok(Reply::Done),
+        other => Err(Error::Order {
+            got: other,
+            after: "a request on the back channel",
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,156 @@
+use super::*;
+
+fn stream() -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut w = Writer::new(&mut out).unwrap();
+    w.start(br#"{"cpu":"x"}"#).unwrap();
+    let a = [1u8; PAGE_SIZE];
+    let b = [2u8; PAGE_SIZE];
+    w.pages(0, &[(0, &a[..]), (0x10_0000, &b[..])]).unwrap();
+    w.zero_pages(1, &[0x2000, 0x3000]).unwrap();
+    w.pages(1, &[(0x1000, &b[..])]).unwrap();
+    w.state(b"{}").unwrap();
+    w.end().unwrap();
+    out
+}
+
+fn all(bytes: &[u8]) -> Result<Vec<Event>> {
+    let mut r = Receiver::new(bytes)?;
+    let mut v = Vec::new();
+    loop {
+        let e = r.next()?;
+        let end = e == Event::End;
+        v.push(e);
+        if end {
+            return Ok(v);
+        }
+    }
+}
+
+#[test]
+fn a_stream_round_trips() {
+    let events = all(&stream()).unwrap();
+    assert_eq!(events.len(), 6);
+    assert_eq!(events[0], Event::Start(br#"{"cpu":"x"}"#.to_vec()));
+    let Event::Pages(b) = &events[1] else {
+        panic!("{:?}", events[1])
+    };
+    assert_eq!(b.round, 0);
+    let pages: Vec<_> = b.pages().collect();
+    assert_eq!(pages[0], (0, &[1u8; PAGE_SIZE][..]));
+    assert_eq!(pages[1], (0x10_0000, &[2u8; PAGE_SIZE][..]));
+    let Event::ZeroPages(z) = &events[2] else {
+        panic!()
+    };
+    assert_eq!((z.round, z.gpas()), (1, &[0x2000, 0x3000][..]));
+    assert_eq!(z.pages().count(), 0);
+    assert_eq!(events[4], Event::State(b"{}".to_vec()));
+}
+
+#[test]
+fn every_single_bit_flip_is_caught() {
+    let good = stream();
+    // Past the header, every flipped bit is a clean error (CRC, kind,
+    // length or order), never a wrong event list.
+    for i in 12..good.len() {
+        for bit in [0, 7] {
+            let mut bad = good.clone();
+            bad[i] ^= 1 << bit;
+            assert!(all(&bad).is_err(), "byte {i} bit {bit} went unnoticed");
+        }
+    }
+}
+
+#[test]
+fn truncated_streams_say_so() {
+    let good = stream();
+    for cut in [0, 5, 12, 15, 30, good.len() - 1] {
+        let e = all(&good[..cut]).unwrap_err();
+        assert!(matches!(e, Error::Truncated(_)), "cut at {cut}: {e}");
+    }
+}
+
+#[test]
+fn header_version_and_order_are_checked() {
+    let mut bad = stream();
+    bad[0] = b'X';
+    assert!(matches!(all(&bad), Err(Error::Magic)));
+    let mut v2 = stream();
+    v2[8] = 2;
+    let e = all(&v2).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "migration stream version 2 is not supported: this ember speaks version 1"
+    );
+    // Pages before the start.
+    let mut out = Vec::new();
+    let mut w = Writer::new(&mut out).unwrap();
+    w.zero_pages(0, &[0]).unwrap();
+    let e = all(&out).unwrap_err();
+    assert!(e.to_string().contains("ZeroPages after the header"), "{e}");
+    // Nothing after the end.
+    let mut out = stream();
+    Writer::back_channel(&mut out).state(b"{}").unwrap();
+    let mut r = Receiver::new(&out[..]).unwrap();
+    for _ in 0..6 {
+        r.next().unwrap();
+    }
+    assert!(matches!(r.next(), Err(Error::Order { .. })));
+}
+
+#[test]
+fn bad_batches_are_refused() {
+    let frame = |kind: Kind, payload: &[u8]| {
+        let mut out = Vec::new();
+        let mut w = Writer::new(&mut out).unwrap();
+        w.start(b"").unwrap();
+        w.frame(kind, payload).unwrap();
+        let mut r = Receiver::new(&out[..]).unwrap();
+        r.next().unwrap();
+        r.next().unwrap_err().to_string()
+    };
+    let head = |count: u32| [0u32.to_le_bytes(), count.to_le_bytes()].concat();
+    assert!(frame(Kind::Pages, &head(0)).contains("0 pages"));
+    assert!(frame(Kind::Pages, &head(5000)).contains("5000 pages"));
+    let mut unaligned = head(1);
+    unaligned.extend_from_slice(&0x1001u64.to_le_bytes());
+    assert!(frame(Kind::ZeroPages, &unaligned).contains("not page-aligned"));
+    assert!(frame(Kind::Pages, &unaligned).contains("need 4112 bytes"));
+    let mut top = head(1);
+    top.extend_from_slice(&(!0xfffu64).to_le_bytes());
+    assert!(frame(Kind::ZeroPages, &top).contains("overflows"));
+    assert!(frame(Kind::Pages, &[1, 2]).contains("shorter than its head"));
+    // A writer refuses to build bad batches too.
+    let mut sink = Vec::new();
+    let mut w = Writer::back_channel(&mut sink);
+    assert!(w.pages(0, &[(0, &[0u8; 10][..])]).is_err());
+    assert!(w.zero_pages(0, &[]).is_err());
+}
+
+#[test]
+fn replies_round_trip() {
+    for reply in [
+        Reply::Ready,
+        Reply::Refused("this host cannot provide avx512f".into()),
+        Reply::Done,
+    ] {
+        let mut buf = Vec::new();
+        write_reply(&mut buf, &reply).unwrap();
+        assert_eq!(read_reply(&buf[..]).unwrap(), reply);
+    }
+    let mut buf = Vec::new();
+    Writer::back_channel(&mut buf)
+        .frame(Kind::Pages, &[])
+        .unwrap();
+    assert!(read_reply(&buf[..]).is_err());
+}
+
+#[test]
+fn oversized_frames_are_refused_before_reading_them() {
+    let mut out = Vec::new();
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&[1, 0, 0, 0]);
+    out.extend_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(all(&out), Err(Error::TooLong(_))));
+}
