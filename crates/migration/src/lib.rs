@@ -23,6 +23,8 @@
 
 use std::io::{Read, Write};
 
+pub mod memory;
+
 /// First bytes of a stream.
 pub const MAGIC: [u8; 8] = *b"EMBERMIG";
 /// The stream layout this crate reads and writes.

@@ -2,12 +2,11 @@
 //! connection (`ember_migration::Receiver`): the header, then events until
 //! the end or the first error. Every page batch it accepts must hold
 //! page-aligned addresses and whole pages, and the pages go into the
-//! fuzzer's guest memory where they fit, as a destination writes them.
-
-use ember_migration::{Event, Receiver, PAGE_SIZE};
-use vm_memory::{Bytes, GuestAddress};
+//! fuzzer's guest memory (`ember_migration::memory::apply`) as a
+//! destination writes them.
 
 use crate::guest::guest_memory;
+use ember_migration::{Event, Receiver, PAGE_SIZE};
 
 /// The target.
 pub fn migration_stream(data: &[u8]) {
@@ -17,19 +16,13 @@ pub fn migration_stream(data: &[u8]) {
     let mem = guest_memory(&[]);
     for _ in 0..1024 {
         match r.next() {
-            Ok(Event::Pages(b)) => {
-                assert_eq!(b.pages().count(), b.gpas().len());
-                for (gpa, page) in b.pages() {
-                    assert_eq!(gpa % PAGE_SIZE as u64, 0);
-                    assert_eq!(page.len(), PAGE_SIZE);
-                    let _ = mem.write_slice(page, GuestAddress(gpa));
-                }
-            }
-            Ok(Event::ZeroPages(b)) => {
-                for gpa in b.gpas() {
-                    assert_eq!(gpa % PAGE_SIZE as u64, 0);
-                    let _ = mem.write_slice(&[0u8; PAGE_SIZE], GuestAddress(*gpa));
-                }
+            Ok(e @ (Event::Pages(_) | Event::ZeroPages(_))) => {
+                let (Event::Pages(b) | Event::ZeroPages(b)) = &e else {
+                    unreachable!()
+                };
+                assert!(b.gpas().iter().all(|g| g % PAGE_SIZE as u64 == 0));
+                assert!(b.pages().all(|(_, p)| p.len() == PAGE_SIZE));
+                let _ = ember_migration::memory::apply(&mem, &e);
             }
             Ok(Event::End) | Err(_) => return,
             Ok(Event::Start(_) | Event::State(_)) => {}
