@@ -24,6 +24,7 @@
 use std::io::{Read, Write};
 
 pub mod memory;
+pub mod transport;
 
 /// First bytes of a stream.
 pub const MAGIC: [u8; 8] = *b"EMBERMIG";
@@ -201,6 +202,12 @@ impl<W: Write> Writer<W> {
     /// `End`, then a flush.
     pub fn end(&mut self) -> Result<()> {
         self.frame(Kind::End, &[])?;
+        self.out.flush()?;
+        Ok(())
+    }
+
+    /// Pushes buffered frames out (before waiting for a reply).
+    pub fn flush(&mut self) -> Result<()> {
         self.out.flush()?;
         Ok(())
     }
