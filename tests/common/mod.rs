@@ -2,6 +2,7 @@
 //! guest kernel, building tiny guests, running ember with a deadline, and
 //! reading the guest agent's lines.
 
+pub mod beat;
 pub mod http;
 
 use std::collections::HashMap;
@@ -239,6 +240,16 @@ pub fn spawn_ember_in_netns(ns: &str, args: &[&str], stdin: &[u8]) -> Running {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", ns]).arg(ember_bin()).args(args);
     spawn_command(&mut cmd, stdin)
+}
+
+/// [`spawn_ember_in_netns`] with extra environment variables.
+pub fn spawn_ember_in_netns_env(ns: &str, args: &[&str], env: &[(&str, &str)]) -> Running {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns])
+        .arg(ember_bin())
+        .args(args)
+        .envs(env.iter().copied());
+    spawn_command(&mut cmd, b"")
 }
 
 fn spawn_command(cmd: &mut Command, stdin: &[u8]) -> Running {
@@ -611,6 +622,89 @@ impl NetNs {
         } else {
             Err(format!("{}: {text}", args.join(" ")))
         }
+    }
+
+    /// Joins this namespace and `other` with a veth pair (`veth0` here,
+    /// `veth1` there), addressed `a` and `b` (`ADDR/PREFIX`), both up: two
+    /// "hosts" on one link.
+    pub fn link(&self, other: &NetNs, a: &str, b: &str) -> Result<(), String> {
+        self.exec(&[
+            "ip",
+            "link",
+            "add",
+            "veth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "veth1",
+            "netns",
+            &other.name,
+        ])?;
+        self.exec(&["ip", "addr", "add", a, "dev", "veth0"])?;
+        self.exec(&["ip", "link", "set", "veth0", "up"])?;
+        other.exec(&["ip", "addr", "add", b, "dev", "veth1"])?;
+        other.exec(&["ip", "link", "set", "veth1", "up"])?;
+        Ok(())
+    }
+
+    /// Captures the frames arriving on `dev` in this namespace for
+    /// `duration`, on a thread (an `AF_PACKET` socket); joined, the frames.
+    // The casts are of small kernel constants and struct sizes.
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_possible_wrap,
+        clippy::cast_sign_loss
+    )]
+    pub fn capture(&self, dev: &str, duration: Duration) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
+        let dev = std::ffi::CString::new(dev).expect("name");
+        self.spawn(move || {
+            const ETH_P_ALL: u16 = 0x0003;
+            // SAFETY: plain syscalls on a socket this closure owns; the
+            // buffers passed are live locals of the given sizes.
+            unsafe {
+                let fd = libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW,
+                    i32::from(ETH_P_ALL.to_be()),
+                );
+                assert!(fd >= 0, "AF_PACKET socket");
+                let index = libc::if_nametoindex(dev.as_ptr());
+                assert!(index > 0, "no such device {dev:?}");
+                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+                addr.sll_family = libc::AF_PACKET as u16;
+                addr.sll_protocol = ETH_P_ALL.to_be();
+                addr.sll_ifindex = index as i32;
+                let ret = libc::bind(
+                    fd,
+                    std::ptr::addr_of!(addr).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                assert_eq!(ret, 0, "bind AF_PACKET");
+                let tv = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 200_000,
+                };
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    std::ptr::addr_of!(tv).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
+                let deadline = Instant::now() + duration;
+                let mut frames = Vec::new();
+                let mut buf = vec![0u8; 65536];
+                while Instant::now() < deadline {
+                    let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+                    if n > 0 {
+                        frames.push(buf[..n as usize].to_vec());
+                    }
+                }
+                libc::close(fd);
+                frames
+            }
+        })
     }
 
     /// Runs `f` on a new thread that has entered the namespace.

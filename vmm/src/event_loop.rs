@@ -24,6 +24,8 @@ pub enum Stop {
     Vcpu(VcpuEnd),
     /// A stop signal arrived.
     Signal(libc::c_int),
+    /// The guest was migrated away.
+    Migrated,
 }
 
 /// An event-loop subscriber as the loop holds it.
@@ -298,7 +300,15 @@ impl EventLoop {
         Ok(())
     }
 
-    /// What ended the VM, once something has.
+    /// Ends the loop with `s` (unless something ended it first).
+    pub fn stop_with(&self, s: Stop) {
+        let mut slot = self.stop.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(s);
+        }
+    }
+
+    /// The first reason to stop, if any (taken).
     pub fn take_stop(&mut self) -> Option<Stop> {
         self.stop.lock().unwrap_or_else(|e| e.into_inner()).take()
     }

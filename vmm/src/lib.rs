@@ -36,6 +36,7 @@ pub mod instance;
 pub mod jail;
 pub mod logger;
 pub mod metrics;
+pub mod migration;
 pub mod nets;
 pub mod pci;
 pub mod seccomp;
@@ -167,6 +168,9 @@ pub enum Error {
     /// The guest or KVM failed while running.
     #[error("the VM failed: {0}")]
     Guest(String),
+    /// A live migration failed.
+    #[error("migration: {0}")]
+    Migration(String),
 }
 
 /// The error and its sources on one line (a source whose text an outer
@@ -199,6 +203,8 @@ pub enum ExitReason {
     GuestHalted,
     /// A signal (SIGINT, SIGTERM) ended the VM.
     Signal(libc::c_int),
+    /// The guest was migrated away: it runs on the destination.
+    Migrated,
 }
 
 impl ExitReason {
@@ -206,7 +212,10 @@ impl ExitReason {
     /// 128 + the signal number for a signal (130 SIGINT, 143 SIGTERM).
     pub fn code(self) -> i32 {
         match self {
-            ExitReason::GuestReset | ExitReason::GuestPowerOff | ExitReason::GuestHalted => 0,
+            ExitReason::GuestReset
+            | ExitReason::GuestPowerOff
+            | ExitReason::GuestHalted
+            | ExitReason::Migrated => 0,
             ExitReason::Signal(n) => 128 + n,
         }
     }
@@ -288,6 +297,7 @@ pub struct Vmm {
     i8042: Arc<std::sync::Mutex<ember_legacy::I8042>>,
     exit_counters: Vec<Arc<ember_vcpu::SharedExitCounts>>,
     saved: SavedParts,
+    migration: Option<migration::Worker>,
     _uffd: Option<uffd::UffdBackend>,
     mem: GuestMemoryMmap,
 }
@@ -328,7 +338,10 @@ impl Vmm {
         let guest_cpu = cpu::GuestCpu::resolve(&hv, &cfg.cpu)?;
         let ml = MemoryLayout::new(cfg.memory_mib)?;
         ml.check_phys_bits(hv.phys_address_bits())?;
-        let mem = ml.create_guest_memory_tracked(cfg.track_dirty_pages)?;
+        // Ember's own writes are always tracked (one atomic OR per write, one
+        // bit per page), so a live migration can start at any time; KVM's
+        // dirty log is turned on only when needed.
+        let mem = ml.create_guest_memory_tracked(true)?;
         Self::assemble(
             &hv,
             cfg,
@@ -506,16 +519,24 @@ impl Vmm {
             i8042,
             exit_counters,
             saved,
+            migration: None,
             _uffd: None,
             mem,
         })
     }
 
-    /// Puts the VM's events into `event_loop` and starts the vCPUs. Every
-    /// thread runs under its `filters` from before it first touches guest
-    /// data: each vCPU thread installs its own first thing, the calling
-    /// thread (which serves the loop) right after starting them.
-    pub fn start(&mut self, filters: &seccomp::Filters, event_loop: &mut EventLoop) -> Result<()> {
+    /// Puts the VM's events into `event_loop` and starts the vCPUs and the
+    /// migration worker (which reports through `wake`, an eventfd the loop
+    /// watches). Every thread runs under its `filters` from before it
+    /// first touches guest data: each vCPU and the worker install their
+    /// own first thing, the calling thread (which serves the loop) right
+    /// after starting them.
+    pub fn start(
+        &mut self,
+        filters: &seccomp::Filters,
+        event_loop: &mut EventLoop,
+        wake: &EventFd,
+    ) -> Result<()> {
         let inputs = self
             .inputs
             .take()
@@ -525,6 +546,15 @@ impl Vmm {
             event_loop.pause(&mut pausable)?;
         }
         self.pausable = Some(pausable);
+        self.migration = Some(migration::Worker::spawn(
+            self.vm.clone(),
+            self.mem.clone(),
+            self.disks.clone(),
+            self.track_dirty_pages,
+            wake.try_clone()
+                .map_err(|e| Error::EventFd("migration wake-up", e))?,
+            filters,
+        )?);
         let vcpus = std::mem::take(&mut self.vcpus);
         let mut threads = VcpuThreads::start(
             vcpus,
@@ -611,6 +641,55 @@ impl Vmm {
                         .mac
                 }))
                 .collect(),
+        }
+    }
+
+    /// The migration worker (once started).
+    pub fn migration_worker(&self) -> Option<&migration::Worker> {
+        self.migration.as_ref()
+    }
+
+    /// What a migration's destination checks first (`Start`).
+    pub fn migration_hello(&self) -> Result<Vec<u8>> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let hello = migration::Hello {
+            ember_version: env!("CARGO_PKG_VERSION").to_string(),
+            vm_state_version: snapshot::VM_STATE_VERSION,
+            cpu: self.saved.fingerprint.clone(),
+            machine: self.saved.machine.clone(),
+            memory: self
+                .mem
+                .iter()
+                .map(|r| (r.start_addr().0, r.len()))
+                .collect(),
+        };
+        serde_json::to_vec(&hello).map_err(|e| Error::Migration(e.to_string()))
+    }
+
+    /// The paused VM's `State` payload for a migration (see
+    /// [`migration`]): whether the destination runs the guest, then the
+    /// state envelope.
+    pub fn migration_state(&mut self, run: bool) -> Result<Vec<u8>> {
+        let state = self.save_state()?;
+        let env = ember_snapshot::Envelope {
+            ember_version: env!("CARGO_PKG_VERSION").to_string(),
+            cpu: self.saved.cpu.clone(),
+            kind: ember_snapshot::SnapshotKind::Full,
+            state,
+        };
+        let mut out = vec![u8::from(run)];
+        out.extend(ember_snapshot::encode(&env)?);
+        Ok(out)
+    }
+
+    /// Sends one RARP frame per NIC from its MAC (after a migration).
+    pub fn announce(&self) {
+        for (i, n) in self.nets.iter().enumerate() {
+            let mut n = n.lock().unwrap_or_else(|e| e.into_inner());
+            match n.device_mut().announce() {
+                Ok(()) => log::info!("virtio-net{i}: announced on {}", n.device().name()),
+                Err(e) => log::warn!("virtio-net{i}: cannot announce: {e}"),
+            }
         }
     }
 
@@ -738,6 +817,7 @@ impl ExitReason {
         match stop {
             Stop::I8042Reset => Ok(ExitReason::GuestReset),
             Stop::Signal(n) => Ok(ExitReason::Signal(n)),
+            Stop::Migrated => Ok(ExitReason::Migrated),
             Stop::Vcpu(VcpuEnd::Guest(GuestStop::Reset)) => Ok(ExitReason::GuestReset),
             Stop::Vcpu(VcpuEnd::Guest(GuestStop::PowerOff)) => Ok(ExitReason::GuestPowerOff),
             Stop::Vcpu(VcpuEnd::Guest(GuestStop::Halted)) => Ok(ExitReason::GuestHalted),

@@ -64,6 +64,15 @@ struct RestoreArgs {
     /// Track the pages the restored guest dirties, for diff snapshots of it.
     #[arg(long, requires = "restore")]
     restore_track_dirty_pages: bool,
+    /// Receive a live migration instead of booting (QEMU's `-incoming`):
+    /// listen at `tcp:IP:PORT` or `unix:PATH` for one source, then run
+    /// the guest it sends.
+    #[arg(
+        long,
+        value_name = "URL",
+        conflicts_with_all = ["restore", "config", "kernel", "initrd", "cmdline", "vcpus", "memory", "cpu", "disk", "net", "config_file"]
+    )]
+    incoming: Option<String>,
 }
 
 impl RestoreArgs {
@@ -469,7 +478,7 @@ fn run(
     if configured {
         // Checked in full before anything is created.
         cfg.validate()?;
-    } else if fc.api_sock.is_none() && load.is_none() {
+    } else if fc.api_sock.is_none() && load.is_none() && restore.incoming.is_none() {
         return Err(ConfigError::NoKernel.into());
     }
     let filters = seccomp::Filters::new(mode)?;
@@ -501,7 +510,10 @@ fn run(
             .set_metrics(path, false, Default::default())
             .map_err(|e| ember_vmm::Error::Lifecycle(error_chain(&e)))?;
     }
-    if let Some(load) = &load {
+    if let Some(url) = &restore.incoming {
+        let url = ember_vmm::migration::parse_url(url)?;
+        instance.receive_migration(&url)?;
+    } else if let Some(load) = &load {
         instance.load_snapshot(load, restore.resume)?;
     } else if configured {
         instance.configure(cfg)?;

@@ -153,6 +153,9 @@ fn fails_name(name: &'static str) -> &'static str {
         "vmm_version_count" => "vmm_version_fails",
         "vm_config_count" => "vm_config_fails",
         "cpu_cfg_count" => "cpu_cfg_fails",
+        "send_migration_count" => "send_migration_fails",
+        "receive_migration_count" => "receive_migration_fails",
+        "migration_cancel_count" => "migration_cancel_fails",
         _ => "other_fails",
     }
 }

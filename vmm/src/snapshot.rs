@@ -388,12 +388,12 @@ impl Vmm {
             self::MemorySource::File(path) => {
                 let file = self::open_memory(path)?;
                 let mem = ml
-                    .map_from_file(&file, &offsets, cfg.track_dirty_pages)
+                    .map_from_file(&file, &offsets, true)
                     .map_err(|e| Error::Restore(format!("{}: {e}", path.display())))?;
                 (mem, None)
             }
             self::MemorySource::Uffd(socket) => {
-                let mem = ml.create_guest_memory_tracked(cfg.track_dirty_pages)?;
+                let mem = ml.create_guest_memory_tracked(true)?;
                 let backend = crate::uffd::attach(
                     &mem,
                     socket,
@@ -424,22 +424,15 @@ impl Vmm {
         Ok(vmm)
     }
 
-    /// Writes a snapshot of the paused VM: each vCPU saves its state on its
-    /// own (parked) thread, the devices and KVM's VM-wide state are saved
-    /// here, the disks are flushed, and guest memory goes to the memory
-    /// file. The VM stays paused; a failure leaves no file behind.
-    pub fn snapshot(&mut self, params: &self::CreateParams) -> Result<self::CreateStats> {
+    /// The paused VM's whole state, memory aside (a snapshot's state file,
+    /// a migration's `State`): each vCPU saves its own on its parked
+    /// thread, the devices and KVM's VM-wide state are saved here, and the
+    /// disks are flushed first, so what the guest saw written is on them.
+    pub fn save_state(&mut self) -> Result<self::VmState> {
         let threads = self.threads.as_ref().ok_or_else(crate::not_started)?;
-        let clock = self
-            .paused_clock
-            .ok_or_else(|| Error::Lifecycle("the microVM must be paused to snapshot it".into()))?;
-        let diff = params.kind == ember_snapshot::SnapshotKind::Diff;
-        if diff && !self.track_dirty_pages {
-            return Err(Error::Lifecycle(
-                "a diff snapshot needs dirty page tracking (machine-config track_dirty_pages, or track_dirty_pages in the snapshot load)".into(),
-            ));
-        }
-        let t = Instant::now();
+        let clock = self.paused_clock.ok_or_else(|| {
+            Error::Lifecycle("the microVM must be paused to save its state".into())
+        })?;
         let vcpus = threads.save_states(crate::PAUSE_TIMEOUT)?;
         let kvm = self::save_kvm(&self.vm, clock)?;
         let mut disks = Vec::with_capacity(self.disks.len());
@@ -491,6 +484,22 @@ impl Vmm {
             disks,
             nets,
         };
+        Ok(state)
+    }
+
+    /// Writes a snapshot of the paused VM: each vCPU saves its state on its
+    /// own (parked) thread, the devices and KVM's VM-wide state are saved
+    /// here, the disks are flushed, and guest memory goes to the memory
+    /// file. The VM stays paused; a failure leaves no file behind.
+    pub fn snapshot(&mut self, params: &self::CreateParams) -> Result<self::CreateStats> {
+        let diff = params.kind == ember_snapshot::SnapshotKind::Diff;
+        if diff && !self.track_dirty_pages {
+            return Err(Error::Lifecycle(
+                "a diff snapshot needs dirty page tracking (machine-config track_dirty_pages, or track_dirty_pages in the snapshot load)".into(),
+            ));
+        }
+        let t = Instant::now();
+        let state = self.save_state()?;
         let state_ms = t.elapsed().as_secs_f64() * 1000.0;
         let mut env = ember_snapshot::Envelope {
             ember_version: env!("CARGO_PKG_VERSION").to_string(),

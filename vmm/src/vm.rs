@@ -91,6 +91,12 @@ pub fn create_vm(hv: &Hypervisor, mem: &GuestMemoryMmap, track_dirty: bool) -> R
     Ok(vm)
 }
 
+/// Turns KVM's dirty log on or off for every slot of a running VM (a live
+/// migration's rounds need it; KVM changes only the slot's flags).
+pub fn set_dirty_log(vm: &VmFd, mem: &GuestMemoryMmap, on: bool) -> Result<(), Error> {
+    register_memory(vm, mem, on)
+}
+
 fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, track_dirty: bool) -> Result<(), Error> {
     for (slot, region) in mem.iter().enumerate() {
         let region_desc = kvm_userspace_memory_region {
@@ -107,7 +113,8 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, track_dirty: bool) -> Resul
         // SAFETY: the region is a live mapping of `region.len()` bytes owned
         // by `mem`, which the caller keeps alive as long as the VM exists
         // (both live in `Vmm` and the VM fd is dropped first); slots do not
-        // overlap because vm-memory's regions do not.
+        // overlap because vm-memory's regions do not. Registering a slot
+        // again with the same address and size changes only its flags.
         unsafe { vm.set_user_memory_region(region_desc) }
             .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
     }

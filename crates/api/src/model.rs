@@ -763,3 +763,82 @@ mod tests {
         assert_eq!(again, c);
     }
 }
+
+/// Cloud Hypervisor's `MigrationMode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MigrationMode {
+    /// Memory is copied while the guest runs, then the guest moves.
+    #[default]
+    Precopy,
+    /// The guest moves at once and its memory follows on demand.
+    Postcopy,
+}
+
+/// Cloud Hypervisor's `TimeoutStrategy`: what a migration that has not
+/// converged by `timeout_s` does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TimeoutStrategy {
+    /// Give up; the guest runs on at the source.
+    #[default]
+    Cancel,
+    /// Hand over anyway, with a longer pause.
+    Ignore,
+}
+
+/// `PUT /api/v1/vm.send-migration` (Cloud Hypervisor's
+/// `VmSendMigrationData`, as `ch-remote send-migration` sends it: every
+/// field present, `null` for the absent ones).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendMigrationData {
+    /// `tcp:HOST:PORT` or `unix:PATH`.
+    pub destination_url: String,
+    /// Pass guest memory as file descriptors (same host, Unix socket).
+    #[serde(default)]
+    pub local: bool,
+    /// Keep the source VM (paused) after a successful migration.
+    #[serde(default)]
+    pub preserve_source: bool,
+    /// The longest pause the migration aims for, in ms (default 300).
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+    /// The longest the whole migration may take, in s (default 3600).
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+    /// What a migration that has not converged in `timeout_s` does.
+    #[serde(default)]
+    pub timeout_strategy: Option<TimeoutStrategy>,
+    /// Parallel connections (1 to 128; ember uses one).
+    #[serde(default)]
+    pub connections: Option<u32>,
+    /// TLS certificates (not supported by ember).
+    #[serde(default)]
+    pub tls_dir: Option<String>,
+    /// Pre-copy or post-copy.
+    #[serde(default)]
+    pub memory_mode: Option<MigrationMode>,
+}
+
+/// `PUT /api/v1/vm.receive-migration` (Cloud Hypervisor's
+/// `VmReceiveMigrationData`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiveMigrationData {
+    /// `tcp:HOST:PORT` or `unix:PATH` to listen on.
+    pub receiver_url: String,
+    /// TLS certificates (not supported by ember).
+    #[serde(default)]
+    pub tls_dir: Option<String>,
+    /// Pre-copy or post-copy (the source decides; accepted for ch-remote).
+    #[serde(default)]
+    pub memory_mode: Option<MigrationMode>,
+    /// VFIO devices' fds (ember has no VFIO: `null` or empty only).
+    #[serde(default)]
+    pub vfio_fds: Option<Vec<serde_json::Value>>,
+    /// An iommufd (ember has none: `null` only).
+    #[serde(default)]
+    pub iommufd_fd: Option<i64>,
+    /// Memory zones moved to other host NUMA nodes (empty only).
+    #[serde(default)]
+    pub zone_updates: Option<Vec<serde_json::Value>>,
+}

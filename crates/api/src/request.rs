@@ -8,7 +8,8 @@ use serde::de::DeserializeOwned;
 use crate::model::{
     ActionType, BootSource, CpuConfig, Drive, InstanceActionInfo, Logger, MachineConfiguration,
     MachineConfigurationUpdate, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface,
-    RateLimiter, SnapshotCreateParams, SnapshotLoadParams, Vm, VmState,
+    RateLimiter, ReceiveMigrationData, SendMigrationData, SnapshotCreateParams, SnapshotLoadParams,
+    Vm, VmState,
 };
 
 /// The most vCPUs the spec allows.
@@ -55,6 +56,15 @@ pub enum Request {
     CreateSnapshot(SnapshotCreateParams),
     /// `PUT /snapshot/load`.
     LoadSnapshot(SnapshotLoadParams),
+    /// `PUT /api/v1/vm.send-migration` (Cloud Hypervisor's).
+    SendMigration(SendMigrationData),
+    /// `PUT /api/v1/vm.receive-migration` (Cloud Hypervisor's).
+    ReceiveMigration(ReceiveMigrationData),
+    /// `GET /api/v1/vm.migration-status` (ember's): the migration's progress.
+    GetMigration,
+    /// `PUT /api/v1/vm.migration-cancel` (ember's): stop the migration; the
+    /// guest runs on at the source.
+    CancelMigration,
 }
 
 /// Why a request is refused before it reaches the VMM. The message is the
@@ -134,6 +144,75 @@ fn parse_body<T: DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, Request
     }
     serde_json::from_slice(body)
         .map_err(|e| RequestError::Body(what.to_string(), e.to_string().replace('\n', " ")))
+}
+
+/// A migration URL as Cloud Hypervisor writes it.
+fn check_migration_url(what: &str, field: &str, url: &str) -> Result<(), RequestError> {
+    let ok = match url.split_once(':') {
+        Some(("unix", path)) => !path.is_empty(),
+        Some(("tcp", addr)) => addr
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(RequestError::Value(
+            what.to_string(),
+            format!("{field} {url:?} is not tcp:HOST:PORT or unix:PATH"),
+        ))
+    }
+}
+
+/// The values of a send that ember does not support are refused, naming
+/// the field; ranges as Cloud Hypervisor checks them.
+fn check_send_migration(what: &str, m: &SendMigrationData) -> Result<(), RequestError> {
+    let bad = |m: String| Err(RequestError::Value(what.to_string(), m));
+    check_migration_url(what, "destination_url", &m.destination_url)?;
+    if m.downtime_ms == Some(0) {
+        return bad("downtime_ms must be at least 1".into());
+    }
+    if m.timeout_s == Some(0) {
+        return bad("timeout_s must be at least 1".into());
+    }
+    match m.connections {
+        None | Some(1) => {}
+        Some(n) if (2..=128).contains(&n) => {
+            return bad(format!(
+                "connections = {n}: ember migrates over one connection (connections = 1)"
+            ))
+        }
+        Some(n) => return bad(format!("connections = {n} is out of range: 1 to 128")),
+    }
+    if m.tls_dir.is_some() {
+        return bad("tls_dir: ember does not support TLS for migration (use a Unix socket or a trusted network)".into());
+    }
+    if m.preserve_source && !m.local {
+        return bad("preserve_source requires local = true".into());
+    }
+    if m.local && !m.destination_url.starts_with("unix:") {
+        return bad("local = true needs a unix: destination_url".into());
+    }
+    Ok(())
+}
+
+fn check_receive_migration(what: &str, m: &ReceiveMigrationData) -> Result<(), RequestError> {
+    let bad = |m: &str| Err(RequestError::Value(what.to_string(), m.to_string()));
+    check_migration_url(what, "receiver_url", &m.receiver_url)?;
+    if m.tls_dir.is_some() {
+        return bad("tls_dir: ember does not support TLS for migration");
+    }
+    if m.vfio_fds.as_ref().is_some_and(|v| !v.is_empty()) {
+        return bad("vfio_fds: ember has no VFIO devices");
+    }
+    if m.iommufd_fd.is_some() {
+        return bad("iommufd_fd: ember has no iommufd");
+    }
+    if m.zone_updates.as_ref().is_some_and(|v| !v.is_empty()) {
+        return bad("zone_updates: ember has no memory zones to move");
+    }
+    Ok(())
 }
 
 /// Firecracker's rules for a load: exactly one of `mem_backend` and
@@ -362,6 +441,18 @@ impl Request {
                 check_load(&what, &l)?;
                 Request::LoadSnapshot(l)
             }
+            ("PUT", ["api", "v1", "vm.send-migration"]) => {
+                let m: SendMigrationData = parse_body(&what, body)?;
+                check_send_migration(&what, &m)?;
+                Request::SendMigration(m)
+            }
+            ("PUT", ["api", "v1", "vm.receive-migration"]) => {
+                let m: ReceiveMigrationData = parse_body(&what, body)?;
+                check_receive_migration(&what, &m)?;
+                Request::ReceiveMigration(m)
+            }
+            ("GET", ["api", "v1", "vm.migration-status"]) => no_body(Request::GetMigration)?,
+            ("PUT", ["api", "v1", "vm.migration-cancel"]) => no_body(Request::CancelMigration)?,
             ("PUT", ["logger"]) => Request::PutLogger(parse_body(&what, body)?),
             ("PUT", ["metrics"]) => {
                 let m: Metrics = parse_body(&what, body)?;
@@ -494,6 +585,81 @@ mod tests {
             ok("PUT", "/metrics", r#"{"metrics_path":"/m"}"#),
             Request::PutMetrics(_)
         ));
+    }
+
+    #[test]
+    fn request_cloud_hypervisor_migration_bodies_parse_and_bad_values_name_the_field() {
+        // ch-remote's bodies, byte for byte (every field, nulls included).
+        let send = r#"{"destination_url":"tcp:10.0.0.2:6000","local":false,"preserve_source":false,"downtime_ms":300,"timeout_s":3600,"timeout_strategy":"Cancel","connections":1,"tls_dir":null,"memory_mode":"Precopy"}"#;
+        let Request::SendMigration(m) = ok("PUT", "/api/v1/vm.send-migration", send) else {
+            panic!()
+        };
+        assert_eq!(m.downtime_ms, Some(300));
+        assert_eq!(
+            m.timeout_strategy,
+            Some(crate::model::TimeoutStrategy::Cancel)
+        );
+        let recv = r#"{"receiver_url":"unix:/tmp/sock","tls_dir":null,"memory_mode":"Precopy","vfio_fds":null,"iommufd_fd":null,"zone_updates":[]}"#;
+        assert!(matches!(
+            ok("PUT", "/api/v1/vm.receive-migration", recv),
+            Request::ReceiveMigration(_)
+        ));
+        assert_eq!(
+            ok("GET", "/api/v1/vm.migration-status", ""),
+            Request::GetMigration
+        );
+        assert_eq!(
+            ok("PUT", "/api/v1/vm.migration-cancel", ""),
+            Request::CancelMigration
+        );
+        for (body, needle) in [
+            (r#"{"destination_url":"http://x"}"#, "destination_url"),
+            (r#"{"destination_url":"tcp:1.2.3.4"}"#, "destination_url"),
+            (
+                r#"{"destination_url":"unix:/s","connections":4}"#,
+                "connections = 4",
+            ),
+            (
+                r#"{"destination_url":"unix:/s","connections":129}"#,
+                "out of range",
+            ),
+            (
+                r#"{"destination_url":"unix:/s","downtime_ms":0}"#,
+                "downtime_ms",
+            ),
+            (
+                r#"{"destination_url":"unix:/s","timeout_s":0}"#,
+                "timeout_s",
+            ),
+            (r#"{"destination_url":"tcp:a:1","tls_dir":"/t"}"#, "tls_dir"),
+            (r#"{"destination_url":"tcp:a:1","local":true}"#, "local"),
+            (
+                r#"{"destination_url":"unix:/s","preserve_source":true}"#,
+                "preserve_source",
+            ),
+            (
+                r#"{"destination_url":"unix:/s","memory_mode":"Later"}"#,
+                "expected `Precopy` or `Postcopy`",
+            ),
+            (r#"{"destination_url":"unix:/s","speed":1}"#, "speed"),
+        ] {
+            let e = err("PUT", "/api/v1/vm.send-migration", body).to_string();
+            assert!(e.contains(needle), "{body}: {e}");
+        }
+        for (body, needle) in [
+            (r#"{"receiver_url":"unix:"}"#, "receiver_url"),
+            (
+                r#"{"receiver_url":"unix:/s","vfio_fds":[{"id":"a"}]}"#,
+                "vfio_fds",
+            ),
+            (
+                r#"{"receiver_url":"unix:/s","zone_updates":[{"id":"a","host_numa_node":1}]}"#,
+                "zone_updates",
+            ),
+        ] {
+            let e = err("PUT", "/api/v1/vm.receive-migration", body).to_string();
+            assert!(e.contains(needle), "{body}: {e}");
+        }
     }
 
     #[test]

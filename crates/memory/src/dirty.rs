@@ -1,8 +1,9 @@
-//! The dirty bitmap of a guest memory region: off (no cost at all) unless
-//! the VM tracks dirty pages, then one bit per 4 KiB page that every write
-//! through vm-memory marks (ember's own writes into guest memory: device
-//! data, used rings). KVM's dirty log covers the guest's writes; a diff
-//! snapshot unites the two.
+//! The dirty bitmap of a guest memory region: one bit per 4 KiB page that
+//! every write through vm-memory marks (ember's own writes into guest
+//! memory: device data, used rings), or nothing at all when off. KVM's
+//! dirty log covers the guest's writes; a diff snapshot and a live
+//! migration's rounds unite the two. Ember keeps it on for every VM (as
+//! Cloud Hypervisor does), so a migration can start at any time.
 
 use vm_memory::bitmap::{AtomicBitmap, Bitmap, NewBitmap, RefSlice, WithBitmapSlice};
 

@@ -52,14 +52,20 @@ pub enum Kind {
     ZeroPages = 3,
     /// The device and vCPU state.
     State = 4,
-    /// The source hands over.
+    /// The source has sent everything.
     End = 5,
+    /// The source released its disk locks: the destination may take them
+    /// and run the guest.
+    Release = 6,
     /// Back channel: the destination accepts the start.
     Ready = 16,
     /// Back channel: the destination refuses, with a reason.
     Refused = 17,
     /// Back channel: the destination runs the guest.
     Done = 18,
+    /// Back channel: the destination holds the whole state and is ready to
+    /// take the disks.
+    Received = 19,
 }
 
 impl Kind {
@@ -70,9 +76,11 @@ impl Kind {
             3 => Kind::ZeroPages,
             4 => Kind::State,
             5 => Kind::End,
+            6 => Kind::Release,
             16 => Kind::Ready,
             17 => Kind::Refused,
             18 => Kind::Done,
+            19 => Kind::Received,
             _ => return None,
         })
     }
@@ -206,6 +214,13 @@ impl<W: Write> Writer<W> {
         Ok(())
     }
 
+    /// `Release`, then a flush.
+    pub fn release(&mut self) -> Result<()> {
+        self.frame(Kind::Release, &[])?;
+        self.out.flush()?;
+        Ok(())
+    }
+
     /// Pushes buffered frames out (before waiting for a reply).
     pub fn flush(&mut self) -> Result<()> {
         self.out.flush()?;
@@ -307,8 +322,10 @@ pub enum Event {
     ZeroPages(PageBatch),
     /// The device and vCPU state.
     State(Vec<u8>),
-    /// The source handed over; nothing may follow.
+    /// The source sent everything; only `Release` may follow.
     End,
+    /// The source released its disks; nothing may follow.
+    Release,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -316,6 +333,7 @@ enum Phase {
     Start,
     Memory,
     End,
+    Handover,
     Done,
 }
 
@@ -383,7 +401,7 @@ impl<R: Read> Receiver<R> {
     pub fn next(&mut self) -> Result<Event> {
         if self.phase == Phase::Done {
             return Err(Error::Order {
-                got: Kind::End,
+                got: Kind::Release,
                 after: "the end of the stream",
             });
         }
@@ -392,7 +410,8 @@ impl<R: Read> Receiver<R> {
             Phase::Start => "the header",
             Phase::Memory => "the start",
             Phase::End => "the state",
-            Phase::Done => "the end",
+            Phase::Handover => "the end",
+            Phase::Done => "the release",
         };
         let out_of_order = Error::Order { got: kind, after };
         let event = match (self.phase, kind) {
@@ -409,8 +428,12 @@ impl<R: Read> Receiver<R> {
                 Event::State(payload)
             }
             (Phase::End, Kind::End) if payload.is_empty() => {
-                self.phase = Phase::Done;
+                self.phase = Phase::Handover;
                 Event::End
+            }
+            (Phase::Handover, Kind::Release) if payload.is_empty() => {
+                self.phase = Phase::Done;
+                Event::Release
             }
             _ => return Err(out_of_order),
         };
@@ -432,6 +455,8 @@ pub enum Reply {
     Refused(String),
     /// The destination runs the guest.
     Done,
+    /// The destination holds the whole state: release the disks.
+    Received,
 }
 
 /// Writes a reply.
@@ -441,6 +466,7 @@ pub fn write_reply<W: Write>(out: W, reply: &Reply) -> Result<()> {
         Reply::Ready => w.frame(Kind::Ready, &[]),
         Reply::Refused(why) => w.frame(Kind::Refused, why.as_bytes()),
         Reply::Done => w.frame(Kind::Done, &[]),
+        Reply::Received => w.frame(Kind::Received, &[]),
     }?;
     w.out.flush()?;
     Ok(())
@@ -455,6 +481,7 @@ pub fn read_reply<R: Read>(mut input: R) -> Result<Reply> {
             String::from_utf8_lossy(&payload).into_owned(),
         )),
         Kind::Done if payload.is_empty() => Ok(Reply::Done),
+        Kind::Received if payload.is_empty() => Ok(Reply::Received),
         other => Err(Error::Order {
             got: other,
             after: "a request on the back channel",

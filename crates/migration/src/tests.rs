@@ -154,3 +154,37 @@ fn oversized_frames_are_refused_before_reading_them() {
     out.extend_from_slice(&u32::MAX.to_le_bytes());
     assert!(matches!(all(&out), Err(Error::TooLong(_))));
 }
+
+#[test]
+fn release_comes_after_the_end_once_and_replies_round_trip() {
+    let mut s = stream();
+    Writer::back_channel(&mut s).release().unwrap();
+    let mut r = Receiver::new(&s[..]).unwrap();
+    while r.next().unwrap() != Event::End {}
+    assert_eq!(r.next().unwrap(), Event::Release);
+    assert!(matches!(r.next(), Err(Error::Order { .. })));
+    // Release before the end is out of order.
+    let mut early = Vec::new();
+    let mut w = Writer::new(&mut early).unwrap();
+    w.start(b"{}").unwrap();
+    w.release().unwrap();
+    let mut r = Receiver::new(&early[..]).unwrap();
+    r.next().unwrap();
+    assert!(matches!(
+        r.next(),
+        Err(Error::Order {
+            got: Kind::Release,
+            ..
+        })
+    ));
+    for reply in [
+        Reply::Ready,
+        Reply::Received,
+        Reply::Done,
+        Reply::Refused("no avx512f".into()),
+    ] {
+        let mut b = Vec::new();
+        write_reply(&mut b, &reply).unwrap();
+        assert_eq!(read_reply(&b[..]).unwrap(), reply);
+    }
+}

@@ -85,6 +85,15 @@ impl Connection {
         })
     }
 
+    /// Ends the connection both ways: a read or write blocked on it (on
+    /// any handle) returns at once. Used to cancel.
+    pub fn shutdown(&self) -> std::io::Result<()> {
+        match self {
+            Connection::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Connection::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        }
+    }
+
     /// Bounds every read (`None`: wait forever).
     pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         match self {

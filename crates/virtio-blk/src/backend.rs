@@ -61,6 +61,15 @@ pub trait BlockBackend: Send {
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()>;
     /// Makes `len` bytes at `offset` read as zero.
     fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()>;
+    /// Drops the image's lock (a live migration hands the image to its
+    /// destination); nothing to do for a backend without one.
+    fn unlock(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    /// Takes the lock again (the migration failed and the VM runs on).
+    fn relock(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The zeroes written when a file cannot punch holes.
@@ -76,6 +85,7 @@ pub struct RawFile {
     file: File,
     path: PathBuf,
     size: u64,
+    read_only: bool,
 }
 
 impl RawFile {
@@ -112,7 +122,12 @@ impl RawFile {
         if size % SECTOR_SIZE != 0 {
             return Err(Error::UnalignedSize { path, size });
         }
-        Ok(RawFile { file, path, size })
+        Ok(RawFile {
+            file,
+            path,
+            size,
+            read_only,
+        })
     }
 
     /// The path the image was opened from.
@@ -124,6 +139,14 @@ impl RawFile {
 impl BlockBackend for RawFile {
     fn size(&self) -> u64 {
         self.size
+    }
+
+    fn unlock(&mut self) -> io::Result<()> {
+        unlock(&self.file)
+    }
+
+    fn relock(&mut self) -> io::Result<()> {
+        lock(&self.file, self.read_only)
     }
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -376,6 +399,18 @@ fn lock(file: &File, shared: bool) -> io::Result<()> {
     }
 }
 
+/// Drops `file`'s `flock`.
+#[allow(unsafe_code)]
+fn unlock(file: &File) -> io::Result<()> {
+    // SAFETY: as in `lock`: a descriptor `file` keeps open, no memory.
+    let ret = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -426,6 +461,27 @@ mod tests {
         let _b = RawFile::open(img.as_path(), true).unwrap();
         let err = RawFile::open(img.as_path(), false).unwrap_err();
         assert!(matches!(err, Error::Locked { .. }));
+    }
+
+    #[test]
+    fn raw_file_lock_hands_over_and_back() {
+        let img = image(4096);
+        let mut source = RawFile::open(img.as_path(), false).unwrap();
+        source.unlock().unwrap();
+        // The destination takes the image while the source keeps its fd.
+        let dest = RawFile::open(img.as_path(), false).unwrap();
+        let e = source.relock().unwrap_err();
+        assert_eq!(
+            e.kind(),
+            io::ErrorKind::WouldBlock,
+            "held by the destination"
+        );
+        drop(dest);
+        source.relock().unwrap();
+        assert!(matches!(
+            RawFile::open(img.as_path(), false),
+            Err(Error::Locked { .. })
+        ));
     }
 
     #[test]

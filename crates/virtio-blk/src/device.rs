@@ -196,6 +196,25 @@ impl Block {
         })
     }
 
+    /// Flushes the image and drops its lock: a live migration's
+    /// destination takes it next. The device must not be used until
+    /// [`Block::retake_lock`] (the migration failed) or it is dropped.
+    pub fn release_lock(&mut self) -> Result<()> {
+        self.flush()?;
+        self.backend.unlock().map_err(|source| Error::Lock {
+            path: self.disk.clone().into(),
+            source,
+        })
+    }
+
+    /// Takes the image's lock again after [`Block::release_lock`].
+    pub fn retake_lock(&mut self) -> Result<()> {
+        self.backend.relock().map_err(|source| Error::Lock {
+            path: self.disk.clone().into(),
+            source,
+        })
+    }
+
     /// Serves the disk from `backend` from now on (Firecracker's `PATCH
     /// /drives`): the old backend is flushed first, so no write the guest
     /// saw completed is lost, then replaced; the capacity and the

@@ -312,6 +312,17 @@ impl Net {
         Ok(())
     }
 
+    /// Tells the network where the guest now is, after a live migration
+    /// (as QEMU's announce): one RARP frame from the NIC's MAC to the
+    /// broadcast address, written to the backend, so switches learn the
+    /// new port before the guest sends anything.
+    pub fn announce(&mut self) -> std::io::Result<()> {
+        let frame = rarp_announce(self.state().mac);
+        let mut out = vec![0u8; VNET_HDR_LEN];
+        out.extend_from_slice(&frame);
+        self.backend.write(&out).map(|_| ())
+    }
+
     /// The tap's name (or "(custom backend)").
     pub fn name(&self) -> &str {
         &self.log.name
@@ -712,3 +723,20 @@ fn interrupt(active: &Active, index: u16, log: &mut FaultLog) {
 
 #[cfg(test)]
 mod tests;
+
+/// A RARP "reverse request" for `mac`, padded to Ethernet's 60 bytes: what
+/// QEMU sends to announce a migrated guest (RFC 903: hardware type 1,
+/// protocol IPv4, opcode 3, sender and target hardware address `mac`).
+pub fn rarp_announce(mac: [u8; 6]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(60);
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&0x8035u16.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 3]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0; 4]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0; 4]);
+    f.resize(60, 0);
+    f
+}

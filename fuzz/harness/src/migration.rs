@@ -1,9 +1,11 @@
 //! `migration_stream`: bytes as a destination reads them from a migration
 //! connection (`ember_migration::Receiver`): the header, then events until
-//! the end or the first error. Every page batch it accepts must hold
+//! the release or the first error. Every page batch it accepts must hold
 //! page-aligned addresses and whole pages, and the pages go into the
 //! fuzzer's guest memory (`ember_migration::memory::apply`) as a
-//! destination writes them.
+//! destination writes them; the start is parsed as ember's `Hello` and the
+//! state as ember's `State` payload (`ember_vmm::migration::decode_state`),
+//! as the destination does.
 
 use crate::guest::guest_memory;
 use ember_migration::{Event, Receiver, PAGE_SIZE};
@@ -24,8 +26,14 @@ pub fn migration_stream(data: &[u8]) {
                 assert!(b.pages().all(|(_, p)| p.len() == PAGE_SIZE));
                 let _ = ember_migration::memory::apply(&mem, &e);
             }
-            Ok(Event::End) | Err(_) => return,
-            Ok(Event::Start(_) | Event::State(_)) => {}
+            Ok(Event::Release) | Err(_) => return,
+            Ok(Event::End) => {}
+            Ok(Event::Start(p)) => {
+                let _ = serde_json::from_slice::<ember_vmm::migration::Hello>(&p);
+            }
+            Ok(Event::State(p)) => {
+                let _ = ember_vmm::migration::decode_state(&p);
+            }
         }
     }
 }
@@ -40,8 +48,9 @@ pub fn seeds() -> Vec<crate::seeds::NamedSeed> {
         let _ = w.pages(0, &[(0, &page[..]), (0x1000, &page[..])]);
         let _ = w.zero_pages(0, &[0x2000, 0x3000]);
         let _ = w.pages(1, &[(0x1000, &page[..])]);
-        let _ = w.state(b"{}");
+        let _ = w.state(b"\x01{}");
         let _ = w.end();
+        let _ = w.release();
     }
     let mut flipped = good.clone();
     flipped[40] ^= 1;

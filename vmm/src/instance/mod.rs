@@ -13,6 +13,7 @@
 //! it again as a whole, builds the VM and starts it. The command line is
 //! "configure from the file, then start".
 
+mod migrate;
 mod requests;
 
 use std::time::{Duration, Instant};
@@ -93,6 +94,13 @@ pub struct Instance {
     started: Instant,
     metrics: Metrics,
     api_stats: Option<std::sync::Arc<ember_api::ServerStats>>,
+    /// Wakes the event loop (the API's requests, the migration worker).
+    wake: vmm_sys_util::eventfd::EventFd,
+    /// The current (or last) outgoing migration.
+    migration: Option<std::sync::Arc<crate::migration::Shared>>,
+    /// The guest was paused for a migration's hand-over (and is resumed
+    /// if it fails).
+    migration_paused: bool,
 }
 
 impl std::fmt::Debug for Instance {
@@ -123,14 +131,17 @@ impl Instance {
             None => (None, None),
         };
         let wake = match &api {
-            Some(c) => Some(
-                c.wake
-                    .try_clone()
-                    .map_err(|e| Error::EventFd("API wake-up", e))?,
-            ),
-            None => None,
+            Some(c) => c
+                .wake
+                .try_clone()
+                .map_err(|e| Error::EventFd("API wake-up", e))?,
+            None => vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)
+                .map_err(|e| Error::EventFd("wake-up", e))?,
         };
-        let event_loop = EventLoop::new(signals, wake)?;
+        let event_loop = EventLoop::new(
+            signals,
+            Some(wake.try_clone().map_err(|e| Error::EventFd("wake-up", e))?),
+        )?;
         Ok(Instance {
             state: State::NotStarted,
             id: opts.id,
@@ -145,6 +156,9 @@ impl Instance {
             started: opts.started,
             metrics: Metrics::default(),
             api_stats,
+            wake,
+            migration: None,
+            migration_paused: false,
         })
     }
 
@@ -186,7 +200,7 @@ impl Instance {
         };
         let t = Instant::now();
         let mut vmm = Vmm::build(&cfg, console, self.started)?;
-        vmm.start(&self.filters, &mut self.event_loop)?;
+        vmm.start(&self.filters, &mut self.event_loop, &self.wake)?;
         self.metrics
             .latencies_us
             .insert("instance_start", micros(t.elapsed()));
@@ -218,7 +232,7 @@ impl Instance {
         };
         let t = Instant::now();
         let mut vmm = Vmm::restore(params, console, self.started)?;
-        vmm.start(&self.filters, &mut self.event_loop)?;
+        vmm.start(&self.filters, &mut self.event_loop, &self.wake)?;
         let took = t.elapsed();
         self.metrics
             .latencies_us
@@ -324,6 +338,7 @@ impl Instance {
                 break stop;
             }
             self.serve_api();
+            self.poll_migration();
             if self.metrics.due() {
                 let _ = self.flush_metrics();
             }

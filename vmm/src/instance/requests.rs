@@ -25,6 +25,17 @@ impl Instance {
     }
 
     fn dispatch(&mut self, request: Request) -> Response {
+        if matches!(
+            request,
+            Request::PatchVm(_)
+                | Request::CreateSnapshot(_)
+                | Request::PatchDrive(_)
+                | Request::SendMigration(_)
+        ) {
+            if let Err(e) = self.require_not_migrating() {
+                return bad_request(&e);
+            }
+        }
         match request {
             Request::GetInstanceInfo => Response::json(
                 200,
@@ -80,6 +91,39 @@ impl Instance {
             },
             Request::PatchVm(VmState::Resumed) => match self.resume() {
                 Ok(_) => Response::no_content(),
+                Err(e) => bad_request(&e),
+            },
+            Request::SendMigration(m) => match self.send_migration(&m) {
+                Ok(()) => Response::no_content(),
+                Err(e) => bad_request(&e),
+            },
+            Request::ReceiveMigration(m) => {
+                let url = match crate::migration::parse_url(&m.receiver_url) {
+                    Ok(u) => u,
+                    Err(e) => return bad_request(&e),
+                };
+                if let Err(e) = self.require_not_started() {
+                    return bad_request(&e);
+                }
+                match self.receive_migration(&url) {
+                    Ok(()) => Response::no_content(),
+                    // As Cloud Hypervisor: a migration that could not be
+                    // received is a 500.
+                    Err(e) => Response::fault(500, &crate::error_chain(&e)),
+                }
+            }
+            Request::GetMigration => match self.migration_progress() {
+                Some(p) => Response::json(200, &p),
+                None => Response::json(
+                    200,
+                    &crate::migration::Progress {
+                        state: "none".into(),
+                        ..Default::default()
+                    },
+                ),
+            },
+            Request::CancelMigration => match self.cancel_migration() {
+                Ok(()) => Response::no_content(),
                 Err(e) => bad_request(&e),
             },
             Request::CreateSnapshot(c) => self.api_create_snapshot(&c),
@@ -273,5 +317,9 @@ fn metric_name(r: &Request) -> (&'static str, &'static str) {
         Request::PutMetrics(_) => (PUT, "metrics_count"),
         Request::CreateSnapshot(_) => (PUT, "snapshot_create_count"),
         Request::LoadSnapshot(_) => (PUT, "snapshot_load_count"),
+        Request::SendMigration(_) => (PUT, "send_migration_count"),
+        Request::ReceiveMigration(_) => (PUT, "receive_migration_count"),
+        Request::GetMigration => (GET, "migration_status_count"),
+        Request::CancelMigration => (PUT, "migration_cancel_count"),
     }
 }

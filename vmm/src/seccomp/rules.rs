@@ -131,6 +131,8 @@ const KVM_GET_IRQCHIP: u64 = kvm_iowr(0x62, size_of::<kb::kvm_irqchip>());
 const KVM_GET_PIT2: u64 = kvm_ior(0x9f, size_of::<kb::kvm_pit_state2>());
 /// `_IOWR(KVMIO, 0x42, struct kvm_dirty_log)`.
 const KVM_GET_DIRTY_LOG: u64 = (1 << 30) | (16 << 16) | (0xae << 8) | 0x42;
+/// `_IOW(KVMIO, 0x46, struct kvm_userspace_memory_region)`.
+const KVM_SET_USER_MEMORY_REGION: u64 = (1 << 30) | (32 << 16) | (0xae << 8) | 0x46;
 const FIONBIO: u64 = 0x5421;
 const TCGETS: u64 = 0x5401;
 const TCSETS: u64 = 0x5402;
@@ -276,6 +278,10 @@ pub fn vmm() -> Vec<Rule> {
             "lock the image PATCH /drives swaps in, without waiting",
         ),
         always(libc::SYS_lseek, "size the image PATCH /drives swaps in"),
+        always(
+            libc::SYS_shutdown,
+            "a migration's cancel ends its connection (the worker's blocked I/O returns)",
+        ),
         always(libc::SYS_getpid, "pthread_kill (kicking a vCPU thread)"),
         always(libc::SYS_gettid, "pthread_kill (kicking a vCPU thread)"),
         only(
@@ -345,6 +351,66 @@ pub fn api() -> Vec<Rule> {
             "client sockets made nonblocking",
         ),
         always(libc::SYS_unlink, "the socket file is removed at exit"),
+    ]);
+    rules
+}
+
+/// The live-migration worker: a stream socket to the destination (TCP or
+/// Unix, made here: it is given the address, not a socket), KVM's dirty
+/// log, guest memory reads, and the disks' locks at the hand-over.
+pub fn migration() -> Vec<Rule> {
+    let mut rules = common();
+    let stream = |family: i32| {
+        vec![
+            eq(0, family as u64),
+            Check {
+                index: 1,
+                mask: 0xf,
+                value: libc::SOCK_STREAM as u64,
+            },
+        ]
+    };
+    rules.extend([
+        only(
+            libc::SYS_socket,
+            vec![
+                stream(libc::AF_INET),
+                stream(libc::AF_INET6),
+                stream(libc::AF_UNIX),
+            ],
+            "the connection to the destination: a TCP or Unix stream, nothing else",
+        ),
+        always(libc::SYS_connect, "connect to the destination"),
+        always(libc::SYS_setsockopt, "TCP_NODELAY on the migration socket"),
+        always(libc::SYS_sendto, "the migration stream (TCP send)"),
+        always(libc::SYS_recvfrom, "the destination's answers (TCP)"),
+        always(libc::SYS_read, "the destination's answers (Unix socket)"),
+        always(libc::SYS_shutdown, "a cancel ends the connection at once"),
+        always(libc::SYS_fcntl, "std sets close-on-exec on a cloned socket"),
+        ioctls(
+            &[
+                (
+                    KVM_GET_DIRTY_LOG,
+                    "the pages the guest wrote since the last round",
+                ),
+                (
+                    KVM_SET_USER_MEMORY_REGION,
+                    "turn the slots' dirty log on and off (flags only)",
+                ),
+            ],
+            "pre-copy rounds read and reset KVM's dirty log",
+        ),
+        only(
+            libc::SYS_flock,
+            // LOCK_SH|LOCK_NB (5), LOCK_EX|LOCK_NB (6), LOCK_UN (8)
+            vec![vec![eq(1, 5)], vec![eq(1, 6)], vec![eq(1, 8)]],
+            "hand the disks' locks to the destination; take them back if it fails",
+        ),
+        always(
+            libc::SYS_fdatasync,
+            "flush a disk before its lock is released",
+        ),
+        always(libc::SYS_fsync, "flush a disk before its lock is released"),
     ]);
     rules
 }

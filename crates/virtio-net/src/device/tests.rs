@@ -1227,3 +1227,19 @@ fn rx_random_descriptor_tables_do_not_panic() {
     assert!(c.rx_packets > 100 && c.rx_dropped > 100, "{c:?}");
     assert!(tame_rounds > 100, "{tame_rounds}");
 }
+
+#[test]
+fn announce_writes_one_rarp_frame_from_the_nics_mac_behind_a_zero_vnet_header() {
+    let (mut net, state) = new_net(true);
+    net.announce().unwrap();
+    let sent = state.sent();
+    assert_eq!(sent.len(), 1);
+    let (hdr, f) = sent[0].split_at(VNET_HDR_LEN);
+    assert!(hdr.iter().all(|&b| b == 0));
+    assert_eq!(f.len(), 60);
+    assert_eq!(&f[..6], &[0xff; 6], "broadcast");
+    assert_eq!(&f[6..12], &MAC, "from the guest's MAC");
+    assert_eq!(&f[12..14], &[0x80, 0x35], "RARP");
+    assert_eq!(&f[14..22], &[0, 1, 8, 0, 6, 4, 0, 3], "reverse request");
+    assert_eq!((&f[22..28], &f[32..38]), (&MAC[..], &MAC[..]));
+}

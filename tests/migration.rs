@@ -1,0 +1,500 @@
+//! Live migration between two "hosts": network namespaces joined by a veth
+//! pair, one ember in each, the guest's disk on a path both see, a tap of
+//! the same name and address in each (routed, not bridged).
+//!
+//! One boot of a real Linux guest whose test agent beats once a second
+//! (checks a memory pattern, writes and syncs a numbered disk block,
+//! prints a line) carries every check:
+//!
+//! 1. failures first, each leaving the guest running at the source with
+//!    nothing lost: a destination whose CPU lacks a feature the guest uses
+//!    (refused before memory moves, naming it), a destination without the
+//!    guest's tap (it fails after the source let go of the disks: the
+//!    source takes them back and resumes), a destination that disappears
+//!    mid-stream, and a cancel mid-migration;
+//! 2. a migration over TCP on the veth link to an ember driven through
+//!    Cloud Hypervisor's API (`vm.receive-migration`), with the guest
+//!    pinged from both namespaces: the source exits 0, the guest goes on
+//!    at the destination (no reboot, next beat, memory and disk intact,
+//!    clock continuous), answers pings there, and the destination tap
+//!    sees the announce (RARP) frames; the ping gap is reported;
+//! 3. a second hop over a Unix socket to an `ember --incoming`, with the
+//!    source killed right after the hand-over: the guest runs on.
+//!
+//! The host then reads the disk and checks every block the guest wrote.
+//! A second test feeds a destination bad streams without any guest.
+
+use std::io::Write;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ember_tests::beat::{beats, check_continued, check_disk, wait_beat};
+use ember_tests::http::{Api, Client};
+use ember_tests::{
+    guest_kernel_dir, kvm_available, netns_available, spawn_ember, spawn_ember_in_netns,
+    spawn_ember_in_netns_env, NetNs, Running, TempDir,
+};
+use serde_json::Value;
+
+const BOOT: Duration = Duration::from_secs(300);
+const HOST: &str = "10.205.0.1";
+const GUEST: &str = "10.205.0.2";
+const LINK_B: &str = "10.206.0.2";
+const DISK_BYTES: usize = 4 << 20;
+
+fn cmdline() -> String {
+    format!(
+        "console=ttyS0 quiet panic=1 ember.agent=on ember.sleep=3600 \
+         ember.beat=vda:3600:2 ip={GUEST}::{HOST}:255.255.255.0::eth0:off"
+    )
+}
+
+fn status(api: &mut Api) -> Value {
+    let r = api
+        .client
+        .request("GET", "/api/v1/vm.migration-status", None);
+    assert_eq!(r.status, 200, "{r:?}");
+    r.json()
+}
+
+/// Polls the migration status until its state is one of `want`.
+fn wait_state(api: &mut Api, want: &[&str], timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = status(api);
+        if want.contains(&s["state"].as_str().unwrap_or("")) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "migration never {want:?}: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn send(api: &mut Api, url: &str) {
+    // ch-remote's body, every field.
+    let body = format!(
+        r#"{{"destination_url":"{url}","local":false,"preserve_source":false,"downtime_ms":300,"timeout_s":3600,"timeout_strategy":"Cancel","connections":1,"tls_dir":null,"memory_mode":"Precopy"}}"#
+    );
+    let r = api
+        .client
+        .request("PUT", "/api/v1/vm.send-migration", Some(&body));
+    assert_eq!(r.status, 204, "send-migration to {url}: {r:?}");
+}
+
+fn wait_path(p: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !p.exists() {
+        assert!(Instant::now() < deadline, "{} never appeared", p.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A failed migration: the guest beats on at the source, every beat good.
+fn goes_on_at_source(source: &mut Running, what: &str) -> u32 {
+    let last = beats(&source.stdout_so_far()).last().map_or(0, |b| b.0);
+    let out = wait_beat(source, last + 2, BOOT);
+    let b = beats(&out);
+    assert!(
+        b.iter().any(|x| x.0 >= last + 2) && b.iter().all(|&(_, m, d)| m && d),
+        "{what}: the guest runs on at the source:\n{out}"
+    );
+    last + 2
+}
+
+fn ping_log(ns: &NetNs, count: u32) -> std::process::Child {
+    Command::new("ip")
+        .args([
+            "netns", "exec", &ns.name, "ping", "-D", "-n", "-i", "0.2", "-W", "1",
+        ])
+        .args(["-c", &count.to_string(), GUEST])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ping")
+}
+
+/// The times (s, from `ping -D`) of the echo replies in a ping log.
+fn reply_times(log: &str) -> Vec<f64> {
+    log.lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn migration_moves_a_running_guest_between_hosts_and_survives_every_failure() {
+    let name = "migration_moves_a_running_guest_between_hosts_and_survives_every_failure";
+    if !kvm_available(name) || !netns_available(name) {
+        return;
+    }
+    let dir = TempDir::new("migration");
+    let kernel = guest_kernel_dir().join("vmlinux");
+    let disk = dir.write("disk.img", &vec![0u8; DISK_BYTES]);
+    let host_addr = format!("{HOST}/24");
+    let a = NetNs::new("miga", &[("tap0", &host_addr)]).expect("netns a");
+    let b = NetNs::new("migb", &[("tap0", &host_addr)]).expect("netns b");
+    let c = NetNs::new("migc", &[("tap0", &host_addr)]).expect("netns c");
+    let d = NetNs::new("migd", &[]).expect("netns d");
+    a.link(&b, "10.206.0.1/24", &format!("{LINK_B}/24"))
+        .expect("veth");
+    let src_sock = dir.path("src.sock");
+    let disk_flag = format!("path={}", disk.display());
+    let cmd = cmdline();
+    let mut source = spawn_ember_in_netns(
+        &a.name,
+        &[
+            "--log-level",
+            "info",
+            "--api-sock",
+            src_sock.to_str().unwrap(),
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "256",
+            "--disk",
+            &disk_flag,
+            "--net",
+            "tap=tap0",
+            "--cmdline",
+            &cmd,
+        ],
+        b"",
+    );
+    let booted = wait_beat(&mut source, 2, BOOT);
+    assert!(
+        beats(&booted).iter().any(|b| b.0 >= 2),
+        "the guest beats:\n{booted}"
+    );
+    let pinged = a.exec(&["ping", "-c", "2", "-W", "5", GUEST]);
+    assert!(pinged.is_ok(), "ping at the source: {pinged:?}");
+    let mut api = Api::connect(&src_sock);
+    assert_eq!(status(&mut api)["state"], "none");
+
+    // 1a. A destination whose CPU lacks SSE4.2: refused before memory.
+    let m1 = dir.path("m1.sock");
+    let m1_url = format!("unix:{}", m1.display());
+    let weak = spawn_ember_in_netns_env(
+        &b.name,
+        &["--incoming", &m1_url],
+        &[("EMBER_TEST_HOST_CPU_REMOVE", "sse4.2")],
+    );
+    wait_path(&m1);
+    send(&mut api, &m1_url);
+    let s = wait_state(&mut api, &["failed"], Duration::from_secs(60));
+    let error = s["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("refused") && error.contains("sse4.2"),
+        "the refusal names the missing feature: {s}"
+    );
+    assert_eq!(s["pages_sent"], 0, "no memory moved: {s}");
+    let run = weak.finish(Duration::from_secs(30));
+    run.check(
+        run.code() != 0,
+        "the refusing destination exits with an error",
+    );
+    ember_tests::assert_clean_error(&run, &["sse4.2"]);
+    goes_on_at_source(&mut source, "after the CPU refusal");
+
+    // 1b. A destination without the guest's tap: it fails after the
+    //     source released the disks; the source takes them back.
+    let m2 = dir.path("m2.sock");
+    let m2_url = format!("unix:{}", m2.display());
+    let tapless = spawn_ember_in_netns(&d.name, &["--incoming", &m2_url], b"");
+    wait_path(&m2);
+    send(&mut api, &m2_url);
+    let s = wait_state(&mut api, &["failed"], Duration::from_secs(120));
+    assert!(
+        s["error"].as_str().unwrap_or("").contains("tap0"),
+        "the destination's failure is reported: {s}"
+    );
+    assert!(s["pages_sent"].as_u64().unwrap_or(0) > 0, "{s}");
+    let run = tapless.finish(Duration::from_secs(30));
+    ember_tests::assert_clean_error(&run, &["tap0"]);
+    goes_on_at_source(&mut source, "after the destination failed to start");
+
+    // 1c. A destination that disappears mid-stream.
+    let m3 = dir.path("m3.sock");
+    let listener = UnixListener::bind(&m3).unwrap();
+    let vanishing = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        let mut back = conn.try_clone().unwrap();
+        let mut r = ember_migration::Receiver::new(conn).unwrap();
+        let _start = r.next().unwrap();
+        ember_migration::write_reply(&mut back, &ember_migration::Reply::Ready).unwrap();
+        for _ in 0..3 {
+            r.next().unwrap();
+        }
+        // Gone, as if killed: the socket closes.
+    });
+    send(&mut api, &format!("unix:{}", m3.display()));
+    vanishing.join().unwrap();
+    let s = wait_state(&mut api, &["failed"], Duration::from_secs(60));
+    assert!(!s["error"].as_str().unwrap_or("").is_empty(), "{s}");
+    goes_on_at_source(&mut source, "after the destination vanished");
+
+    // 1d. A destination that stops reading; the migration is cancelled.
+    let m4 = dir.path("m4.sock");
+    let listener = UnixListener::bind(&m4).unwrap();
+    let (hold_tx, hold_rx) = std::sync::mpsc::channel::<()>();
+    let stalling = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        let mut back = conn.try_clone().unwrap();
+        let mut r = ember_migration::Receiver::new(conn).unwrap();
+        let _start = r.next().unwrap();
+        ember_migration::write_reply(&mut back, &ember_migration::Reply::Ready).unwrap();
+        // Holds the connection without reading until told.
+        let _ = hold_rx.recv_timeout(Duration::from_secs(120));
+    });
+    send(&mut api, &format!("unix:{}", m4.display()));
+    wait_state(&mut api, &["precopy"], Duration::from_secs(30));
+    let r = api
+        .client
+        .request("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(r.status, 400, "no pause during a migration: {r:?}");
+    assert!(r.fault().contains("migration is in progress"), "{r:?}");
+    let r = api
+        .client
+        .request("PUT", "/api/v1/vm.migration-cancel", None);
+    assert_eq!(r.status, 204, "{r:?}");
+    let s = wait_state(&mut api, &["cancelled"], Duration::from_secs(30));
+    assert!(s["error"].as_str().unwrap_or("").contains("cancel"), "{s}");
+    let _ = hold_tx.send(());
+    stalling.join().unwrap();
+    let r = api
+        .client
+        .request("PUT", "/api/v1/vm.migration-cancel", None);
+    assert_eq!(r.status, 400, "nothing left to cancel: {r:?}");
+    goes_on_at_source(&mut source, "after the cancel");
+
+    // 2. The real move, over TCP on the veth link, the destination driven
+    //    through Cloud Hypervisor's API; pinged from both namespaces.
+    let dst_sock = dir.path("dst.sock");
+    let mut dest = spawn_ember_in_netns_env(
+        &b.name,
+        &["--api-sock", dst_sock.to_str().unwrap()],
+        &[("EMBER_TEST_MIGRATION_STALL_AFTER_RELEASE_MS", "8000")],
+    );
+    wait_path(&dst_sock);
+    let receiver = {
+        let sock = dst_sock.clone();
+        std::thread::spawn(move || {
+            let mut c = Client::connect(&sock, Duration::from_secs(20));
+            c.request(
+                "PUT",
+                "/api/v1/vm.receive-migration",
+                Some(&format!(
+                    r#"{{"receiver_url":"tcp:{LINK_B}:6000","tls_dir":null,"memory_mode":"Precopy","vfio_fds":null,"iommufd_fd":null,"zone_updates":[]}}"#
+                )),
+            )
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !b
+        .exec(&["ss", "-ltn"])
+        .unwrap_or_default()
+        .contains(":6000")
+    {
+        assert!(Instant::now() < deadline, "the destination never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let capture = b.capture("tap0", Duration::from_secs(25));
+    let ping_a = ping_log(&a, 60);
+    let ping_b = ping_log(&b, 100);
+    std::thread::sleep(Duration::from_secs(3));
+    let before = source.stdout_so_far();
+    let t = Instant::now();
+    send(&mut api, &format!("tcp:{LINK_B}:6000"));
+    let run = source.finish(Duration::from_secs(120));
+    let moved_in = t.elapsed();
+    run.check(run.code() == 0, "the source exits 0 once the guest moved");
+    run.check(run.stderr.contains("migrated to"), "the source says so");
+    run.check(!run.stderr.contains("panicked"), "no panic");
+    let before = before + &run.stdout;
+    let reply = receiver.join().unwrap();
+    assert_eq!(reply.status, 204, "receive-migration: {reply:?}");
+    let last = beats(&before).iter().map(|b| b.0).max().unwrap();
+    let after = wait_beat(&mut dest, last + 3, BOOT);
+    let last_dest = check_continued(&after, &before, "the migrated guest");
+    let pinged = b.exec(&["ping", "-c", "3", "-i", "0.3", "-W", "5", GUEST]);
+    let pinged = pinged.unwrap_or_else(|e| panic!("ping at the destination: {e}"));
+    assert!(pinged.contains(" 0% packet loss"), "{pinged}");
+    let frames = capture.join().unwrap();
+    let rarp: Vec<_> = frames
+        .iter()
+        .filter(|f| f.len() >= 42 && f[12..14] == [0x80, 0x35] && f[..6] == [0xff; 6])
+        .collect();
+    assert!(
+        !rarp.is_empty(),
+        "the destination announced the guest on its tap ({} frames seen)",
+        frames.len()
+    );
+    assert!(
+        rarp.iter().all(|f| f[6..12] == f[22..28]),
+        "announced from the guest's MAC"
+    );
+    let la = ping_a.wait_with_output().unwrap();
+    let lb = ping_b.wait_with_output().unwrap();
+    let (ta, tb) = (
+        reply_times(&String::from_utf8_lossy(&la.stdout)),
+        reply_times(&String::from_utf8_lossy(&lb.stdout)),
+    );
+    assert!(!ta.is_empty() && !tb.is_empty(), "replies on both sides");
+    let gap = tb[0] - ta[ta.len() - 1];
+    eprintln!(
+        "migration over TCP: {:.2} s from the request to the source's exit; ping gap {:.2} s \
+         (last reply at the source to first at the destination); {} announce frame(s); \
+         source: {}",
+        moved_in.as_secs_f64(),
+        gap,
+        rarp.len(),
+        run.stderr
+            .lines()
+            .find(|l| l.contains("migrated to"))
+            .unwrap_or("")
+    );
+    assert!(gap < 30.0, "the guest answered again at the destination");
+
+    // 3. A second hop over a Unix socket to `ember --incoming` on a third
+    //    host (its own tap0: a tap is attached to one process at a time);
+    //    the source, stalled after the release by the test hook, is killed.
+    let m5 = dir.path("m5.sock");
+    let m5_url = format!("unix:{}", m5.display());
+    let mut hop = spawn_ember_in_netns(&c.name, &["--incoming", &m5_url], b"");
+    wait_path(&m5);
+    let mut dapi = Api::connect(&dst_sock);
+    let before = dest.stdout_so_far();
+    send(&mut dapi, &m5_url);
+    let last = beats(&before).iter().map(|b| b.0).max().unwrap();
+    let after = wait_beat(&mut hop, last + 1, Duration::from_secs(60));
+    assert!(
+        beats(&after).iter().any(|b| b.0 > last),
+        "the second hop runs the guest:\n{after}"
+    );
+    // The source is still in its stall: killed after the hand-over.
+    dest.signal(libc::SIGKILL);
+    let killed = dest.finish(Duration::from_secs(30));
+    killed.check(
+        std::os::unix::process::ExitStatusExt::signal(&killed.status) == Some(libc::SIGKILL),
+        "the source was still there (stalled after the release) when killed",
+    );
+    killed.check(!killed.stderr.contains("seccomp"), "no filter violation");
+    let before = before + &killed.stdout;
+    let after = wait_beat(&mut hop, last + 3, BOOT);
+    let last_hop = check_continued(&after, &before, "the guest after the second hop");
+    assert!(last_hop > last_dest);
+    let pinged = c.exec(&["ping", "-c", "2", "-W", "5", GUEST]);
+    assert!(pinged.is_ok(), "ping after the second hop: {pinged:?}");
+    hop.signal(libc::SIGKILL);
+    let run = hop.finish(BOOT);
+    let last = beats(&(after + &run.stdout))
+        .iter()
+        .map(|b| b.0)
+        .max()
+        .unwrap();
+    run.check(!run.stderr.contains("panicked"), "no panic");
+    // Every block of every beat, across three embers.
+    check_disk(&disk, last);
+}
+
+/// Feeds a destination (`ember --api-sock`, no VM) one stream over a Unix
+/// socket; its answer to `vm.receive-migration`.
+fn receive_bad(sock: &Path, listen: &Path, stream: &[u8]) -> ember_tests::http::Reply {
+    let _ = std::fs::remove_file(listen);
+    let body = format!(r#"{{"receiver_url":"unix:{}"}}"#, listen.display());
+    let sock = sock.to_path_buf();
+    let call = std::thread::spawn(move || {
+        let mut c = Client::connect(&sock, Duration::from_secs(20));
+        c.request("PUT", "/api/v1/vm.receive-migration", Some(&body))
+    });
+    wait_path(listen);
+    let mut s = UnixStream::connect(listen).unwrap();
+    let _ = s.write_all(stream);
+    drop(s);
+    call.join().unwrap()
+}
+
+#[test]
+fn a_destination_refuses_bad_streams_clearly_and_keeps_serving() {
+    let dir = TempDir::new("migration-bad");
+    let sock = dir.path("api.sock");
+    let listen = dir.path("in.sock");
+    let ember = spawn_ember(&["--api-sock", sock.to_str().unwrap()], b"");
+    let mut good = Vec::new();
+    {
+        let mut w = ember_migration::Writer::new(&mut good).unwrap();
+        w.start(b"{\"not\": \"a hello\"}").unwrap();
+    }
+    let mut flipped = good.clone();
+    let at = flipped.len() - 3;
+    flipped[at] ^= 0x10;
+    let mut version = good.clone();
+    version[8] = 9;
+    let mut order = Vec::new();
+    {
+        let mut w = ember_migration::Writer::new(&mut order).unwrap();
+        w.zero_pages(0, &[0x1000]).unwrap();
+    }
+    let cases: [(&str, Vec<u8>, &str); 6] = [
+        ("bad magic", b"EMBERMIX\x01\0\0\0".to_vec(), "bad magic"),
+        ("version", version, "version 9 is not supported"),
+        ("order", order, "out of order"),
+        ("corrupt", flipped, "CRC64"),
+        ("truncated", good[..good.len() - 5].to_vec(), "truncated"),
+        (
+            "hello",
+            good.clone(),
+            "the start of the stream is not valid",
+        ),
+    ];
+    let mut api = Api::connect(&sock);
+    for (what, stream, needle) in cases {
+        let r = receive_bad(&sock, &listen, &stream);
+        assert_eq!(r.status, 500, "{what}: {r:?}");
+        let fault = r.fault();
+        assert!(fault.contains(needle), "{what}: {fault}");
+        assert!(
+            !fault.contains('\n') && !fault.contains("panicked"),
+            "{fault}"
+        );
+        // Nothing was built; the VMM serves on.
+        assert_eq!(api.state(), "Not started", "{what}");
+        assert!(!listen.exists(), "{what}: the listening socket is removed");
+    }
+    // Requests that cannot be served say why.
+    for (method, path, body, needle) in [
+        (
+            "PUT",
+            "/api/v1/vm.send-migration",
+            r#"{"destination_url":"unix:/nowhere"}"#,
+            "before starting",
+        ),
+        (
+            "PUT",
+            "/api/v1/vm.receive-migration",
+            r#"{"receiver_url":"tcp:example.invalid:1"}"#,
+            "must be an IP address",
+        ),
+        ("PUT", "/api/v1/vm.migration-cancel", "", "no migration"),
+    ] {
+        let body = (!body.is_empty()).then_some(body);
+        let r = api.client.request(method, path, body);
+        assert_eq!(r.status, 400, "{path}: {r:?}");
+        assert!(r.fault().contains(needle), "{path}: {r:?}");
+    }
+    let r = api
+        .client
+        .request("GET", "/api/v1/vm.migration-status", None);
+    assert_eq!((r.status, r.json()["state"].clone()), (200, "none".into()));
+    ember.signal(libc::SIGTERM);
+    let run = ember.finish(Duration::from_secs(30));
+    run.check(!run.stderr.contains("panicked"), "no panic");
+    // The command line's destination refuses a bad URL in one line.
+    let run = ember_tests::run_ember(
+        &["--incoming", "udp:1.2.3.4:5"],
+        b"",
+        Duration::from_secs(30),
+    );
+    ember_tests::assert_clean_error(&run, &["udp:1.2.3.4:5", "tcp:HOST:PORT or unix:PATH"]);
+}

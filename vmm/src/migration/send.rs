@@ -1,0 +1,505 @@
+//! The source's side: a worker thread, started with the VM (before any
+//! seccomp filter, under its own), that sends guest memory while the guest
+//! runs and asks the VMM thread for the hand-over.
+
+use std::io::{BufWriter, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ember_memory::GuestMemoryMmap;
+use ember_migration::memory::{send_memory, Round, SendStats};
+use ember_migration::transport::{connect, Connection};
+use ember_migration::{read_reply, Reply, Writer};
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{count_pages, unite, Progress, SendParams};
+use crate::disks::DiskDevice;
+use crate::seccomp::{Filters, ThreadKind};
+use crate::{vm, Error};
+
+/// What the worker asks of the VMM thread.
+#[derive(Debug)]
+pub enum ToVmm {
+    /// Pause the guest and send its state (the `State` payload) back on
+    /// the hand-over channel.
+    Handover,
+    /// The migration ended.
+    Finished(Outcome),
+}
+
+/// How a migration ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// The destination runs the guest: the source ends.
+    Completed(Progress),
+    /// It failed; `resume` says whether the source may run the guest
+    /// again (false only when the destination may be running it).
+    Failed {
+        /// Why.
+        error: String,
+        /// Whether the source may resume the guest.
+        resume: bool,
+    },
+}
+
+/// What the API and the worker share about the current migration.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// The progress report.
+    pub progress: Mutex<Progress>,
+    cancel: AtomicBool,
+    conn: Mutex<Option<Connection>>,
+    bytes: AtomicU64,
+}
+
+impl Shared {
+    /// Asks the migration to stop. Only before the hand-over: returns
+    /// false once the guest is being handed over (or the migration is
+    /// over).
+    pub fn cancel(&self) -> bool {
+        let progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        if !matches!(progress.state.as_str(), "connecting" | "precopy") {
+            return false;
+        }
+        self.cancel.store(true, Ordering::SeqCst);
+        if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            // Whatever the worker waits for returns at once.
+            let _ = c.shutdown();
+        }
+        true
+    }
+
+    /// Ends the connection whatever the phase (the VM is going away).
+    fn abort(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+        if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            let _ = c.shutdown();
+        }
+    }
+
+    fn set(&self, f: impl FnOnce(&mut Progress)) {
+        f(&mut self.progress.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// A copy of the progress report.
+    pub fn progress(&self) -> Progress {
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+struct Job {
+    params: SendParams,
+    shared: Arc<Shared>,
+    hello: Vec<u8>,
+}
+
+/// What the worker reads and writes of the VM.
+struct Context {
+    vm: Arc<VmFd>,
+    mem: GuestMemoryMmap,
+    disks: Vec<DiskDevice>,
+    /// KVM's dirty log stays on after a failed migration (diff snapshots
+    /// use it).
+    track_dirty_pages: bool,
+    to_vmm: Sender<ToVmm>,
+    wake: EventFd,
+    handover: Receiver<Result<Vec<u8>, String>>,
+    stall_after_release: Option<Duration>,
+}
+
+/// Tests only: milliseconds the source waits after releasing the guest
+/// before it reads the destination's last answer (to kill it there).
+pub const STALL_ENV: &str = "EMBER_TEST_MIGRATION_STALL_AFTER_RELEASE_MS";
+
+impl Context {
+    fn tell(&self, m: ToVmm) {
+        if self.to_vmm.send(m).is_err() || self.wake.write(1).is_err() {
+            log::warn!("migration: the VMM thread is gone");
+        }
+    }
+}
+
+/// The migration worker of one VM.
+#[derive(Debug)]
+pub struct Worker {
+    jobs: Option<Sender<Job>>,
+    handle: Option<JoinHandle<()>>,
+    /// Messages for the VMM thread (woken through the event loop's
+    /// wake-up eventfd).
+    pub to_vmm: Receiver<ToVmm>,
+    /// The VMM thread's answer to [`ToVmm::Handover`].
+    pub handover: Sender<Result<Vec<u8>, String>>,
+    current: Mutex<Option<Arc<Shared>>>,
+}
+
+/// Counts what goes through to the connection.
+struct Counted<W> {
+    inner: W,
+    shared: Arc<Shared>,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.shared.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl Worker {
+    /// Starts the worker thread; it installs the migration filter first
+    /// thing and waits for a job.
+    pub fn spawn(
+        vm: Arc<VmFd>,
+        mem: GuestMemoryMmap,
+        disks: Vec<DiskDevice>,
+        track_dirty_pages: bool,
+        wake: EventFd,
+        filters: &Filters,
+    ) -> Result<Self, Error> {
+        let (jobs_tx, jobs) = mpsc::channel::<Job>();
+        let (to_vmm_tx, to_vmm) = mpsc::channel();
+        let (handover, handover_rx) = mpsc::channel();
+        let ctx = Context {
+            vm,
+            mem,
+            disks,
+            track_dirty_pages,
+            to_vmm: to_vmm_tx,
+            wake,
+            handover: handover_rx,
+            stall_after_release: std::env::var(STALL_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_millis),
+        };
+        let filters = filters.clone();
+        let handle = std::thread::Builder::new()
+            .name("ember-migration".into())
+            .spawn(move || {
+                if let Err(e) = filters.install(ThreadKind::Migration, "migration") {
+                    log::error!("migration: {}", crate::error_chain(&e));
+                    return;
+                }
+                while let Ok(job) = jobs.recv() {
+                    let outcome = run(&ctx, &job);
+                    *job.shared.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    ctx.tell(ToVmm::Finished(outcome));
+                }
+            })
+            .map_err(|e| Error::Migration(format!("cannot start the migration thread: {e}")))?;
+        Ok(Worker {
+            jobs: Some(jobs_tx),
+            handle: Some(handle),
+            to_vmm,
+            handover,
+            current: Mutex::new(None),
+        })
+    }
+
+    /// Starts a migration; `hello` is the `Start` payload.
+    pub fn send(
+        &self,
+        params: SendParams,
+        shared: Arc<Shared>,
+        hello: Vec<u8>,
+    ) -> Result<(), Error> {
+        shared.set(|p| {
+            *p = Progress {
+                state: "connecting".into(),
+                destination_url: params.url.to_string(),
+                ..Progress::default()
+            }
+        });
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(shared.clone());
+        self.jobs
+            .as_ref()
+            .and_then(|j| {
+                j.send(Job {
+                    params,
+                    shared,
+                    hello,
+                })
+                .ok()
+            })
+            .ok_or_else(|| Error::Migration("the migration thread is gone".into()))
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // A migration under way ends now: its connection is shut, a wait
+        // for the hand-over state ends (its sender replaced), and closing
+        // the job channel ends the thread's loop.
+        if let Some(s) = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            s.abort();
+        }
+        self.handover = mpsc::channel().0;
+        self.jobs = None;
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn run(ctx: &Context, job: &Job) -> Outcome {
+    let t = Instant::now();
+    let shared = &job.shared;
+    let mut handed_over = false;
+    let mut released = false;
+    let result = send(ctx, job, t, &mut handed_over, &mut released);
+    if !ctx.track_dirty_pages {
+        if let Err(e) = vm::set_dirty_log(&ctx.vm, &ctx.mem, false) {
+            log::warn!("migration: cannot turn the dirty log off: {e}");
+        }
+    }
+    match result {
+        Ok(()) => {
+            shared.set(|p| {
+                p.state = "completed".into();
+                p.total_ms = ms(t.elapsed());
+            });
+            Outcome::Completed(shared.progress())
+        }
+        Err(error) => {
+            let cancelled = shared.cancel.load(Ordering::SeqCst) && !handed_over;
+            let error = if cancelled {
+                "cancelled; the guest runs on here".to_string()
+            } else {
+                error
+            };
+            let resume = !released || retake_locks(ctx);
+            shared.set(|p| {
+                p.state = if cancelled { "cancelled" } else { "failed" }.into();
+                p.error = Some(error.clone());
+                p.total_ms = ms(t.elapsed());
+            });
+            Outcome::Failed { error, resume }
+        }
+    }
+}
+
+/// After a failure past `Release`: takes every disk's lock back. The guest
+/// may run here again only if every writable disk's lock was free (a
+/// destination running it would hold them); with no writable disk, that
+/// cannot be known and the guest stays paused.
+fn retake_locks(ctx: &Context) -> bool {
+    let mut exclusive = false;
+    let mut all = true;
+    for (i, d) in ctx.disks.iter().enumerate() {
+        let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
+        exclusive |= !d.device().read_only();
+        if let Err(e) = d.device_mut().retake_lock() {
+            log::error!(
+                "migration: disk {i}: {}: the destination may be running the guest",
+                crate::error_chain(&e)
+            );
+            all = false;
+        }
+    }
+    if !exclusive {
+        log::error!(
+            "migration: the hand-over failed after the source let go of the guest; with no writable disk whose lock would tell, the destination may be running it: the source stays paused (resume it with PATCH /vm only if the destination does not run it)"
+        );
+    }
+    all && exclusive
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn err(what: &str) -> impl Fn(ember_migration::Error) -> String + '_ {
+    move |e| format!("{what}: {}", crate::error_chain(&e))
+}
+
+fn send(
+    ctx: &Context,
+    job: &Job,
+    t: Instant,
+    handed_over: &mut bool,
+    released: &mut bool,
+) -> Result<(), String> {
+    let (params, shared) = (&job.params, &job.shared);
+    let conn = connect(&params.url).map_err(|e| crate::error_chain(&e))?;
+    let mut back = conn.try_clone().map_err(|e| format!("socket: {e}"))?;
+    *shared.conn.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some(conn.try_clone().map_err(|e| format!("socket: {e}"))?);
+    // A canceller that came before the connection existed.
+    if shared.cancel.load(Ordering::SeqCst) {
+        return Err("cancelled".into());
+    }
+    let out = Counted {
+        inner: BufWriter::with_capacity(1 << 20, conn),
+        shared: shared.clone(),
+    };
+    let mut w = Writer::new(out).map_err(err("header"))?;
+
+    // 1. What the destination checks before memory moves.
+    w.start(&job.hello).map_err(err("start"))?;
+    w.flush().map_err(err("start"))?;
+    match read_reply(&mut back).map_err(err("the destination's answer"))? {
+        Reply::Ready => {}
+        Reply::Refused(why) => return Err(format!("the destination refused the VM: {why}")),
+        other => return Err(format!("the destination answered {other:?} to the start")),
+    }
+
+    // 2. Dirty tracking from here: everything sent from now on that
+    //    changes is sent again.
+    vm::set_dirty_log(&ctx.vm, &ctx.mem, true).map_err(|e| crate::error_chain(&e))?;
+    take_dirty(ctx)?;
+    shared.set(|p| p.state = "precopy".into());
+    let mut round = 0u32;
+    let started = Instant::now();
+    let stats = send_round(&mut w, ctx, shared, round, Round::All)?;
+    let mut bandwidth = rate(shared, &stats, started.elapsed());
+    let mut pending = take_dirty(ctx)?;
+    loop {
+        if shared.cancel.load(Ordering::SeqCst) {
+            return Err("cancelled".into());
+        }
+        let dirty = count_pages(&pending);
+        let expected = Duration::from_secs_f64(dirty as f64 * 4096.0 / bandwidth.max(1.0));
+        shared.set(|p| {
+            p.dirty_pages = dirty;
+            p.expected_downtime_ms = ms(expected);
+            p.total_ms = ms(t.elapsed());
+        });
+        log::info!(
+            "migration: round {round}: {dirty} dirty pages, {:.0} MiB/s, expected pause {:.1} ms",
+            bandwidth / f64::from(1 << 20),
+            ms(expected)
+        );
+        if expected <= params.downtime || round >= params.max_rounds {
+            break;
+        }
+        if t.elapsed() > params.timeout {
+            if params.ignore_timeout {
+                log::warn!("migration: not converged after {:?}; handing over anyway (timeout_strategy Ignore)", params.timeout);
+                break;
+            }
+            return Err(format!(
+                "not converged within timeout_s ({} s): {dirty} pages still dirty; the guest runs on here",
+                params.timeout.as_secs()
+            ));
+        }
+        round += 1;
+        shared.set(|p| p.round = round);
+        let r = Instant::now();
+        let stats = send_round(&mut w, ctx, shared, round, Round::Dirty(&pending))?;
+        let took = r.elapsed();
+        bandwidth = rate(shared, &stats, took);
+        pending = take_dirty(ctx)?;
+        let rate_now = count_pages(&pending) as f64 / took.as_secs_f64().max(1e-6);
+        shared.set(|p| p.dirty_rate_pages_per_s = rate_now);
+    }
+    if shared.cancel.load(Ordering::SeqCst) {
+        return Err("cancelled".into());
+    }
+
+    // 3. The hand-over: the VMM thread pauses the guest and saves it.
+    shared.set(|p| p.state = "handover".into());
+    *handed_over = true;
+    ctx.tell(super::ToVmm::Handover);
+    let paused = Instant::now();
+    let state = ctx
+        .handover
+        .recv()
+        .map_err(|_| "the VMM thread is gone".to_string())??;
+    unite(&mut pending, &take_dirty(ctx)?);
+    send_round(&mut w, ctx, shared, round + 1, Round::Dirty(&pending))?;
+    w.state(&state).map_err(err("state"))?;
+    w.end().map_err(err("end"))?;
+    match read_reply(&mut back).map_err(err("the destination's answer to the state"))? {
+        Reply::Received => {}
+        Reply::Refused(why) => return Err(format!("the destination refused the state: {why}")),
+        other => return Err(format!("the destination answered {other:?} to the state")),
+    }
+
+    // 4. The disks go to the destination.
+    *released = true;
+    for (i, d) in ctx.disks.iter().enumerate() {
+        let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
+        d.device_mut()
+            .release_lock()
+            .map_err(|e| format!("disk {i}: {}", crate::error_chain(&e)))?;
+    }
+    w.release().map_err(err("release"))?;
+    if let Some(d) = ctx.stall_after_release {
+        // Tests only: a window to kill the source after the hand-over.
+        log::warn!("migration: stalling {d:?} after the release ({STALL_ENV})");
+        // A futex wait (the filter has no clock_nanosleep).
+        let (_keep, never) = mpsc::channel::<()>();
+        let _ = never.recv_timeout(d);
+    }
+    match read_reply(&mut back).map_err(err("the destination's last answer"))? {
+        Reply::Done => {}
+        Reply::Refused(why) => {
+            return Err(format!("the destination could not run the guest: {why}"))
+        }
+        other => return Err(format!("the destination answered {other:?} to the release")),
+    }
+    let downtime = paused.elapsed();
+    shared.set(|p| {
+        p.downtime_ms = Some(ms(downtime));
+        p.round = round + 1;
+    });
+    log::info!(
+        "migration: done in {:.1} ms, guest paused {:.1} ms, {} rounds, {} bytes",
+        ms(t.elapsed()),
+        ms(downtime),
+        round + 1,
+        shared.bytes.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+fn take_dirty(ctx: &Context) -> Result<Vec<Vec<u64>>, String> {
+    vm::take_dirty_pages(&ctx.vm, &ctx.mem).map_err(|e| crate::error_chain(&e))
+}
+
+fn send_round<W: Write>(
+    w: &mut Writer<W>,
+    ctx: &Context,
+    shared: &Shared,
+    round: u32,
+    which: Round<'_>,
+) -> Result<SendStats, String> {
+    let stats = send_memory(w, &ctx.mem, round, which).map_err(err("memory"))?;
+    w.flush().map_err(err("memory"))?;
+    shared.set(|p| {
+        p.pages_sent += stats.pages;
+        p.zero_pages_sent += stats.zero_pages;
+        p.bytes_sent = shared.bytes.load(Ordering::Relaxed);
+    });
+    Ok(stats)
+}
+
+/// Bytes per second of a round (a round too small to time well counts as
+/// fast).
+fn rate(shared: &Shared, stats: &SendStats, took: Duration) -> f64 {
+    let bytes = (stats.pages * 4096 + stats.zero_pages * 8) as f64;
+    let bw = if took < Duration::from_millis(1) || bytes < 65536.0 {
+        // Too little to measure: assume a gigabit link at least.
+        125e6
+    } else {
+        bytes / took.as_secs_f64()
+    };
+    shared.set(|p| p.bandwidth_mib_per_s = bw / f64::from(1 << 20));
+    bw
+}
