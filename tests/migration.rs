@@ -18,8 +18,10 @@
 //!    at the destination (no reboot, next beat, memory and disk intact,
 //!    clock continuous), answers pings there, and the destination tap
 //!    sees the announce (RARP) frames; the ping gap is reported;
-//! 3. a second hop over a Unix socket to an `ember --incoming`, with the
-//!    source killed right after the hand-over: the guest runs on.
+//! 3. a local migration (memory and tap handed over as descriptors) to an
+//!    `ember --incoming` on the same host, the source killed right after
+//!    the hand-over: the guest runs on;
+//! 4. a copy over a Unix socket to a third host.
 //!
 //! The host then reads the disk and checks every block the guest wrote.
 //! A second test feeds a destination bad streams without any guest.
@@ -152,7 +154,7 @@ fn migration_moves_a_running_guest_between_hosts_and_survives_every_failure() {
             "--kernel",
             kernel.to_str().unwrap(),
             "--memory",
-            "256",
+            "size=256,shared=on",
             "--disk",
             &disk_flag,
             "--net",
@@ -356,21 +358,39 @@ fn migration_moves_a_running_guest_between_hosts_and_survives_every_failure() {
     );
     assert!(gap < 30.0, "the guest answered again at the destination");
 
-    // 3. A second hop over a Unix socket to `ember --incoming` on a third
-    //    host (its own tap0: a tap is attached to one process at a time);
+    // 3. A local migration to `ember --incoming` on the same host: the
+    //    memory (shared: the first source had it in a memfd, the TCP
+    //    destination made one) and the tap are handed over as descriptors;
     //    the source, stalled after the release by the test hook, is killed.
     let m5 = dir.path("m5.sock");
     let m5_url = format!("unix:{}", m5.display());
-    let mut hop = spawn_ember_in_netns(&c.name, &["--incoming", &m5_url], b"");
+    let hop_sock = dir.path("hop.sock");
+    let mut hop = spawn_ember_in_netns(
+        &b.name,
+        &[
+            "--log-level",
+            "info",
+            "--incoming",
+            &m5_url,
+            "--api-sock",
+            hop_sock.to_str().unwrap(),
+        ],
+        b"",
+    );
     wait_path(&m5);
     let mut dapi = Api::connect(&dst_sock);
     let before = dest.stdout_so_far();
-    send(&mut dapi, &m5_url);
+    let r = dapi.client.request(
+        "PUT",
+        "/api/v1/vm.send-migration",
+        Some(&format!(r#"{{"destination_url":"{m5_url}","local":true}}"#)),
+    );
+    assert_eq!(r.status, 204, "local send-migration: {r:?}");
     let last = beats(&before).iter().map(|b| b.0).max().unwrap();
     let after = wait_beat(&mut hop, last + 1, Duration::from_secs(60));
     assert!(
         beats(&after).iter().any(|b| b.0 > last),
-        "the second hop runs the guest:\n{after}"
+        "the local destination runs the guest:\n{after}"
     );
     // The source is still in its stall: killed after the hand-over.
     dest.signal(libc::SIGKILL);
@@ -382,12 +402,40 @@ fn migration_moves_a_running_guest_between_hosts_and_survives_every_failure() {
     killed.check(!killed.stderr.contains("seccomp"), "no filter violation");
     let before = before + &killed.stdout;
     let after = wait_beat(&mut hop, last + 3, BOOT);
-    let last_hop = check_continued(&after, &before, "the guest after the second hop");
-    assert!(last_hop > last_dest);
+    let last_local = check_continued(&after, &before, "the guest after the local migration");
+    assert!(last_local > last_dest);
+    let pinged = b.exec(&["ping", "-c", "2", "-W", "5", GUEST]);
+    assert!(pinged.is_ok(), "ping on the handed-over tap: {pinged:?}");
+
+    // 4. A copy over a Unix socket to a third host (its own tap0).
+    let m6 = dir.path("m6.sock");
+    let m6_url = format!("unix:{}", m6.display());
+    let mut last_hop = spawn_ember_in_netns(&c.name, &["--incoming", &m6_url], b"");
+    wait_path(&m6);
+    let mut hapi = Api::connect(&hop_sock);
+    let before = hop.stdout_so_far();
+    send(&mut hapi, &m6_url);
+    let run = hop.finish(Duration::from_secs(60));
+    run.check(
+        run.code() == 0,
+        "the local destination, a source now, exits 0",
+    );
+    let local_line = run
+        .stderr
+        .lines()
+        .find(|l| l.contains("migrated to"))
+        .unwrap_or("")
+        .to_string();
+    let before = before + &run.stdout;
+    let last = beats(&before).iter().map(|b| b.0).max().unwrap();
+    let after = wait_beat(&mut last_hop, last + 3, BOOT);
+    let last_c = check_continued(&after, &before, "the guest on the third host");
+    assert!(last_c > last_local);
     let pinged = c.exec(&["ping", "-c", "2", "-W", "5", GUEST]);
-    assert!(pinged.is_ok(), "ping after the second hop: {pinged:?}");
-    hop.signal(libc::SIGKILL);
-    let run = hop.finish(BOOT);
+    assert!(pinged.is_ok(), "ping on the third host: {pinged:?}");
+    eprintln!("over a Unix socket: {local_line}");
+    last_hop.signal(libc::SIGKILL);
+    let run = last_hop.finish(BOOT);
     let last = beats(&(after + &run.stdout))
         .iter()
         .map(|b| b.0)

@@ -171,6 +171,9 @@ pub enum Error {
     /// A live migration failed.
     #[error("migration: {0}")]
     Migration(String),
+    /// Shared guest memory cannot be made or mapped.
+    #[error("shared guest memory: {0}")]
+    SharedMemory(String),
 }
 
 /// The error and its sources on one line (a source whose text an outer
@@ -269,13 +272,46 @@ fn guest_cmdline(user: &str, forced: &[&'static ember_vcpu::cpuid::MaskedFeature
     }
 }
 
+/// Guest memory for a new VM. Ember's own writes are always tracked (one
+/// atomic OR per write, one bit per page), so a live migration can start
+/// at any time; KVM's dirty log is turned on only when needed. `shared`:
+/// the regions live in one memfd, packed, mapped `MAP_SHARED`.
+pub(crate) fn create_memory(ml: &MemoryLayout, shared: bool) -> Result<GuestMemoryMmap> {
+    if !shared {
+        return Ok(ml.create_guest_memory_tracked(true)?);
+    }
+    let (offsets, size) = ml.packed_offsets();
+    let file =
+        memfd("ember-guest-ram").map_err(|e| Error::SharedMemory(format!("memfd_create: {e}")))?;
+    file.set_len(size)
+        .map_err(|e| Error::SharedMemory(format!("cannot size the memfd to {size} bytes: {e}")))?;
+    ml.map_shared(&file, &offsets, true)
+        .map_err(|e| Error::SharedMemory(e.to_string()))
+}
+
+/// A new memfd, close-on-exec.
+#[allow(unsafe_code)]
+fn memfd(name: &str) -> std::io::Result<File> {
+    use std::os::fd::FromRawFd;
+    let name = std::ffi::CString::new(name).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    // SAFETY: a NUL-terminated name that lives across the call; the flags
+    // are valid. The returned descriptor is new and owned by no one else.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned here alone.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
 /// How a VM's vCPUs and memory get their first contents.
 #[derive(Clone, Copy)]
 enum Boot<'a> {
     /// A fresh boot with this CPU.
     Fresh(&'a cpu::GuestCpu),
-    /// A snapshot's state.
-    Restore(&'a snapshot::VmState),
+    /// A snapshot's or migration's state, and the taps a local migration's
+    /// source handed over (one per NIC, in order; empty: open by name).
+    Restore(&'a snapshot::VmState, &'a [File]),
 }
 
 /// A built VM: created, loaded, then started, paused, resumed and shut
@@ -338,10 +374,7 @@ impl Vmm {
         let guest_cpu = cpu::GuestCpu::resolve(&hv, &cfg.cpu)?;
         let ml = MemoryLayout::new(cfg.memory_mib)?;
         ml.check_phys_bits(hv.phys_address_bits())?;
-        // Ember's own writes are always tracked (one atomic OR per write, one
-        // bit per page), so a live migration can start at any time; KVM's
-        // dirty log is turned on only when needed.
-        let mem = ml.create_guest_memory_tracked(true)?;
+        let mem = create_memory(&ml, cfg.memory_shared)?;
         Self::assemble(
             &hv,
             cfg,
@@ -363,7 +396,7 @@ impl Vmm {
         boot: Boot<'_>,
     ) -> Result<Self> {
         let restore = match boot {
-            Boot::Restore(s) => Some(s),
+            Boot::Restore(s, _) => Some(s),
             Boot::Fresh(_) => None,
         };
         let t = Instant::now();
@@ -390,7 +423,11 @@ impl Vmm {
             subscribers: Vec::new(),
         };
         let disks = disks::create_disks(&mut attach, &cfg.disks)?;
-        let nets = nets::create_nets(&mut attach, &cfg.nets)?;
+        let taps = match boot {
+            Boot::Restore(_, taps) => taps,
+            Boot::Fresh(_) => &[],
+        };
+        let nets = nets::create_nets(&mut attach, &cfg.nets, taps)?;
         let device_events = attach.subscribers;
         pci::attach_config_ports(&mut io, &bus)?;
         let io = Arc::new(io);
@@ -405,7 +442,7 @@ impl Vmm {
             let mut vcpu = Vcpu::new(&vm, index, io.clone()).map_err(Error::Vcpu)?;
             vcpu.set_msr_list(&hv.msr_list);
             match boot {
-                Boot::Restore(s) => {
+                Boot::Restore(s, _) => {
                     if index == 0 {
                         // The saved guest's CPU must be one this host can
                         // give, feature for feature.
@@ -474,7 +511,7 @@ impl Vmm {
                 .map_err(|e| Error::EventFd("vcpu exit", e))?,
         ));
         let cpu_text = snapshot::cpu_description(&match boot {
-            Boot::Restore(s) => s.vcpus[0].cpuid.clone(),
+            Boot::Restore(s, _) => s.vcpus[0].cpuid.clone(),
             Boot::Fresh(c) => ember_vcpu::cpuid::normalize(&c.base, 0, cfg.vcpus),
         });
         let fingerprint = fingerprint.ok_or_else(|| Error::Guest("no vCPU".into()))?;
@@ -487,6 +524,7 @@ impl Vmm {
                 vcpus: cfg.vcpus,
                 memory_mib: cfg.memory_mib,
                 cmdline,
+                shared_memory: cfg.memory_shared,
             },
             disks: cfg.disks.clone(),
             nets: cfg.nets.iter().map(|(n, _)| n.clone()).collect(),
@@ -550,6 +588,7 @@ impl Vmm {
             self.vm.clone(),
             self.mem.clone(),
             self.disks.clone(),
+            self.nets.clone(),
             self.track_dirty_pages,
             wake.try_clone()
                 .map_err(|e| Error::EventFd("migration wake-up", e))?,
@@ -622,6 +661,7 @@ impl Vmm {
         ValidConfig {
             vcpus: self.saved.machine.vcpus,
             memory_mib: self.saved.machine.memory_mib,
+            memory_shared: self.saved.machine.shared_memory,
             track_dirty_pages: self.track_dirty_pages,
             cpu: self.saved.cpu_choice.clone(),
             kernel: std::path::PathBuf::new(),
@@ -642,6 +682,12 @@ impl Vmm {
                 }))
                 .collect(),
         }
+    }
+
+    /// Whether guest memory is a shared memfd (a local migration hands it
+    /// over).
+    pub fn shared_memory(&self) -> bool {
+        self.saved.machine.shared_memory
     }
 
     /// The migration worker (once started).

@@ -326,9 +326,10 @@ struct VmArgs {
     /// Number of vCPUs.
     #[arg(long, value_name = "N")]
     vcpus: Option<u64>,
-    /// Guest memory in MiB.
+    /// Guest memory: `MIB`, or `size=MIB[,shared=on]` (shared: in a memfd,
+    /// which a local live migration hands over instead of copying).
     #[arg(long, value_name = "MIB")]
-    memory: Option<u64>,
+    memory: Option<String>,
     /// The guest's CPU model, as QEMU's -cpu:
     /// `MODEL[,+FEATURE][,-FEATURE][,enforce|,check]` (default `host`;
     /// `ember cpu list` lists the models). A `.json` file is a Firecracker
@@ -392,6 +393,10 @@ fn vm_config_unchecked(cli: VmArgs) -> ember_vmm::Result<VmConfig> {
         Some(path) => VmConfig::from_file(path)?,
         None => VmConfig::default(),
     };
+    let memory = match &cli.memory {
+        Some(m) => ember_vmm::config::MemoryFlag::parse(m)?,
+        None => Default::default(),
+    };
     let disks = cli
         .disk
         .iter()
@@ -407,7 +412,8 @@ fn vm_config_unchecked(cli: VmArgs) -> ember_vmm::Result<VmConfig> {
         initrd: cli.initrd,
         cmdline: cli.cmdline,
         vcpus: cli.vcpus,
-        memory_mib: cli.memory,
+        memory_mib: memory.size_mib,
+        memory_shared: memory.shared,
         cpu: cli.cpu,
         disks,
         nets,

@@ -14,18 +14,38 @@ pub type NetDevice = Arc<Mutex<VirtioPciDevice<Net>>>;
 
 /// Creates one virtio-net PCI function per NIC, in order (eth0, eth1, ...
 /// in the guest). A tap that does not exist or cannot be opened is an error
-/// before the VM starts.
+/// before the VM starts. `taps`, when not empty, are the NICs' taps already
+/// open (a local migration's), one per NIC.
 pub fn create_nets(
     ctx: &mut AttachContext<'_>,
     nets: &[(NetConfig, [u8; 6])],
+    taps: &[std::fs::File],
 ) -> Result<Vec<NetDevice>, Error> {
+    if !taps.is_empty() && taps.len() != nets.len() {
+        return Err(Error::Migration(format!(
+            "{} taps handed over for {} NICs",
+            taps.len(),
+            nets.len()
+        )));
+    }
     let mut devices = Vec::with_capacity(nets.len());
     for (index, (n, mac)) in nets.iter().enumerate() {
-        let net = Net::new(&DeviceConfig {
+        let cfg = DeviceConfig {
             tap: n.tap.clone(),
             mac: *mac,
             offloads: n.offloads,
-        })
+        };
+        let net = match taps.get(index) {
+            Some(file) => file
+                .try_clone()
+                .map_err(|e| ember_virtio_net::Error::TapOpen {
+                    name: n.tap.clone(),
+                    source: e,
+                })
+                .and_then(|f| ember_virtio_net::Tap::from_file(f, &n.tap))
+                .map(|tap| Net::with_tap(tap, &cfg)),
+            None => Net::new(&cfg),
+        }
         .map_err(|source| Error::Net { index, source })?;
         let name = format!("virtio-net{index}");
         let dev = attach(ctx, &name, net)?;

@@ -60,6 +60,10 @@ pub struct Machine {
     pub memory_mib: u64,
     /// The command line the kernel booted with (informational).
     pub cmdline: String,
+    /// Guest memory was a shared memfd (a migration's destination makes
+    /// it one too; a snapshot restores it private).
+    #[serde(default)]
+    pub shared_memory: bool,
 }
 
 /// One disk: how to reopen it, and its state.
@@ -275,6 +279,7 @@ pub fn config_for(state: &VmState, load: &LoadParams) -> Result<ValidConfig> {
     Ok(ValidConfig {
         vcpus: state.machine.vcpus,
         memory_mib: state.machine.memory_mib,
+        memory_shared: false,
         track_dirty_pages: load.track_dirty_pages,
         cpu: crate::config::CpuChoice {
             text: state.cpu.model.clone(),
@@ -411,7 +416,7 @@ impl Vmm {
             mem,
             console,
             started,
-            crate::Boot::Restore(state),
+            crate::Boot::Restore(state, &[]),
         )?;
         vmm._uffd = uffd;
         log::info!(

@@ -240,12 +240,56 @@ impl MemoryLayout {
         offsets: &[u64],
         track_dirty: bool,
     ) -> std::result::Result<GuestMemoryMmap, FileMapError> {
+        self.map_file(
+            file,
+            offsets,
+            track_dirty,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )
+    }
+
+    /// Maps the guest's RAM shared from `file` (a memfd, or one handed over
+    /// by a live migration's source), region `i` from byte `offsets[i]`
+    /// (`MAP_SHARED`): the guest's memory is the file's, seen by every
+    /// process that maps it.
+    pub fn map_shared(
+        &self,
+        file: &std::fs::File,
+        offsets: &[u64],
+        track_dirty: bool,
+    ) -> std::result::Result<GuestMemoryMmap, FileMapError> {
+        self.map_file(file, offsets, track_dirty, libc::MAP_SHARED)
+    }
+
+    /// Where each region lies in a file holding the whole RAM, regions one
+    /// after the other: its offsets and the file's size.
+    pub fn packed_offsets(&self) -> (Vec<u64>, u64) {
+        let mut at = 0;
+        let offsets = self
+            .regions
+            .iter()
+            .map(|&(_, size)| {
+                let o = at;
+                at += size;
+                o
+            })
+            .collect();
+        (offsets, at)
+    }
+
+    fn map_file(
+        &self,
+        file: &std::fs::File,
+        offsets: &[u64],
+        track_dirty: bool,
+        flags: i32,
+    ) -> std::result::Result<GuestMemoryMmap, FileMapError> {
         use vm_memory::mmap::MmapRegionBuilder;
         use vm_memory::{FileOffset, GuestRegionMmap};
         let map = |e: String| FileMapError::Map(e);
         if offsets.len() != self.regions.len() {
             return Err(map(format!(
-                "{} regions in the snapshot, {} in the layout",
+                "{} regions in the file's layout, {} in the guest's",
                 offsets.len(),
                 self.regions.len()
             )));
@@ -263,7 +307,7 @@ impl MemoryLayout {
                 MmapRegionBuilder::new_with_bitmap(size, DirtyBitmap::new(track_dirty, size))
                     .with_file_offset(FileOffset::new(file, offset))
                     .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                    .with_mmap_flags(flags)
                     .build()
                     .map_err(|e| map(e.to_string()))?;
             let region = GuestRegionMmap::new(region, GuestAddress(start))
@@ -452,6 +496,38 @@ mod tests {
         assert!(matches!(
             ml.create_guest_memory(),
             Err(Error::Map { .. }) | Err(Error::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn shared_mappings_of_one_file_see_each_others_writes() {
+        // A 4 GiB layout has two regions; the file holds them packed.
+        let ml = MemoryLayout::new(4096).unwrap();
+        let (offsets, size) = ml.packed_offsets();
+        assert_eq!(offsets, vec![0, ml.ram_regions()[0].1]);
+        assert_eq!(size, 4096 << 20);
+        let path = std::env::temp_dir().join(format!("ember-shared-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let _ = std::fs::remove_file(&path);
+        file.set_len(size).unwrap();
+        let a = ml.map_shared(&file, &offsets, true).unwrap();
+        let b = ml.map_shared(&file, &offsets, false).unwrap();
+        let high = GuestAddress(layout::MMIO_HOLE_END + 8192);
+        a.write_obj(0x1234_5678_u32, high).unwrap();
+        a.write_obj(7u8, GuestAddress(0x1000)).unwrap();
+        assert_eq!(b.read_obj::<u32>(high).unwrap(), 0x1234_5678);
+        assert_eq!(b.read_obj::<u8>(GuestAddress(0x1000)).unwrap(), 7);
+        // A file too short for the layout is refused.
+        file.set_len(size - 4096).unwrap();
+        assert!(matches!(
+            ml.map_shared(&file, &offsets, false),
+            Err(FileMapError::TooShort { .. })
         ));
     }
 }

@@ -55,8 +55,13 @@ pub enum Kind {
     /// The source has sent everything.
     End = 5,
     /// The source released its disk locks: the destination may take them
-    /// and run the guest.
+    /// and run the guest. On a Unix socket it may carry file descriptors
+    /// (`SCM_RIGHTS`; ember: the NICs' taps).
     Release = 6,
+    /// Guest memory as a file descriptor instead of pages (a local
+    /// migration, Unix socket only): the payload says how the regions lie
+    /// in the file, the descriptor rides on the frame (`SCM_RIGHTS`).
+    MemoryFd = 7,
     /// Back channel: the destination accepts the start.
     Ready = 16,
     /// Back channel: the destination refuses, with a reason.
@@ -77,6 +82,7 @@ impl Kind {
             4 => Kind::State,
             5 => Kind::End,
             6 => Kind::Release,
+            7 => Kind::MemoryFd,
             16 => Kind::Ready,
             17 => Kind::Refused,
             18 => Kind::Done,
@@ -233,6 +239,14 @@ impl<W: Write> Writer<W> {
     }
 }
 
+/// One frame's bytes, to send in one `sendmsg` with file descriptors
+/// riding on it ([`transport::Connection::send_with_fds`]).
+pub fn frame_bytes(kind: Kind, payload: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(payload.len() + 16);
+    Writer::back_channel(&mut out).frame(kind, payload)?;
+    Ok(out)
+}
+
 fn batch_head(round: u32, count: usize) -> Result<Vec<u8>> {
     if count == 0 || count > MAX_BATCH {
         return Err(Error::Batch(format!(
@@ -326,6 +340,9 @@ pub enum Event {
     End,
     /// The source released its disks; nothing may follow.
     Release,
+    /// Guest memory is in the file whose descriptor came with this frame;
+    /// the payload describes it.
+    MemoryFd(Vec<u8>),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -423,6 +440,7 @@ impl<R: Read> Receiver<R> {
             (Phase::Memory, Kind::ZeroPages) => {
                 Event::ZeroPages(PageBatch::decode(&payload, false)?)
             }
+            (Phase::Memory, Kind::MemoryFd) => Event::MemoryFd(payload),
             (Phase::Memory, Kind::State) => {
                 self.phase = Phase::End;
                 Event::State(payload)

@@ -3,11 +3,22 @@
 //! and the source's connection. A connection is one stream each way: the
 //! migration stream forward, the replies back.
 
+use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+/// Most file descriptors one read takes from a Unix socket.
+pub const MAX_FDS: usize = 32;
+
+/// The file descriptors a Unix connection has received, in order.
+pub type FdStash = Arc<Mutex<Vec<File>>>;
 
 /// A migration endpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,8 +83,9 @@ impl std::fmt::Display for Url {
 pub enum Connection {
     /// Over TCP.
     Tcp(TcpStream),
-    /// Over a Unix socket.
-    Unix(UnixStream),
+    /// Over a Unix socket: every read is a `recvmsg`, and the descriptors
+    /// that come with the bytes are kept in the stash (shared by clones).
+    Unix(UnixStream, FdStash),
 }
 
 impl Connection {
@@ -81,8 +93,41 @@ impl Connection {
     pub fn try_clone(&self) -> std::io::Result<Connection> {
         Ok(match self {
             Connection::Tcp(s) => Connection::Tcp(s.try_clone()?),
-            Connection::Unix(s) => Connection::Unix(s.try_clone()?),
+            Connection::Unix(s, fds) => Connection::Unix(s.try_clone()?, fds.clone()),
         })
+    }
+
+    /// Sends `bytes`, the descriptors `fds` riding on the first of them
+    /// (`SCM_RIGHTS`); a Unix socket only.
+    pub fn send_with_fds(&mut self, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
+        let Connection::Unix(s, _) = self else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "file descriptors go over a Unix socket only",
+            ));
+        };
+        if bytes.is_empty() {
+            return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+        }
+        let sent = s
+            .send_with_fds(&[bytes], fds)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        s.write_all(&bytes[sent..])
+    }
+
+    /// Takes the descriptors received so far.
+    pub fn take_fds(&self) -> Vec<File> {
+        match self {
+            Connection::Tcp(_) => Vec::new(),
+            Connection::Unix(_, fds) => {
+                std::mem::take(&mut *fds.lock().unwrap_or_else(|e| e.into_inner()))
+            }
+        }
+    }
+
+    /// Whether descriptors can travel on this connection.
+    pub fn is_unix(&self) -> bool {
+        matches!(self, Connection::Unix(..))
     }
 
     /// Ends the connection both ways: a read or write blocked on it (on
@@ -90,7 +135,7 @@ impl Connection {
     pub fn shutdown(&self) -> std::io::Result<()> {
         match self {
             Connection::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
-            Connection::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Connection::Unix(s, _) => s.shutdown(std::net::Shutdown::Both),
         }
     }
 
@@ -98,7 +143,7 @@ impl Connection {
     pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         match self {
             Connection::Tcp(s) => s.set_read_timeout(t),
-            Connection::Unix(s) => s.set_read_timeout(t),
+            Connection::Unix(s, _) => s.set_read_timeout(t),
         }
     }
 }
@@ -107,7 +152,24 @@ impl Read for Connection {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
             Connection::Tcp(s) => s.read(buf),
-            Connection::Unix(s) => s.read(buf),
+            Connection::Unix(s, stash) => {
+                let mut fds = [-1 as RawFd; MAX_FDS];
+                let mut iov = [libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: buf.len(),
+                }];
+                // SAFETY: the iovec points into `buf`, borrowed mutably for
+                // the call, and the kernel writes at most its length.
+                let (n, nfds) = unsafe { s.recv_with_fds(&mut iov, &mut fds) }
+                    .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+                let mut stash = stash.lock().unwrap_or_else(|e| e.into_inner());
+                for &fd in &fds[..nfds.min(MAX_FDS)] {
+                    // SAFETY: recvmsg gave us these descriptors; nothing
+                    // else owns them.
+                    stash.push(unsafe { File::from_raw_fd(fd) });
+                }
+                Ok(n)
+            }
         }
     }
 }
@@ -116,13 +178,13 @@ impl Write for Connection {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
             Connection::Tcp(s) => s.write(buf),
-            Connection::Unix(s) => s.write(buf),
+            Connection::Unix(s, _) => s.write(buf),
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
             Connection::Tcp(s) => s.flush(),
-            Connection::Unix(s) => s.flush(),
+            Connection::Unix(s, _) => s.flush(),
         }
     }
 }
@@ -164,7 +226,7 @@ impl Listener {
                 s.set_nodelay(true).map_err(io)?;
                 Connection::Tcp(s)
             }
-            Listener::Unix(l, _) => Connection::Unix(l.accept().map_err(io)?.0),
+            Listener::Unix(l, _) => Connection::Unix(l.accept().map_err(io)?.0, FdStash::default()),
         })
     }
 
@@ -200,7 +262,7 @@ pub fn connect(url: &Url) -> Result<Connection, TransportError> {
             s.set_nodelay(true).map_err(io)?;
             Connection::Tcp(s)
         }
-        Url::Unix(p) => Connection::Unix(UnixStream::connect(p).map_err(io)?),
+        Url::Unix(p) => Connection::Unix(UnixStream::connect(p).map_err(io)?, FdStash::default()),
     })
 }
 
@@ -311,6 +373,63 @@ mod tests {
         let url: Url = l.url().parse().unwrap();
         exchange(url, l);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn descriptors_ride_on_frames_through_a_buffered_receiver() {
+        use std::io::{BufReader, Seek};
+        use std::os::fd::AsRawFd;
+        let dir = std::env::temp_dir().join(format!("ember-migfd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url: Url = format!("unix:{}", dir.join("f.sock").display())
+            .parse()
+            .unwrap();
+        let l = Listener::bind(&url).unwrap();
+        let dest = std::thread::spawn(move || {
+            let conn = l.accept().unwrap();
+            let probe = conn.try_clone().unwrap();
+            let mut r = Receiver::new(BufReader::new(conn)).unwrap();
+            assert!(matches!(r.next().unwrap(), Event::Start(_)));
+            assert_eq!(r.next().unwrap(), Event::MemoryFd(b"layout".to_vec()));
+            let mut mem = probe.take_fds();
+            assert_eq!(mem.len(), 1, "the memory's descriptor came with its frame");
+            assert!(matches!(r.next().unwrap(), Event::State(_)));
+            assert_eq!(r.next().unwrap(), Event::End);
+            assert_eq!(r.next().unwrap(), Event::Release);
+            let taps = probe.take_fds();
+            let mut text = String::new();
+            mem[0].rewind().unwrap();
+            mem[0].read_to_string(&mut text).unwrap();
+            (text, taps.len())
+        });
+        let mut file = tempfile_with(b"guest memory");
+        let mut conn = connect(&url).unwrap();
+        let mut w = Writer::new(conn.try_clone().unwrap()).unwrap();
+        w.start(b"hello").unwrap();
+        let frame = crate::frame_bytes(crate::Kind::MemoryFd, b"layout").unwrap();
+        conn.send_with_fds(&frame, &[file.as_raw_fd()]).unwrap();
+        w.state(b"{}").unwrap();
+        w.end().unwrap();
+        let release = crate::frame_bytes(crate::Kind::Release, &[]).unwrap();
+        let (a, b) = (tempfile_with(b"a"), tempfile_with(b"b"));
+        conn.send_with_fds(&release, &[a.as_raw_fd(), b.as_raw_fd()])
+            .unwrap();
+        let (text, taps) = dest.join().unwrap();
+        assert_eq!((text.as_str(), taps), ("guest memory", 2));
+        // A TCP connection carries no descriptors.
+        let l = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut tcp = connect(&l.url().parse().unwrap()).unwrap();
+        assert!(!tcp.is_unix());
+        let e = tcp.send_with_fds(b"x", &[file.as_raw_fd()]).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::Unsupported);
+        file.flush().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn tempfile_with(bytes: &[u8]) -> File {
+        let mut f = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
+        f.write_all(bytes).unwrap();
+        f
     }
 
     #[test]

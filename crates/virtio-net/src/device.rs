@@ -246,9 +246,20 @@ impl Net {
             });
         }
         let tap = Tap::open(&cfg.tap)?;
+        Ok(Net::with_tap(tap, cfg))
+    }
+
+    /// [`Net::new`] on a tap already open (handed over by a live
+    /// migration's source).
+    pub fn with_tap(tap: Tap, cfg: &NetConfig) -> Net {
         let mut net = Net::with_backend(Box::new(tap), cfg.mac, cfg.offloads);
         net.log.name.clone_from(&cfg.tap);
-        Ok(net)
+        net
+    }
+
+    /// The backend's descriptor (a tap's), to hand it over.
+    pub fn backend_raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.backend.raw_fd()
     }
 
     /// Builds a device on any backend (tests, other frame sources). With

@@ -70,6 +70,30 @@ impl Tap {
         attach(name)
     }
 
+    /// A tap from a file already attached to it, as a live migration's
+    /// source hands it over (`SCM_RIGHTS`): checked to be attached to the
+    /// tap `name` with ember's flags (no packet information, a vnet
+    /// header); its settings (header size, offloads) are the file's.
+    pub fn from_file(file: File, name: &str) -> Result<Tap> {
+        let (attached, flags) = iff(&file).map_err(|source| Error::TapSetup {
+            name: name.to_string(),
+            what: "TUNGETIFF",
+            source,
+        })?;
+        if attached != name
+            || c_int::from(flags) & (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+                != (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+        {
+            return Err(Error::NotTap {
+                name: format!("{name} (the descriptor handed over is attached to {attached:?}, flags {flags:#x})"),
+            });
+        }
+        Ok(Tap {
+            file,
+            name: name.to_string(),
+        })
+    }
+
     /// The interface's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -355,13 +379,25 @@ fn set_iff(file: &File, name: &str, flags: c_short) -> io::Result<()> {
 
 /// TUNGETIFF: the flags of the tun/tap `file` is attached to.
 fn iff_flags(file: &File) -> io::Result<c_short> {
+    iff(file).map(|(_, flags)| flags)
+}
+
+/// TUNGETIFF: the name and flags of the tun/tap `file` is attached to.
+fn iff(file: &File) -> io::Result<(String, c_short)> {
     let mut ifr = ifreq_for("", 0);
     // SAFETY: TUNGETIFF writes one `struct ifreq`; `ifr` is one and
     // outlives the call.
     let ret = unsafe { ioctl_with_mut_ref(file, TUNGETIFF, &mut ifr) };
     check(ret)?;
+    let name: Vec<u8> = ifr
+        .ifr_name
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c.to_ne_bytes()[0])
+        .collect();
     // SAFETY: TUNGETIFF filled in `ifr_flags`; any bits are a valid `short`.
-    Ok(unsafe { ifr.ifr_ifru.ifru_flags })
+    let flags = unsafe { ifr.ifr_ifru.ifru_flags };
+    Ok((String::from_utf8_lossy(&name).into_owned(), flags))
 }
 
 /// An ioctl's return value as a result.

@@ -47,7 +47,13 @@ fn overrides(text: &str) -> Overrides {
             'i' => o.initrd = Some(PathBuf::from(value)),
             'c' => o.cmdline = Some(value.to_string()),
             'v' => o.vcpus = value.parse().ok(),
-            'm' => o.memory_mib = value.parse().ok(),
+            'm' => match ember_vmm::config::MemoryFlag::parse(value) {
+                Ok(m) => {
+                    o.memory_mib = m.size_mib;
+                    o.memory_shared = m.shared;
+                }
+                Err(e) => drop(chain(&e)),
+            },
             'd' => match DiskConfig::parse_flag(value) {
                 Ok(d) => o.disks.push(d),
                 Err(e) => drop(chain(&e)),

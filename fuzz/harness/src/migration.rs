@@ -31,6 +31,9 @@ pub fn migration_stream(data: &[u8]) {
             Ok(Event::Start(p)) => {
                 let _ = serde_json::from_slice::<ember_vmm::migration::Hello>(&p);
             }
+            Ok(Event::MemoryFd(p)) => {
+                let _ = serde_json::from_slice::<ember_vmm::migration::MemoryFile>(&p);
+            }
             Ok(Event::State(p)) => {
                 let _ = ember_vmm::migration::decode_state(&p);
             }

@@ -29,6 +29,7 @@ pub fn apply_machine(cfg: &mut VmConfig, m: &MachineConfiguration) -> Result<(),
         // The CPU is chosen by `PUT /cpu-config` (or ember's `machine.cpu`).
         cpu: cfg.machine.cpu.clone(),
         cpu_template: cfg.machine.cpu_template.clone(),
+        shared: cfg.machine.shared,
     };
     machine.validate()?;
     cfg.machine = machine;

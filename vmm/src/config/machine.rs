@@ -34,6 +34,62 @@ pub struct MachineConfig {
     /// file's `cpu-config`); in TOML, `cpu = "FILE.json"` names one.
     #[serde(skip)]
     pub cpu_template: Option<ember_vcpu::model::CustomTemplate>,
+    /// Guest memory in a memfd mapped shared (`--memory size=MIB,shared=on`)
+    /// instead of anonymous private memory: a local live migration hands
+    /// the file to the destination instead of copying pages.
+    #[serde(default)]
+    pub shared: bool,
+}
+
+/// `--memory MIB` or `--memory size=MIB[,shared=on|off]`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryFlag {
+    /// `size`.
+    pub size_mib: Option<u64>,
+    /// `shared`.
+    pub shared: Option<bool>,
+}
+
+impl MemoryFlag {
+    /// Parses the flag's value.
+    pub fn parse(flag: &str) -> Result<Self, ConfigError> {
+        let bad = |why: String| ConfigError::MemoryFlag {
+            flag: flag.to_string(),
+            why,
+        };
+        if let Ok(mib) = flag.parse::<u64>() {
+            return Ok(MemoryFlag {
+                size_mib: Some(mib),
+                shared: None,
+            });
+        }
+        let mut out = MemoryFlag::default();
+        for part in flag.split(',') {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| bad(format!("{part:?} is not KEY=VALUE")))?;
+            match k {
+                "size" => {
+                    out.size_mib = Some(
+                        v.parse()
+                            .map_err(|_| bad(format!("size {v:?} is not a number of MiB")))?,
+                    )
+                }
+                "shared" => {
+                    out.shared = Some(match v {
+                        "on" | "true" => true,
+                        "off" | "false" => false,
+                        _ => return Err(bad(format!("shared={v}: expected on or off"))),
+                    })
+                }
+                "hugepages" | "hugepage_size" | "thp" | "prefault" | "mergeable" => {
+                    return Err(bad(format!("{k} is not supported by ember yet")))
+                }
+                _ => return Err(bad(format!("unknown key {k:?} (size, shared)"))),
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// The CPU a configuration asks for.
@@ -74,6 +130,7 @@ impl Default for MachineConfig {
             track_dirty_pages: false,
             cpu: None,
             cpu_template: None,
+            shared: false,
         }
     }
 }

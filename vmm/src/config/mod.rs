@@ -27,7 +27,7 @@ use serde::Deserialize;
 
 pub use boot::BootConfig;
 pub use disk::DiskConfig;
-pub use machine::{CpuChoice, MachineConfig};
+pub use machine::{CpuChoice, MachineConfig, MemoryFlag};
 pub use net::NetConfig;
 
 /// What is wrong with a configuration. Each message names the key or file.
@@ -80,6 +80,14 @@ pub enum ConfigError {
         key: &'static str,
         /// The path.
         path: PathBuf,
+    },
+    /// A `--memory` flag cannot be parsed.
+    #[error("--memory {flag}: {why}")]
+    MemoryFlag {
+        /// The flag's value.
+        flag: String,
+        /// What is wrong.
+        why: String,
     },
     /// A `--disk` flag cannot be parsed.
     #[error("--disk {flag}: {why}")]
@@ -180,8 +188,10 @@ pub struct Overrides {
     pub cmdline: Option<String>,
     /// `--vcpus`.
     pub vcpus: Option<u64>,
-    /// `--memory`.
+    /// `--memory` (its size).
     pub memory_mib: Option<u64>,
+    /// `--memory ...,shared=on|off`.
+    pub memory_shared: Option<bool>,
     /// `--cpu`.
     pub cpu: Option<String>,
     /// `--disk`, repeated: replace the file's disks when given.
@@ -197,6 +207,8 @@ pub struct ValidConfig {
     pub vcpus: u8,
     /// Guest memory in MiB.
     pub memory_mib: u64,
+    /// Guest memory in a memfd, mapped shared.
+    pub memory_shared: bool,
     /// Dirty-page tracking for diff snapshots.
     pub track_dirty_pages: bool,
     /// The CPU model.
@@ -270,6 +282,9 @@ impl VmConfig {
         if let Some(m) = o.memory_mib {
             self.machine.memory_mib = m;
         }
+        if let Some(s) = o.memory_shared {
+            self.machine.shared = s;
+        }
         if let Some(c) = &o.cpu {
             self.machine.cpu = Some(c.clone());
         }
@@ -324,6 +339,7 @@ impl VmConfig {
         Ok(ValidConfig {
             vcpus,
             memory_mib: self.machine.memory_mib,
+            memory_shared: self.machine.shared,
             track_dirty_pages: self.machine.track_dirty_pages,
             cpu: self.machine.cpu_choice(),
             kernel: self.boot.kernel()?.to_owned(),
@@ -507,12 +523,37 @@ mod tests {
     }
 
     #[test]
+    fn memory_flags_parse_sizes_and_shared_and_name_what_is_wrong() {
+        let m = MemoryFlag::parse("512").unwrap();
+        assert_eq!((m.size_mib, m.shared), (Some(512), None));
+        let m = MemoryFlag::parse("size=256,shared=on").unwrap();
+        assert_eq!((m.size_mib, m.shared), (Some(256), Some(true)));
+        assert_eq!(MemoryFlag::parse("shared=off").unwrap().shared, Some(false));
+        for (bad, needle) in [
+            ("size=lots", "not a number"),
+            ("shared=maybe", "expected on or off"),
+            ("hugepages=on", "not supported by ember yet"),
+            ("colour=red", "unknown key"),
+            ("256,shared", "not KEY=VALUE"),
+        ] {
+            let e = MemoryFlag::parse(bad).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("--memory {bad}: ")) && e.contains(needle),
+                "{e}"
+            );
+        }
+        let c = parse("[machine]\nshared = true\n[boot]\nkernel = \"/k\"\n").unwrap();
+        assert!(c.machine.shared);
+    }
+
+    #[test]
     fn overrides_replace_file_values() {
         let mut c = parse("[machine]\nvcpus = 2\n[boot]\nkernel = \"a\"\n").unwrap();
         c.apply(&Overrides {
             kernel: Some("/k".into()),
             vcpus: Some(4),
             memory_mib: Some(256),
+            memory_shared: Some(true),
             cmdline: Some("quiet".into()),
             initrd: None,
             cpu: Some("EPYC-Rome,-sha-ni".into()),
@@ -522,6 +563,7 @@ mod tests {
         assert_eq!(c.machine.cpu.as_deref(), Some("EPYC-Rome,-sha-ni"));
         assert_eq!(c.machine.vcpus, 4);
         assert_eq!(c.machine.memory_mib, 256);
+        assert!(c.machine.shared);
         assert_eq!(c.boot.kernel.as_deref(), Some(Path::new("/k")));
         assert_eq!(c.boot.cmdline(), "quiet");
     }

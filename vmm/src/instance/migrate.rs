@@ -57,21 +57,21 @@ impl Instance {
                 "memory_mode Postcopy is not supported by ember yet (use Precopy)".into(),
             ));
         }
-        if data.local {
+        let url = parse_url(&data.destination_url)?;
+        let vmm = self.vmm.as_ref().ok_or(LifecycleError::NotStarted)?;
+        if data.local && !vmm.shared_memory() {
             return Err(Error::Migration(
-                "local = true is not supported by ember yet (memory is copied over the socket)"
-                    .into(),
+                "local = true needs the guest memory shared (--memory size=MIB,shared=on, or [machine] shared = true)".into(),
             ));
         }
-        let url = parse_url(&data.destination_url)?;
         let params = SendParams {
             url,
             downtime: Duration::from_millis(data.downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS)),
             timeout: Duration::from_secs(data.timeout_s.unwrap_or(DEFAULT_TIMEOUT_S)),
             ignore_timeout: data.timeout_strategy == Some(TimeoutStrategy::Ignore),
             max_rounds: migration::MAX_ROUNDS,
+            local: data.local,
         };
-        let vmm = self.vmm.as_ref().ok_or(LifecycleError::NotStarted)?;
         let worker = vmm
             .migration_worker()
             .ok_or_else(|| Error::Migration("the VM has no migration thread".into()))?;
@@ -206,7 +206,7 @@ impl Instance {
         // Written with write(2) once the filter is on (no send(2) there).
         let mut back = std::fs::File::from(match back {
             Connection::Tcp(s) => OwnedFd::from(s),
-            Connection::Unix(s) => OwnedFd::from(s),
+            Connection::Unix(s, _) => OwnedFd::from(s),
         });
         vmm.start(&self.filters, &mut self.event_loop, &self.wake)?;
         self.started_with = Some(vmm.config());

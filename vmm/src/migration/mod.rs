@@ -62,6 +62,15 @@ pub struct Hello {
     pub memory: Vec<(u64, u64)>,
 }
 
+/// A local migration's `MemoryFd` payload: where each region lies in the
+/// memfd that rides on the frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryFile {
+    /// Offset of each region in the file, in the `Hello`'s region order.
+    pub offsets: Vec<u64>,
+}
+
 /// How to send.
 #[derive(Debug, Clone)]
 pub struct SendParams {
@@ -77,6 +86,9 @@ pub struct SendParams {
     /// The most pre-copy rounds after the first (then hand over, with a
     /// longer pause).
     pub max_rounds: u32,
+    /// Hand the memory over as a file descriptor instead of copying it
+    /// (same host, Unix socket, shared memory).
+    pub local: bool,
 }
 
 /// Pre-copy rounds after the first full pass, at most (QEMU has no limit

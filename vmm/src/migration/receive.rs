@@ -94,6 +94,8 @@ fn receive_on(
 ) -> Result<Parts> {
     let t = Instant::now();
     let stream = |e: ember_migration::Error| fail(crate::error_chain(&e));
+    // Descriptors that ride on frames land in the connection's stash.
+    let probe = conn.try_clone().map_err(|e| fail(format!("socket: {e}")))?;
     let mut r = Receiver::new(BufReader::with_capacity(1 << 20, conn)).map_err(stream)?;
     let Event::Start(payload) = r.next().map_err(stream)? else {
         return Err(fail("the stream does not begin with Start"));
@@ -101,7 +103,6 @@ fn receive_on(
     let hello: Hello = serde_json::from_slice(&payload)
         .map_err(|e| fail(format!("the start of the stream is not valid: {e}")))?;
     let (hv, ml) = check_hello(&hello)?;
-    let mem = ml.create_guest_memory_tracked(true)?;
     write_reply(&mut *back, &Reply::Ready).map_err(stream)?;
     log::info!(
         "migration: accepted a {}-vCPU {} MiB guest ({} CPU) from ember {}",
@@ -112,14 +113,48 @@ fn receive_on(
     );
 
     let mut pages = 0u64;
+    let mut mem = None;
+    let mut local = false;
     let payload = loop {
         match r.next().map_err(stream)? {
             e @ (Event::Pages(_) | Event::ZeroPages(_)) => {
-                pages += apply(&mem, &e).map_err(stream)?;
+                if mem.is_none() {
+                    mem = Some(crate::create_memory(&ml, hello.machine.shared_memory)?);
+                }
+                if local {
+                    return Err(fail("pages after the memory was handed over as a file"));
+                }
+                if let Some(m) = &mem {
+                    pages += apply(m, &e).map_err(stream)?;
+                }
+            }
+            Event::MemoryFd(p) => {
+                if mem.is_some() {
+                    return Err(fail("the memory file comes after pages were sent"));
+                }
+                let layout: super::MemoryFile = serde_json::from_slice(&p)
+                    .map_err(|e| fail(format!("the memory file's layout is not valid: {e}")))?;
+                let files = probe.take_fds();
+                let [file] = files.as_slice() else {
+                    return Err(fail(format!(
+                        "the memory file's frame came with {} descriptors, not 1 (is the source on this host, on a Unix socket?)",
+                        files.len()
+                    )));
+                };
+                let m = ml
+                    .map_shared(file, &layout.offsets, true)
+                    .map_err(|e| fail(format!("the memory file handed over: {e}")))?;
+                mem = Some(m);
+                local = true;
             }
             Event::State(s) => break s,
             other => return Err(fail(format!("unexpected {other:?} in the memory phase"))),
         }
+    };
+    let mem = match mem {
+        Some(m) => m,
+        // A guest whose memory is all zeros sends no page.
+        None => crate::create_memory(&ml, hello.machine.shared_memory)?,
     };
     let state_at = Instant::now();
     if r.next().map_err(stream)? != Event::End {
@@ -145,6 +180,17 @@ fn receive_on(
     if r.next().map_err(stream)? != Event::Release {
         return Err(fail("the source did not release the guest"));
     }
+    // A local migration's taps came with the release.
+    let taps = probe.take_fds();
+    if local && taps.len() != cfg.nets.len() {
+        return Err(fail(format!(
+            "{} taps handed over for {} NICs",
+            taps.len(),
+            cfg.nets.len()
+        )));
+    }
+    let mut cfg = cfg;
+    cfg.memory_shared = hello.machine.shared_memory;
     let vmm = Vmm::assemble(
         &hv,
         &cfg,
@@ -152,7 +198,7 @@ fn receive_on(
         mem,
         console,
         started,
-        Boot::Restore(&env.state),
+        Boot::Restore(&env.state, if local { &taps } else { &[] }),
     )?;
     log::info!(
         "migration: {pages} pages and the state received in {:.1} ms",

@@ -18,8 +18,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{count_pages, unite, Progress, SendParams};
 use crate::disks::DiskDevice;
+use crate::nets::NetDevice;
 use crate::seccomp::{Filters, ThreadKind};
 use crate::{vm, Error};
+use std::os::fd::{AsRawFd, RawFd};
 
 /// What the worker asks of the VMM thread.
 #[derive(Debug)]
@@ -105,6 +107,7 @@ struct Context {
     vm: Arc<VmFd>,
     mem: GuestMemoryMmap,
     disks: Vec<DiskDevice>,
+    nets: Vec<NetDevice>,
     /// KVM's dirty log stays on after a failed migration (diff snapshots
     /// use it).
     track_dirty_pages: bool,
@@ -163,6 +166,7 @@ impl Worker {
         vm: Arc<VmFd>,
         mem: GuestMemoryMmap,
         disks: Vec<DiskDevice>,
+        nets: Vec<NetDevice>,
         track_dirty_pages: bool,
         wake: EventFd,
         filters: &Filters,
@@ -174,6 +178,7 @@ impl Worker {
             vm,
             mem,
             disks,
+            nets,
             track_dirty_pages,
             to_vmm: to_vmm_tx,
             wake,
@@ -338,6 +343,8 @@ fn send(
     let (params, shared) = (&job.params, &job.shared);
     let conn = connect(&params.url).map_err(|e| crate::error_chain(&e))?;
     let mut back = conn.try_clone().map_err(|e| format!("socket: {e}"))?;
+    // For frames that carry descriptors, past the buffered writer.
+    let mut raw = conn.try_clone().map_err(|e| format!("socket: {e}"))?;
     *shared.conn.lock().unwrap_or_else(|e| e.into_inner()) =
         Some(conn.try_clone().map_err(|e| format!("socket: {e}"))?);
     // A canceller that came before the connection existed.
@@ -359,14 +366,114 @@ fn send(
         other => return Err(format!("the destination answered {other:?} to the start")),
     }
 
-    // 2. Dirty tracking from here: everything sent from now on that
-    //    changes is sent again.
+    // 2. Memory: handed over as a file (local), or copied in rounds.
+    let (mut pending, round) = if params.local {
+        let (file, offsets) = memory_file(&ctx.mem)?;
+        w.flush().map_err(err("start"))?;
+        let payload = serde_json::to_vec(&super::MemoryFile { offsets })
+            .map_err(|e| format!("memory layout: {e}"))?;
+        let frame = ember_migration::frame_bytes(ember_migration::Kind::MemoryFd, &payload)
+            .map_err(err("memory"))?;
+        raw.send_with_fds(&frame, &[file])
+            .map_err(|e| format!("cannot hand the memory over: {e}"))?;
+        log::info!("migration: guest memory handed over as a file descriptor");
+        (Vec::new(), 0)
+    } else {
+        precopy(&mut w, ctx, job, t)?
+    };
+    if shared.cancel.load(Ordering::SeqCst) {
+        return Err("cancelled".into());
+    }
+
+    // 3. The hand-over: the VMM thread pauses the guest and saves it.
+    shared.set(|p| p.state = "handover".into());
+    *handed_over = true;
+    ctx.tell(super::ToVmm::Handover);
+    let paused = Instant::now();
+    let state = ctx
+        .handover
+        .recv()
+        .map_err(|_| "the VMM thread is gone".to_string())??;
+    if !params.local {
+        unite(&mut pending, &take_dirty(ctx)?);
+        send_round(&mut w, ctx, shared, round + 1, Round::Dirty(&pending))?;
+    }
+    w.state(&state).map_err(err("state"))?;
+    w.end().map_err(err("end"))?;
+    match read_reply(&mut back).map_err(err("the destination's answer to the state"))? {
+        Reply::Received => {}
+        Reply::Refused(why) => return Err(format!("the destination refused the state: {why}")),
+        other => return Err(format!("the destination answered {other:?} to the state")),
+    }
+
+    // 4. The disks go to the destination.
+    *released = true;
+    for (i, d) in ctx.disks.iter().enumerate() {
+        let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
+        d.device_mut()
+            .release_lock()
+            .map_err(|e| format!("disk {i}: {}", crate::error_chain(&e)))?;
+    }
+    if params.local {
+        // The taps go with the guest (a tap takes one process at a time);
+        // the source keeps its own descriptors, in case this fails.
+        let taps = tap_fds(ctx)?;
+        w.flush().map_err(err("release"))?;
+        let frame = ember_migration::frame_bytes(ember_migration::Kind::Release, &[])
+            .map_err(err("release"))?;
+        raw.send_with_fds(&frame, &taps)
+            .map_err(|e| format!("cannot hand the taps over: {e}"))?;
+    } else {
+        w.release().map_err(err("release"))?;
+    }
+    if let Some(d) = ctx.stall_after_release {
+        // Tests only: a window to kill the source after the hand-over.
+        log::warn!("migration: stalling {d:?} after the release ({STALL_ENV})");
+        // A futex wait (the filter has no clock_nanosleep).
+        let (_keep, never) = mpsc::channel::<()>();
+        let _ = never.recv_timeout(d);
+    }
+    match read_reply(&mut back).map_err(err("the destination's last answer"))? {
+        Reply::Done => {}
+        Reply::Refused(why) => {
+            return Err(format!("the destination could not run the guest: {why}"))
+        }
+        other => return Err(format!("the destination answered {other:?} to the release")),
+    }
+    let downtime = paused.elapsed();
+    let rounds = if params.local { 0 } else { round + 1 };
+    shared.set(|p| {
+        p.downtime_ms = Some(ms(downtime));
+        p.round = rounds;
+    });
+    log::info!(
+        "migration: done in {:.1} ms, guest paused {:.1} ms, {} rounds, {} bytes",
+        ms(t.elapsed()),
+        ms(downtime),
+        rounds,
+        shared.bytes.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+/// The pre-copy rounds: every page, then the pages dirtied meanwhile,
+/// until they fit the downtime (or the round limit, or the timeout).
+/// Returns the dirty pages not sent yet and the last round's number.
+fn precopy<W: Write>(
+    w: &mut Writer<W>,
+    ctx: &Context,
+    job: &Job,
+    t: Instant,
+) -> Result<(Vec<Vec<u64>>, u32), String> {
+    let (params, shared) = (&job.params, &job.shared);
+    // Dirty tracking from here: everything sent from now on that changes
+    // is sent again.
     vm::set_dirty_log(&ctx.vm, &ctx.mem, true).map_err(|e| crate::error_chain(&e))?;
     take_dirty(ctx)?;
     shared.set(|p| p.state = "precopy".into());
     let mut round = 0u32;
     let started = Instant::now();
-    let stats = send_round(&mut w, ctx, shared, round, Round::All)?;
+    let stats = send_round(w, ctx, shared, round, Round::All)?;
     let mut bandwidth = rate(shared, &stats, started.elapsed());
     let mut pending = take_dirty(ctx)?;
     loop {
@@ -401,72 +508,48 @@ fn send(
         round += 1;
         shared.set(|p| p.round = round);
         let r = Instant::now();
-        let stats = send_round(&mut w, ctx, shared, round, Round::Dirty(&pending))?;
+        let stats = send_round(w, ctx, shared, round, Round::Dirty(&pending))?;
         let took = r.elapsed();
         bandwidth = rate(shared, &stats, took);
         pending = take_dirty(ctx)?;
         let rate_now = count_pages(&pending) as f64 / took.as_secs_f64().max(1e-6);
         shared.set(|p| p.dirty_rate_pages_per_s = rate_now);
     }
-    if shared.cancel.load(Ordering::SeqCst) {
-        return Err("cancelled".into());
-    }
+    Ok((pending, round))
+}
 
-    // 3. The hand-over: the VMM thread pauses the guest and saves it.
-    shared.set(|p| p.state = "handover".into());
-    *handed_over = true;
-    ctx.tell(super::ToVmm::Handover);
-    let paused = Instant::now();
-    let state = ctx
-        .handover
-        .recv()
-        .map_err(|_| "the VMM thread is gone".to_string())??;
-    unite(&mut pending, &take_dirty(ctx)?);
-    send_round(&mut w, ctx, shared, round + 1, Round::Dirty(&pending))?;
-    w.state(&state).map_err(err("state"))?;
-    w.end().map_err(err("end"))?;
-    match read_reply(&mut back).map_err(err("the destination's answer to the state"))? {
-        Reply::Received => {}
-        Reply::Refused(why) => return Err(format!("the destination refused the state: {why}")),
-        other => return Err(format!("the destination answered {other:?} to the state")),
-    }
-
-    // 4. The disks go to the destination.
-    *released = true;
-    for (i, d) in ctx.disks.iter().enumerate() {
-        let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
-        d.device_mut()
-            .release_lock()
-            .map_err(|e| format!("disk {i}: {}", crate::error_chain(&e)))?;
-    }
-    w.release().map_err(err("release"))?;
-    if let Some(d) = ctx.stall_after_release {
-        // Tests only: a window to kill the source after the hand-over.
-        log::warn!("migration: stalling {d:?} after the release ({STALL_ENV})");
-        // A futex wait (the filter has no clock_nanosleep).
-        let (_keep, never) = mpsc::channel::<()>();
-        let _ = never.recv_timeout(d);
-    }
-    match read_reply(&mut back).map_err(err("the destination's last answer"))? {
-        Reply::Done => {}
-        Reply::Refused(why) => {
-            return Err(format!("the destination could not run the guest: {why}"))
+/// The memfd behind guest memory and where each region lies in it.
+fn memory_file(mem: &GuestMemoryMmap) -> Result<(RawFd, Vec<u64>), String> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let mut fd = None;
+    let mut offsets = Vec::new();
+    for r in mem.iter() {
+        let fo = r.file_offset().ok_or_else(|| {
+            "local migration needs shared guest memory (--memory size=MIB,shared=on)".to_string()
+        })?;
+        let this = fo.file().as_raw_fd();
+        if *fd.get_or_insert(this) != this {
+            return Err("guest memory is in more than one file".into());
         }
-        other => return Err(format!("the destination answered {other:?} to the release")),
+        offsets.push(fo.start());
     }
-    let downtime = paused.elapsed();
-    shared.set(|p| {
-        p.downtime_ms = Some(ms(downtime));
-        p.round = round + 1;
-    });
-    log::info!(
-        "migration: done in {:.1} ms, guest paused {:.1} ms, {} rounds, {} bytes",
-        ms(t.elapsed()),
-        ms(downtime),
-        round + 1,
-        shared.bytes.load(Ordering::Relaxed)
-    );
-    Ok(())
+    fd.map(|fd| (fd, offsets))
+        .ok_or_else(|| "no guest memory".to_string())
+}
+
+/// Each NIC's tap descriptor, in order.
+fn tap_fds(ctx: &Context) -> Result<Vec<RawFd>, String> {
+    ctx.nets
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            n.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .device()
+                .backend_raw_fd()
+                .ok_or_else(|| format!("NIC {i} has no descriptor to hand over"))
+        })
+        .collect()
 }
 
 fn take_dirty(ctx: &Context) -> Result<Vec<Vec<u64>>, String> {

@@ -383,8 +383,15 @@ pub fn migration() -> Vec<Rule> {
         always(libc::SYS_connect, "connect to the destination"),
         always(libc::SYS_setsockopt, "TCP_NODELAY on the migration socket"),
         always(libc::SYS_sendto, "the migration stream (TCP send)"),
+        always(
+            libc::SYS_sendmsg,
+            "a local migration hands the memfd and the taps over (SCM_RIGHTS)",
+        ),
         always(libc::SYS_recvfrom, "the destination's answers (TCP)"),
-        always(libc::SYS_read, "the destination's answers (Unix socket)"),
+        always(
+            libc::SYS_recvmsg,
+            "the destination's answers (Unix socket: every read may carry descriptors)",
+        ),
         always(libc::SYS_shutdown, "a cancel ends the connection at once"),
         always(libc::SYS_fcntl, "std sets close-on-exec on a cloned socket"),
         ioctls(
