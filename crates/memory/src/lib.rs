@@ -295,17 +295,19 @@ impl MemoryLayout {
             )));
         }
         let len = file.metadata().map_err(|e| map(e.to_string()))?.len();
+        // One descriptor shared by every region: who holds the memory can
+        // tell the regions are in one file.
+        let file = std::sync::Arc::new(file.try_clone().map_err(|e| map(e.to_string()))?);
         let mut regions = Vec::with_capacity(self.regions.len());
         for (&(start, size), &offset) in self.regions.iter().zip(offsets) {
             let needed = offset.saturating_add(size);
             if len < needed {
                 return Err(FileMapError::TooShort { len, needed });
             }
-            let file = file.try_clone().map_err(|e| map(e.to_string()))?;
             let size = usize::try_from(size).map_err(|e| map(e.to_string()))?;
             let region =
                 MmapRegionBuilder::new_with_bitmap(size, DirtyBitmap::new(track_dirty, size))
-                    .with_file_offset(FileOffset::new(file, offset))
+                    .with_file_offset(FileOffset::from_arc(file.clone(), offset))
                     .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
                     .with_mmap_flags(flags)
                     .build()

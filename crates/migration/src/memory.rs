@@ -48,7 +48,7 @@ struct Batches<'w, W: Write> {
 
 impl<W: Write> Batches<'_, W> {
     fn page(&mut self, gpa: u64, page: &[u8], send_zero: bool) -> Result<()> {
-        if page.iter().all(|&b| b == 0) {
+        if is_zero(page) {
             if send_zero {
                 self.zeros.push(gpa);
                 if self.zeros.len() == crate::MAX_BATCH {
@@ -91,6 +91,22 @@ impl<W: Write> Batches<'_, W> {
         self.zeros.clear();
         Ok(())
     }
+}
+
+/// Whether a page is all zeros: 64-byte blocks, each OR-ed a word at a
+/// time (the first round checks every page of guest memory; byte by byte
+/// that was most of a 256 MiB guest's migration time).
+pub fn is_zero(page: &[u8]) -> bool {
+    page.chunks(64).all(|block| {
+        let mut words = block.chunks_exact(8);
+        let mut acc = words.by_ref().fold(0u64, |a, w| {
+            a | u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])
+        });
+        for &b in words.remainder() {
+            acc |= u64::from(b);
+        }
+        acc == 0
+    })
 }
 
 /// Sends round `round` of `mem`'s pages.
@@ -160,6 +176,24 @@ pub fn apply<M: GuestMemoryBackend>(mem: &M, event: &Event) -> Result<u64> {
             Ok(b.gpas().len() as u64)
         }
         _ => Ok(0),
+    }
+}
+
+#[cfg(test)]
+mod zero_tests {
+    use super::is_zero;
+
+    #[test]
+    fn every_single_non_zero_byte_is_seen() {
+        let mut page = vec![0u8; 4096];
+        assert!(is_zero(&page));
+        for i in [0, 7, 8, 63, 64, 1000, 4095] {
+            page[i] = 0x80;
+            assert!(!is_zero(&page), "byte {i}");
+            page[i] = 0;
+        }
+        assert!(is_zero(&page[..13]));
+        assert!(!is_zero(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 1]));
     }
 }
 
