@@ -188,7 +188,8 @@ fn jail_boots_the_guest_with_disk_and_net_unprivileged_and_leaves_nothing_behind
             cgroup.contains(&format!("/ember/{id}")),
         ));
         seen.push(("its cgroup exists", !cgroup_dirs(&id).is_empty()));
-        let (filtered, threads) = wait_all_threads_filtered(pid, 2, Duration::from_secs(5));
+        // The event loop, the migration thread, the vCPU.
+        let (filtered, threads) = wait_all_threads_filtered(pid, 3, Duration::from_secs(5));
         eprintln!("jailed ember threads: {threads:?}");
         seen.push(("every thread under seccomp", filtered));
     }

@@ -209,8 +209,8 @@ fn tiny_every_ember_thread_runs_under_a_seccomp_filter() {
         ember.wait_for_output("R", TIMEOUT),
         "the guest should start spinning"
     );
-    // The event-loop thread and two vCPU threads.
-    let (ok, seen) = wait_all_threads_filtered(ember.pid(), 3, Duration::from_secs(5));
+    // The event-loop thread, the migration thread and two vCPU threads.
+    let (ok, seen) = wait_all_threads_filtered(ember.pid(), 4, Duration::from_secs(5));
     ember.signal(libc::SIGTERM);
     let run = ember.finish(TIMEOUT);
     assert!(
@@ -222,7 +222,10 @@ fn tiny_every_ember_thread_runs_under_a_seccomp_filter() {
         .map(|(n, _)| n.as_str())
         .filter(|n| n.starts_with("ember"))
         .collect();
-    assert_eq!(names, ["ember", "ember-vcpu0", "ember-vcpu1"]);
+    assert_eq!(
+        names,
+        ["ember", "ember-migration", "ember-vcpu0", "ember-vcpu1"]
+    );
     run.check(
         run.code() == 143,
         "SIGTERM still ends a filtered ember cleanly",
@@ -249,7 +252,7 @@ fn tiny_seccomp_off_leaves_threads_unfiltered_and_log_mode_warns() {
         ember.signal(libc::SIGTERM);
         let run = ember.finish(TIMEOUT);
         let own = seen.iter().filter(|(n, _)| n.starts_with("ember")).count();
-        assert_eq!(own, 2, "{mode}: threads {seen:?}");
+        assert_eq!(own, 3, "{mode}: threads {seen:?}");
         assert!(
             seen.iter().all(|(_, m)| m == want),
             "{mode}: every thread should show Seccomp: {want}; saw {seen:?}"

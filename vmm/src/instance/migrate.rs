@@ -208,7 +208,13 @@ impl Instance {
             Connection::Tcp(s) => OwnedFd::from(s),
             Connection::Unix(s, _) => OwnedFd::from(s),
         });
-        vmm.start(&self.filters, &mut self.event_loop, &self.wake)?;
+        if let Err(e) = vmm.start(&self.filters, &mut self.event_loop, &self.wake) {
+            // Let go of the disks first, then tell the source, which takes
+            // them back and resumes.
+            drop(vmm);
+            let _ = write_reply(&mut back, &Reply::Refused(crate::error_chain(&e)));
+            return Err(e);
+        }
         self.started_with = Some(vmm.config());
         self.vmm = Some(vmm);
         self.state = State::Paused;
