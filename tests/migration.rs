@@ -21,7 +21,12 @@
 //! 3. a local migration (memory and tap handed over as descriptors) to an
 //!    `ember --incoming` on the same host, the source killed right after
 //!    the hand-over: the guest runs on;
-//! 4. a copy over a Unix socket to a third host.
+//! 4. a copy over a Unix socket to a third host;
+//! 5. a move over a rate-limited link (tc) slower than the guest dirties
+//!    memory: the pre-copy rounds stop shrinking, the migration switches
+//!    to post-copy by itself, the guest runs at the destination while its
+//!    last pages follow, and every page is in its latest generation (the
+//!    beat rewrites a word of each page once a second and checks it).
 //!
 //! The host then reads the disk and checks every block the guest wrote.
 //! A second test feeds a destination bad streams without any guest.
@@ -45,11 +50,17 @@ const HOST: &str = "10.205.0.1";
 const GUEST: &str = "10.205.0.2";
 const LINK_B: &str = "10.206.0.2";
 const DISK_BYTES: usize = 4 << 20;
+/// The beat's buffer: every page of it rewritten once a second, 24 MiB/s,
+/// more than the rate-limited link of step 5 carries.
+const BEAT_MIB: u32 = 24;
+const LINK_E: &str = "10.207.0.2";
+/// The rate of that link (tc tbf): 10 MB/s.
+const SLOW_LINK: &str = "80mbit";
 
 fn cmdline() -> String {
     format!(
         "console=ttyS0 quiet panic=1 ember.agent=on ember.sleep=3600 \
-         ember.beat=vda:3600:2 ip={GUEST}::{HOST}:255.255.255.0::eth0:off"
+         ember.beat=vda:3600:{BEAT_MIB} ip={GUEST}::{HOST}:255.255.255.0::eth0:off"
     )
 }
 
@@ -90,6 +101,15 @@ fn wait_path(p: &Path) {
     while !p.exists() {
         assert!(Instant::now() < deadline, "{} never appeared", p.display());
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits for a TCP listener on `port` (":6000") in `ns`.
+fn wait_listening(ns: &NetNs, port: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ns.exec(&["ss", "-ltn"]).unwrap_or_default().contains(port) {
+        assert!(Instant::now() < deadline, "the destination never listened");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -292,15 +312,7 @@ fn migration_moves_a_running_guest_between_hosts_and_survives_every_failure() {
             )
         })
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !b
-        .exec(&["ss", "-ltn"])
-        .unwrap_or_default()
-        .contains(":6000")
-    {
-        assert!(Instant::now() < deadline, "the destination never listened");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_listening(&b, ":6000");
     let capture = b.capture("tap0", Duration::from_secs(25));
     let ping_a = ping_log(&a, 60);
     let ping_b = ping_log(&b, 100);
@@ -410,7 +422,19 @@ fn migration_moves_a_running_guest_between_hosts_and_survives_every_failure() {
     // 4. A copy over a Unix socket to a third host (its own tap0).
     let m6 = dir.path("m6.sock");
     let m6_url = format!("unix:{}", m6.display());
-    let mut last_hop = spawn_ember_in_netns(&c.name, &["--incoming", &m6_url], b"");
+    let last_sock = dir.path("last.sock");
+    let mut last_hop = spawn_ember_in_netns(
+        &c.name,
+        &[
+            "--log-level",
+            "info",
+            "--incoming",
+            &m6_url,
+            "--api-sock",
+            last_sock.to_str().unwrap(),
+        ],
+        b"",
+    );
     wait_path(&m6);
     let mut hapi = Api::connect(&hop_sock);
     let before = hop.stdout_so_far();
@@ -434,15 +458,78 @@ fn migration_moves_a_running_guest_between_hosts_and_survives_every_failure() {
     let pinged = c.exec(&["ping", "-c", "2", "-W", "5", GUEST]);
     assert!(pinged.is_ok(), "ping on the third host: {pinged:?}");
     eprintln!("over a Unix socket: {local_line}");
-    last_hop.signal(libc::SIGKILL);
+
+    // 5. Post-copy: to a fourth host over a link slower than the guest
+    //    dirties its memory.
+    let e = NetNs::new("mige", &[("tap0", &host_addr)]).expect("netns e");
+    c.link(&e, "10.207.0.1/24", &format!("{LINK_E}/24"))
+        .expect("veth");
+    c.exec(&[
+        "tc", "qdisc", "add", "dev", "veth0", "root", "tbf", "rate", SLOW_LINK, "burst", "64kb",
+        "latency", "50ms",
+    ])
+    .expect("tc on the link");
+    let mut post = spawn_ember_in_netns(
+        &e.name,
+        &[
+            "--log-level",
+            "info",
+            "--incoming",
+            &format!("tcp:{LINK_E}:6001"),
+        ],
+        b"",
+    );
+    wait_listening(&e, ":6001");
+    let mut lapi = Api::connect(&last_sock);
+    let before = last_hop.stdout_so_far();
+    let t = Instant::now();
+    send(&mut lapi, &format!("tcp:{LINK_E}:6001"));
+    let s = wait_state(
+        &mut lapi,
+        &["postcopy", "completed", "failed"],
+        Duration::from_secs(120),
+    );
+    assert_eq!(s["state"], "postcopy", "the rounds stopped shrinking: {s}");
+    assert!(s["postcopy_pages_left"].as_u64().is_some(), "{s}");
     let run = last_hop.finish(BOOT);
+    let took = t.elapsed();
+    run.check(run.code() == 0, "the post-copy source exits 0");
+    run.check(
+        run.stderr.contains("switching to post-copy") && run.stderr.contains("and post-copy"),
+        "the source switched to post-copy by itself",
+    );
+    run.check(!run.stderr.contains("panicked"), "no panic");
+    let source_line = run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("post-copy") || l.contains("migrated to"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let before = before + &run.stdout;
+    let last = beats(&before).iter().map(|b| b.0).max().unwrap();
+    let after = wait_beat(&mut post, last + 3, BOOT);
+    let last_e = check_continued(&after, &before, "the guest after post-copy");
+    assert!(last_e > last_c);
+    let pinged = e.exec(&["ping", "-c", "2", "-W", "5", GUEST]);
+    assert!(pinged.is_ok(), "ping after post-copy: {pinged:?}");
+    eprintln!(
+        "post-copy over {SLOW_LINK}: {:.1} s from the request to the source's exit\n{source_line}",
+        took.as_secs_f64()
+    );
+    post.signal(libc::SIGKILL);
+    let run = post.finish(BOOT);
+    run.check(
+        run.stderr.contains("post-copy done"),
+        "the destination got every page",
+    );
+    run.check(!run.stderr.contains("panicked"), "no panic");
+    run.check(!run.stderr.contains("seccomp"), "no filter violation");
     let last = beats(&(after + &run.stdout))
         .iter()
         .map(|b| b.0)
         .max()
         .unwrap();
-    run.check(!run.stderr.contains("panicked"), "no panic");
-    // Every block of every beat, across three embers.
+    // Every block of every beat, across five embers.
     check_disk(&disk, last);
 }
 

@@ -26,6 +26,9 @@ pub enum Stop {
     Signal(libc::c_int),
     /// The guest was migrated away.
     Migrated,
+    /// A migration left the guest unable to go on here (a post-copy that
+    /// lost its source).
+    MigrationFailed(String),
 }
 
 /// An event-loop subscriber as the loop holds it.

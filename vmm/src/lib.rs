@@ -864,6 +864,7 @@ impl ExitReason {
             Stop::I8042Reset => Ok(ExitReason::GuestReset),
             Stop::Signal(n) => Ok(ExitReason::Signal(n)),
             Stop::Migrated => Ok(ExitReason::Migrated),
+            Stop::MigrationFailed(msg) => Err(Error::Migration(msg)),
             Stop::Vcpu(VcpuEnd::Guest(GuestStop::Reset)) => Ok(ExitReason::GuestReset),
             Stop::Vcpu(VcpuEnd::Guest(GuestStop::PowerOff)) => Ok(ExitReason::GuestPowerOff),
             Stop::Vcpu(VcpuEnd::Guest(GuestStop::Halted)) => Ok(ExitReason::GuestHalted),

@@ -817,6 +817,11 @@ pub struct SendMigrationData {
     /// Pre-copy or post-copy.
     #[serde(default)]
     pub memory_mode: Option<MigrationMode>,
+    /// Ember's own: whether a pre-copy whose rounds stop shrinking
+    /// switches to post-copy (default true; false keeps it pre-copy only,
+    /// which a broken connection can never leave split between hosts).
+    #[serde(default)]
+    pub auto_postcopy: Option<bool>,
 }
 
 /// `PUT /api/v1/vm.receive-migration` (Cloud Hypervisor's

@@ -62,6 +62,11 @@ pub enum Kind {
     /// migration, Unix socket only): the payload says how the regions lie
     /// in the file, the descriptor rides on the frame (`SCM_RIGHTS`).
     MemoryFd = 7,
+    /// Post-copy: the pages the destination holds out of date (dirtied
+    /// since they were sent), as one bitmap per memory region. After the
+    /// release the source sends them (on request first, the rest in the
+    /// background) as `Pages` while the guest runs at the destination.
+    Postcopy = 8,
     /// Back channel: the destination accepts the start.
     Ready = 16,
     /// Back channel: the destination refuses, with a reason.
@@ -71,6 +76,12 @@ pub enum Kind {
     /// Back channel: the destination holds the whole state and is ready to
     /// take the disks.
     Received = 19,
+    /// Back channel, post-copy: the guest touched these pages; send them
+    /// first.
+    PageRequest = 20,
+    /// Back channel, post-copy: every out-of-date page has arrived; the
+    /// source may end.
+    PostcopyDone = 21,
 }
 
 impl Kind {
@@ -83,10 +94,13 @@ impl Kind {
             5 => Kind::End,
             6 => Kind::Release,
             7 => Kind::MemoryFd,
+            8 => Kind::Postcopy,
             16 => Kind::Ready,
             17 => Kind::Refused,
             18 => Kind::Done,
             19 => Kind::Received,
+            20 => Kind::PageRequest,
+            21 => Kind::PostcopyDone,
             _ => return None,
         })
     }
@@ -134,6 +148,9 @@ pub enum Error {
     /// A malformed batch.
     #[error("migration stream: bad page batch: {0}")]
     Batch(String),
+    /// A malformed post-copy page set.
+    #[error("migration stream: bad post-copy page set: {0}")]
+    Postcopy(String),
 }
 
 /// The result type of this crate.
@@ -208,6 +225,11 @@ impl<W: Write> Writer<W> {
         self.frame(Kind::ZeroPages, &p)
     }
 
+    /// `Postcopy`: the pages still to come after the release.
+    pub fn postcopy(&mut self, set: &PageSet) -> Result<()> {
+        self.frame(Kind::Postcopy, &set.encode()?)
+    }
+
     /// `State`.
     pub fn state(&mut self, payload: &[u8]) -> Result<()> {
         self.frame(Kind::State, payload)
@@ -258,6 +280,92 @@ fn batch_head(round: u32, count: usize) -> Result<Vec<u8>> {
     p.extend_from_slice(&round.to_le_bytes());
     p.extend_from_slice(&n.to_le_bytes());
     Ok(p)
+}
+
+/// Most memory regions a [`PageSet`] may describe.
+pub const MAX_REGIONS: usize = 64;
+
+/// A set of guest pages: one bitmap per memory region (in the guest
+/// memory's region order), bit `i % 64` of word `i / 64` for the region's
+/// page `i`, as KVM's dirty log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PageSet {
+    /// The bitmaps.
+    pub maps: Vec<Vec<u64>>,
+}
+
+impl PageSet {
+    /// `regions:u32le`, then per region `words:u32le` and the words.
+    fn encode(&self) -> Result<Vec<u8>> {
+        let bad = |s: String| Error::Postcopy(s);
+        if self.maps.len() > MAX_REGIONS {
+            return Err(bad(format!("{} regions", self.maps.len())));
+        }
+        let words: usize = self.maps.iter().map(Vec::len).sum();
+        let mut p = Vec::with_capacity(4 + 4 * self.maps.len() + 8 * words);
+        p.extend_from_slice(&u32::try_from(self.maps.len()).unwrap_or(0).to_le_bytes());
+        for m in &self.maps {
+            let n = u32::try_from(m.len()).map_err(|_| bad(format!("{} words", m.len())))?;
+            p.extend_from_slice(&n.to_le_bytes());
+            for w in m {
+                p.extend_from_slice(&w.to_le_bytes());
+            }
+        }
+        Ok(p)
+    }
+
+    /// Checks and decodes a `Postcopy` payload.
+    pub fn decode(payload: &[u8]) -> Result<Self> {
+        let bad = |s: String| Error::Postcopy(s);
+        let mut rest = payload;
+        let u32_at = |rest: &mut &[u8], what: &str| -> Result<usize> {
+            let (head, tail) = rest
+                .split_first_chunk::<4>()
+                .ok_or_else(|| bad(format!("truncated at the {what}")))?;
+            *rest = tail;
+            Ok(u32::from_le_bytes(*head) as usize)
+        };
+        let regions = u32_at(&mut rest, "region count")?;
+        if regions > MAX_REGIONS {
+            return Err(bad(format!("{regions} regions (at most {MAX_REGIONS})")));
+        }
+        let mut maps = Vec::with_capacity(regions);
+        for i in 0..regions {
+            let words = u32_at(&mut rest, "word count")?;
+            let bytes = words
+                .checked_mul(8)
+                .filter(|b| *b <= rest.len())
+                .ok_or_else(|| bad(format!("region {i}: {words} words, the frame is shorter")))?;
+            let (map, tail) = rest.split_at(bytes);
+            rest = tail;
+            maps.push(
+                map.chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect(),
+            );
+        }
+        if !rest.is_empty() {
+            return Err(bad(format!("{} bytes after the last region", rest.len())));
+        }
+        Ok(PageSet { maps })
+    }
+
+    /// How many pages are in the set.
+    pub fn count(&self) -> u64 {
+        self.maps
+            .iter()
+            .flatten()
+            .map(|w| u64::from(w.count_ones()))
+            .sum()
+    }
+
+    /// Whether page `page` of region `region` is in the set.
+    pub fn contains(&self, region: usize, page: usize) -> bool {
+        self.maps
+            .get(region)
+            .and_then(|m| m.get(page / 64))
+            .is_some_and(|w| w & (1 << (page % 64)) != 0)
+    }
 }
 
 /// A checked batch: guest addresses page-aligned, sizes consistent.
@@ -343,6 +451,9 @@ pub enum Event {
     /// Guest memory is in the file whose descriptor came with this frame;
     /// the payload describes it.
     MemoryFd(Vec<u8>),
+    /// Post-copy: these pages the destination holds are out of date; they
+    /// come as `Pages` after the release.
+    Postcopy(PageSet),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -351,6 +462,8 @@ enum Phase {
     Memory,
     End,
     Handover,
+    /// Post-copy, after the release: only pages.
+    Postcopy,
     Done,
 }
 
@@ -393,6 +506,7 @@ fn read_exact<R: Read>(input: &mut R, buf: &mut [u8], what: &'static str) -> Res
 pub struct Receiver<R: Read> {
     input: R,
     phase: Phase,
+    postcopy: bool,
 }
 
 impl<R: Read> Receiver<R> {
@@ -410,6 +524,7 @@ impl<R: Read> Receiver<R> {
         Ok(Receiver {
             input,
             phase: Phase::Start,
+            postcopy: false,
         })
     }
 
@@ -428,6 +543,7 @@ impl<R: Read> Receiver<R> {
             Phase::Memory => "the start",
             Phase::End => "the state",
             Phase::Handover => "the end",
+            Phase::Postcopy => "the release of a post-copy migration",
             Phase::Done => "the release",
         };
         let out_of_order = Error::Order { got: kind, after };
@@ -440,7 +556,12 @@ impl<R: Read> Receiver<R> {
             (Phase::Memory, Kind::ZeroPages) => {
                 Event::ZeroPages(PageBatch::decode(&payload, false)?)
             }
-            (Phase::Memory, Kind::MemoryFd) => Event::MemoryFd(payload),
+            (Phase::Memory, Kind::MemoryFd) if !self.postcopy => Event::MemoryFd(payload),
+            (Phase::Memory, Kind::Postcopy) if !self.postcopy => {
+                let set = PageSet::decode(&payload)?;
+                self.postcopy = true;
+                Event::Postcopy(set)
+            }
             (Phase::Memory, Kind::State) => {
                 self.phase = Phase::End;
                 Event::State(payload)
@@ -450,9 +571,14 @@ impl<R: Read> Receiver<R> {
                 Event::End
             }
             (Phase::Handover, Kind::Release) if payload.is_empty() => {
-                self.phase = Phase::Done;
+                self.phase = if self.postcopy {
+                    Phase::Postcopy
+                } else {
+                    Phase::Done
+                };
                 Event::Release
             }
+            (Phase::Postcopy, Kind::Pages) => Event::Pages(PageBatch::decode(&payload, true)?),
             _ => return Err(out_of_order),
         };
         Ok(event)
@@ -475,18 +601,33 @@ pub enum Reply {
     Done,
     /// The destination holds the whole state: release the disks.
     Received,
+    /// Post-copy: send these pages first.
+    PageRequest(Vec<u64>),
+    /// Post-copy: every page arrived.
+    PostcopyDone,
 }
 
-/// Writes a reply.
-pub fn write_reply<W: Write>(out: W, reply: &Reply) -> Result<()> {
-    let mut w = Writer::back_channel(out);
+/// Writes a reply, in one `write_all` (replies from several threads do
+/// not interleave a frame's parts; the caller still serializes them).
+pub fn write_reply<W: Write>(mut out: W, reply: &Reply) -> Result<()> {
+    let mut frame = Vec::new();
+    let mut w = Writer::back_channel(&mut frame);
     match reply {
         Reply::Ready => w.frame(Kind::Ready, &[]),
         Reply::Refused(why) => w.frame(Kind::Refused, why.as_bytes()),
         Reply::Done => w.frame(Kind::Done, &[]),
         Reply::Received => w.frame(Kind::Received, &[]),
+        Reply::PageRequest(gpas) => {
+            if gpas.is_empty() || gpas.len() > MAX_BATCH {
+                return Err(Error::Batch(format!("a request for {} pages", gpas.len())));
+            }
+            let p: Vec<u8> = gpas.iter().flat_map(|g| g.to_le_bytes()).collect();
+            w.frame(Kind::PageRequest, &p)
+        }
+        Reply::PostcopyDone => w.frame(Kind::PostcopyDone, &[]),
     }?;
-    w.out.flush()?;
+    out.write_all(&frame)?;
+    out.flush()?;
     Ok(())
 }
 
@@ -500,6 +641,21 @@ pub fn read_reply<R: Read>(mut input: R) -> Result<Reply> {
         )),
         Kind::Done if payload.is_empty() => Ok(Reply::Done),
         Kind::Received if payload.is_empty() => Ok(Reply::Received),
+        Kind::PageRequest => {
+            if payload.is_empty() || payload.len() % 8 != 0 || payload.len() > MAX_BATCH * 8 {
+                return Err(Error::Batch(format!(
+                    "a page request of {} bytes",
+                    payload.len()
+                )));
+            }
+            Ok(Reply::PageRequest(
+                payload
+                    .chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect(),
+            ))
+        }
+        Kind::PostcopyDone if payload.is_empty() => Ok(Reply::PostcopyDone),
         other => Err(Error::Order {
             got: other,
             after: "a request on the back channel",

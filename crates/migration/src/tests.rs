@@ -188,3 +188,100 @@ fn release_comes_after_the_end_once_and_replies_round_trip() {
         assert_eq!(read_reply(&b[..]).unwrap(), reply);
     }
 }
+
+#[test]
+fn a_postcopy_stream_sends_pages_after_the_release() {
+    let page = [9u8; PAGE_SIZE];
+    let set = PageSet {
+        maps: vec![vec![0b101], vec![0, 1 << 3]],
+    };
+    let mut out = Vec::new();
+    let mut w = Writer::new(&mut out).unwrap();
+    w.start(b"{}").unwrap();
+    w.pages(0, &[(0, &page[..])]).unwrap();
+    w.postcopy(&set).unwrap();
+    w.state(b"{}").unwrap();
+    w.end().unwrap();
+    w.release().unwrap();
+    w.pages(1, &[(0x2000, &page[..])]).unwrap();
+    w.pages(1, &[(0, &page[..])]).unwrap();
+    let mut r = Receiver::new(&out[..]).unwrap();
+    r.next().unwrap();
+    r.next().unwrap();
+    let Event::Postcopy(got) = r.next().unwrap() else {
+        panic!("no post-copy set")
+    };
+    assert_eq!(got, set);
+    assert_eq!(got.count(), 3);
+    assert!(got.contains(0, 0) && got.contains(0, 2) && got.contains(1, 67));
+    assert!(!got.contains(0, 1) && !got.contains(2, 0) && !got.contains(1, 9999));
+    assert!(matches!(r.next().unwrap(), Event::State(_)));
+    assert_eq!(r.next().unwrap(), Event::End);
+    assert_eq!(r.next().unwrap(), Event::Release);
+    // Pages go on after the release, nothing else does.
+    assert!(matches!(r.next().unwrap(), Event::Pages(_)));
+    assert!(matches!(r.next().unwrap(), Event::Pages(_)));
+    let mut more = out.clone();
+    Writer::back_channel(&mut more).state(b"{}").unwrap();
+    let mut r = Receiver::new(&more[..]).unwrap();
+    for _ in 0..8 {
+        r.next().unwrap();
+    }
+    let e = r.next().unwrap_err().to_string();
+    assert!(e.contains("after the release of a post-copy"), "{e}");
+    // A pre-copy stream takes no pages after the release, and a second
+    // post-copy set is out of order.
+    let mut s = stream();
+    let mut w = Writer::back_channel(&mut s);
+    w.release().unwrap();
+    w.pages(1, &[(0, &page[..])]).unwrap();
+    let mut r = Receiver::new(&s[..]).unwrap();
+    while r.next().unwrap() != Event::Release {}
+    assert!(matches!(r.next(), Err(Error::Order { .. })));
+    let mut twice = Vec::new();
+    let mut w = Writer::new(&mut twice).unwrap();
+    w.start(b"{}").unwrap();
+    w.postcopy(&set).unwrap();
+    w.postcopy(&set).unwrap();
+    let mut r = Receiver::new(&twice[..]).unwrap();
+    r.next().unwrap();
+    r.next().unwrap();
+    assert!(matches!(r.next(), Err(Error::Order { .. })));
+}
+
+#[test]
+fn bad_postcopy_sets_are_refused() {
+    let bad = |payload: &[u8]| PageSet::decode(payload).unwrap_err().to_string();
+    assert!(bad(&[]).contains("truncated at the region count"));
+    assert!(bad(&[65, 0, 0, 0]).contains("65 regions"));
+    assert!(bad(&[1, 0, 0, 0]).contains("truncated at the word count"));
+    assert!(bad(&[1, 0, 0, 0, 2, 0, 0, 0, 1, 2, 3]).contains("2 words, the frame is shorter"));
+    assert!(bad(&[1, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]).contains("the frame is shorter"));
+    assert!(bad(&[0, 0, 0, 0, 7]).contains("1 bytes after the last region"));
+    assert_eq!(PageSet::decode(&[0, 0, 0, 0]).unwrap().count(), 0);
+}
+
+#[test]
+fn page_requests_round_trip_and_are_bounded() {
+    for reply in [
+        Reply::PageRequest(vec![0x1000, 0x7fff_f000]),
+        Reply::PostcopyDone,
+    ] {
+        let mut b = Vec::new();
+        write_reply(&mut b, &reply).unwrap();
+        assert_eq!(read_reply(&b[..]).unwrap(), reply);
+    }
+    let mut b = Vec::new();
+    assert!(write_reply(&mut b, &Reply::PageRequest(Vec::new())).is_err());
+    assert!(write_reply(&mut b, &Reply::PageRequest(vec![0; MAX_BATCH + 1])).is_err());
+    for payload in [&[][..], &[1, 2, 3][..]] {
+        let mut b = Vec::new();
+        Writer::back_channel(&mut b)
+            .frame(Kind::PageRequest, payload)
+            .unwrap();
+        assert!(read_reply(&b[..])
+            .unwrap_err()
+            .to_string()
+            .contains("page request"));
+    }
+}

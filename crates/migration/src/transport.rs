@@ -6,7 +6,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -139,11 +139,64 @@ impl Connection {
         }
     }
 
+    /// Caps the socket's send buffer at `bytes` (post-copy: a page the
+    /// guest waits for must not queue behind megabytes of background
+    /// pages).
+    pub fn set_send_buffer(&self, bytes: usize) -> std::io::Result<()> {
+        let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // SAFETY: setsockopt reads an int from `v`, which outlives the call;
+        // the descriptor is this connection's socket.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                std::ptr::addr_of!(v).cast(),
+                libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4),
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout_ms` (0: just look, -1: forever) for bytes to
+    /// read (or the peer's end); true if a read would not block. Reads
+    /// are not buffered here, so this sees every byte not read yet.
+    pub fn wait_readable(&self, timeout_ms: i32) -> std::io::Result<bool> {
+        let mut fd = libc::pollfd {
+            fd: self.as_raw_fd(),
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd that outlives the call, count 1.
+        let n = unsafe { libc::poll(&mut fd, 1, timeout_ms) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            return if e.kind() == std::io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(n > 0)
+    }
+
     /// Bounds every read (`None`: wait forever).
     pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         match self {
             Connection::Tcp(s) => s.set_read_timeout(t),
             Connection::Unix(s, _) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl AsRawFd for Connection {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Connection::Tcp(s) => s.as_raw_fd(),
+            Connection::Unix(s, _) => s.as_raw_fd(),
         }
     }
 }

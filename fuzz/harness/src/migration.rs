@@ -26,7 +26,14 @@ pub fn migration_stream(data: &[u8]) {
                 assert!(b.pages().all(|(_, p)| p.len() == PAGE_SIZE));
                 let _ = ember_migration::memory::apply(&mem, &e);
             }
-            Ok(Event::Release) | Err(_) => return,
+            Err(_) => return,
+            // A post-copy stream goes on with pages after the release.
+            Ok(Event::Release) => {}
+            Ok(Event::Postcopy(set)) => {
+                let _ = set.count();
+                // As a destination does: the stale pages leave memory.
+                let _ = ember_vmm::migration::discard_stale(&mem, &set);
+            }
             Ok(Event::End) => {}
             Ok(Event::Start(p)) => {
                 let _ = serde_json::from_slice::<ember_vmm::migration::Hello>(&p);
@@ -64,8 +71,24 @@ pub fn seeds() -> Vec<crate::seeds::NamedSeed> {
         let mut w = ember_migration::Writer::new(&mut no_start).expect("vec");
         let _ = w.zero_pages(0, &[0]);
     }
+    let mut postcopy = Vec::new();
+    {
+        let mut w = ember_migration::Writer::new(&mut postcopy).expect("vec");
+        let page = [0x5au8; PAGE_SIZE];
+        let _ = w.start(br#"{"cpu": {"version": 1}, "machine": {"vcpus": 1}}"#);
+        let _ = w.pages(0, &[(0, &page[..]), (0x1000, &page[..])]);
+        let _ = w.postcopy(&ember_migration::PageSet {
+            maps: vec![vec![0b11], vec![]],
+        });
+        let _ = w.state(b"\x01{}");
+        let _ = w.end();
+        let _ = w.release();
+        let _ = w.pages(2, &[(0x1000, &page[..])]);
+        let _ = w.pages(2, &[(0, &page[..])]);
+    }
     vec![
         ("stream", good.clone()),
+        ("postcopy", postcopy),
         ("truncated", good[..good.len() / 2].to_vec()),
         ("flipped", flipped),
         ("version", version),

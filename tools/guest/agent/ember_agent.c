@@ -46,7 +46,8 @@
  *   ember.beat=DEV:SECONDS:MEM_MIB
  *                             start a kernel thread that makes SECONDS beats,
  *                             one a second: beat N checks MEM_MIB MiB of
- *                             patterned memory, writes and fsyncs 4 KiB block
+ *                             patterned memory and rewrites each page's
+ *                             generation word, writes and fsyncs 4 KiB block
  *                             N of DEV and prints `beat n=N mem_ok= disk_ok=
  *                             uptime_ms=`; the agent goes on at once (for
  *                             snapshot/restore tests, see beat.c)

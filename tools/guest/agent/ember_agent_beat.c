@@ -16,9 +16,13 @@
  *       EMBER-AGENT beat_end beats=N mem_fail=M disk_fail=D bad_words=W
  *
  * The check of a beat is one 64-bit word in every 4 KiB page of the buffer,
- * word (N + page) % 512 of the page, so each beat sees every page (a page
- * lost, zeroed or misplaced by a snapshot fails at once) and 512 beats see
- * every word. Hashing the whole buffer each second is out of reach on the
+ * word (N + page) % 511 of the page, so each beat sees every page (a page
+ * lost, zeroed or misplaced by a snapshot fails at once) and 511 beats see
+ * every word. The page's last word is its generation: beat N finds it at
+ * pattern + N (mod 2^64) and rewrites it to pattern + N + 1, so every beat
+ * dirties every page of the buffer (MEM_MIB MiB a second: the dirtying
+ * workload of the migration tests) and a page that a migration left one
+ * generation behind fails the next beat. Hashing the whole buffer each second is out of reach on the
  * project's software hypervisor, where guest kernel code runs emulated at
  * about a microsecond an instruction (a byte-wise FNV-1a of 1 MiB took 12 s).
  *
@@ -28,7 +32,8 @@
  *
  * The patterns, for the host side of the tests:
  *   memory: 64-bit word k of the buffer is
- *     ((k + 1) * 0x9e3779b97f4a7c15) ^ 0x454d424552424541 (mod 2^64);
+ *     ((k + 1) * 0x9e3779b97f4a7c15) ^ 0x454d424552424541 (mod 2^64),
+ *     plus the number of beats made for the last word of each page;
  *   disk block N: bytes 0..19 are the ASCII text "EMBER-BEAT %08u\n" of N,
  *     byte i (20 <= i < 4096) is (N * 31 + i) & 0xff.
  */
@@ -106,27 +111,38 @@ static void beat_fill_mem(u64 *words, size_t count)
 		words[i] = (v += BEAT_STEP) ^ BEAT_SEED;
 }
 
-/* Beat n's check: one word in every page; true when all match. */
-static bool beat_check_mem(const u64 *words, size_t count, unsigned int n)
+/* Whether word k is a page's generation word (the buffer is whole pages). */
+static inline bool beat_is_gen(size_t k)
 {
-	size_t page, k;
+	return k % BEAT_PAGE_WORDS == BEAT_PAGE_WORDS - 1;
+}
+
+/*
+ * Beat n's check: one pattern word and the generation word of every page,
+ * which it then moves on to n + 1; true when all matched.
+ */
+static bool beat_check_mem(u64 *words, size_t count, unsigned int n)
+{
+	size_t page, k, gen;
 	bool ok = true;
 
-	for (page = 0; page * BEAT_PAGE_WORDS < count; page++) {
-		k = page * BEAT_PAGE_WORDS + (n + page) % BEAT_PAGE_WORDS;
-		if (k < count && words[k] != beat_word(k))
+	for (page = 0; (page + 1) * BEAT_PAGE_WORDS <= count; page++) {
+		k = page * BEAT_PAGE_WORDS + (n + page) % (BEAT_PAGE_WORDS - 1);
+		gen = page * BEAT_PAGE_WORDS + BEAT_PAGE_WORDS - 1;
+		if (words[k] != beat_word(k) || words[gen] != beat_word(gen) + n)
 			ok = false;
+		words[gen] = beat_word(gen) + n + 1;
 	}
 	return ok;
 }
 
-/* Every word against the pattern: the number that differ. */
-static size_t beat_bad_words(const u64 *words, size_t count)
+/* Every word against the pattern after `beats` beats: how many differ. */
+static size_t beat_bad_words(const u64 *words, size_t count, unsigned int beats)
 {
 	size_t k, bad = 0;
 
 	for (k = 0; k < count; k++) {
-		bad += words[k] != beat_word(k);
+		bad += words[k] != beat_word(k) + (beat_is_gen(k) ? beats : 0);
 		if ((k & (SZ_1M / sizeof(u64) - 1)) == 0)
 			cond_resched();
 	}
@@ -181,7 +197,7 @@ static int beat_thread(void *data)
 			msleep(1000);
 	}
 	AGENT_LINE("beat_end beats=%u mem_fail=%u disk_fail=%u bad_words=%zu", n,
-		   mem_fail, disk_fail, beat_bad_words(c->mem, c->mem_words));
+		   mem_fail, disk_fail, beat_bad_words(c->mem, c->mem_words, n));
 	return 0;
 }
 

@@ -26,7 +26,7 @@ impl Instance {
         self.migration.as_ref().is_some_and(|m| {
             matches!(
                 m.progress().state.as_str(),
-                "connecting" | "precopy" | "handover"
+                "connecting" | "precopy" | "handover" | "postcopy"
             )
         })
     }
@@ -52,11 +52,21 @@ impl Instance {
             State::NotStarted => return Err(LifecycleError::NotStarted.into()),
         }
         self.require_not_migrating()?;
-        if data.memory_mode == Some(MigrationMode::Postcopy) {
-            return Err(Error::Migration(
-                "memory_mode Postcopy is not supported by ember yet (use Precopy)".into(),
-            ));
-        }
+        let postcopy = match (data.memory_mode, data.auto_postcopy) {
+            (Some(MigrationMode::Postcopy), Some(false)) => {
+                return Err(Error::Migration(
+                    "memory_mode Postcopy and auto_postcopy false contradict each other".into(),
+                ))
+            }
+            (Some(MigrationMode::Postcopy), _) if data.local => {
+                return Err(Error::Migration(
+                    "memory_mode Postcopy does not apply to a local migration (its memory is handed over, not copied)".into(),
+                ))
+            }
+            (Some(MigrationMode::Postcopy), _) => migration::Postcopy::Now,
+            (_, Some(false)) => migration::Postcopy::Never,
+            _ => migration::Postcopy::Auto,
+        };
         let url = parse_url(&data.destination_url)?;
         let vmm = self.vmm.as_ref().ok_or(LifecycleError::NotStarted)?;
         if data.local && !vmm.shared_memory() {
@@ -71,6 +81,7 @@ impl Instance {
             ignore_timeout: data.timeout_strategy == Some(TimeoutStrategy::Ignore),
             max_rounds: migration::MAX_ROUNDS,
             local: data.local,
+            postcopy,
         };
         let worker = vmm
             .migration_worker()
@@ -108,6 +119,26 @@ impl Instance {
 
     /// Answers what the migration worker asks (run from the event loop).
     pub(super) fn poll_migration(&mut self) {
+        match self.incoming.as_mut().and_then(|i| i.poll()) {
+            Some(Ok(s)) => {
+                log::info!(
+                    "instance {}: post-copy done: {} pages arrived in {:.1} ms after the resume ({} guest faults, {} requests, {} zero-filled touches)",
+                    self.id,
+                    s.pages,
+                    s.took.as_secs_f64() * 1000.0,
+                    s.faults,
+                    s.requests,
+                    s.zero_faults
+                );
+                self.incoming = None;
+            }
+            Some(Err(e)) => {
+                log::error!("instance {}: post-copy failed: {e}", self.id);
+                self.event_loop
+                    .stop_with(Stop::MigrationFailed(format!("post-copy failed: {e}")));
+            }
+            None => {}
+        }
         loop {
             let Some(msg) = self
                 .vmm
@@ -193,7 +224,15 @@ impl Instance {
             Some(c) => c,
             None => Console::stdio()?,
         };
-        let received = migration::receive(url, console, self.started)?;
+        let received = migration::receive(
+            url,
+            console,
+            self.started,
+            migration::Env {
+                wake: &self.wake,
+                filters: &self.filters,
+            },
+        )?;
         let t = received.accepted_at;
         let migration::Received {
             mut vmm,
@@ -201,6 +240,7 @@ impl Instance {
             back,
             pages,
             state_at,
+            postcopy,
             ..
         } = received;
         // Written with write(2) once the filter is on (no send(2) there).
@@ -210,19 +250,27 @@ impl Instance {
         });
         if let Err(e) = vmm.start(&self.filters, &mut self.event_loop, &self.wake) {
             // Let go of the disks first, then tell the source, which takes
-            // them back and resumes.
+            // them back and resumes (the guest never ran here).
             drop(vmm);
+            drop(postcopy);
             let _ = write_reply(&mut back, &Reply::Refused(crate::error_chain(&e)));
             return Err(e);
         }
         self.started_with = Some(vmm.config());
         self.vmm = Some(vmm);
+        self.incoming = postcopy;
         self.state = State::Paused;
         if resume {
             self.resume()?;
         }
         let resumed_after = state_at.elapsed();
-        if let Err(e) = write_reply(&mut back, &Reply::Done) {
+        let done = match &self.incoming {
+            Some(i) => i.reply(&Reply::Done),
+            None => {
+                write_reply(&mut back, &Reply::Done).map_err(|e| Error::Migration(e.to_string()))
+            }
+        };
+        if let Err(e) = done {
             // The source will find the disks locked and stay stopped.
             log::warn!("migration: cannot tell the source it is done: {e}");
         }

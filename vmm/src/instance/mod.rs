@@ -101,6 +101,8 @@ pub struct Instance {
     /// The guest was paused for a migration's hand-over (and is resumed
     /// if it fails).
     migration_paused: bool,
+    /// A post-copy migration still bringing pages in (destination).
+    incoming: Option<crate::migration::Incoming>,
 }
 
 impl std::fmt::Debug for Instance {
@@ -159,6 +161,7 @@ impl Instance {
             wake,
             migration: None,
             migration_paused: false,
+            incoming: None,
         })
     }
 

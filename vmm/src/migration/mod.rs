@@ -32,6 +32,7 @@
 //! state envelope ([`ember_snapshot::encode`]), so a migration and a
 //! snapshot share the state format and its checks.
 
+mod postcopy;
 mod receive;
 mod send;
 
@@ -40,7 +41,8 @@ use std::time::Duration;
 use ember_migration::transport::Url;
 use serde::{Deserialize, Serialize};
 
-pub use receive::{receive, Received};
+pub use postcopy::{discard_stale, Incoming, IncomingStats};
+pub use receive::{receive, Env, Received};
 pub use send::{Outcome, Shared, ToVmm, Worker};
 
 use crate::snapshot::Machine;
@@ -89,6 +91,21 @@ pub struct SendParams {
     /// Hand the memory over as a file descriptor instead of copying it
     /// (same host, Unix socket, shared memory).
     pub local: bool,
+    /// When the guest moves before all its memory.
+    pub postcopy: Postcopy,
+}
+
+/// When a migration switches to post-copy (the guest runs at the
+/// destination, its last dirty pages follow on demand).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Postcopy {
+    /// Never: pre-copy rounds until they converge, the round limit or the
+    /// timeout.
+    Never,
+    /// When the dirty set stops shrinking (or at the round limit).
+    Auto,
+    /// Right after the first full pass (`memory_mode: Postcopy`).
+    Now,
 }
 
 /// Pre-copy rounds after the first full pass, at most (QEMU has no limit
@@ -98,8 +115,8 @@ pub const MAX_ROUNDS: u32 = 30;
 /// Where a migration is, for `GET /api/v1/vm.migration-status`.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Progress {
-    /// `none`, `connecting`, `precopy`, `handover`, `completed`, `failed`
-    /// or `cancelled`.
+    /// `none`, `connecting`, `precopy`, `handover`, `postcopy`,
+    /// `completed`, `failed` or `cancelled`.
     pub state: String,
     /// The destination.
     pub destination_url: String,
@@ -123,6 +140,12 @@ pub struct Progress {
     pub downtime_ms: Option<f64>,
     /// Since the start, ms.
     pub total_ms: f64,
+    /// Post-copy: stale pages not sent yet.
+    pub postcopy_pages_left: u64,
+    /// Post-copy: the destination's page requests.
+    pub page_requests: u64,
+    /// Post-copy: pages sent because the guest touched them.
+    pub pages_sent_on_request: u64,
     /// Why it failed.
     pub error: Option<String>,
 }

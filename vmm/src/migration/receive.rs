@@ -10,7 +10,8 @@ use ember_memory::MemoryLayout;
 use ember_migration::transport::{Connection, Listener, Url};
 use ember_migration::{memory::apply, write_reply, Event, Receiver, Reply};
 
-use super::{decode_state, Hello};
+use super::{decode_state, postcopy, Hello, Incoming};
+use crate::seccomp::Filters;
 use crate::snapshot::{LoadParams, MemorySource, VM_STATE_VERSION};
 use crate::vm::Hypervisor;
 use crate::{Boot, Console, Error, Result, Vmm};
@@ -36,6 +37,8 @@ pub struct Received {
     pub state_at: Instant,
     /// When the source connected.
     pub accepted_at: Instant,
+    /// Post-copy: the threads that serve the pages still to come.
+    pub postcopy: Option<Incoming>,
 }
 
 impl std::fmt::Debug for Received {
@@ -51,10 +54,18 @@ fn fail(msg: impl Into<String>) -> Error {
     Error::Migration(msg.into())
 }
 
+/// What a post-copy's threads need of the instance.
+pub struct Env<'a> {
+    /// Written when a post-copy ends.
+    pub wake: &'a vmm_sys_util::eventfd::EventFd,
+    /// The threads' filters.
+    pub filters: &'a Filters,
+}
+
 /// Listens at `url` for one source and receives its VM. Any problem is an
 /// error naming it; the source is told (`Refused`) when it can be, and
 /// nothing stays built here.
-pub fn receive(url: &Url, console: Console, started: Instant) -> Result<Received> {
+pub fn receive(url: &Url, console: Console, started: Instant, env: Env<'_>) -> Result<Received> {
     let listener = Listener::bind(url).map_err(|e| fail(crate::error_chain(&e)))?;
     log::info!("migration: waiting for the source on {}", listener.url());
     let conn = listener
@@ -65,8 +76,8 @@ pub fn receive(url: &Url, console: Console, started: Instant) -> Result<Received
     let mut back = conn.try_clone().map_err(|e| fail(format!("socket: {e}")))?;
     conn.set_read_timeout(Some(READ_TIMEOUT))
         .map_err(|e| fail(format!("socket: {e}")))?;
-    match receive_on(conn, &mut back, console, started) {
-        Ok((vmm, resume, hello, pages, state_at)) => Ok(Received {
+    match receive_on(conn, &mut back, console, started, env) {
+        Ok((vmm, resume, hello, pages, state_at, postcopy)) => Ok(Received {
             vmm,
             resume,
             back,
@@ -74,6 +85,7 @@ pub fn receive(url: &Url, console: Console, started: Instant) -> Result<Received
             pages,
             state_at,
             accepted_at,
+            postcopy,
         }),
         Err(e) => {
             let why = crate::error_chain(&e);
@@ -84,13 +96,14 @@ pub fn receive(url: &Url, console: Console, started: Instant) -> Result<Received
     }
 }
 
-type Parts = (Vmm, bool, Hello, u64, Instant);
+type Parts = (Vmm, bool, Hello, u64, Instant, Option<Incoming>);
 
 fn receive_on(
     conn: Connection,
     back: &mut Connection,
     console: Console,
     started: Instant,
+    threads: Env<'_>,
 ) -> Result<Parts> {
     let t = Instant::now();
     let stream = |e: ember_migration::Error| fail(crate::error_chain(&e));
@@ -115,6 +128,7 @@ fn receive_on(
     let mut pages = 0u64;
     let mut mem = None;
     let mut local = false;
+    let mut stale = None;
     let payload = loop {
         match r.next().map_err(stream)? {
             e @ (Event::Pages(_) | Event::ZeroPages(_)) => {
@@ -146,6 +160,17 @@ fn receive_on(
                     .map_err(|e| fail(format!("the memory file handed over: {e}")))?;
                 mem = Some(m);
                 local = true;
+            }
+            Event::Postcopy(set) => {
+                if local {
+                    return Err(fail("post-copy after the memory was handed over as a file"));
+                }
+                let m = match &mem {
+                    Some(m) => m,
+                    None => mem.insert(crate::create_memory(&ml, hello.machine.shared_memory)?),
+                };
+                postcopy::discard_stale(m, &set)?;
+                stale = Some(set);
             }
             Event::State(s) => break s,
             other => return Err(fail(format!("unexpected {other:?} in the memory phase"))),
@@ -191,6 +216,22 @@ fn receive_on(
     }
     let mut cfg = cfg;
     cfg.memory_shared = hello.machine.shared_memory;
+    // Post-copy: the fault and page threads run before anything touches
+    // guest memory.
+    let incoming = match stale {
+        Some(set) => Some(Incoming::start(
+            &mem,
+            set,
+            r,
+            back,
+            threads
+                .wake
+                .try_clone()
+                .map_err(|e| Error::EventFd("post-copy wake-up", e))?,
+            threads.filters,
+        )?),
+        None => None,
+    };
     let vmm = Vmm::assemble(
         &hv,
         &cfg,
@@ -204,7 +245,7 @@ fn receive_on(
         "migration: {pages} pages and the state received in {:.1} ms",
         t.elapsed().as_secs_f64() * 1000.0
     );
-    Ok((vmm, resume, hello, pages, state_at))
+    Ok((vmm, resume, hello, pages, state_at, incoming))
 }
 
 /// What is checked before any memory moves: the state layout version, the

@@ -16,7 +16,7 @@ use ember_migration::{read_reply, Reply, Writer};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{count_pages, unite, Progress, SendParams};
+use super::{count_pages, postcopy, unite, Postcopy, Progress, SendParams};
 use crate::disks::DiskDevice;
 use crate::nets::NetDevice;
 use crate::seccomp::{Filters, ThreadKind};
@@ -267,7 +267,8 @@ fn run(ctx: &Context, job: &Job) -> Outcome {
     let shared = &job.shared;
     let mut handed_over = false;
     let mut released = false;
-    let result = send(ctx, job, t, &mut handed_over, &mut released);
+    let mut ran_there = false;
+    let result = send(ctx, job, t, &mut handed_over, &mut released, &mut ran_there);
     if !ctx.track_dirty_pages {
         if let Err(e) = vm::set_dirty_log(&ctx.vm, &ctx.mem, false) {
             log::warn!("migration: cannot turn the dirty log off: {e}");
@@ -288,7 +289,12 @@ fn run(ctx: &Context, job: &Job) -> Outcome {
             } else {
                 error
             };
-            let resume = !released || retake_locks(ctx);
+            // Once the guest ran at the destination (post-copy), its disks
+            // moved on from this memory: it never runs here again.
+            let resume = !ran_there && (!released || retake_locks(ctx));
+            if ran_there {
+                log::error!("migration: the guest ran at the destination before the post-copy failed: it stays paused here, and the destination cannot go on without the pages this side still holds");
+            }
             shared.set(|p| {
                 p.state = if cancelled { "cancelled" } else { "failed" }.into();
                 p.error = Some(error.clone());
@@ -339,6 +345,7 @@ fn send(
     t: Instant,
     handed_over: &mut bool,
     released: &mut bool,
+    ran_there: &mut bool,
 ) -> Result<(), String> {
     let (params, shared) = (&job.params, &job.shared);
     let conn = connect(&params.url).map_err(|e| crate::error_chain(&e))?;
@@ -367,7 +374,7 @@ fn send(
     }
 
     // 2. Memory: handed over as a file (local), or copied in rounds.
-    let (mut pending, round) = if params.local {
+    let (mut pending, round, postcopy) = if params.local {
         let (file, offsets) = memory_file(&ctx.mem)?;
         w.flush().map_err(err("start"))?;
         let payload = serde_json::to_vec(&super::MemoryFile { offsets })
@@ -377,7 +384,7 @@ fn send(
         raw.send_with_fds(&frame, &[file])
             .map_err(|e| format!("cannot hand the memory over: {e}"))?;
         log::info!("migration: guest memory handed over as a file descriptor");
-        (Vec::new(), 0)
+        (Vec::new(), 0, false)
     } else {
         precopy(&mut w, ctx, job, t)?
     };
@@ -396,9 +403,21 @@ fn send(
         .map_err(|_| "the VMM thread is gone".to_string())??;
     let saved = paused.elapsed();
     let mut last_pages = 0;
+    let mut stale = None;
     if !params.local {
         unite(&mut pending, &take_dirty(ctx)?);
-        last_pages = send_round(&mut w, ctx, shared, round + 1, Round::Dirty(&pending))?.pages;
+        if postcopy && count_pages(&pending) > 0 {
+            // The guest moves now; these pages follow it.
+            let set = ember_migration::PageSet { maps: pending };
+            log::info!(
+                "migration: post-copy: {} pages follow the guest",
+                set.count()
+            );
+            w.postcopy(&set).map_err(err("post-copy page set"))?;
+            stale = Some(set);
+        } else {
+            last_pages = send_round(&mut w, ctx, shared, round + 1, Round::Dirty(&pending))?.pages;
+        }
     }
     let paged = paused.elapsed();
     w.state(&state).map_err(err("state"))?;
@@ -430,6 +449,40 @@ fn send(
     } else {
         w.release().map_err(err("release"))?;
     }
+    let mut post = postcopy::OutgoingStats::default();
+    if let Some(stale) = &stale {
+        shared.set(|p| {
+            p.state = "postcopy".into();
+            p.postcopy_pages_left = stale.count();
+        });
+        if let Err(e) = raw.set_send_buffer(postcopy::SEND_BUFFER) {
+            log::warn!("migration: post-copy: cannot shrink the send buffer: {e}");
+        }
+        let served = postcopy::serve_source(
+            &mut w,
+            &mut back,
+            &ctx.mem,
+            stale,
+            round + 1,
+            &mut post,
+            &|left, s| {
+                shared.set(|p| {
+                    p.postcopy_pages_left = left;
+                    p.page_requests = s.requests;
+                    p.pages_sent_on_request = s.requested;
+                    p.bytes_sent = shared.bytes.load(Ordering::Relaxed);
+                    if p.downtime_ms.is_none() {
+                        p.downtime_ms = s
+                            .running_at
+                            .map(|at| ms(at.saturating_duration_since(paused)));
+                    }
+                })
+            },
+        );
+        *ran_there = post.running_at.is_some();
+        served?;
+        shared.set(|p| p.pages_sent += post.pages);
+    }
     if let Some(d) = ctx.stall_after_release {
         // Tests only: a window to kill the source after the hand-over.
         log::warn!("migration: stalling {d:?} after the release ({STALL_ENV})");
@@ -437,14 +490,19 @@ fn send(
         let (_keep, never) = mpsc::channel::<()>();
         let _ = never.recv_timeout(d);
     }
-    match read_reply(&mut back).map_err(err("the destination's last answer"))? {
-        Reply::Done => {}
-        Reply::Refused(why) => {
-            return Err(format!("the destination could not run the guest: {why}"))
+    let downtime = match post.running_at {
+        Some(at) => at.saturating_duration_since(paused),
+        None => {
+            match read_reply(&mut back).map_err(err("the destination's last answer"))? {
+                Reply::Done => {}
+                Reply::Refused(why) => {
+                    return Err(format!("the destination could not run the guest: {why}"))
+                }
+                other => return Err(format!("the destination answered {other:?} to the release")),
+            }
+            paused.elapsed()
         }
-        other => return Err(format!("the destination answered {other:?} to the release")),
-    }
-    let downtime = paused.elapsed();
+    };
     log::info!(
         "migration: pause breakdown: paused and saved {:.1} ms, last {last_pages} pages {:.1} ms, \
          state ({} KiB) sent and checked {:.1} ms, disks handed over and guest resumed {:.1} ms",
@@ -452,18 +510,32 @@ fn send(
         ms(paged - saved),
         state.len() >> 10,
         ms(received - paged),
-        ms(downtime - received)
+        ms(downtime.saturating_sub(received))
     );
     let rounds = if params.local { 0 } else { round + 1 };
     shared.set(|p| {
         p.downtime_ms = Some(ms(downtime));
         p.round = rounds;
     });
+    if stale.is_some() {
+        log::info!(
+            "migration: post-copy: {} pages after the guest moved ({} on {} requests), last one {:.1} ms after the resume",
+            post.pages,
+            post.requested,
+            post.requests,
+            ms(paused.elapsed().saturating_sub(downtime))
+        );
+    }
     log::info!(
-        "migration: done in {:.1} ms, guest paused {:.1} ms, {} rounds, {} bytes",
+        "migration: done in {:.1} ms, guest paused {:.1} ms, {} rounds{}, {} bytes",
         ms(t.elapsed()),
         ms(downtime),
         rounds,
+        if stale.is_some() {
+            " and post-copy"
+        } else {
+            ""
+        },
         shared.bytes.load(Ordering::Relaxed)
     );
     Ok(())
@@ -477,7 +549,7 @@ fn precopy<W: Write>(
     ctx: &Context,
     job: &Job,
     t: Instant,
-) -> Result<(Vec<Vec<u64>>, u32), String> {
+) -> Result<(Vec<Vec<u64>>, u32, bool), String> {
     let (params, shared) = (&job.params, &job.shared);
     // Dirty tracking from here: everything sent from now on that changes
     // is sent again.
@@ -489,6 +561,9 @@ fn precopy<W: Write>(
     let stats = send_round(w, ctx, shared, round, Round::All)?;
     let mut bandwidth = rate(shared, &stats, started.elapsed());
     let mut pending = take_dirty(ctx)?;
+    // Rounds in a row that did not shrink the dirty set below 90% of the
+    // smallest one yet.
+    let (mut smallest, mut stalled) = (u64::MAX, 0u32);
     loop {
         if shared.cancel.load(Ordering::SeqCst) {
             return Err("cancelled".into());
@@ -505,7 +580,32 @@ fn precopy<W: Write>(
             bandwidth / f64::from(1 << 20),
             ms(expected)
         );
-        if expected <= params.downtime || round >= params.max_rounds {
+        if expected <= params.downtime {
+            break;
+        }
+        if dirty * 10 < smallest * 9 {
+            stalled = 0;
+        } else {
+            stalled += 1;
+        }
+        smallest = smallest.min(dirty);
+        let switch = match params.postcopy {
+            Postcopy::Never => false,
+            Postcopy::Now => true,
+            Postcopy::Auto => stalled >= STALLED_ROUNDS || round >= params.max_rounds,
+        };
+        if switch {
+            log::info!(
+                "migration: round {round}: switching to post-copy ({})",
+                if params.postcopy == Postcopy::Now {
+                    "memory_mode Postcopy".to_string()
+                } else {
+                    format!("{dirty} dirty pages, {stalled} rounds without shrinking")
+                }
+            );
+            return Ok((pending, round, true));
+        }
+        if round >= params.max_rounds {
             break;
         }
         if t.elapsed() > params.timeout {
@@ -528,8 +628,12 @@ fn precopy<W: Write>(
         let rate_now = count_pages(&pending) as f64 / took.as_secs_f64().max(1e-6);
         shared.set(|p| p.dirty_rate_pages_per_s = rate_now);
     }
-    Ok((pending, round))
+    Ok((pending, round, false))
 }
+
+/// Rounds in a row whose dirty set does not shrink before a migration
+/// switches to post-copy (`Postcopy::Auto`).
+const STALLED_ROUNDS: u32 = 3;
 
 /// The memfd behind guest memory and where each region lies in it.
 fn memory_file(mem: &GuestMemoryMmap) -> Result<(RawFd, Vec<u64>), String> {

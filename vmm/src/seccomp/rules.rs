@@ -133,6 +133,14 @@ const KVM_GET_PIT2: u64 = kvm_ior(0x9f, size_of::<kb::kvm_pit_state2>());
 const KVM_GET_DIRTY_LOG: u64 = (1 << 30) | (16 << 16) | (0xae << 8) | 0x42;
 /// `_IOW(KVMIO, 0x46, struct kvm_userspace_memory_region)`.
 const KVM_SET_USER_MEMORY_REGION: u64 = (1 << 30) | (32 << 16) | (0xae << 8) | 0x46;
+/// `<linux/userfaultfd.h>`: `_IOWR(0xAA, 3, struct uffdio_copy)` (40 bytes).
+const UFFDIO_COPY: u64 = 0xc028_aa03;
+/// `_IOWR(0xAA, 4, struct uffdio_zeropage)` (32 bytes).
+const UFFDIO_ZEROPAGE: u64 = 0xc020_aa04;
+/// `_IOR(0xAA, 2, struct uffdio_range)` (16 bytes).
+const UFFDIO_WAKE: u64 = 0x8010_aa02;
+/// `_IOR(0xAA, 1, struct uffdio_range)`.
+const UFFDIO_UNREGISTER: u64 = 0x8010_aa01;
 const FIONBIO: u64 = 0x5421;
 const TCGETS: u64 = 0x5401;
 const TCSETS: u64 = 0x5402;
@@ -394,6 +402,12 @@ pub fn migration() -> Vec<Rule> {
         ),
         always(libc::SYS_shutdown, "a cancel ends the connection at once"),
         always(libc::SYS_fcntl, "std sets close-on-exec on a cloned socket"),
+        always(libc::SYS_read, "post-copy: the userfaultfd's events"),
+        always(
+            libc::SYS_poll,
+            "post-copy: the source waits for page requests, the destination for faults",
+        ),
+        always(libc::SYS_ppoll, "poll, as glibc may make it"),
         ioctls(
             &[
                 (
@@ -404,8 +418,15 @@ pub fn migration() -> Vec<Rule> {
                     KVM_SET_USER_MEMORY_REGION,
                     "turn the slots' dirty log on and off (flags only)",
                 ),
+                (UFFDIO_COPY, "post-copy: place a page that arrived"),
+                (UFFDIO_ZEROPAGE, "post-copy: a never-sent page is zeros"),
+                (UFFDIO_WAKE, "post-copy: wake a guest touch served meanwhile"),
+                (
+                    UFFDIO_UNREGISTER,
+                    "post-copy: let go of guest memory once every page is in",
+                ),
             ],
-            "pre-copy rounds read and reset KVM's dirty log",
+            "pre-copy rounds read and reset KVM's dirty log; post-copy serves the destination's userfaults",
         ),
         only(
             libc::SYS_flock,
