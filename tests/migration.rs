@@ -625,6 +625,20 @@ fn a_destination_refuses_bad_streams_clearly_and_keeps_serving() {
     ember.signal(libc::SIGTERM);
     let run = ember.finish(Duration::from_secs(30));
     run.check(!run.stderr.contains("panicked"), "no panic");
+    // A destination waiting for its source ends at SIGTERM, as any ember.
+    let waiting = dir.path("waiting.sock");
+    let url = format!("unix:{}", waiting.display());
+    let idle = spawn_ember(&["--incoming", &url], b"");
+    wait_path(&waiting);
+    let t = Instant::now();
+    idle.signal(libc::SIGTERM);
+    let run = idle.finish(Duration::from_secs(30));
+    run.check(
+        run.code() == 128 + libc::SIGTERM,
+        "a waiting destination exits 143 at SIGTERM",
+    );
+    run.check(t.elapsed() < Duration::from_secs(5), "at once");
+    run.check(!waiting.exists(), "its listening socket is removed");
     // The command line's destination refuses a bad URL in one line.
     let run = ember_tests::run_ember(
         &["--incoming", "udp:1.2.3.4:5"],

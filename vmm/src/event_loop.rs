@@ -175,6 +175,8 @@ pub type SubscriberId = event_manager::SubscriberId;
 pub struct EventLoop {
     manager: EventManager<Subscriber>,
     stop: Arc<Mutex<Option<Stop>>>,
+    /// The stop signals' signalfd (owned by the loop's watcher).
+    signal_fd: std::os::fd::RawFd,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -223,13 +225,19 @@ fn loop_error(e: event_manager::Error) -> Error {
 }
 
 impl EventLoop {
+    /// The stop signals' descriptor (readable when one is pending).
+    pub fn signal_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.signal_fd)
+    }
+
     /// A loop watching the stop signals and, if given, the API's wake-up
     /// eventfd (its requests are then taken with [`EventLoop::run_once`]'s
     /// caller).
     pub fn new(signals: StopSignals, api: Option<EventFd>) -> Result<Self, Error> {
         let mut manager = EventManager::<Subscriber>::new().map_err(loop_error)?;
         let stop = Arc::new(Mutex::new(None));
-        let mut fds = vec![signals.as_raw_fd()];
+        let signal_fd = signals.as_raw_fd();
+        let mut fds = vec![signal_fd];
         fds.extend(api.as_ref().map(|e| e.as_raw_fd()));
         manager.add_subscriber(Arc::new(Mutex::new(StopWatcher {
             fds,
@@ -239,7 +247,11 @@ impl EventLoop {
             api,
             stop: stop.clone(),
         })));
-        Ok(EventLoop { manager, stop })
+        Ok(EventLoop {
+            manager,
+            stop,
+            signal_fd,
+        })
     }
 
     /// Adds a built VM's events: the ones that end it stay for good; the

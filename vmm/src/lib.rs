@@ -171,6 +171,10 @@ pub enum Error {
     /// A live migration failed.
     #[error("migration: {0}")]
     Migration(String),
+    /// A stop signal came while waiting (for a migration's source); the
+    /// event loop reads it next.
+    #[error("interrupted by a stop signal")]
+    Interrupted,
     /// Shared guest memory cannot be made or mapped.
     #[error("shared guest memory: {0}")]
     SharedMemory(String),

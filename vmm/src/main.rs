@@ -518,7 +518,12 @@ fn run(
     }
     if let Some(url) = &restore.incoming {
         let url = ember_vmm::migration::parse_url(url)?;
-        instance.receive_migration(&url)?;
+        match instance.receive_migration(&url) {
+            // A stop signal while waiting for the source: the loop below
+            // reads it and ends as any signal does.
+            Err(ember_vmm::Error::Interrupted) => {}
+            r => r?,
+        }
     } else if let Some(load) = &load {
         instance.load_snapshot(load, restore.resume)?;
     } else if configured {

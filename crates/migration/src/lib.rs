@@ -67,6 +67,11 @@ pub enum Kind {
     /// release the source sends them (on request first, the rest in the
     /// background) as `Pages` while the guest runs at the destination.
     Postcopy = 8,
+    /// The end of a pre-copy round: the destination answers `Synced` once
+    /// it has written everything before it into guest memory (so a round
+    /// is timed end to end, and nothing is left queued when the guest
+    /// pauses).
+    Sync = 9,
     /// Back channel: the destination accepts the start.
     Ready = 16,
     /// Back channel: the destination refuses, with a reason.
@@ -82,6 +87,8 @@ pub enum Kind {
     /// Back channel, post-copy: every out-of-date page has arrived; the
     /// source may end.
     PostcopyDone = 21,
+    /// Back channel: everything before the `Sync` is in guest memory.
+    Synced = 22,
 }
 
 impl Kind {
@@ -95,12 +102,14 @@ impl Kind {
             6 => Kind::Release,
             7 => Kind::MemoryFd,
             8 => Kind::Postcopy,
+            9 => Kind::Sync,
             16 => Kind::Ready,
             17 => Kind::Refused,
             18 => Kind::Done,
             19 => Kind::Received,
             20 => Kind::PageRequest,
             21 => Kind::PostcopyDone,
+            22 => Kind::Synced,
             _ => return None,
         })
     }
@@ -223,6 +232,13 @@ impl<W: Write> Writer<W> {
             p.extend_from_slice(&gpa.to_le_bytes());
         }
         self.frame(Kind::ZeroPages, &p)
+    }
+
+    /// `Sync`, then a flush: the end of a round.
+    pub fn sync(&mut self) -> Result<()> {
+        self.frame(Kind::Sync, &[])?;
+        self.out.flush()?;
+        Ok(())
     }
 
     /// `Postcopy`: the pages still to come after the release.
@@ -454,6 +470,8 @@ pub enum Event {
     /// Post-copy: these pages the destination holds are out of date; they
     /// come as `Pages` after the release.
     Postcopy(PageSet),
+    /// The end of a round: answer `Synced`.
+    Sync,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -557,6 +575,7 @@ impl<R: Read> Receiver<R> {
                 Event::ZeroPages(PageBatch::decode(&payload, false)?)
             }
             (Phase::Memory, Kind::MemoryFd) if !self.postcopy => Event::MemoryFd(payload),
+            (Phase::Memory, Kind::Sync) if payload.is_empty() => Event::Sync,
             (Phase::Memory, Kind::Postcopy) if !self.postcopy => {
                 let set = PageSet::decode(&payload)?;
                 self.postcopy = true;
@@ -605,6 +624,8 @@ pub enum Reply {
     PageRequest(Vec<u64>),
     /// Post-copy: every page arrived.
     PostcopyDone,
+    /// Everything before the `Sync` is in guest memory.
+    Synced,
 }
 
 /// Writes a reply, in one `write_all` (replies from several threads do
@@ -625,6 +646,7 @@ pub fn write_reply<W: Write>(mut out: W, reply: &Reply) -> Result<()> {
             w.frame(Kind::PageRequest, &p)
         }
         Reply::PostcopyDone => w.frame(Kind::PostcopyDone, &[]),
+        Reply::Synced => w.frame(Kind::Synced, &[]),
     }?;
     out.write_all(&frame)?;
     out.flush()?;
@@ -656,6 +678,7 @@ pub fn read_reply<R: Read>(mut input: R) -> Result<Reply> {
             ))
         }
         Kind::PostcopyDone if payload.is_empty() => Ok(Reply::PostcopyDone),
+        Kind::Synced if payload.is_empty() => Ok(Reply::Synced),
         other => Err(Error::Order {
             got: other,
             after: "a request on the back channel",

@@ -199,6 +199,7 @@ fn a_postcopy_stream_sends_pages_after_the_release() {
     let mut w = Writer::new(&mut out).unwrap();
     w.start(b"{}").unwrap();
     w.pages(0, &[(0, &page[..])]).unwrap();
+    w.sync().unwrap();
     w.postcopy(&set).unwrap();
     w.state(b"{}").unwrap();
     w.end().unwrap();
@@ -208,6 +209,7 @@ fn a_postcopy_stream_sends_pages_after_the_release() {
     let mut r = Receiver::new(&out[..]).unwrap();
     r.next().unwrap();
     r.next().unwrap();
+    assert_eq!(r.next().unwrap(), Event::Sync);
     let Event::Postcopy(got) = r.next().unwrap() else {
         panic!("no post-copy set")
     };
@@ -224,7 +226,7 @@ fn a_postcopy_stream_sends_pages_after_the_release() {
     let mut more = out.clone();
     Writer::back_channel(&mut more).state(b"{}").unwrap();
     let mut r = Receiver::new(&more[..]).unwrap();
-    for _ in 0..8 {
+    for _ in 0..9 {
         r.next().unwrap();
     }
     let e = r.next().unwrap_err().to_string();
@@ -266,6 +268,7 @@ fn page_requests_round_trip_and_are_bounded() {
     for reply in [
         Reply::PageRequest(vec![0x1000, 0x7fff_f000]),
         Reply::PostcopyDone,
+        Reply::Synced,
     ] {
         let mut b = Vec::new();
         write_reply(&mut b, &reply).unwrap();

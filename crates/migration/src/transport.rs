@@ -267,6 +267,49 @@ impl Listener {
     }
 
     /// Waits for the source.
+    /// Waits for a source, or until `stop` (a signalfd, an eventfd) is
+    /// readable: `None` then.
+    pub fn accept_unless(&self, stop: RawFd) -> Result<Option<Connection>, TransportError> {
+        let fd = match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l, _) => l.as_raw_fd(),
+        };
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: stop,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two valid pollfds that outlive the call, count 2.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(TransportError::Io {
+                    what: "cannot wait on",
+                    url: self.url(),
+                    source: e,
+                });
+            }
+            if fds[1].revents != 0 {
+                return Ok(None);
+            }
+            if fds[0].revents != 0 {
+                return self.accept().map(Some);
+            }
+        }
+    }
+
+    /// Waits for a source.
     pub fn accept(&self) -> Result<Connection, TransportError> {
         let io = |source| TransportError::Io {
             what: "cannot accept on",

@@ -34,7 +34,7 @@ pub fn migration_stream(data: &[u8]) {
                 // As a destination does: the stale pages leave memory.
                 let _ = ember_vmm::migration::discard_stale(&mem, &set);
             }
-            Ok(Event::End) => {}
+            Ok(Event::End | Event::Sync) => {}
             Ok(Event::Start(p)) => {
                 let _ = serde_json::from_slice::<ember_vmm::migration::Hello>(&p);
             }
@@ -57,6 +57,7 @@ pub fn seeds() -> Vec<crate::seeds::NamedSeed> {
         let _ = w.start(br#"{"cpu": {"version": 1}, "machine": {"vcpus": 1}}"#);
         let _ = w.pages(0, &[(0, &page[..]), (0x1000, &page[..])]);
         let _ = w.zero_pages(0, &[0x2000, 0x3000]);
+        let _ = w.sync();
         let _ = w.pages(1, &[(0x1000, &page[..])]);
         let _ = w.state(b"\x01{}");
         let _ = w.end();

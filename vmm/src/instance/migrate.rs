@@ -231,6 +231,7 @@ impl Instance {
             migration::Env {
                 wake: &self.wake,
                 filters: &self.filters,
+                stop: self.event_loop.signal_fd(),
             },
         )?;
         let t = received.accepted_at;

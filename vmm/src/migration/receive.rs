@@ -60,6 +60,8 @@ pub struct Env<'a> {
     pub wake: &'a vmm_sys_util::eventfd::EventFd,
     /// The threads' filters.
     pub filters: &'a Filters,
+    /// Readable when a stop signal is pending: the wait for a source ends.
+    pub stop: Option<std::os::fd::RawFd>,
 }
 
 /// Listens at `url` for one source and receives its VM. Any problem is an
@@ -68,9 +70,15 @@ pub struct Env<'a> {
 pub fn receive(url: &Url, console: Console, started: Instant, env: Env<'_>) -> Result<Received> {
     let listener = Listener::bind(url).map_err(|e| fail(crate::error_chain(&e)))?;
     log::info!("migration: waiting for the source on {}", listener.url());
-    let conn = listener
-        .accept()
-        .map_err(|e| fail(crate::error_chain(&e)))?;
+    let conn = match env.stop {
+        Some(stop) => listener
+            .accept_unless(stop)
+            .map_err(|e| fail(crate::error_chain(&e)))?
+            .ok_or(Error::Interrupted)?,
+        None => listener
+            .accept()
+            .map_err(|e| fail(crate::error_chain(&e)))?,
+    };
     drop(listener);
     let accepted_at = Instant::now();
     let mut back = conn.try_clone().map_err(|e| fail(format!("socket: {e}")))?;
@@ -172,6 +180,7 @@ fn receive_on(
                 postcopy::discard_stale(m, &set)?;
                 stale = Some(set);
             }
+            Event::Sync => write_reply(&mut *back, &Reply::Synced).map_err(stream)?,
             Event::State(s) => break s,
             other => return Err(fail(format!("unexpected {other:?} in the memory phase"))),
         }

@@ -386,7 +386,7 @@ fn send(
         log::info!("migration: guest memory handed over as a file descriptor");
         (Vec::new(), 0, false)
     } else {
-        precopy(&mut w, ctx, job, t)?
+        precopy(&mut w, &mut back, ctx, job, t)?
     };
     if shared.cancel.load(Ordering::SeqCst) {
         return Err("cancelled".into());
@@ -546,6 +546,7 @@ fn send(
 /// Returns the dirty pages not sent yet and the last round's number.
 fn precopy<W: Write>(
     w: &mut Writer<W>,
+    back: &mut Connection,
     ctx: &Context,
     job: &Job,
     t: Instant,
@@ -559,6 +560,7 @@ fn precopy<W: Write>(
     let mut round = 0u32;
     let started = Instant::now();
     let stats = send_round(w, ctx, shared, round, Round::All)?;
+    sync(w, back)?;
     let mut bandwidth = rate(shared, &stats, started.elapsed());
     let mut pending = take_dirty(ctx)?;
     // Rounds in a row that did not shrink the dirty set below 90% of the
@@ -622,6 +624,7 @@ fn precopy<W: Write>(
         shared.set(|p| p.round = round);
         let r = Instant::now();
         let stats = send_round(w, ctx, shared, round, Round::Dirty(&pending))?;
+        sync(w, back)?;
         let took = r.elapsed();
         bandwidth = rate(shared, &stats, took);
         pending = take_dirty(ctx)?;
@@ -688,6 +691,21 @@ fn send_round<W: Write>(
         p.bytes_sent = shared.bytes.load(Ordering::Relaxed);
     });
     Ok(stats)
+}
+
+/// Ends a round: `Sync`, and the destination's `Synced` once it has
+/// written everything into guest memory. A round is then timed end to end
+/// (the bandwidth is what the destination takes in, not what the local
+/// socket buffers swallow), and when the guest pauses nothing is left
+/// queued between the two (megabytes in autotuned socket buffers: tens
+/// of milliseconds of pause on a fast link, hundreds on a slow one).
+fn sync<W: Write>(w: &mut Writer<W>, back: &mut Connection) -> Result<(), String> {
+    w.sync().map_err(err("round end"))?;
+    match read_reply(back).map_err(err("the destination's answer to a round"))? {
+        Reply::Synced => Ok(()),
+        Reply::Refused(why) => Err(format!("the destination refused the memory: {why}")),
+        other => Err(format!("the destination answered {other:?} to a round")),
+    }
 }
 
 /// Bytes per second of a round (a round too small to time well counts as
