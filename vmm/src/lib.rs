@@ -589,11 +589,16 @@ impl Vmm {
         }
         self.pausable = Some(pausable);
         self.migration = Some(migration::Worker::spawn(
-            self.vm.clone(),
-            self.mem.clone(),
-            self.disks.clone(),
-            self.nets.clone(),
-            self.track_dirty_pages,
+            migration::VmParts {
+                vm: self.vm.clone(),
+                mem: self.mem.clone(),
+                disks: self.disks.clone(),
+                nets: self.nets.clone(),
+                track_dirty_pages: self.track_dirty_pages,
+                // Memory a userfaultfd handler fills has data in pages not
+                // yet present.
+                untouched_is_zero: self._uffd.is_none(),
+            },
             wake.try_clone()
                 .map_err(|e| Error::EventFd("migration wake-up", e))?,
             filters,

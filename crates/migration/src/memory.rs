@@ -21,6 +21,9 @@ pub enum Round<'a> {
     /// the guest memory's region order), bit `i % 64` of word `i / 64` for
     /// the region's page `i`, as KVM's dirty log.
     Dirty(&'a [Vec<u64>]),
+    /// As `All`, but only among the pages whose bit is set (the others are
+    /// known to be zero: never touched).
+    Touched(&'a [Vec<u64>]),
 }
 
 /// What a round sent.
@@ -130,9 +133,16 @@ pub fn send_memory<W: Write, M: GuestMemoryBackend>(
         let pages = usize::try_from(region.len())
             .map_err(|_| Error::Batch("region size".into()))?
             / PAGE_SIZE;
-        let map = match which {
-            Round::All => None,
-            Round::Dirty(maps) => Some(maps.get(index).map(Vec::as_slice).unwrap_or(&[])),
+        let (map, send_zero) = match which {
+            Round::All => (None, false),
+            Round::Dirty(maps) => (
+                Some(maps.get(index).map(Vec::as_slice).unwrap_or(&[])),
+                true,
+            ),
+            Round::Touched(maps) => (
+                Some(maps.get(index).map(Vec::as_slice).unwrap_or(&[])),
+                false,
+            ),
         };
         for p in 0..pages {
             if let Some(map) = map {
@@ -147,7 +157,7 @@ pub fn send_memory<W: Write, M: GuestMemoryBackend>(
             let gpa = base + (p * PAGE_SIZE) as u64;
             mem.read_slice(&mut page, GuestAddress(gpa))
                 .map_err(|e| Error::Batch(format!("reading guest page {gpa:#x}: {e}")))?;
-            b.page(gpa, &page, map.is_some())?;
+            b.page(gpa, &page, send_zero)?;
         }
     }
     b.flush_pages()?;
@@ -277,6 +287,35 @@ mod tests {
         w.end().unwrap();
         receive(&out, &dst);
         assert!(same(&src, &dst), "the destination's memory is the source's");
+    }
+
+    #[test]
+    fn a_touched_round_sends_the_non_zero_pages_among_the_marked_ones() {
+        let src = memory();
+        fill(&src, 0x5000, 1);
+        fill(&src, 0x9000, 2);
+        let mut low = vec![0u64; 4];
+        // Page 5 marked and non-zero: sent; 6 marked but zero: skipped;
+        // 9 non-zero but not marked: skipped (the caller said it is zero).
+        low[0] |= (1 << 5) | (1 << 6);
+        let maps = vec![low, vec![0u64; 4]];
+        let mut out = Vec::new();
+        let mut w = Writer::new(&mut out).unwrap();
+        w.start(b"").unwrap();
+        let stats = send_memory(&mut w, &src, 0, Round::Touched(&maps)).unwrap();
+        assert_eq!(
+            stats,
+            SendStats {
+                pages: 1,
+                zero_pages: 0
+            }
+        );
+        w.state(b"{}").unwrap();
+        w.end().unwrap();
+        let dst = memory();
+        receive(&out, &dst);
+        let word = |gpa: u64| dst.read_obj::<u8>(GuestAddress(gpa)).unwrap();
+        assert_eq!((word(0x5000), word(0x9000)), (1, 0));
     }
 
     #[test]

@@ -52,6 +52,11 @@ impl Instance {
             State::NotStarted => return Err(LifecycleError::NotStarted.into()),
         }
         self.require_not_migrating()?;
+        if self.incoming.is_some() {
+            return Err(Error::Migration(
+                "a post-copy migration is still bringing this guest's pages in".into(),
+            ));
+        }
         let postcopy = match (data.memory_mode, data.auto_postcopy) {
             (Some(MigrationMode::Postcopy), Some(false)) => {
                 return Err(Error::Migration(

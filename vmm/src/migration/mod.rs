@@ -35,6 +35,7 @@
 mod postcopy;
 mod receive;
 mod send;
+mod touched;
 
 use std::time::Duration;
 
@@ -43,7 +44,7 @@ use serde::{Deserialize, Serialize};
 
 pub use postcopy::{discard_stale, Incoming, IncomingStats};
 pub use receive::{receive, Env, Received};
-pub use send::{Outcome, Shared, ToVmm, Worker};
+pub use send::{Outcome, Shared, ToVmm, VmParts, Worker};
 
 use crate::snapshot::Machine;
 use ember_vcpu::model::fingerprint::CpuFingerprint;

@@ -115,6 +115,9 @@ struct Context {
     wake: EventFd,
     handover: Receiver<Result<Vec<u8>, String>>,
     stall_after_release: Option<Duration>,
+    /// `/proc/self/pagemap`, where a page not present is a zero page (see
+    /// `touched`).
+    pagemap: Option<std::fs::File>,
 }
 
 /// Tests only: milliseconds the source waits after releasing the guest
@@ -159,18 +162,35 @@ impl<W: Write> Write for Counted<W> {
     }
 }
 
+/// What the worker is given of the VM.
+pub struct VmParts {
+    /// The VM (dirty log).
+    pub vm: Arc<VmFd>,
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The disks (flushed, their locks handed over).
+    pub disks: Vec<DiskDevice>,
+    /// The NICs (their taps, in a local migration).
+    pub nets: Vec<NetDevice>,
+    /// KVM's dirty log stays on after a migration.
+    pub track_dirty_pages: bool,
+    /// A page of anonymous memory that is not present reads as zeros (no
+    /// userfaultfd handler fills it).
+    pub untouched_is_zero: bool,
+}
+
 impl Worker {
     /// Starts the worker thread; it installs the migration filter first
     /// thing and waits for a job.
-    pub fn spawn(
-        vm: Arc<VmFd>,
-        mem: GuestMemoryMmap,
-        disks: Vec<DiskDevice>,
-        nets: Vec<NetDevice>,
-        track_dirty_pages: bool,
-        wake: EventFd,
-        filters: &Filters,
-    ) -> Result<Self, Error> {
+    pub fn spawn(parts: VmParts, wake: EventFd, filters: &Filters) -> Result<Self, Error> {
+        let VmParts {
+            vm,
+            mem,
+            disks,
+            nets,
+            track_dirty_pages,
+            untouched_is_zero,
+        } = parts;
         let (jobs_tx, jobs) = mpsc::channel::<Job>();
         let (to_vmm_tx, to_vmm) = mpsc::channel();
         let (handover, handover_rx) = mpsc::channel();
@@ -187,6 +207,11 @@ impl Worker {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .map(Duration::from_millis),
+            pagemap: if untouched_is_zero {
+                super::touched::open_pagemap()
+            } else {
+                None
+            },
         };
         let filters = filters.clone();
         let handle = std::thread::Builder::new()
@@ -559,7 +584,20 @@ fn precopy<W: Write>(
     shared.set(|p| p.state = "precopy".into());
     let mut round = 0u32;
     let started = Instant::now();
-    let stats = send_round(w, ctx, shared, round, Round::All)?;
+    // Pages never touched are zeros at the destination too: not read.
+    let touched = ctx.pagemap.as_ref().and_then(|pm| {
+        super::touched::touched_pages(&ctx.mem, pm)
+            .map_err(|e| log::warn!("migration: reading the page map: {e}; every page is read"))
+            .ok()
+    });
+    let first = match &touched {
+        Some(maps) => {
+            log::info!("migration: {} pages were ever touched", count_pages(maps));
+            Round::Touched(maps)
+        }
+        None => Round::All,
+    };
+    let stats = send_round(w, ctx, shared, round, first)?;
     sync(w, back)?;
     let mut bandwidth = rate(shared, &stats, started.elapsed());
     let mut pending = take_dirty(ctx)?;

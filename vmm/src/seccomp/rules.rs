@@ -404,6 +404,10 @@ pub fn migration() -> Vec<Rule> {
         always(libc::SYS_fcntl, "std sets close-on-exec on a cloned socket"),
         always(libc::SYS_read, "post-copy: the userfaultfd's events"),
         always(
+            libc::SYS_pread64,
+            "the first pass reads /proc/self/pagemap (opened before the filter) to skip untouched pages",
+        ),
+        always(
             libc::SYS_poll,
             "post-copy: the source waits for page requests, the destination for faults",
         ),
