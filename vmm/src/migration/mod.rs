@@ -7,9 +7,11 @@
 //!   Start {fingerprint, machine, memory} -->  checks the CPU and layout  (Refused: nothing moved)
 //!                                        <--  Ready
 //!   KVM dirty log on
-//!   round 0: every non-zero page        -->  written into fresh guest memory
-//!   round n: the pages dirtied since     -->  (until they fit the downtime at the
-//!                                              measured bandwidth, or the round limit)
+//!   round 0: every non-zero page among   -->  written into fresh guest memory
+//!            those ever touched, Sync    <--  Synced (all of it is in guest memory)
+//!   round n: the pages dirtied since,    -->  (until they fit the downtime at the
+//!            Sync                        <--  Synced   measured bandwidth, or the round
+//!                                              limit; or post-copy: see `postcopy`)
 //!   VMM thread pauses the guest, saves
 //!   its state (disks flushed)
 //!   last dirty pages, State, End        -->  decodes the state
