@@ -5,13 +5,26 @@
 //! fuzzer's guest memory (`ember_migration::memory::apply`) as a
 //! destination writes them; the start is parsed as ember's `Hello` and the
 //! state as ember's `State` payload (`ember_vmm::migration::decode_state`),
-//! as the destination does.
+//! as the destination does. The same bytes are also read as the back
+//! channel a source reads (replies, post-copy page requests).
 
 use crate::guest::guest_memory;
 use ember_migration::{Event, Receiver, PAGE_SIZE};
 
 /// The target.
 pub fn migration_stream(data: &[u8]) {
+    // The same bytes as a back channel, as a source reads it (replies,
+    // post-copy page requests): every request it accepts is bounded.
+    let mut back = data;
+    for _ in 0..64 {
+        match ember_migration::read_reply(&mut back) {
+            Ok(ember_migration::Reply::PageRequest(g)) => {
+                assert!(!g.is_empty() && g.len() <= ember_migration::MAX_BATCH);
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
     let Ok(mut r) = Receiver::new(data) else {
         return;
     };
@@ -87,8 +100,19 @@ pub fn seeds() -> Vec<crate::seeds::NamedSeed> {
         let _ = w.pages(2, &[(0x1000, &page[..])]);
         let _ = w.pages(2, &[(0, &page[..])]);
     }
+    let mut replies = Vec::new();
+    for reply in [
+        ember_migration::Reply::Ready,
+        ember_migration::Reply::Synced,
+        ember_migration::Reply::PageRequest(vec![0x1000, 0x2000]),
+        ember_migration::Reply::Done,
+        ember_migration::Reply::PostcopyDone,
+    ] {
+        let _ = ember_migration::write_reply(&mut replies, &reply);
+    }
     vec![
         ("stream", good.clone()),
+        ("replies", replies),
         ("postcopy", postcopy),
         ("truncated", good[..good.len() / 2].to_vec()),
         ("flipped", flipped),
