@@ -117,9 +117,9 @@ fn bad_unknown_config_key() {
     let k = good_kernel(&dir);
     let run = ember_with_config(
         &dir,
-        &format!("[machine]\nvcpus = 1\nhugepages = true\n[boot]\nkernel = \"{k}\"\n"),
+        &format!("[machine]\nvcpus = 1\nturbo = true\n[boot]\nkernel = \"{k}\"\n"),
     );
-    assert_clean_error(&run, &["vm.toml", "hugepages", "line 3"]);
+    assert_clean_error(&run, &["vm.toml", "turbo", "line 3"]);
 }
 
 #[test]
@@ -257,4 +257,106 @@ fn bad_net_flag_and_mac() {
     assert_clean_error(&run, &["net.mac", "01:02:03:04:05:06"]);
     let run = run_ember(&["--kernel", &k, "--net", "name=tap0"], b"", TIMEOUT);
     assert_clean_error(&run, &["--net", "name"]);
+}
+
+#[test]
+fn bad_numa_layouts_affinity_and_memory_backends() {
+    let dir = TempDir::new("numa");
+    let k = good_kernel(&dir);
+    let run = |extra: &[&str]| {
+        let mut a = vec!["--kernel", k.as_str(), "--vcpus", "2"];
+        if !extra.contains(&"--memory") {
+            a.extend_from_slice(&["--memory", "256"]);
+        }
+        a.extend_from_slice(extra);
+        run_ember(&a, b"", TIMEOUT)
+    };
+    let n0 = "node=0,cpus=0,memory=128";
+    let n1 = "node=1,cpus=1,memory=128";
+    for (extra, needles) in [
+        (
+            vec!["--numa", "node=0,cpus=0-1,memory=128", "--numa", n1],
+            vec!["numa:", "vCPU 1 is in node 0 and in node 1"],
+        ),
+        (
+            vec!["--numa", n0, "--numa", "node=1,cpus=1,memory=100"],
+            vec!["numa:", "adds up to 228 MiB, the machine has 256 MiB"],
+        ),
+        (vec!["--numa", n0], vec!["numa:", "vCPU 1 is in no node"]),
+        (
+            vec![
+                "--numa",
+                "node=0,cpus=0,memory=128,host_node=7",
+                "--numa",
+                n1,
+            ],
+            vec!["numa:", "host node 7 does not exist"],
+        ),
+        (
+            vec![
+                "--numa",
+                "node=0,cpus=0,memory=128,distances=1:5",
+                "--numa",
+                n1,
+            ],
+            vec!["numa:", "must be 11 to 254"],
+        ),
+        (
+            vec!["--numa", "node=0,cpus=0,mem=128"],
+            vec!["--numa node=0,cpus=0,mem=128", "unknown key \"mem\""],
+        ),
+        (
+            vec!["--vcpu-affinity", "0=4095"],
+            vec!["vcpu_affinity:", "host CPU 4095 is not online"],
+        ),
+        (
+            vec!["--vcpu-affinity", "3=0"],
+            vec!["vcpu_affinity:", "vCPU 3 does not exist"],
+        ),
+        (
+            vec!["--memory", "size=256,hugepages=on,thp=on"],
+            vec!["memory:", "exclude each other"],
+        ),
+        (
+            vec!["--memory", "size=255,hugepages=on"],
+            vec!["memory:", "not a multiple of the 2 MiB huge page"],
+        ),
+        (
+            vec!["--memory", "size=256,hugepage_size=1G"],
+            vec!["memory:", "hugepage_size is given without hugepages=on"],
+        ),
+    ] {
+        let r = run(&extra);
+        assert_clean_error(&r, &needles);
+    }
+}
+
+#[test]
+fn bad_hugepages_the_host_does_not_have_reserve_nothing() {
+    if !kvm_available("bad_hugepages_the_host_does_not_have_reserve_nothing") {
+        return;
+    }
+    let dir = TempDir::new("huge");
+    let k = good_kernel(&dir);
+    let free_path = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
+    let free = || -> u64 {
+        std::fs::read_to_string(free_path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let before = free();
+    // Twice what is free, and 64 pages more.
+    let mib = (before * 2 + 64) * 2;
+    let memory = format!("size={mib},hugepages=on");
+    let run = run_ember(&["--kernel", &k, "--memory", &memory], b"", TIMEOUT);
+    assert_clean_error(
+        &run,
+        &[
+            "hugepages=on needs",
+            "free 2M huge pages",
+            &format!("the host has {before}"),
+        ],
+    );
+    assert_eq!(free(), before, "no huge page stays reserved");
 }

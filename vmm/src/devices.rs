@@ -1,11 +1,12 @@
-//! The legacy devices on the port-I/O bus: COM1 on IRQ 4, the i8042 (keyboard on IRQ 1), the CMOS clock.
+//! The legacy devices on the port-I/O bus: COM1 on IRQ 4, the i8042 (keyboard on IRQ 1), the CMOS clock,
+//! and the ACPI sleep registers (power-off).
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use ember_legacy::{
-    Cmos, SerialDevice, CMOS_PORT_BASE, CMOS_PORT_SIZE, COM1_PORT_BASE, I8042, I8042_PORT_BASE,
-    I8042_PORT_SIZE, SERIAL_PORT_SIZE,
+    AcpiSleep, Cmos, SerialDevice, ACPI_SLEEP_PORT_SIZE, CMOS_PORT_BASE, CMOS_PORT_SIZE,
+    COM1_PORT_BASE, I8042, I8042_PORT_BASE, I8042_PORT_SIZE, SERIAL_PORT_SIZE,
 };
 use ember_memory::layout;
 use kvm_ioctls::VmFd;
@@ -28,6 +29,8 @@ pub struct LegacyDevices {
     pub serial_input_drained: EventFd,
     /// Signalled when the guest resets through the i8042.
     pub reset: EventFd,
+    /// Signalled when the guest powers off through ACPI.
+    pub power_off: EventFd,
     /// The keyboard controller, for the host's Ctrl-Alt-Del.
     pub i8042: Arc<Mutex<I8042>>,
     /// The CMOS clock.
@@ -111,10 +114,23 @@ impl LegacyDevices {
         io.register_pio(pio_range(CMOS_PORT_BASE, CMOS_PORT_SIZE)?, cmos.clone())
             .map_err(|e| Error::Bus(format!("CMOS: {e:?}")))?;
 
+        let power_off = eventfd("ACPI power-off")?;
+        let sleep = AcpiSleep::new(
+            power_off
+                .try_clone()
+                .map_err(|e| Error::EventFd("ACPI power-off", e))?,
+        );
+        io.register_pio(
+            pio_range(layout::ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_SIZE)?,
+            Arc::new(Mutex::new(sleep)),
+        )
+        .map_err(|e| Error::Bus(format!("ACPI sleep registers: {e:?}")))?;
+
         Ok(LegacyDevices {
             serial,
             serial_input_drained,
             reset,
+            power_off,
             i8042,
             cmos,
         })

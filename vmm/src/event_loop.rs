@@ -1,5 +1,6 @@
 //! The main thread's epoll loop (event-manager): console input, and the
-//! events that end the VM (i8042 reset, a vCPU ending, SIGINT/SIGTERM).
+//! events that end the VM (i8042 reset, ACPI power-off, a vCPU ending,
+//! SIGINT/SIGTERM).
 
 use std::fs::File;
 use std::io::Read;
@@ -20,6 +21,8 @@ use crate::Error;
 pub enum Stop {
     /// The guest reset through the i8042.
     I8042Reset,
+    /// The guest powered off through ACPI (sleep state S5).
+    AcpiPowerOff,
     /// A vCPU ended (guest reset, power-off, halt, or a KVM failure).
     Vcpu(VcpuEnd),
     /// A stop signal arrived.
@@ -117,6 +120,7 @@ impl MutEventSubscriber for ConsoleInput {
 struct StopWatcher {
     fds: Vec<std::os::fd::RawFd>,
     reset: Option<EventFd>,
+    power_off: Option<EventFd>,
     vcpu: Option<(EventFd, Arc<VcpuExitReport>)>,
     signals: Option<StopSignals>,
     api: Option<EventFd>,
@@ -138,6 +142,9 @@ impl MutEventSubscriber for StopWatcher {
         if let Some(reset) = self.reset.as_ref().filter(|e| e.as_raw_fd() == fd) {
             let _ = reset.read();
             self.record(Stop::I8042Reset);
+        } else if let Some(off) = self.power_off.as_ref().filter(|e| e.as_raw_fd() == fd) {
+            let _ = off.read();
+            self.record(Stop::AcpiPowerOff);
         } else if let Some((evt, report)) = self.vcpu.as_ref().filter(|v| v.0.as_raw_fd() == fd) {
             let _ = evt.read();
             if let Some(end) = report.take() {
@@ -195,6 +202,8 @@ pub struct VmInputs {
     pub serial_drained: EventFd,
     /// The i8042 reset event.
     pub reset: EventFd,
+    /// The ACPI power-off event.
+    pub power_off: EventFd,
     /// The vCPU exit event.
     pub vcpu_evt: EventFd,
     /// Where the vCPUs report why they ended.
@@ -242,6 +251,7 @@ impl EventLoop {
         manager.add_subscriber(Arc::new(Mutex::new(StopWatcher {
             fds,
             reset: None,
+            power_off: None,
             vcpu: None,
             signals: Some(signals),
             api,
@@ -258,11 +268,16 @@ impl EventLoop {
     /// console input and devices come back as a [`Pausable`] that is
     /// attached (see [`EventLoop::resume`]).
     pub fn add_vm(&mut self, inputs: VmInputs) -> Result<Pausable, Error> {
-        let fds = vec![inputs.reset.as_raw_fd(), inputs.vcpu_evt.as_raw_fd()];
+        let fds = vec![
+            inputs.reset.as_raw_fd(),
+            inputs.power_off.as_raw_fd(),
+            inputs.vcpu_evt.as_raw_fd(),
+        ];
         self.manager
             .add_subscriber(Arc::new(Mutex::new(StopWatcher {
                 fds,
                 reset: Some(inputs.reset),
+                power_off: Some(inputs.power_off),
                 vcpu: Some((inputs.vcpu_evt, inputs.report)),
                 signals: None,
                 api: None,

@@ -26,6 +26,7 @@
 //! std::process::exit(exit.code());
 //! ```
 
+pub mod acpi;
 pub mod api;
 pub mod config;
 pub mod cpu;
@@ -35,6 +36,7 @@ pub mod event_loop;
 pub mod instance;
 pub mod jail;
 pub mod logger;
+pub mod memory;
 pub mod metrics;
 pub mod migration;
 pub mod nets;
@@ -178,6 +180,13 @@ pub enum Error {
     /// Shared guest memory cannot be made or mapped.
     #[error("shared guest memory: {0}")]
     SharedMemory(String),
+    /// The ACPI tables cannot be built or written.
+    #[error("ACPI tables: {0}")]
+    Acpi(String),
+    /// Guest memory cannot be backed, advised, bound or prefaulted as the
+    /// configuration asks.
+    #[error("guest memory: {0}")]
+    MemoryBackend(String),
 }
 
 /// The error and its sources on one line (a source whose text an outer
@@ -294,13 +303,18 @@ pub(crate) fn create_memory(ml: &MemoryLayout, shared: bool) -> Result<GuestMemo
 }
 
 /// A new memfd, close-on-exec.
-#[allow(unsafe_code)]
 fn memfd(name: &str) -> std::io::Result<File> {
+    memfd_with(name, 0)
+}
+
+/// A new memfd with `MFD_CLOEXEC` and `flags` (`MFD_HUGETLB | MFD_HUGE_*`).
+#[allow(unsafe_code)]
+pub(crate) fn memfd_with(name: &str, flags: libc::c_uint) -> std::io::Result<File> {
     use std::os::fd::FromRawFd;
     let name = std::ffi::CString::new(name).map_err(|_| std::io::ErrorKind::InvalidInput)?;
     // SAFETY: a NUL-terminated name that lives across the call; the flags
     // are valid. The returned descriptor is new and owned by no one else.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | flags) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -352,6 +366,9 @@ struct SavedParts {
     cpu: String,
     fingerprint: ember_vcpu::model::fingerprint::CpuFingerprint,
     cpu_choice: config::CpuChoice,
+    memory_backend: config::MemoryBackend,
+    numa: Vec<config::NumaNode>,
+    vcpu_affinity: Vec<Vec<usize>>,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -378,7 +395,8 @@ impl Vmm {
         let guest_cpu = cpu::GuestCpu::resolve(&hv, &cfg.cpu)?;
         let ml = MemoryLayout::new(cfg.memory_mib)?;
         ml.check_phys_bits(hv.phys_address_bits())?;
-        let mem = create_memory(&ml, cfg.memory_shared)?;
+        config::numa::check_host(&cfg.numa, &cfg.vcpu_affinity)?;
+        let mem = memory::create(&ml, &cfg.memory_backend, &cfg.numa)?;
         Self::assemble(
             &hv,
             cfg,
@@ -433,7 +451,8 @@ impl Vmm {
         };
         let nets = nets::create_nets(&mut attach, &cfg.nets, taps)?;
         let device_events = attach.subscribers;
-        pci::attach_config_ports(&mut io, &bus)?;
+        let acpi = acpi::guest_uses_acpi(&cfg.cmdline);
+        pci::attach_config_ports(&mut io, &bus, acpi)?;
         let io = Arc::new(io);
         log::debug!("assemble: devices built at {:?}", t.elapsed());
 
@@ -485,11 +504,18 @@ impl Vmm {
             }
             None => {
                 let cmdline = guest_cmdline(&cfg.cmdline, &forced);
+                let acpi_rsdp = if acpi {
+                    let machine = acpi::machine(ml, cfg.vcpus, acpi::nodes(ml, &cfg.numa));
+                    Some(acpi::write_tables(&mem, &machine)?)
+                } else {
+                    None
+                };
                 let spec = BootSpec {
                     kernel: &cfg.kernel,
                     initrd: cfg.initrd.as_deref(),
                     cmdline: &cmdline,
                     vcpus: cfg.vcpus,
+                    acpi_rsdp,
                 };
                 let loaded = ember_loader::load(&mem, ml, &spec)?;
                 log::info!(
@@ -535,12 +561,16 @@ impl Vmm {
             cpu: cpu_text,
             fingerprint,
             cpu_choice: cfg.cpu.clone(),
+            memory_backend: cfg.memory_backend,
+            numa: cfg.numa.clone(),
+            vcpu_affinity: cfg.vcpu_affinity.clone(),
         };
         let inputs = VmInputs {
             console_in: console.input,
             serial: legacy.serial,
             serial_drained: legacy.serial_input_drained,
             reset: legacy.reset,
+            power_off: legacy.power_off,
             vcpu_evt,
             report: report.clone(),
             devices: device_events,
@@ -606,6 +636,7 @@ impl Vmm {
         let vcpus = std::mem::take(&mut self.vcpus);
         let mut threads = VcpuThreads::start(
             vcpus,
+            &self.saved.vcpu_affinity,
             self.report.clone(),
             self.started,
             filters.clone(),
@@ -671,6 +702,9 @@ impl Vmm {
             vcpus: self.saved.machine.vcpus,
             memory_mib: self.saved.machine.memory_mib,
             memory_shared: self.saved.machine.shared_memory,
+            memory_backend: self.saved.memory_backend,
+            numa: self.saved.numa.clone(),
+            vcpu_affinity: self.saved.vcpu_affinity.clone(),
             track_dirty_pages: self.track_dirty_pages,
             cpu: self.saved.cpu_choice.clone(),
             kernel: std::path::PathBuf::new(),
@@ -871,6 +905,7 @@ impl ExitReason {
     pub fn from_stop(stop: Stop) -> Result<ExitReason> {
         match stop {
             Stop::I8042Reset => Ok(ExitReason::GuestReset),
+            Stop::AcpiPowerOff => Ok(ExitReason::GuestPowerOff),
             Stop::Signal(n) => Ok(ExitReason::Signal(n)),
             Stop::Migrated => Ok(ExitReason::Migrated),
             Stop::MigrationFailed(msg) => Err(Error::Migration(msg)),

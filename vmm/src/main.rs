@@ -326,10 +326,21 @@ struct VmArgs {
     /// Number of vCPUs.
     #[arg(long, value_name = "N")]
     vcpus: Option<u64>,
-    /// Guest memory: `MIB`, or `size=MIB[,shared=on]` (shared: in a memfd,
-    /// which a local live migration hands over instead of copying).
+    /// Guest memory: `MIB`, or `size=MIB[,shared=on][,hugepages=on][,hugepage_size=2M|1G][,thp=on][,prefault=on][,mergeable=on]`
+    /// (shared: in a memfd, which a local live migration hands over instead of
+    /// copying; hugepages: hugetlbfs pages reserved up front; thp: transparent
+    /// huge pages; prefault: touched before the guest runs; mergeable: KSM
+    /// may merge identical pages).
     #[arg(long, value_name = "MIB")]
     memory: Option<String>,
+    /// A guest NUMA node: `node=ID,cpus=LIST,memory=MIB[,host_node=N][,policy=bind|preferred][,distances=NODE:DIST,...]`.
+    /// Repeat for each node (ids 0 to N-1; the nodes' memory adds up to
+    /// --memory); replaces the config file's nodes.
+    #[arg(long, value_name = "SPEC")]
+    numa: Vec<String>,
+    /// Pin vCPU threads to host CPUs: `VCPU=CPU[,CPU...][,VCPU=CPU...]`, e.g. `0=2,1=3`.
+    #[arg(long, value_name = "SPEC")]
+    vcpu_affinity: Option<String>,
     /// The guest's CPU model, as QEMU's -cpu:
     /// `MODEL[,+FEATURE][,-FEATURE][,enforce|,check]` (default `host`;
     /// `ember cpu list` lists the models). A `.json` file is a Firecracker
@@ -407,16 +418,22 @@ fn vm_config_unchecked(cli: VmArgs) -> ember_vmm::Result<VmConfig> {
         .iter()
         .map(|n| NetConfig::parse_flag(n))
         .collect::<Result<Vec<_>, _>>()?;
+    let numa = cli
+        .numa
+        .iter()
+        .map(|n| ember_vmm::config::NumaConfig::parse_flag(n))
+        .collect::<Result<Vec<_>, _>>()?;
     cfg.apply(&Overrides {
         kernel: cli.kernel,
         initrd: cli.initrd,
         cmdline: cli.cmdline,
         vcpus: cli.vcpus,
-        memory_mib: memory.size_mib,
-        memory_shared: memory.shared,
+        memory,
         cpu: cli.cpu,
         disks,
         nets,
+        numa,
+        vcpu_affinity: cli.vcpu_affinity,
     });
     Ok(cfg)
 }

@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use ember_memory::{layout, MemoryLayout};
 use ember_pci::{
-    MsiMessage, MsiSink, PciBus, PciConfigIo, PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_PORT_SIZE,
+    BarMove, MsiMessage, MsiSink, PciBus, PciConfigIo, PciConfigMmio, PCI_CONFIG_IO_PORT,
+    PCI_CONFIG_IO_PORT_SIZE,
 };
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_irq_routing_irqchip, kvm_irq_routing_msi, KvmIrqRouting,
@@ -15,8 +16,8 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 use vm_allocator::{AddressAllocator, AllocPolicy};
-use vm_device::bus::{PioAddress, PioAddressOffset, PioRange};
-use vm_device::device_manager::{IoManager, PioManager};
+use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioAddressOffset, PioRange};
+use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vm_device::MutDevicePio;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -25,7 +26,7 @@ use crate::Error;
 /// The first GSI given to MSI-X vectors (after the IOAPIC's pins).
 const FIRST_MSI_GSI: u32 = layout::IOAPIC_PINS;
 /// Space for 64-bit BARs above RAM.
-const MMIO64_SIZE: u64 = 1 << 36;
+pub const MMIO64_SIZE: u64 = 1 << 36;
 
 /// The VM's GSI routing table: KVM's default irqchip routes plus one MSI
 /// route per configured vector. KVM_SET_GSI_ROUTING replaces the whole
@@ -208,35 +209,48 @@ impl MutDevicePio for NoPciBus {
     fn pio_write(&mut self, _base: PioAddress, _offset: PioAddressOffset, _data: &[u8]) {}
 }
 
-/// Puts `bus` on configuration mechanism #1 (ports 0xCF8-0xCFF) if any
-/// device was added to it; returns whether it did. Without devices the
-/// guest finds no PCI at all, as on a VMM without a PCI bus: Linux then
-/// skips the scan of bus 0 and the host bridge's set-up, which take 0.4 s of
-/// emulated guest time on a software hypervisor (docs/performance.md).
-pub fn attach_config_ports(io: &mut IoManager, bus: &Arc<Mutex<PciBus>>) -> Result<bool, Error> {
+/// Puts `bus` on configuration mechanism #1 (ports 0xCF8-0xCFF) and on
+/// MMCONFIG if the guest uses ACPI (whose DSDT names the host bridge) or
+/// any device was added to it; returns whether it did. A guest with
+/// `acpi=off` and no devices finds no PCI at all, as on a VMM without a PCI
+/// bus: Linux then skips the scan of bus 0 and the host bridge's set-up,
+/// which take 0.4 s of emulated guest time on a software hypervisor
+/// (docs/performance.md).
+pub fn attach_config_ports(
+    io: &mut IoManager,
+    bus: &Arc<Mutex<PciBus>>,
+    acpi: bool,
+) -> Result<bool, Error> {
     let devices = bus.lock().map(|b| b.device_count()).unwrap_or(0);
     let range = PioRange::new(PioAddress(PCI_CONFIG_IO_PORT), PCI_CONFIG_IO_PORT_SIZE)
         .map_err(|e| Error::Bus(format!("{e:?}")))?;
-    if devices == 0 {
+    if devices == 0 && !acpi {
         log::info!("no PCI devices: the guest gets no PCI bus");
         io.register_pio(range, Arc::new(Mutex::new(NoPciBus)))
             .map_err(|e| Error::Bus(format!("PCI config ports: {e:?}")))?;
         return Ok(false);
     }
-    let config_io = PciConfigIo::new(
-        bus.clone(),
-        Box::new(|dev, moved| {
-            log::warn!(
-                "PCI device {dev}: the guest moved BAR {} from {:#x} to {:#x}; ember does not relocate BARs yet, the device stays at its old address",
-                moved.index,
-                moved.old,
-                moved.new
-            )
-        }),
-    );
+    let config_io = PciConfigIo::new(bus.clone(), Box::new(bar_moved));
     io.register_pio(range, Arc::new(Mutex::new(config_io)))
         .map_err(|e| Error::Bus(format!("PCI config ports: {e:?}")))?;
+    let mmconfig = PciConfigMmio::new(bus.clone(), Box::new(bar_moved));
+    let range = MmioRange::new(
+        MmioAddress(layout::PCI_MMCONFIG_START),
+        layout::PCI_MMCONFIG_SIZE,
+    )
+    .map_err(|e| Error::Bus(format!("{e:?}")))?;
+    io.register_mmio(range, Arc::new(Mutex::new(mmconfig)))
+        .map_err(|e| Error::Bus(format!("PCI MMCONFIG: {e:?}")))?;
     Ok(true)
+}
+
+fn bar_moved(dev: u8, moved: BarMove) {
+    log::warn!(
+        "PCI device {dev}: the guest moved BAR {} from {:#x} to {:#x}; ember does not relocate BARs yet, the device stays at its old address",
+        moved.index,
+        moved.old,
+        moved.new
+    )
 }
 
 #[cfg(test)]
@@ -296,7 +310,7 @@ mod tests {
     fn a_bus_without_devices_is_not_on_the_config_ports() {
         let mut io = IoManager::new();
         let bus = create_bus();
-        assert!(!attach_config_ports(&mut io, &bus).unwrap());
+        assert!(!attach_config_ports(&mut io, &bus, false).unwrap());
         // No host bridge answers; and Linux's probe for mechanism #1 (write
         // 0x80000000 to 0xCF8, read it back) fails, as does #2's (bytes
         // written to 0xCF8/0xCFA read back as 0).
@@ -325,12 +339,28 @@ mod tests {
         let dev: Arc<Mutex<dyn ember_pci::PciDevice>> =
             Arc::new(Mutex::new(ember_pci::HostBridge::new()));
         assert_eq!(bus.lock().unwrap().add_device(dev).unwrap(), 1);
-        assert!(attach_config_ports(&mut io, &bus).unwrap());
+        assert!(attach_config_ports(&mut io, &bus, false).unwrap());
         // Vendor 0x8086, device 0x0d57 at 00:00.0 and at the added 00:01.0;
         // nothing at 00:02.0.
         assert_eq!(config_read_u32(&io, 0, 0), Some(0x0d57_8086));
         assert_eq!(config_read_u32(&io, 1, 0), Some(0x0d57_8086));
         assert_eq!(config_read_u32(&io, 2, 0), Some(0xffff_ffff));
+    }
+
+    #[test]
+    fn an_acpi_guest_gets_the_host_bridge_on_both_mechanisms_without_devices() {
+        let mut io = IoManager::new();
+        let bus = create_bus();
+        assert!(attach_config_ports(&mut io, &bus, true).unwrap());
+        assert_eq!(config_read_u32(&io, 0, 0), Some(0x0d57_8086));
+        let mut id = [0u8; 4];
+        io.mmio_read(MmioAddress(layout::PCI_MMCONFIG_START), &mut id)
+            .unwrap();
+        assert_eq!(u32::from_le_bytes(id), 0x0d57_8086);
+        // Device 1 (none) through MMCONFIG.
+        io.mmio_read(MmioAddress(layout::PCI_MMCONFIG_START + (1 << 15)), &mut id)
+            .unwrap();
+        assert_eq!(id, [0xff; 4]);
     }
 
     #[test]

@@ -280,6 +280,9 @@ pub fn config_for(state: &VmState, load: &LoadParams) -> Result<ValidConfig> {
         vcpus: state.machine.vcpus,
         memory_mib: state.machine.memory_mib,
         memory_shared: false,
+        memory_backend: Default::default(),
+        numa: Vec::new(),
+        vcpu_affinity: vec![Vec::new(); usize::from(state.machine.vcpus)],
         track_dirty_pages: load.track_dirty_pages,
         cpu: crate::config::CpuChoice {
             text: state.cpu.model.clone(),

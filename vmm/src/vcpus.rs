@@ -60,8 +60,11 @@ pub struct VcpuThreads {
 impl VcpuThreads {
     /// Starts one thread per vCPU. `started` is the process start time, for
     /// the log line of the first `KVM_RUN`.
+    /// `affinity[i]` lists the host CPUs vCPU `i`'s thread is pinned to
+    /// (none: not pinned).
     pub fn start(
         vcpus: Vec<Vcpu>,
+        affinity: &[Vec<usize>],
         report: Arc<VcpuExitReport>,
         started: Instant,
         filters: Filters,
@@ -81,20 +84,31 @@ impl VcpuThreads {
             *running.count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
             let index = vcpu.index();
             let name = format!("ember-vcpu{index}");
+            let pin = affinity
+                .get(usize::from(index))
+                .cloned()
+                .unwrap_or_default();
             let handle = std::thread::Builder::new()
                 .name(name.clone())
                 .spawn(move || {
                     // Before the first KVM_RUN: from here on the guest drives
                     // what this thread does.
-                    let end = match filters.install(ThreadKind::Vcpu, &name) {
-                        Ok(()) => {
+                    let pinned = crate::memory::pin_thread(&pin).map_err(|e| {
+                        format!("vcpu{index}: cannot pin the thread to host CPUs {pin:?}: {e}")
+                    });
+                    if !pin.is_empty() && pinned.is_ok() {
+                        log::info!("vcpu{index}: pinned to host CPUs {pin:?}");
+                    }
+                    let end = match pinned.map(|()| filters.install(ThreadKind::Vcpu, &name)) {
+                        Err(msg) => VcpuEnd::Failed(msg),
+                        Ok(Err(e)) => VcpuEnd::Failed(crate::error_chain(&e)),
+                        Ok(Ok(())) => {
                             log::info!(
                                 "vcpu{index}: entering the guest {:.1} ms after start",
                                 started.elapsed().as_secs_f64() * 1000.0
                             );
                             vcpu.run(&c)
                         }
-                        Err(e) => VcpuEnd::Failed(crate::error_chain(&e)),
                     };
                     log::debug!("vcpu{index}: run loop ended: {end:?}");
                     log::info!("vcpu{index}: {}", vcpu.exit_counts());

@@ -7,6 +7,8 @@
 //! - [`I8042`]: the keyboard controller with a PS/2 keyboard: its CPU-reset
 //!   command ends the VM, and the host can press Ctrl-Alt-Del.
 //! - [`Cmos`]: the CMOS real-time clock, so the guest's wall clock is right.
+//! - [`AcpiSleep`]: the hardware-reduced ACPI sleep control register, where
+//!   an ACPI guest powers itself off.
 //!
 //! ```
 //! use std::sync::{Arc, Mutex};
@@ -31,11 +33,13 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod acpi_sleep;
 pub mod cmos;
 pub mod i8042;
 pub mod serial;
 pub mod state;
 
+pub use acpi_sleep::{AcpiSleep, ACPI_SLEEP_PORT_SIZE};
 pub use cmos::{Cmos, CMOS_PORT_BASE, CMOS_PORT_SIZE};
 pub use i8042::{I8042, I8042_PORT_BASE, I8042_PORT_SIZE};
 pub use serial::{SerialDevice, SERIAL_PORT_SIZE};

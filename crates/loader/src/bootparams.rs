@@ -223,11 +223,14 @@ mod tests {
         assert_eq!({ hdr.cmdline_size }, 42);
         assert_eq!({ hdr.ramdisk_image }, 0x7000_0000);
         assert_eq!({ hdr.ramdisk_size }, 0x1000);
-        assert_eq!(p.e820_entries, 3);
+        // Low RAM, RAM from 1 MiB, MMCONFIG (reserved), RAM above 4 GiB.
+        assert_eq!(p.e820_entries, 4);
         let table = p.e820_table;
-        let e2 = table[2];
-        assert_eq!({ e2.addr }, 1 << 32);
-        assert_eq!({ e2.r#type }, 1);
+        let (e2, e3) = (table[2], table[3]);
+        assert_eq!({ e2.addr }, layout::PCI_MMCONFIG_START);
+        assert_eq!({ e2.r#type }, 2);
+        assert_eq!({ e3.addr }, 1 << 32);
+        assert_eq!({ e3.r#type }, 1);
     }
 
     #[test]
@@ -290,6 +293,6 @@ mod tests {
         let n: u8 = mem
             .read_obj(GuestAddress(layout::ZERO_PAGE_START + 0x1e8))
             .unwrap();
-        assert_eq!(n, 2);
+        assert_eq!(n, 3);
     }
 }

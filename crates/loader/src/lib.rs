@@ -24,6 +24,7 @@
 //!     initrd: None,
 //!     cmdline: "console=ttyS0 reboot=k panic=1",
 //!     vcpus: 2,
+//!     acpi_rsdp: None,
 //! };
 //! let boot = load(&mem, &ml, &spec).unwrap();
 //! println!("enter the kernel at {:#x}", boot.entry);
@@ -145,6 +146,10 @@ pub struct BootSpec<'a> {
     pub cmdline: &'a str,
     /// Number of vCPUs, for the MP table.
     pub vcpus: u8,
+    /// Where the ACPI tables' RSDP is, if the VMM wrote them
+    /// (`boot_params.acpi_rsdp_addr`); the MP table is written either way,
+    /// for a guest booted with `acpi=off`.
+    pub acpi_rsdp: Option<u64>,
 }
 
 /// The result of [`load`].
@@ -167,7 +172,10 @@ pub fn load(mem: &GuestMemoryMmap, ml: &MemoryLayout, spec: &BootSpec<'_>) -> Re
         .map(|path| bootparams::load_initrd(mem, ml, &kernel, path))
         .transpose()?;
     let cmdline_size = bootparams::write_cmdline(mem, spec.cmdline)?;
-    let params = bootparams::build_boot_params(ml, &kernel, cmdline_size, initrd)?;
+    let mut params = bootparams::build_boot_params(ml, &kernel, cmdline_size, initrd)?;
+    if let Some(rsdp) = spec.acpi_rsdp {
+        params.acpi_rsdp_addr = rsdp;
+    }
     bootparams::write_boot_params(mem, &params)?;
     mptable::write_mptable(mem, spec.vcpus)?;
     Ok(BootInfo {

@@ -3,9 +3,11 @@
 //! ```text
 //! 0x0000_0000 - 0x0009_FBFF  low RAM: GDT, IDT, zero page, page tables, command line
 //! 0x0009_FC00 - 0x0009_FFFF  EBDA: the MP table
-//! 0x000A_0000 - 0x000F_FFFF  legacy VGA / BIOS area (not RAM in the e820 map)
+//! 0x000A_0000 - 0x000F_FFFF  legacy VGA / BIOS area (not RAM in the e820 map):
+//!                            ACPI tables from 0xE_0000, MP table at 0xF_0000
 //! 0x0010_0000 - 0xBFFF_FFFF  RAM (kernel at 1 MiB or where its ELF headers say)
-//! 0xC000_0000 - 0xFFFF_FFFF  32-bit MMIO hole: PCI BARs, IOAPIC, LAPIC
+//! 0xC000_0000 - 0xFFFF_FFFF  32-bit MMIO hole: PCI BARs, MMCONFIG at
+//!                            0xE000_0000 (reserved in the e820 map), IOAPIC, LAPIC
 //! 0x1_0000_0000 -            RAM above 4 GiB, then 64-bit BARs above the end of RAM
 //! ```
 
@@ -40,6 +42,10 @@ pub const CMDLINE_MAX_SIZE: usize = 2048;
 pub const EBDA_START: u64 = 0x9_fc00;
 /// End of the low RAM region (where the legacy VGA/BIOS area starts).
 pub const LOW_RAM_END: u64 = 0xa_0000;
+/// The ACPI tables (RSDP first) in the legacy BIOS area.
+pub const ACPI_START: u64 = 0xe_0000;
+/// End (exclusive) of the ACPI tables' room: where the MP table starts.
+pub const ACPI_END: u64 = 0xf_0000;
 /// Start of high memory: where kernels are loaded.
 pub const HIMEM_START: u64 = 0x10_0000;
 
@@ -49,10 +55,17 @@ pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 /// Size of the 32-bit MMIO hole.
 pub const MMIO_HOLE_SIZE: u64 = MMIO_HOLE_END - MMIO_HOLE_START;
-/// Where 32-bit PCI BARs are allocated: from the hole's start up to the IOAPIC.
+/// Where 32-bit PCI BARs are allocated: from the hole's start up to the
+/// MMCONFIG area.
 pub const MMIO32_BAR_START: u64 = MMIO_HOLE_START;
 /// End (exclusive) of the 32-bit BAR window.
-pub const MMIO32_BAR_END: u64 = IOAPIC_START;
+pub const MMIO32_BAR_END: u64 = PCI_MMCONFIG_START;
+/// The PCI MMCONFIG (ECAM) area: configuration space by MMIO.
+pub const PCI_MMCONFIG_START: u64 = 0xe000_0000;
+/// Its size: bus 0 only (1 MiB per bus).
+pub const PCI_MMCONFIG_SIZE: u64 = 1 << 20;
+/// The hardware-reduced ACPI sleep control (and, next, status) register.
+pub const ACPI_SLEEP_PORT: u16 = 0x600;
 /// The IOAPIC's MMIO window.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// The local APIC's MMIO window.
@@ -80,6 +93,9 @@ const _: () = {
     assert!(PDE_START + IDENTITY_MAP_GIB * 4096 <= CMDLINE_START);
     assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
     assert!(EBDA_START < LOW_RAM_END && LOW_RAM_END <= HIMEM_START);
+    assert!(ACPI_START >= LOW_RAM_END && ACPI_END <= HIMEM_START);
+    assert!(MMIO32_BAR_END <= PCI_MMCONFIG_START);
+    assert!(PCI_MMCONFIG_START + PCI_MMCONFIG_SIZE <= IOAPIC_START);
     assert!(MMIO32_BAR_END <= IOAPIC_START && IOAPIC_START < APIC_START);
     assert!(KVM_IDENTITY_MAP_ADDRESS + 4096 <= KVM_TSS_ADDRESS);
     assert!(KVM_TSS_ADDRESS >= APIC_START + 4096);

@@ -14,7 +14,8 @@
 //! let ml = MemoryLayout::new(4096).unwrap();
 //! assert_eq!(ml.ram_regions().len(), 2);
 //! assert_eq!(ml.ram_regions()[1].0, layout::MMIO_HOLE_END);
-//! assert!(ml.e820().iter().all(|e| e.kind == E820Kind::Ram));
+//! // RAM, and the PCI MMCONFIG area reserved.
+//! assert_eq!(ml.e820().iter().filter(|e| e.kind == E820Kind::Reserved).count(), 1);
 //!
 //! let mem = ml.create_guest_memory().unwrap();
 //! assert_eq!(mem.num_regions(), 2);
@@ -201,9 +202,10 @@ impl MemoryLayout {
     }
 
     /// The e820 map the guest is given: low RAM up to the EBDA, RAM from
-    /// 1 MiB to the hole (or the end of RAM), RAM above 4 GiB. The legacy
-    /// area (EBDA to 1 MiB) and the MMIO hole are left out, so the guest
-    /// never treats them as RAM.
+    /// 1 MiB to the hole (or the end of RAM), the PCI MMCONFIG area as
+    /// reserved (Linux uses the MCFG's area only when the firmware reserved
+    /// it), RAM above 4 GiB. The legacy area (EBDA to 1 MiB) and the rest
+    /// of the MMIO hole are left out, so the guest never treats them as RAM.
     pub fn e820(&self) -> Vec<E820Entry> {
         let mut map = vec![E820Entry {
             addr: layout::RAM_START,
@@ -218,6 +220,11 @@ impl MemoryLayout {
                 kind: E820Kind::Ram,
             });
         }
+        map.push(E820Entry {
+            addr: layout::PCI_MMCONFIG_START,
+            size: layout::PCI_MMCONFIG_SIZE,
+            kind: E820Kind::Reserved,
+        });
         if let Some(&(start, size)) = self.regions.get(1) {
             map.push(E820Entry {
                 addr: start,
@@ -437,6 +444,11 @@ mod tests {
                     size: 128 * MIB - layout::HIMEM_START,
                     kind: E820Kind::Ram
                 },
+                E820Entry {
+                    addr: layout::PCI_MMCONFIG_START,
+                    size: layout::PCI_MMCONFIG_SIZE,
+                    kind: E820Kind::Reserved
+                },
             ]
         );
     }
@@ -445,7 +457,7 @@ mod tests {
     fn e820_never_covers_the_mmio_hole() {
         for mib in [8, 128, 3071, 3072, 3073, 5120, 65536] {
             let ml = MemoryLayout::new(mib).unwrap();
-            for e in ml.e820() {
+            for e in ml.e820().into_iter().filter(|e| e.kind == E820Kind::Ram) {
                 let end = e.addr + e.size;
                 assert!(
                     end <= layout::MMIO_HOLE_START || e.addr >= layout::MMIO_HOLE_END,
@@ -462,7 +474,12 @@ mod tests {
     #[test]
     fn e820_ram_adds_up_to_the_size_less_the_legacy_area() {
         let ml = MemoryLayout::new(5120).unwrap();
-        let ram: u64 = ml.e820().iter().map(|e| e.size).sum();
+        let ram: u64 = ml
+            .e820()
+            .iter()
+            .filter(|e| e.kind == E820Kind::Ram)
+            .map(|e| e.size)
+            .sum();
         assert_eq!(ram, 5120 * MIB - (layout::HIMEM_START - layout::EBDA_START));
     }
 

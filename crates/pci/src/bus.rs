@@ -5,8 +5,8 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::debug;
-use vm_device::bus::{PioAddress, PioAddressOffset};
-use vm_device::MutDevicePio;
+use vm_device::bus::{MmioAddress, MmioAddressOffset, PioAddress, PioAddressOffset};
+use vm_device::{MutDeviceMmio, MutDevicePio};
 
 use crate::config::{BarMove, PciConfigParams, PciConfiguration};
 use crate::{Error, Result};
@@ -255,6 +255,69 @@ impl MutDevicePio for PciConfigIo {
     }
 }
 
+/// Bytes of MMCONFIG (ECAM) space per bus: 32 devices x 8 functions x 4 KiB.
+pub const ECAM_BUS_SIZE: u64 = 1 << 20;
+
+/// The PCI Express enhanced configuration access mechanism (MMCONFIG) as a
+/// vm-device MMIO device: register it over `ECAM_BUS_SIZE` bytes per bus
+/// (from bus 0). Offset bits 27:20 are the bus, 19:15 the device, 14:12 the
+/// function and 11:0 the register; 1-, 2- and 4-byte accesses within one
+/// dword reach the function's configuration space, others read all-ones
+/// and are ignored.
+pub struct PciConfigMmio {
+    bus: Arc<Mutex<PciBus>>,
+    on_bar_move: Box<dyn Fn(u8, BarMove) + Send>,
+}
+
+impl fmt::Debug for PciConfigMmio {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PciConfigMmio").finish_non_exhaustive()
+    }
+}
+
+impl PciConfigMmio {
+    /// Serves MMCONFIG accesses to `bus`; `on_bar_move` as for
+    /// [`PciConfigIo::new`].
+    pub fn new(bus: Arc<Mutex<PciBus>>, on_bar_move: Box<dyn Fn(u8, BarMove) + Send>) -> Self {
+        PciConfigMmio { bus, on_bar_move }
+    }
+
+    fn target(offset: MmioAddressOffset, len: usize) -> Option<(u8, u8, u8, u16)> {
+        let reg = offset & 0xfff;
+        let fits = matches!(len, 1 | 2 | 4) && (reg & 3) + len as u64 <= 4;
+        if !fits {
+            return None;
+        }
+        let bus = u8::try_from(offset >> 20).ok()?;
+        let dev = u8::try_from((offset >> 15) & 0x1f).ok()?;
+        let func = u8::try_from((offset >> 12) & 0x7).ok()?;
+        Some((bus, dev, func, u16::try_from(reg).ok()?))
+    }
+}
+
+impl MutDeviceMmio for PciConfigMmio {
+    fn mmio_read(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
+        match Self::target(offset, data.len()) {
+            Some((bus, dev, func, reg)) => lock(&self.bus).config_read(bus, dev, func, reg, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    fn mmio_write(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
+        let Some((bus, dev, func, reg)) = Self::target(offset, data.len()) else {
+            debug!(
+                "pci: ignoring {}-byte MMCONFIG write at {offset:#x}",
+                data.len()
+            );
+            return;
+        };
+        let moved = lock(&self.bus).config_write(bus, dev, func, reg, data);
+        if let Some((device, mv)) = moved {
+            (self.on_bar_move)(device, mv);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,6 +388,46 @@ mod tests {
         let mut b = [0u8; 4];
         io.pio_read(BASE, 4, &mut b);
         u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn mmconfig_reaches_each_function_and_ignores_odd_accesses() {
+        let mut bus = PciBus::new();
+        bus.add_device(Arc::new(Mutex::new(HostBridge::new())))
+            .unwrap();
+        let bus = Arc::new(Mutex::new(bus));
+        let moves = Arc::new(Mutex::new(0));
+        let m2 = moves.clone();
+        let mut ecam = PciConfigMmio::new(bus, Box::new(move |_, _| *m2.lock().unwrap() += 1));
+        let base = MmioAddress(0xe000_0000);
+        let at = |dev: u64, func: u64, reg: u64| (dev << 15) | (func << 12) | reg;
+        let mut id = [0u8; 4];
+        ecam.mmio_read(base, at(0, 0, 0), &mut id);
+        assert_eq!(u32::from_le_bytes(id), 0x0d57_8086);
+        ecam.mmio_read(base, at(1, 0, 0), &mut id);
+        assert_eq!(u32::from_le_bytes(id), 0x0d57_8086);
+        // Absent device, absent function, other bus: all-ones.
+        for off in [at(2, 0, 0), at(1, 1, 0), (1 << 20) | at(1, 0, 0)] {
+            ecam.mmio_read(base, off, &mut id);
+            assert_eq!(id, [0xff; 4], "offset {off:#x}");
+        }
+        // A word at byte 2 is the device id; a dword across two registers
+        // and an 8-byte access read all-ones.
+        let mut w = [0u8; 2];
+        ecam.mmio_read(base, at(0, 0, 2), &mut w);
+        assert_eq!(u16::from_le_bytes(w), 0x0d57);
+        ecam.mmio_read(base, at(0, 0, 2), &mut id);
+        assert_eq!(id, [0xff; 4]);
+        let mut q = [0u8; 8];
+        ecam.mmio_read(base, at(0, 0, 0), &mut q);
+        assert_eq!(q, [0xff; 8]);
+        // Extended space (past 256) reads 0 on a conventional function.
+        ecam.mmio_read(base, at(0, 0, 0x100), &mut id);
+        assert_eq!(id, [0; 4]);
+        // Writes through MMCONFIG reach config space: the command register.
+        ecam.mmio_write(base, at(1, 0, 4), &[0x06, 0]);
+        ecam.mmio_write(base, at(1, 0, 0x101), &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(*moves.lock().unwrap(), 0);
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //!   delivering through an [`MsiSink`] (KVM routes and irqfds in a VMM, a
 //!   recorder in tests).
 //! - [`PciBus`] with its [`HostBridge`] at 00:00.0, and [`PciConfigIo`], the
-//!   0xCF8-0xCFF ports as a vm-device port-I/O device.
+//!   0xCF8-0xCFF ports as a vm-device port-I/O device, and
+//!   [`PciConfigMmio`], the same configuration space through MMCONFIG
+//!   (ECAM) as a vm-device MMIO device.
 //!
 //! Everything here is driven by the guest: odd, unaligned or out-of-range
 //! accesses are ignored or read all-ones, never panic.
@@ -67,7 +69,8 @@ pub mod config;
 pub mod msix;
 
 pub use bus::{
-    HostBridge, PciBus, PciConfigIo, PciDevice, PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_PORT_SIZE,
+    HostBridge, PciBus, PciConfigIo, PciConfigMmio, PciDevice, ECAM_BUS_SIZE, PCI_CONFIG_IO_PORT,
+    PCI_CONFIG_IO_PORT_SIZE,
 };
 pub use config::{
     BarKind, BarMove, PciBar, PciConfigParams, PciConfiguration, PCI_CONFIG_SPACE_SIZE,

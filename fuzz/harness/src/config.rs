@@ -48,16 +48,18 @@ fn overrides(text: &str) -> Overrides {
             'c' => o.cmdline = Some(value.to_string()),
             'v' => o.vcpus = value.parse().ok(),
             'm' => match ember_vmm::config::MemoryFlag::parse(value) {
-                Ok(m) => {
-                    o.memory_mib = m.size_mib;
-                    o.memory_shared = m.shared;
-                }
+                Ok(m) => o.memory = m,
                 Err(e) => drop(chain(&e)),
             },
             'd' => match DiskConfig::parse_flag(value) {
                 Ok(d) => o.disks.push(d),
                 Err(e) => drop(chain(&e)),
             },
+            'u' => match ember_vmm::config::NumaConfig::parse_flag(value) {
+                Ok(n) => o.numa.push(n),
+                Err(e) => drop(chain(&e)),
+            },
+            'a' => o.vcpu_affinity = Some(value.to_string()),
             'n' => {
                 let _ = parse_mac(value);
                 match NetConfig::parse_flag(value) {

@@ -53,6 +53,7 @@ pub(crate) fn run(kernel: &[u8]) -> Option<ember_loader::Result<BootInfo>> {
         initrd: Some(initrd_file.as_path()),
         cmdline: "console=ttyS0 reboot=k panic=1",
         vcpus: 2,
+        acpi_rsdp: None,
     };
     let result = load(&mem, &ml, &spec);
     match &result {

@@ -18,7 +18,10 @@
  *
  * Parameters (kernel command line):
  *   ember.agent=on            run the agent
- *   ember.after=reboot|halt|continue
+ *   ember.after=reboot|halt|poweroff|continue
+ *                             what to do after the checks (poweroff goes
+ *                             through ACPI's sleep register when the
+ *                             platform has ACPI)
  *                             what to do when the checks are done
  *   ember.net_addr=IFACE:ADDR:PREFIX
  *                             configure another interface (see net.c)
@@ -43,6 +46,10 @@
  *   ember.blk_stress=DEV:THREADS:OPS:OFFSET_KIB:LEN_KIB
  *                             THREADS kernel threads write, flush and verify
  *                             OPS blocks each in their own slice of the range
+ *   ember.hog=MIB:HOLD_S      allocate MIB MiB in 2 MiB blocks, write every
+ *                             page, print `hog touched`, hold them HOLD_S
+ *                             seconds, free them and print `hog freed` (for
+ *                             balloon and free page reporting tests)
  *   ember.beat=DEV:SECONDS:MEM_MIB
  *                             start a kernel thread that makes SECONDS beats,
  *                             one a second: beat N checks MEM_MIB MiB of
@@ -69,6 +76,12 @@
 #include <linux/err.h>
 #include <linux/ctype.h>
 #include <linux/delay.h>
+#include <linux/nodemask.h>
+#include <linux/topology.h>
+#include <linux/mmzone.h>
+#include <linux/gfp.h>
+#include <linux/slab.h>
+#include <linux/acpi.h>
 #include <asm/mc146818rtc.h>
 
 #include "ember_agent_block.h"
@@ -87,6 +100,9 @@ module_param_named(sleep, sleep_s, uint, 0444);
 
 static char *read_file = "";
 module_param(read_file, charp, 0444);
+
+static char *hog = "";
+module_param(hog, charp, 0444);
 
 unsigned int ember_checks_run;
 unsigned int ember_checks_failed;
@@ -126,6 +142,69 @@ static void __init check_clock(void)
 	checks_run++;
 	if (cmos.tv_sec < 1600000000LL)
 		checks_failed++;
+}
+
+/*
+ * The guest's NUMA view: one line per online node with its CPUs, its
+ * memory and its distance to every online node (the SLIT, or 10/20 without
+ * one); and whether the platform came up with ACPI.
+ */
+static void __init check_numa(void)
+{
+	int n, m;
+
+	AGENT_LINE("platform acpi=%s nodes=%u", acpi_disabled ? "off" : "on",
+		   num_online_nodes());
+	checks_run++;
+	for_each_online_node(n) {
+		char dist[128];
+		int at = 0;
+
+		dist[0] = '\0';
+		for_each_online_node(m) {
+			at += scnprintf(dist + at, sizeof(dist) - at, "%s%d",
+					at ? "," : "", node_distance(n, m));
+		}
+		AGENT_LINE("numa node=%d cpus=%*pbl mem_mib=%lu distances=%s", n,
+			   cpumask_pr_args(cpumask_of_node(n)),
+			   node_present_pages(n) >> (20 - PAGE_SHIFT), dist);
+	}
+}
+
+/* ember.hog=MIB:HOLD_S: see the header. */
+static void __init run_hog(void)
+{
+	unsigned int mib, hold_s, order = 9, blocks, got = 0, i;
+	struct page **pages;
+
+	if (!hog[0])
+		return;
+	checks_run++;
+	if (sscanf(hog, "%u:%u", &mib, &hold_s) != 2 || !mib) {
+		AGENT_LINE("hog error=bad-argument");
+		checks_failed++;
+		return;
+	}
+	blocks = mib / 2;
+	pages = kvmalloc_array(blocks, sizeof(*pages), GFP_KERNEL);
+	if (!pages) {
+		AGENT_LINE("hog error=no-memory");
+		checks_failed++;
+		return;
+	}
+	for (i = 0; i < blocks; i++) {
+		pages[got] = alloc_pages(GFP_KERNEL | __GFP_NOWARN | __GFP_NORETRY, order);
+		if (!pages[got])
+			break;
+		memset(page_address(pages[got]), 0x5a, PAGE_SIZE << order);
+		got++;
+	}
+	AGENT_LINE("hog touched mib=%u", got * 2);
+	msleep(hold_s * 1000);
+	for (i = 0; i < got; i++)
+		__free_pages(pages[i], order);
+	kvfree(pages);
+	AGENT_LINE("hog freed mib=%u", got * 2);
 }
 
 static void __init check_read_file(void)
@@ -172,11 +251,13 @@ static int __init ember_agent_run(void)
 	check_cpus();
 	check_memory();
 	check_clock();
+	check_numa();
 	check_read_file();
 	ember_block_checks();
 	ember_net_checks();
 	/* The heartbeat thread beats on while the agent finishes. */
 	ember_beat_start();
+	run_hog();
 
 	if (sleep_s) {
 		AGENT_LINE("sleeping seconds=%u", sleep_s);
@@ -188,6 +269,8 @@ static int __init ember_agent_run(void)
 		return 0;
 	if (strcmp(after, "halt") == 0)
 		kernel_halt();
+	if (strcmp(after, "poweroff") == 0)
+		kernel_power_off();
 	kernel_restart(NULL);
 	return 0;
 }

@@ -21,17 +21,19 @@ fn unsupported(what: &str, why: &str) -> ConfigError {
 /// `PUT /machine-config`: the whole machine section (fields not given
 /// take their defaults).
 pub fn apply_machine(cfg: &mut VmConfig, m: &MachineConfiguration) -> Result<(), ConfigError> {
-    check_machine_extras(Some(m.smt), m.cpu_template.as_ref(), m.huge_pages.as_ref())?;
-    let machine = MachineConfig {
+    check_machine_extras(Some(m.smt), m.cpu_template.as_ref())?;
+    let mut machine = MachineConfig {
         vcpus: u64::from(m.vcpu_count),
         memory_mib: m.mem_size_mib,
         track_dirty_pages: m.track_dirty_pages,
         // The CPU is chosen by `PUT /cpu-config` (or ember's `machine.cpu`).
         cpu: cfg.machine.cpu.clone(),
         cpu_template: cfg.machine.cpu_template.clone(),
-        shared: cfg.machine.shared,
+        ..cfg.machine.clone()
     };
+    apply_huge_pages(&mut machine, m.huge_pages.as_ref());
     machine.validate()?;
+    machine.memory_backend()?;
     cfg.machine = machine;
     Ok(())
 }
@@ -41,8 +43,11 @@ pub fn apply_machine_update(
     cfg: &mut VmConfig,
     m: &MachineConfigurationUpdate,
 ) -> Result<(), ConfigError> {
-    check_machine_extras(m.smt, m.cpu_template.as_ref(), m.huge_pages.as_ref())?;
+    check_machine_extras(m.smt, m.cpu_template.as_ref())?;
     let mut machine = cfg.machine.clone();
+    if m.huge_pages.is_some() {
+        apply_huge_pages(&mut machine, m.huge_pages.as_ref());
+    }
     if let Some(t) = m.track_dirty_pages {
         machine.track_dirty_pages = t;
     }
@@ -53,14 +58,23 @@ pub fn apply_machine_update(
         machine.memory_mib = mib;
     }
     machine.validate()?;
+    machine.memory_backend()?;
     cfg.machine = machine;
     Ok(())
+}
+
+/// Firecracker's `huge_pages`: `2M` is hugetlbfs (`hugepages=on`), `Transparent`
+/// is THP, `None` neither.
+fn apply_huge_pages(machine: &mut MachineConfig, huge_pages: Option<&HugePages>) {
+    let h = huge_pages.copied().unwrap_or_default();
+    machine.hugepages = h == HugePages::Hugetlbfs2M;
+    machine.hugepage_size = machine.hugepages.then(|| "2M".to_string());
+    machine.thp = h == HugePages::Transparent;
 }
 
 fn check_machine_extras(
     smt: Option<bool>,
     cpu_template: Option<&CpuTemplate>,
-    huge_pages: Option<&HugePages>,
 ) -> Result<(), ConfigError> {
     if smt == Some(true) {
         return Err(unsupported(
@@ -74,12 +88,6 @@ fn check_machine_extras(
             "Firecracker's static templates are deprecated there and not modelled here: give a custom template with PUT /cpu-config, or an ember CPU model (machine.cpu)",
         ));
     }
-    if let Some(h) = huge_pages.filter(|h| **h != HugePages::None) {
-        return Err(unsupported(
-            &format!("machine-config.huge_pages = {h:?}"),
-            "guest memory is anonymous 4 KiB pages",
-        ));
-    }
     Ok(())
 }
 
@@ -91,7 +99,13 @@ pub fn machine_to_api(m: &MachineConfig) -> MachineConfiguration {
         smt: false,
         track_dirty_pages: m.track_dirty_pages,
         cpu_template: None,
-        huge_pages: None,
+        huge_pages: Some(if m.hugepages {
+            HugePages::Hugetlbfs2M
+        } else if m.thp {
+            HugePages::Transparent
+        } else {
+            HugePages::None
+        }),
     }
 }
 
@@ -441,13 +455,44 @@ mod tests {
         };
         let e = apply_machine(&mut cfg, &m).unwrap_err();
         assert!(e.to_string().contains("cpu_template"), "{e}");
+        assert_eq!(cfg, VmConfig::default(), "nothing changed");
+    }
+
+    #[test]
+    fn firecracker_huge_pages_map_to_the_memory_backend() {
+        let mut cfg = VmConfig::default();
         let m = MachineConfiguration {
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            smt: false,
+            track_dirty_pages: false,
             cpu_template: None,
             huge_pages: Some(HugePages::Hugetlbfs2M),
+        };
+        apply_machine(&mut cfg, &m).unwrap();
+        assert!(cfg.machine.hugepages && !cfg.machine.thp);
+        assert_eq!(
+            machine_to_api(&cfg.machine).huge_pages,
+            Some(HugePages::Hugetlbfs2M)
+        );
+        let t = MachineConfiguration {
+            huge_pages: Some(HugePages::Transparent),
+            ..m.clone()
+        };
+        apply_machine(&mut cfg, &t).unwrap();
+        assert!(cfg.machine.thp && !cfg.machine.hugepages);
+        // 2M pages need a size in whole pages: nothing changes on a refusal.
+        let before = cfg.clone();
+        let odd = MachineConfiguration {
+            mem_size_mib: 129,
             ..m
         };
-        let e = apply_machine(&mut cfg, &m).unwrap_err();
-        assert!(e.to_string().contains("huge_pages"), "{e}");
-        assert_eq!(cfg, VmConfig::default(), "nothing changed");
+        let e = apply_machine(&mut cfg, &odd).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("not a multiple of the 2 MiB huge page"),
+            "{e}"
+        );
+        assert_eq!(cfg, before);
     }
 }

@@ -39,15 +39,87 @@ pub struct MachineConfig {
     /// the file to the destination instead of copying pages.
     #[serde(default)]
     pub shared: bool,
+    /// Back guest memory with hugetlbfs pages (a memfd with
+    /// `MFD_HUGETLB`), reserved when the VM is built.
+    #[serde(default)]
+    pub hugepages: bool,
+    /// Their size: `2M` (the default) or `1G`.
+    #[serde(default)]
+    pub hugepage_size: Option<String>,
+    /// Ask for transparent huge pages (`MADV_HUGEPAGE`).
+    #[serde(default)]
+    pub thp: bool,
+    /// Touch all guest memory before the guest runs (`MADV_POPULATE_WRITE`).
+    #[serde(default)]
+    pub prefault: bool,
+    /// Let KSM merge identical guest pages (`MADV_MERGEABLE`).
+    #[serde(default)]
+    pub mergeable: bool,
+    /// vCPU threads pinned to host CPUs: `0=2,1=3`.
+    #[serde(default)]
+    pub vcpu_affinity: Option<String>,
 }
 
-/// `--memory MIB` or `--memory size=MIB[,shared=on|off]`.
+/// A huge page size for `hugepages=on`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HugePageSize {
+    /// 2 MiB.
+    Size2M,
+    /// 1 GiB.
+    Size1G,
+}
+
+impl HugePageSize {
+    /// Parses `2M` or `1G`.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "2M" | "2m" | "2MiB" | "2048K" => Some(HugePageSize::Size2M),
+            "1G" | "1g" | "1GiB" => Some(HugePageSize::Size1G),
+            _ => None,
+        }
+    }
+
+    /// Bytes per page.
+    pub fn bytes(self) -> u64 {
+        match self {
+            HugePageSize::Size2M => 2 << 20,
+            HugePageSize::Size1G => 1 << 30,
+        }
+    }
+}
+
+/// How guest memory is backed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryBackend {
+    /// In a memfd mapped shared.
+    pub shared: bool,
+    /// hugetlbfs pages of this size.
+    pub hugepages: Option<HugePageSize>,
+    /// `MADV_HUGEPAGE`.
+    pub thp: bool,
+    /// Populated before the guest runs.
+    pub prefault: bool,
+    /// `MADV_MERGEABLE`.
+    pub mergeable: bool,
+}
+
+/// `--memory MIB` or `--memory size=MIB[,shared=on][,hugepages=on][,hugepage_size=2M|1G][,thp=on][,prefault=on][,mergeable=on]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MemoryFlag {
     /// `size`.
     pub size_mib: Option<u64>,
     /// `shared`.
     pub shared: Option<bool>,
+    /// `hugepages`.
+    pub hugepages: Option<bool>,
+    /// `hugepage_size`.
+    pub hugepage_size: Option<String>,
+    /// `thp`.
+    pub thp: Option<bool>,
+    /// `prefault`.
+    pub prefault: Option<bool>,
+    /// `mergeable`.
+    pub mergeable: Option<bool>,
 }
 
 impl MemoryFlag {
@@ -60,7 +132,7 @@ impl MemoryFlag {
         if let Ok(mib) = flag.parse::<u64>() {
             return Ok(MemoryFlag {
                 size_mib: Some(mib),
-                shared: None,
+                ..Default::default()
             });
         }
         let mut out = MemoryFlag::default();
@@ -75,17 +147,31 @@ impl MemoryFlag {
                             .map_err(|_| bad(format!("size {v:?} is not a number of MiB")))?,
                     )
                 }
-                "shared" => {
-                    out.shared = Some(match v {
+                "hugepage_size" => {
+                    HugePageSize::parse(v)
+                        .ok_or_else(|| bad(format!("hugepage_size={v}: expected 2M or 1G")))?;
+                    out.hugepage_size = Some(v.to_string());
+                }
+                "shared" | "hugepages" | "thp" | "prefault" | "mergeable" => {
+                    let on = match v {
                         "on" | "true" => true,
                         "off" | "false" => false,
-                        _ => return Err(bad(format!("shared={v}: expected on or off"))),
-                    })
+                        _ => return Err(bad(format!("{k}={v}: expected on or off"))),
+                    };
+                    let slot = match k {
+                        "shared" => &mut out.shared,
+                        "hugepages" => &mut out.hugepages,
+                        "thp" => &mut out.thp,
+                        "prefault" => &mut out.prefault,
+                        _ => &mut out.mergeable,
+                    };
+                    *slot = Some(on);
                 }
-                "hugepages" | "hugepage_size" | "thp" | "prefault" | "mergeable" => {
-                    return Err(bad(format!("{k} is not supported by ember yet")))
+                _ => {
+                    return Err(bad(format!(
+                        "unknown key {k:?} (size, shared, hugepages, hugepage_size, thp, prefault, mergeable)"
+                    )))
                 }
-                _ => return Err(bad(format!("unknown key {k:?} (size, shared)"))),
             }
         }
         Ok(out)
@@ -131,6 +217,12 @@ impl Default for MachineConfig {
             cpu: None,
             cpu_template: None,
             shared: false,
+            hugepages: false,
+            hugepage_size: None,
+            thp: false,
+            prefault: false,
+            mergeable: false,
+            vcpu_affinity: None,
         }
     }
 }
@@ -154,6 +246,43 @@ impl MachineConfig {
             .ok_or(ConfigError::Vcpus(self.vcpus))?;
         ember_memory::MemoryLayout::new(self.memory_mib).map_err(ConfigError::Memory)?;
         Ok(vcpus)
+    }
+
+    /// The memory backend the keys ask for, checked: a hugepage size only
+    /// with hugepages, and huge pages of one kind (hugetlbfs or THP).
+    pub fn memory_backend(&self) -> Result<MemoryBackend, ConfigError> {
+        let bad = |why: &str| ConfigError::MemoryBackend(why.to_string());
+        let size = match self.hugepage_size.as_deref() {
+            Some(s) => Some(HugePageSize::parse(s).ok_or_else(|| {
+                ConfigError::MemoryBackend(format!("hugepage_size = {s:?}: expected 2M or 1G"))
+            })?),
+            None => None,
+        };
+        if size.is_some() && !self.hugepages {
+            return Err(bad("hugepage_size is given without hugepages=on"));
+        }
+        if self.hugepages && self.thp {
+            return Err(bad(
+                "hugepages=on and thp=on exclude each other: hugetlbfs pages are huge already",
+            ));
+        }
+        let hugepages = self.hugepages.then(|| size.unwrap_or(HugePageSize::Size2M));
+        if let Some(h) = hugepages {
+            let mib = h.bytes() >> 20;
+            if self.memory_mib % mib != 0 {
+                return Err(ConfigError::MemoryBackend(format!(
+                    "memory_mib = {} is not a multiple of the {mib} MiB huge page",
+                    self.memory_mib
+                )));
+            }
+        }
+        Ok(MemoryBackend {
+            shared: self.shared,
+            hugepages,
+            thp: self.thp,
+            prefault: self.prefault,
+            mergeable: self.mergeable,
+        })
     }
 
     /// A CPU template file named relative to the config file's directory.

@@ -20,6 +20,7 @@ pub mod disk;
 pub mod firecracker;
 pub mod machine;
 pub mod net;
+pub mod numa;
 
 use std::path::{Path, PathBuf};
 
@@ -27,8 +28,9 @@ use serde::Deserialize;
 
 pub use boot::BootConfig;
 pub use disk::DiskConfig;
-pub use machine::{CpuChoice, MachineConfig, MemoryFlag};
+pub use machine::{CpuChoice, HugePageSize, MachineConfig, MemoryBackend, MemoryFlag};
 pub use net::NetConfig;
+pub use numa::{NumaConfig, NumaNode, NumaPolicy};
 
 /// What is wrong with a configuration. Each message names the key or file.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +91,23 @@ pub enum ConfigError {
         /// What is wrong.
         why: String,
     },
+    /// The memory backend's keys do not go together.
+    #[error("memory: {0}")]
+    MemoryBackend(String),
+    /// The NUMA layout is wrong.
+    #[error("numa: {0}")]
+    Numa(String),
+    /// A `--numa` flag cannot be parsed.
+    #[error("--numa {flag}: {why}")]
+    NumaFlag {
+        /// The flag's value.
+        flag: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// The vCPU pinning is wrong.
+    #[error("vcpu_affinity: {0}")]
+    Affinity(String),
     /// A `--disk` flag cannot be parsed.
     #[error("--disk {flag}: {why}")]
     DiskFlag {
@@ -175,6 +194,9 @@ pub struct VmConfig {
     /// `[[net]]`, in order: eth0, eth1, ...
     #[serde(default)]
     pub net: Vec<NetConfig>,
+    /// `[[numa]]`: guest NUMA nodes.
+    #[serde(default)]
+    pub numa: Vec<NumaConfig>,
 }
 
 /// Flags that override the file (or stand in for it).
@@ -188,10 +210,12 @@ pub struct Overrides {
     pub cmdline: Option<String>,
     /// `--vcpus`.
     pub vcpus: Option<u64>,
-    /// `--memory` (its size).
-    pub memory_mib: Option<u64>,
-    /// `--memory ...,shared=on|off`.
-    pub memory_shared: Option<bool>,
+    /// `--memory`.
+    pub memory: MemoryFlag,
+    /// `--numa`, repeated: replace the file's nodes when given.
+    pub numa: Vec<NumaConfig>,
+    /// `--vcpu-affinity`.
+    pub vcpu_affinity: Option<String>,
     /// `--cpu`.
     pub cpu: Option<String>,
     /// `--disk`, repeated: replace the file's disks when given.
@@ -209,6 +233,12 @@ pub struct ValidConfig {
     pub memory_mib: u64,
     /// Guest memory in a memfd, mapped shared.
     pub memory_shared: bool,
+    /// How guest memory is backed (shared, huge pages, KSM, prefault).
+    pub memory_backend: MemoryBackend,
+    /// Guest NUMA nodes (none: no SRAT).
+    pub numa: Vec<NumaNode>,
+    /// Host CPUs per vCPU (empty: not pinned).
+    pub vcpu_affinity: Vec<Vec<usize>>,
     /// Dirty-page tracking for diff snapshots.
     pub track_dirty_pages: bool,
     /// The CPU model.
@@ -279,11 +309,29 @@ impl VmConfig {
         if let Some(v) = o.vcpus {
             self.machine.vcpus = v;
         }
-        if let Some(m) = o.memory_mib {
-            self.machine.memory_mib = m;
+        let m = &o.memory;
+        if let Some(size) = m.size_mib {
+            self.machine.memory_mib = size;
         }
-        if let Some(s) = o.memory_shared {
-            self.machine.shared = s;
+        for (flag, key) in [
+            (m.shared, &mut self.machine.shared),
+            (m.hugepages, &mut self.machine.hugepages),
+            (m.thp, &mut self.machine.thp),
+            (m.prefault, &mut self.machine.prefault),
+            (m.mergeable, &mut self.machine.mergeable),
+        ] {
+            if let Some(v) = flag {
+                *key = v;
+            }
+        }
+        if let Some(h) = &m.hugepage_size {
+            self.machine.hugepage_size = Some(h.clone());
+        }
+        if !o.numa.is_empty() {
+            self.numa = o.numa.clone();
+        }
+        if let Some(a) = &o.vcpu_affinity {
+            self.machine.vcpu_affinity = Some(a.clone());
         }
         if let Some(c) = &o.cpu {
             self.machine.cpu = Some(c.clone());
@@ -336,10 +384,32 @@ impl VmConfig {
         if cmdline.len() >= ember_memory::layout::CMDLINE_MAX_SIZE {
             return Err(ConfigError::CmdlineTooLong(cmdline.len()));
         }
+        let memory_backend = self.machine.memory_backend()?;
+        let numa = numa::validate(&self.numa, vcpus, self.machine.memory_mib)?;
+        if let Some(h) = memory_backend.hugepages {
+            let mib = h.bytes() >> 20;
+            if let Some((i, n)) = numa
+                .iter()
+                .enumerate()
+                .find(|(_, n)| n.memory_mib % mib != 0)
+            {
+                return Err(ConfigError::Numa(format!(
+                    "node {i}'s {} MiB is not a multiple of the {mib} MiB huge page",
+                    n.memory_mib
+                )));
+            }
+        }
+        let vcpu_affinity = match &self.machine.vcpu_affinity {
+            Some(a) => numa::parse_affinity(a, vcpus)?,
+            None => vec![Vec::new(); usize::from(vcpus)],
+        };
         Ok(ValidConfig {
             vcpus,
             memory_mib: self.machine.memory_mib,
             memory_shared: self.machine.shared,
+            memory_backend,
+            numa,
+            vcpu_affinity,
             track_dirty_pages: self.machine.track_dirty_pages,
             cpu: self.machine.cpu_choice(),
             kernel: self.boot.kernel()?.to_owned(),
@@ -532,7 +602,8 @@ mod tests {
         for (bad, needle) in [
             ("size=lots", "not a number"),
             ("shared=maybe", "expected on or off"),
-            ("hugepages=on", "not supported by ember yet"),
+            ("hugepages=yes", "hugepages=yes: expected on or off"),
+            ("hugepage_size=4M", "expected 2M or 1G"),
             ("colour=red", "unknown key"),
             ("256,shared", "not KEY=VALUE"),
         ] {
@@ -544,6 +615,58 @@ mod tests {
         }
         let c = parse("[machine]\nshared = true\n[boot]\nkernel = \"/k\"\n").unwrap();
         assert!(c.machine.shared);
+        let m = MemoryFlag::parse("size=1024,hugepages=on,hugepage_size=1G,prefault=on").unwrap();
+        assert_eq!(m.hugepages, Some(true));
+        assert_eq!(m.hugepage_size.as_deref(), Some("1G"));
+        assert_eq!(m.prefault, Some(true));
+    }
+
+    #[test]
+    fn memory_backends_are_checked_as_a_whole() {
+        let backend = |toml: &str| {
+            parse(&format!("[machine]\n{toml}\n"))
+                .unwrap()
+                .machine
+                .memory_backend()
+        };
+        let b = backend("memory_mib = 512\nhugepages = true").unwrap();
+        assert_eq!(b.hugepages, Some(HugePageSize::Size2M));
+        let b = backend("memory_mib = 2048\nhugepages = true\nhugepage_size = \"1G\"").unwrap();
+        assert_eq!(b.hugepages, Some(HugePageSize::Size1G));
+        let b = backend("thp = true\nmergeable = true\nprefault = true").unwrap();
+        assert!(b.thp && b.mergeable && b.prefault && b.hugepages.is_none());
+        for (toml, why) in [
+            (
+                "hugepage_size = \"2M\"",
+                "hugepage_size is given without hugepages=on",
+            ),
+            ("hugepages = true\nthp = true", "exclude each other"),
+            (
+                "memory_mib = 1000\nhugepages = true\nhugepage_size = \"1G\"",
+                "not a multiple of the 1024 MiB huge page",
+            ),
+            (
+                "hugepages = true\nhugepage_size = \"3M\"",
+                "expected 2M or 1G",
+            ),
+        ] {
+            let e = backend(toml).unwrap_err().to_string();
+            assert!(e.starts_with("memory: ") && e.contains(why), "{toml}: {e}");
+        }
+    }
+
+    #[test]
+    fn numa_tables_and_affinity_validate_with_the_machine() {
+        let c = parse(
+            "[machine]\nvcpus = 2\nmemory_mib = 256\nvcpu_affinity = \"0=0,1=0\"\n[boot]\nkernel = \"/k\"\n\
+             [[numa]]\nnode = 0\ncpus = \"0\"\nmemory_mib = 128\nhost_node = 0\npolicy = \"preferred\"\n\
+             [[numa]]\nnode = 1\ncpus = \"1\"\nmemory_mib = 128\ndistances = \"0:15\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.numa.len(), 2);
+        assert_eq!(c.numa[0].policy, Some(NumaPolicy::Preferred));
+        let e = parse("[[numa]]\nnode = 0\ncpus = \"0\"\nmemory = 5\n").unwrap_err();
+        assert!(e.to_string().contains("unknown field `memory`"), "{e}");
     }
 
     #[test]
@@ -552,14 +675,18 @@ mod tests {
         c.apply(&Overrides {
             kernel: Some("/k".into()),
             vcpus: Some(4),
-            memory_mib: Some(256),
-            memory_shared: Some(true),
+            memory: MemoryFlag::parse("size=256,shared=on,mergeable=on,thp=on").unwrap(),
             cmdline: Some("quiet".into()),
             initrd: None,
             cpu: Some("EPYC-Rome,-sha-ni".into()),
             disks: vec![],
             nets: vec![],
+            numa: vec![NumaConfig::parse_flag("node=0,cpus=0-3,memory=256").unwrap()],
+            vcpu_affinity: Some("0=0".into()),
         });
+        assert!(c.machine.mergeable && c.machine.thp && !c.machine.hugepages);
+        assert_eq!(c.numa.len(), 1);
+        assert_eq!(c.machine.vcpu_affinity.as_deref(), Some("0=0"));
         assert_eq!(c.machine.cpu.as_deref(), Some("EPYC-Rome,-sha-ni"));
         assert_eq!(c.machine.vcpus, 4);
         assert_eq!(c.machine.memory_mib, 256);
