@@ -132,13 +132,37 @@ fn api_bad_input_gets_clear_errors_and_ember_keeps_serving() {
         Some(r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "01:00:5e:00:00:01"}"#),
         400,
     );
+    // The balloon before boot: no device yet, then one, changed, read back;
+    // a bad body changes nothing.
+    api.call("GET", "/balloon", None, 400);
+    api.call(
+        "PUT",
+        "/balloon",
+        Some(r#"{"amount_mib": 4096, "deflate_on_oom": true}"#),
+        400,
+    );
+    api.call(
+        "PUT",
+        "/balloon",
+        Some(r#"{"amount_mib": 8, "deflate_on_oom": true, "stats_polling_interval_s": 2}"#),
+        204,
+    );
+    api.call("PATCH", "/balloon", Some(r#"{"amount_mib": 16}"#), 204);
+    api.call("PATCH", "/balloon", Some(r#"{"amount_mib": -1}"#), 400);
+    let b = api.call("GET", "/balloon", None, 200).json();
+    assert_eq!(
+        (
+            b["amount_mib"].as_u64(),
+            b["deflate_on_oom"].as_bool(),
+            b["stats_polling_interval_s"].as_u64()
+        ),
+        (Some(16), Some(true), Some(2)),
+        "{b}"
+    );
+    api.call("GET", "/balloon/statistics", None, 400);
     // Endpoints of later devices say they are not supported, never 204.
     for (method, path, body) in [
-        (
-            "PUT",
-            "/balloon",
-            r#"{"amount_mib": 1, "deflate_on_oom": false}"#,
-        ),
+        ("PATCH", "/balloon/hinting/start", "{}"),
         (
             "PUT",
             "/vsock",

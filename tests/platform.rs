@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use ember_tests::{agent_all, guest_kernel_dir, kvm_available, spawn_ember};
+use ember_tests::{agent_all, guest_kernel_dir, kvm_available, proc_kib, spawn_ember};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -230,5 +230,143 @@ fn acpi_numa_guest_finds_its_tables_bridge_and_nodes_on_bound_huge_pages_then_po
     run.check(
         field(0, "distances") == "10,25" && field(1, "distances") == "25,10",
         "the SLIT distances are the configured ones",
+    );
+}
+
+/// KSM's tunables, turned on fast for the test and put back when dropped
+/// (KSM is host-wide).
+struct Ksm {
+    saved: Vec<(&'static str, String)>,
+}
+
+const KSM: &str = "/sys/kernel/mm/ksm";
+
+impl Ksm {
+    /// Saves the tunables and sets them fast, with ksmd stopped (`run`
+    /// 0) until [`Ksm::run`].
+    fn prepare() -> Result<Self, String> {
+        let mut saved = Vec::new();
+        for (k, v) in [
+            ("pages_to_scan", "20000"),
+            ("sleep_millisecs", "10"),
+            ("run", "0"),
+        ] {
+            let path = format!("{KSM}/{k}");
+            let old = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+            saved.push((k, old.trim().to_string()));
+            std::fs::write(&path, v).map_err(|e| format!("{path}: {e}"))?;
+        }
+        Ok(Ksm { saved })
+    }
+
+    fn run(&self) -> Result<(), String> {
+        std::fs::write(format!("{KSM}/run"), "1").map_err(|e| e.to_string())
+    }
+
+    fn read(name: &str) -> u64 {
+        std::fs::read_to_string(format!("{KSM}/{name}"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Ksm {
+    fn drop(&mut self) {
+        for (k, v) in self.saved.iter().rev() {
+            let _ = std::fs::write(format!("{KSM}/{k}"), v);
+        }
+    }
+}
+
+fn pss_mib(pid: i32) -> f64 {
+    proc_kib(&format!("/proc/{pid}/smaps_rollup"), "Pss").map_or(0.0, |kib| kib as f64 / 1024.0)
+}
+
+fn ksm_pages(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/ksm_merging_pages"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn ksm_merges_four_mergeable_guests_and_leaves_an_unmergeable_one_alone() {
+    if !kvm_available("ksm_merges_four_mergeable_guests_and_leaves_an_unmergeable_one_alone") {
+        return;
+    }
+    if !std::path::Path::new(KSM).exists() {
+        panic!("this host has no KSM ({KSM}); the test needs CONFIG_KSM");
+    }
+    // ksmd waits until the guests are up, so the memory before merging is
+    // measured; then it runs.
+    let ksm = Ksm::prepare().expect("cannot set KSM up");
+    let kernel = guest_kernel_dir().join("vmlinux");
+    let cmdline = "console=ttyS0 reboot=k panic=1 quiet ember.agent=on ember.sleep=600";
+    let spawn = |memory: &str| {
+        spawn_ember(
+            &[
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--memory",
+                memory,
+                "--cmdline",
+                cmdline,
+            ],
+            b"",
+        )
+    };
+    let mut vms: Vec<_> = (0..4).map(|_| spawn("size=128,mergeable=on")).collect();
+    let mut control = spawn("size=128,mergeable=off");
+    let up = vms
+        .iter_mut()
+        .chain(std::iter::once(&mut control))
+        .all(|vm| vm.wait_for_output("EMBER-AGENT sleeping", TIMEOUT));
+    let pids: Vec<i32> = vms.iter().map(|v| v.pid()).collect();
+    let pss_before: f64 = pids.iter().map(|&p| pss_mib(p)).sum();
+    let sharing_before = Ksm::read("pages_sharing");
+    ksm.run().expect("cannot start ksmd");
+    let t = std::time::Instant::now();
+    // Until the four have merged at least 8 MiB each, or a minute passes.
+    while t.elapsed() < Duration::from_secs(60) && pids.iter().any(|&p| ksm_pages(p) < 2048) {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let merged: Vec<u64> = pids.iter().map(|&p| ksm_pages(p)).collect();
+    let pss_after: f64 = pids.iter().map(|&p| pss_mib(p)).sum();
+    let sharing_after = Ksm::read("pages_sharing");
+    let control_merged = ksm_pages(control.pid());
+    let control_pss = pss_mib(control.pid());
+    for vm in vms.iter().chain(std::iter::once(&control)) {
+        vm.signal(libc::SIGTERM);
+    }
+    let runs: Vec<_> = vms.into_iter().map(|v| v.finish(TIMEOUT)).collect();
+    let control = control.finish(TIMEOUT);
+    control.check(up, "all five guests came up");
+    control.check(
+        merged.iter().all(|&m| m >= 2048),
+        &format!("each mergeable guest has pages merged: {merged:?} (pages)"),
+    );
+    control.check(
+        control_merged == 0,
+        "the mergeable=off guest has nothing merged",
+    );
+    control.check(
+        sharing_after > sharing_before,
+        &format!("pages_sharing rose: {sharing_before} -> {sharing_after}"),
+    );
+    control.check(
+        pss_before - pss_after >= 16.0,
+        &format!("the four guests' memory (PSS) fell: {pss_before:.0} -> {pss_after:.0} MiB"),
+    );
+    for r in &runs {
+        r.check(r.code() == 143, "SIGTERM ended the guest");
+    }
+    eprintln!(
+        "KSM, 4 x 128 MiB guests: PSS {pss_before:.0} -> {pss_after:.0} MiB ({:.0} MiB saved, {:.0}%), pages_sharing +{} in {:.1} s; the unmergeable guest: PSS {control_pss:.0} MiB, 0 merged",
+        pss_before - pss_after,
+        100.0 * (pss_before - pss_after) / pss_before.max(1.0),
+        sharing_after.saturating_sub(sharing_before),
+        t.elapsed().as_secs_f64()
     );
 }

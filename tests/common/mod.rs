@@ -785,3 +785,13 @@ pub fn wait_all_threads_filtered(
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A `Field:  N kB` line of a /proc file (`status`, `smaps_rollup`), in KiB.
+pub fn proc_kib(path: &str, field: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    })
+}

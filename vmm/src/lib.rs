@@ -28,6 +28,7 @@
 
 pub mod acpi;
 pub mod api;
+pub mod balloon;
 pub mod config;
 pub mod cpu;
 pub mod devices;
@@ -183,6 +184,9 @@ pub enum Error {
     /// The ACPI tables cannot be built or written.
     #[error("ACPI tables: {0}")]
     Acpi(String),
+    /// The balloon cannot be made or driven.
+    #[error("balloon: {0}")]
+    Balloon(String),
     /// Guest memory cannot be backed, advised, bound or prefaulted as the
     /// configuration asks.
     #[error("guest memory: {0}")]
@@ -340,6 +344,7 @@ pub struct Vmm {
     threads: Option<VcpuThreads>,
     disks: Vec<disks::DiskDevice>,
     nets: Vec<nets::NetDevice>,
+    balloon: Option<balloon::BalloonDevice>,
     vm: Arc<VmFd>,
     inputs: Option<VmInputs>,
     pausable: Option<Pausable>,
@@ -450,6 +455,10 @@ impl Vmm {
             Boot::Fresh(_) => &[],
         };
         let nets = nets::create_nets(&mut attach, &cfg.nets, taps)?;
+        let balloon = cfg
+            .balloon
+            .map(|b| balloon::create(&mut attach, b))
+            .transpose()?;
         let device_events = attach.subscribers;
         let acpi = acpi::guest_uses_acpi(&cfg.cmdline);
         pci::attach_config_ports(&mut io, &bus, acpi)?;
@@ -580,6 +589,7 @@ impl Vmm {
             threads: None,
             disks,
             nets,
+            balloon,
             vm,
             inputs: Some(inputs),
             pausable: None,
@@ -705,6 +715,7 @@ impl Vmm {
             memory_backend: self.saved.memory_backend,
             numa: self.saved.numa.clone(),
             vcpu_affinity: self.saved.vcpu_affinity.clone(),
+            balloon: self.balloon_config().ok(),
             track_dirty_pages: self.track_dirty_pages,
             cpu: self.saved.cpu_choice.clone(),
             kernel: std::path::PathBuf::new(),
@@ -882,7 +893,23 @@ impl Vmm {
                 ],
             );
         }
-        vec![("block", block), ("net", net), ("vcpu", vcpu)]
+        let mut groups = vec![("block", block), ("net", net), ("vcpu", vcpu)];
+        if let Some(c) = self.balloon_counters() {
+            let mut balloon = metrics::Counters::default();
+            add(
+                &mut balloon,
+                &[
+                    ("inflate_count", c.inflated_pages),
+                    ("deflate_count", c.deflated_pages),
+                    ("stats_updates_count", c.stats_updates),
+                    ("free_page_report_count", c.reported_bytes >> 12),
+                    ("discarded_bytes", c.discarded_bytes),
+                    ("event_fails", c.refused),
+                ],
+            );
+            groups.push(("balloon", balloon));
+        }
+        groups
     }
 
     /// Stops the vCPUs, flushes the disks and logs the device counters.

@@ -341,6 +341,9 @@ struct VmArgs {
     /// Pin vCPU threads to host CPUs: `VCPU=CPU[,CPU...][,VCPU=CPU...]`, e.g. `0=2,1=3`.
     #[arg(long, value_name = "SPEC")]
     vcpu_affinity: Option<String>,
+    /// A virtio-balloon: `amount_mib=MIB[,deflate_on_oom=on][,stats_polling_interval_s=S][,free_page_reporting=on]`.
+    #[arg(long, value_name = "SPEC")]
+    balloon: Option<String>,
     /// The guest's CPU model, as QEMU's -cpu:
     /// `MODEL[,+FEATURE][,-FEATURE][,enforce|,check]` (default `host`;
     /// `ember cpu list` lists the models). A `.json` file is a Firecracker
@@ -418,6 +421,11 @@ fn vm_config_unchecked(cli: VmArgs) -> ember_vmm::Result<VmConfig> {
         .iter()
         .map(|n| NetConfig::parse_flag(n))
         .collect::<Result<Vec<_>, _>>()?;
+    let balloon = cli
+        .balloon
+        .as_deref()
+        .map(ember_vmm::config::balloon::parse_flag)
+        .transpose()?;
     let numa = cli
         .numa
         .iter()
@@ -434,6 +442,7 @@ fn vm_config_unchecked(cli: VmArgs) -> ember_vmm::Result<VmConfig> {
         nets,
         numa,
         vcpu_affinity: cli.vcpu_affinity,
+        balloon,
     });
     Ok(cfg)
 }

@@ -283,6 +283,7 @@ pub fn config_for(state: &VmState, load: &LoadParams) -> Result<ValidConfig> {
         memory_backend: Default::default(),
         numa: Vec::new(),
         vcpu_affinity: vec![Vec::new(); usize::from(state.machine.vcpus)],
+        balloon: None,
         track_dirty_pages: load.track_dirty_pages,
         cpu: crate::config::CpuChoice {
             text: state.cpu.model.clone(),
@@ -438,6 +439,12 @@ impl Vmm {
     /// disks are flushed first, so what the guest saw written is on them.
     pub fn save_state(&mut self) -> Result<self::VmState> {
         let threads = self.threads.as_ref().ok_or_else(crate::not_started)?;
+        if self.balloon.is_some() {
+            return Err(Error::Lifecycle(
+                "a microVM with a balloon cannot be snapshotted or migrated yet (its state is not saved)"
+                    .into(),
+            ));
+        }
         let clock = self.paused_clock.ok_or_else(|| {
             Error::Lifecycle("the microVM must be paused to save its state".into())
         })?;

@@ -37,6 +37,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod balloon;
 pub mod http;
 pub mod model;
 pub mod request;

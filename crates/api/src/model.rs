@@ -567,7 +567,6 @@ macro_rules! refuse_section {
 }
 
 refuse_section! {
-    refuse_balloon: "balloon", "the balloon device";
     refuse_memory_hotplug: "memory-hotplug", "memory hotplug";
     refuse_mmds_config: "mmds-config", "MMDS";
     refuse_pmem: "pmem", "virtio-pmem";
@@ -607,13 +606,9 @@ pub struct FullVmConfiguration {
     /// `metrics`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<Metrics>,
-    /// `balloon`: not supported yet.
-    #[serde(
-        default,
-        deserialize_with = "refuse_balloon",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub balloon: Option<NotSupported>,
+    /// `balloon`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<crate::balloon::Balloon>,
     /// `cpu-config`: a custom CPU template.
     #[serde(
         rename = "cpu-config",
@@ -701,14 +696,7 @@ mod tests {
 
     #[test]
     fn model_full_config_names_the_sections_ember_does_not_serve() {
-        for key in [
-            "balloon",
-            "memory-hotplug",
-            "mmds-config",
-            "pmem",
-            "vsock",
-            "entropy",
-        ] {
+        for key in ["memory-hotplug", "mmds-config", "pmem", "vsock", "entropy"] {
             let text = format!(r#"{{"drives": [], "{key}": {{"x": [1, 2]}}}}"#);
             let e = serde_json::from_str::<FullVmConfiguration>(&text).unwrap_err();
             let msg = e.to_string();

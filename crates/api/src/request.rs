@@ -56,6 +56,16 @@ pub enum Request {
     CreateSnapshot(SnapshotCreateParams),
     /// `PUT /snapshot/load`.
     LoadSnapshot(SnapshotLoadParams),
+    /// `GET /balloon`.
+    GetBalloon,
+    /// `PUT /balloon`.
+    PutBalloon(crate::balloon::Balloon),
+    /// `PATCH /balloon`.
+    PatchBalloon(crate::balloon::BalloonUpdate),
+    /// `GET /balloon/statistics`.
+    GetBalloonStats,
+    /// `PATCH /balloon/statistics`.
+    PatchBalloonStats(crate::balloon::BalloonStatsUpdate),
     /// `PUT /api/v1/vm.send-migration` (Cloud Hypervisor's).
     SendMigration(SendMigrationData),
     /// `PUT /api/v1/vm.receive-migration` (Cloud Hypervisor's).
@@ -108,14 +118,21 @@ impl RequestError {
 /// The spec's endpoints that belong to later work: method, path (`{id}`
 /// stands for one path segment) and what they are part of.
 const UNSUPPORTED: &[(&str, &str, &str)] = &[
-    ("GET", "/balloon", "the balloon device"),
-    ("PUT", "/balloon", "the balloon device"),
-    ("PATCH", "/balloon", "the balloon device"),
-    ("GET", "/balloon/statistics", "the balloon device"),
-    ("PATCH", "/balloon/statistics", "the balloon device"),
-    ("PATCH", "/balloon/hinting/start", "the balloon device"),
-    ("GET", "/balloon/hinting/status", "the balloon device"),
-    ("PATCH", "/balloon/hinting/stop", "the balloon device"),
+    (
+        "PATCH",
+        "/balloon/hinting/start",
+        "free page hinting (free page reporting is supported)",
+    ),
+    (
+        "GET",
+        "/balloon/hinting/status",
+        "free page hinting (free page reporting is supported)",
+    ),
+    (
+        "PATCH",
+        "/balloon/hinting/stop",
+        "free page hinting (free page reporting is supported)",
+    ),
     ("PUT", "/pmem/{id}", "virtio-pmem"),
     ("PATCH", "/pmem/{id}", "virtio-pmem"),
     ("GET", "/mmds", "MMDS"),
@@ -453,6 +470,23 @@ impl Request {
             }
             ("GET", ["api", "v1", "vm.migration-status"]) => no_body(Request::GetMigration)?,
             ("PUT", ["api", "v1", "vm.migration-cancel"]) => no_body(Request::CancelMigration)?,
+            ("GET", ["balloon"]) => no_body(Request::GetBalloon)?,
+            ("PUT", ["balloon"]) => {
+                let b: crate::balloon::Balloon = parse_body(&what, body)?;
+                if b.free_page_hinting == Some(true) {
+                    return Err(RequestError::Value(
+                        what,
+                        "free_page_hinting is not supported by ember (use free_page_reporting)"
+                            .into(),
+                    ));
+                }
+                Request::PutBalloon(b)
+            }
+            ("PATCH", ["balloon"]) => Request::PatchBalloon(parse_body(&what, body)?),
+            ("GET", ["balloon", "statistics"]) => no_body(Request::GetBalloonStats)?,
+            ("PATCH", ["balloon", "statistics"]) => {
+                Request::PatchBalloonStats(parse_body(&what, body)?)
+            }
             ("PUT", ["logger"]) => Request::PutLogger(parse_body(&what, body)?),
             ("PUT", ["metrics"]) => {
                 let m: Metrics = parse_body(&what, body)?;
@@ -663,10 +697,83 @@ mod tests {
     }
 
     #[test]
+    fn request_balloon_bodies_parse_and_bad_ones_are_named() {
+        let ok = |m: &str, p: &str, b: &str| Request::parse(m, p, b.as_bytes()).unwrap();
+        assert_eq!(
+            ok(
+                "PUT",
+                "/balloon",
+                r#"{"amount_mib":64,"deflate_on_oom":true,"stats_polling_interval_s":1,"free_page_reporting":true}"#
+            ),
+            Request::PutBalloon(crate::balloon::Balloon {
+                amount_mib: 64,
+                deflate_on_oom: true,
+                stats_polling_interval_s: 1,
+                free_page_hinting: None,
+                free_page_reporting: true,
+            })
+        );
+        assert_eq!(ok("GET", "/balloon", ""), Request::GetBalloon);
+        assert_eq!(
+            ok("GET", "/balloon/statistics", ""),
+            Request::GetBalloonStats
+        );
+        assert_eq!(
+            ok("PATCH", "/balloon", r#"{"amount_mib":0}"#),
+            Request::PatchBalloon(crate::balloon::BalloonUpdate { amount_mib: 0 })
+        );
+        assert_eq!(
+            ok(
+                "PATCH",
+                "/balloon/statistics",
+                r#"{"stats_polling_interval_s":5}"#
+            ),
+            Request::PatchBalloonStats(crate::balloon::BalloonStatsUpdate {
+                stats_polling_interval_s: 5
+            })
+        );
+        for (m, p, body, needle) in [
+            (
+                "PUT",
+                "/balloon",
+                r#"{"amount_mib":64}"#,
+                "missing field `deflate_on_oom`",
+            ),
+            (
+                "PUT",
+                "/balloon",
+                r#"{"amount_mib":-1,"deflate_on_oom":true}"#,
+                "invalid value",
+            ),
+            (
+                "PUT",
+                "/balloon",
+                r#"{"amount_mib":1,"deflate_on_oom":true,"size":2}"#,
+                "unknown field `size`",
+            ),
+            (
+                "PUT",
+                "/balloon",
+                r#"{"amount_mib":1,"deflate_on_oom":true,"free_page_hinting":true}"#,
+                "free_page_hinting is not supported",
+            ),
+            ("PATCH", "/balloon", r#"{}"#, "missing field `amount_mib`"),
+            (
+                "PATCH",
+                "/balloon/statistics",
+                r#"{"stats_polling_interval_s":70000}"#,
+                "invalid value",
+            ),
+            ("GET", "/balloon", "{}", "takes no body"),
+        ] {
+            let e = err(m, p, body).to_string();
+            assert!(e.contains(needle), "{m} {p} {body}: {e}");
+        }
+    }
+
+    #[test]
     fn request_unsupported_spec_endpoints_say_so() {
         for (method, path) in [
-            ("PUT", "/balloon"),
-            ("GET", "/balloon/statistics"),
             ("PUT", "/vsock"),
             ("PUT", "/entropy"),
             ("GET", "/mmds"),
@@ -675,7 +782,6 @@ mod tests {
             ("PUT", "/pmem/p0"),
             ("PUT", "/hotplug/memory"),
             ("PATCH", "/hotplug/memory"),
-            ("GET", "/balloon"),
             ("PATCH", "/balloon/hinting/start"),
             ("GET", "/balloon/hinting/status"),
             ("PATCH", "/pmem/p0"),

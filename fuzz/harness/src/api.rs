@@ -176,6 +176,13 @@ pub fn seeds() -> Vec<NamedSeed> {
             "/network-interfaces/eth1",
             r#"{"iface_id": "eth1", "host_dev_name": "tap1", "mtu": 9000}"#,
         ),
+        http(
+            "PUT",
+            "/balloon",
+            r#"{"amount_mib": 64, "deflate_on_oom": true, "stats_polling_interval_s": 1, "free_page_reporting": true}"#,
+        ),
+        http("PATCH", "/balloon", r#"{"amount_mib": 32}"#),
+        http("GET", "/balloon/statistics", ""),
         http("GET", "/vm/config", ""),
     ]
     .concat();

@@ -60,6 +60,10 @@ fn overrides(text: &str) -> Overrides {
                 Err(e) => drop(chain(&e)),
             },
             'a' => o.vcpu_affinity = Some(value.to_string()),
+            'b' => match ember_vmm::config::balloon::parse_flag(value) {
+                Ok(b) => o.balloon = Some(b),
+                Err(e) => drop(chain(&e)),
+            },
             'n' => {
                 let _ = parse_mac(value);
                 match NetConfig::parse_flag(value) {

@@ -1034,7 +1034,22 @@ offloads = true
             b"[machine]\nvcpus = 300\nmemory_mib = 1\n[boot]\nkernel = '/'\n[[net]]\ntap = 'a/b'\nmac = '01:00:00:00:00:00'\n".to_vec(),
         ),
         ("unknown_key", "[machine]\nvcpu = 2 # é\n".as_bytes().to_vec()),
+        ("platform", platform_seed()),
     ]
+}
+
+/// NUMA nodes, pinning, memory backends and a balloon, in TOML and flags.
+fn platform_seed() -> Vec<u8> {
+    let mut s = b"[machine]\nvcpus = 2\nmemory_mib = 256\nthp = true\nmergeable = true\nvcpu_affinity = \"0=0,1=1\"\n\
+[[numa]]\nnode = 0\ncpus = \"0\"\nmemory_mib = 128\nhost_node = 0\n\
+[[numa]]\nnode = 1\ncpus = \"1\"\nmemory_mib = 128\npolicy = \"preferred\"\ndistances = \"0:25\"\n\
+[balloon]\namount_mib = 64\ndeflate_on_oom = true\nstats_polling_interval_s = 1\nfree_page_reporting = true\n"
+        .to_vec();
+    s.push(0);
+    s.extend_from_slice(
+        b"k/proc/self/exe\nmsize=256,hugepages=on,hugepage_size=2M,prefault=on\nunode=0,cpus=0-1,memory=256,distances=1:20\na0=0,1\nbamount_mib=8,stats=2,free_page_reporting=on\n",
+    );
+    s
 }
 
 /// Every target's seeds, by target name.

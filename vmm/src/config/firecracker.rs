@@ -280,6 +280,7 @@ pub fn to_api(cfg: &VmConfig) -> FullVmConfiguration {
                 ..Default::default()
             })
             .collect(),
+        balloon: cfg.balloon.as_ref().map(balloon_to_api),
         ..Default::default()
     }
 }
@@ -339,7 +340,49 @@ pub fn from_api(full: &FullVmConfiguration) -> Result<VmConfig, ConfigError> {
     for n in &full.network_interfaces {
         apply_net(&mut cfg, n)?;
     }
+    if let Some(b) = &full.balloon {
+        apply_balloon(&mut cfg, b)?;
+    }
     Ok(cfg)
+}
+
+/// `PUT /balloon` before boot (and the config file's `balloon`).
+pub fn apply_balloon(
+    cfg: &mut VmConfig,
+    b: &ember_api::balloon::Balloon,
+) -> Result<(), ConfigError> {
+    if b.free_page_hinting == Some(true) {
+        return Err(unsupported(
+            "balloon.free_page_hinting",
+            "free page reporting is: free_page_reporting = true",
+        ));
+    }
+    let config = balloon_from_api(b);
+    let backend = cfg.machine.memory_backend()?;
+    super::balloon::validate(&config, cfg.machine.memory_mib, &backend)?;
+    cfg.balloon = Some(config);
+    Ok(())
+}
+
+/// Firecracker's balloon body as the device's configuration.
+pub fn balloon_from_api(b: &ember_api::balloon::Balloon) -> ember_virtio_balloon::BalloonConfig {
+    ember_virtio_balloon::BalloonConfig {
+        amount_mib: b.amount_mib,
+        deflate_on_oom: b.deflate_on_oom,
+        stats_polling_interval_s: b.stats_polling_interval_s,
+        free_page_reporting: b.free_page_reporting,
+    }
+}
+
+/// The device's configuration as Firecracker's balloon body.
+pub fn balloon_to_api(b: &ember_virtio_balloon::BalloonConfig) -> ember_api::balloon::Balloon {
+    ember_api::balloon::Balloon {
+        amount_mib: b.amount_mib,
+        deflate_on_oom: b.deflate_on_oom,
+        stats_polling_interval_s: b.stats_polling_interval_s,
+        free_page_hinting: None,
+        free_page_reporting: b.free_page_reporting,
+    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@
 //! Relative paths in the file are relative to the file's directory; unknown
 //! keys are errors.
 
+pub mod balloon;
 pub mod boot;
 pub mod disk;
 pub mod firecracker;
@@ -100,6 +101,17 @@ pub enum ConfigError {
     /// A `--numa` flag cannot be parsed.
     #[error("--numa {flag}: {why}")]
     NumaFlag {
+        /// The flag's value.
+        flag: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// The balloon's settings are wrong.
+    #[error("balloon: {0}")]
+    Balloon(String),
+    /// A `--balloon` flag cannot be parsed.
+    #[error("--balloon {flag}: {why}")]
+    BalloonFlag {
         /// The flag's value.
         flag: String,
         /// What is wrong.
@@ -197,6 +209,9 @@ pub struct VmConfig {
     /// `[[numa]]`: guest NUMA nodes.
     #[serde(default)]
     pub numa: Vec<NumaConfig>,
+    /// `[balloon]`: a virtio-balloon device.
+    #[serde(default)]
+    pub balloon: Option<ember_virtio_balloon::BalloonConfig>,
 }
 
 /// Flags that override the file (or stand in for it).
@@ -216,6 +231,8 @@ pub struct Overrides {
     pub numa: Vec<NumaConfig>,
     /// `--vcpu-affinity`.
     pub vcpu_affinity: Option<String>,
+    /// `--balloon`.
+    pub balloon: Option<ember_virtio_balloon::BalloonConfig>,
     /// `--cpu`.
     pub cpu: Option<String>,
     /// `--disk`, repeated: replace the file's disks when given.
@@ -239,6 +256,8 @@ pub struct ValidConfig {
     pub numa: Vec<NumaNode>,
     /// Host CPUs per vCPU (empty: not pinned).
     pub vcpu_affinity: Vec<Vec<usize>>,
+    /// The balloon, if any.
+    pub balloon: Option<ember_virtio_balloon::BalloonConfig>,
     /// Dirty-page tracking for diff snapshots.
     pub track_dirty_pages: bool,
     /// The CPU model.
@@ -333,6 +352,9 @@ impl VmConfig {
         if let Some(a) = &o.vcpu_affinity {
             self.machine.vcpu_affinity = Some(a.clone());
         }
+        if let Some(b) = o.balloon {
+            self.balloon = Some(b);
+        }
         if let Some(c) = &o.cpu {
             self.machine.cpu = Some(c.clone());
         }
@@ -399,6 +421,9 @@ impl VmConfig {
                 )));
             }
         }
+        if let Some(b) = &self.balloon {
+            balloon::validate(b, self.machine.memory_mib, &memory_backend)?;
+        }
         let vcpu_affinity = match &self.machine.vcpu_affinity {
             Some(a) => numa::parse_affinity(a, vcpus)?,
             None => vec![Vec::new(); usize::from(vcpus)],
@@ -410,6 +435,7 @@ impl VmConfig {
             memory_backend,
             numa,
             vcpu_affinity,
+            balloon: self.balloon,
             track_dirty_pages: self.machine.track_dirty_pages,
             cpu: self.machine.cpu_choice(),
             kernel: self.boot.kernel()?.to_owned(),
@@ -683,6 +709,7 @@ mod tests {
             nets: vec![],
             numa: vec![NumaConfig::parse_flag("node=0,cpus=0-3,memory=256").unwrap()],
             vcpu_affinity: Some("0=0".into()),
+            balloon: None,
         });
         assert!(c.machine.mergeable && c.machine.thp && !c.machine.hugepages);
         assert_eq!(c.numa.len(), 1);

@@ -52,6 +52,11 @@ impl Instance {
             State::NotStarted => return Err(LifecycleError::NotStarted.into()),
         }
         self.require_not_migrating()?;
+        if self.vmm.as_ref().is_some_and(|v| v.has_balloon()) {
+            return Err(Error::Migration(
+                "a microVM with a balloon cannot be migrated yet (its state is not saved)".into(),
+            ));
+        }
         if self.incoming.is_some() {
             return Err(Error::Migration(
                 "a post-copy migration is still bringing this guest's pages in".into(),

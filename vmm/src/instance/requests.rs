@@ -126,6 +126,11 @@ impl Instance {
                 Ok(()) => Response::no_content(),
                 Err(e) => bad_request(&e),
             },
+            Request::GetBalloon
+            | Request::PutBalloon(_)
+            | Request::PatchBalloon(_)
+            | Request::GetBalloonStats
+            | Request::PatchBalloonStats(_) => self.balloon_request(request),
             Request::CreateSnapshot(c) => self.api_create_snapshot(&c),
             Request::LoadSnapshot(l) => self.api_load_snapshot(&l),
             Request::PutLogger(l) => self.put_logger(&l),
@@ -143,6 +148,89 @@ impl Instance {
                     Err(e) => bad_request(&e),
                 }
             }
+        }
+    }
+
+    /// The balloon endpoints: before boot they read and change the
+    /// configuration; after, the running device (Firecracker's rules: `PUT`
+    /// only before boot, statistics only if enabled before boot).
+    fn balloon_request(&mut self, request: Request) -> Response {
+        let no_balloon = || {
+            Response::fault(
+                400,
+                "no balloon device is configured (PUT /balloon before boot)",
+            )
+        };
+        let running = self
+            .vmm
+            .as_ref()
+            .filter(|_| matches!(self.state, State::Running | State::Paused));
+        match (request, running) {
+            (Request::PutBalloon(b), _) => self.change(|c| fc::apply_balloon(c, &b)),
+            (Request::GetBalloon, None) => match &self.config.balloon {
+                Some(b) => Response::json(200, &fc::balloon_to_api(b)),
+                None => no_balloon(),
+            },
+            (Request::GetBalloon, Some(vmm)) => match vmm.balloon_config() {
+                Ok(b) => Response::json(200, &fc::balloon_to_api(&b)),
+                Err(_) => no_balloon(),
+            },
+            (Request::PatchBalloon(u), None) => {
+                if self.config.balloon.is_none() {
+                    return no_balloon();
+                }
+                self.change(|c| {
+                    let mut b = c.balloon.unwrap_or_default();
+                    b.amount_mib = u.amount_mib;
+                    let backend = c.machine.memory_backend()?;
+                    crate::config::balloon::validate(&b, c.machine.memory_mib, &backend)?;
+                    c.balloon = Some(b);
+                    Ok(())
+                })
+            }
+            (Request::PatchBalloon(u), Some(vmm)) => match vmm.set_balloon_target(u.amount_mib) {
+                Ok(()) => Response::no_content(),
+                Err(e) => bad_request(&e),
+            },
+            // Before boot the statistics queue can still come or go.
+            (Request::PatchBalloonStats(u), None) => match self.config.balloon {
+                None => no_balloon(),
+                Some(_) => self.change(|c| {
+                    if let Some(b) = c.balloon.as_mut() {
+                        b.stats_polling_interval_s = u.stats_polling_interval_s;
+                    }
+                    Ok(())
+                }),
+            },
+            (Request::PatchBalloonStats(u), Some(vmm)) => {
+                match vmm.set_balloon_stats_interval(u.stats_polling_interval_s) {
+                    Ok(()) => Response::no_content(),
+                    Err(e) => bad_request(&e),
+                }
+            }
+            (Request::GetBalloonStats, None) => match self.config.balloon {
+                None => no_balloon(),
+                Some(_) => {
+                    Response::fault(400, "the balloon's statistics exist once the microVM runs")
+                }
+            },
+            (Request::GetBalloonStats, Some(vmm)) => match vmm.balloon_stats() {
+                Ok(s) => {
+                    let mib = |p: u32| p / 256;
+                    Response::json(
+                        200,
+                        &ember_api::balloon::BalloonStats {
+                            target_pages: s.target_pages,
+                            actual_pages: s.actual_pages,
+                            target_mib: mib(s.target_pages),
+                            actual_mib: mib(s.actual_pages),
+                            values: s.values.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+                        },
+                    )
+                }
+                Err(e) => bad_request(&e),
+            },
+            _ => Response::fault(500, "not a balloon request"),
         }
     }
 
@@ -320,6 +408,9 @@ fn metric_name(r: &Request) -> (&'static str, &'static str) {
         Request::SendMigration(_) => (PUT, "send_migration_count"),
         Request::ReceiveMigration(_) => (PUT, "receive_migration_count"),
         Request::GetMigration => (GET, "migration_status_count"),
+        Request::GetBalloon | Request::GetBalloonStats => (GET, "balloon_count"),
+        Request::PutBalloon(_) => (PUT, "balloon_count"),
+        Request::PatchBalloon(_) | Request::PatchBalloonStats(_) => (PATCH, "balloon_count"),
         Request::CancelMigration => (PUT, "migration_cancel_count"),
     }
 }

@@ -186,7 +186,7 @@ fn common() -> Vec<Rule> {
         ),
         always(
             libc::SYS_madvise,
-            "the allocator and thread exit releasing pages",
+            "the allocator and thread exit releasing pages; the balloon giving guest pages back",
         ),
         always(libc::SYS_brk, "the allocator growing the main heap"),
         always(
@@ -230,6 +230,10 @@ pub fn vmm() -> Vec<Rule> {
             "eventfds, signalfd, console input, tap frames",
         ),
         always(libc::SYS_readv, "tap frames into guest buffers"),
+        always(
+            libc::SYS_timerfd_settime,
+            "the balloon's statistics timer (a new interval from the API)",
+        ),
         always(libc::SYS_writev, "tap frames from guest buffers"),
         always(libc::SYS_pread64, "disk reads"),
         always(libc::SYS_pwrite64, "disk writes"),
@@ -329,6 +333,10 @@ pub fn vcpu() -> Vec<Rule> {
             "enter the guest; MSI-X routes; tap offloads at driver activation; pause; a paused vCPU saves its state for a snapshot",
         ),
         always(libc::SYS_read, "eventfds"),
+        always(
+            libc::SYS_timerfd_settime,
+            "the balloon's statistics timer, armed when the driver activates it",
+        ),
     ]);
     rules
 }
