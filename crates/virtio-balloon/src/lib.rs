@@ -152,6 +152,29 @@ impl std::fmt::Debug for Balloon {
     }
 }
 
+/// A timerfd whose read never blocks: the device reads it when the event
+/// loop says it is readable, and a read of a timer that did not fire (a
+/// spurious wake-up) must not stall the loop.
+#[allow(unsafe_code)]
+fn nonblocking_timer() -> Result<TimerFd, Error> {
+    let timer = TimerFd::new().map_err(|e| Error::Timer(e.to_string()))?;
+    let fd = timer.as_raw_fd();
+    // SAFETY: fcntl(2) on a descriptor `timer` owns; F_GETFL/F_SETFL only
+    // read and set its status flags.
+    let rc = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 {
+            flags
+        } else {
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK)
+        }
+    };
+    if rc < 0 {
+        return Err(Error::Timer(std::io::Error::last_os_error().to_string()));
+    }
+    Ok(timer)
+}
+
 fn pages(mib: u32) -> Result<u32, Error> {
     mib.checked_mul(PAGES_PER_MIB).ok_or(Error::TooLarge(mib))
 }
@@ -178,7 +201,7 @@ impl Balloon {
             avail_features,
             queue_sizes,
             actual_pages: 0,
-            timer: TimerFd::new().map_err(|e| Error::Timer(e.to_string()))?,
+            timer: nonblocking_timer()?,
             active: None,
             stats: None,
             counters: Counters::default(),
@@ -430,7 +453,10 @@ impl Balloon {
     /// The statistics timer fired: hand the held buffer back so the guest
     /// refills it.
     fn poll_stats(&mut self) {
-        let _ = self.timer.wait();
+        // Nothing to do unless the timer fired (the read does not block).
+        if !matches!(self.timer.wait(), Ok(n) if n > 0) {
+            return;
+        }
         let Some(active) = self.active.as_mut() else {
             return;
         };

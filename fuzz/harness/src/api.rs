@@ -187,12 +187,8 @@ pub fn seeds() -> Vec<NamedSeed> {
     ]
     .concat();
     let unsupported = [
-        http("GET", "/balloon", ""),
-        http(
-            "PATCH",
-            "/balloon/statistics",
-            r#"{"stats_polling_interval_s": 1}"#,
-        ),
+        http("GET", "/balloon/hinting/status", ""),
+        http("PATCH", "/balloon/hinting/stop", "{}"),
         http("PUT", "/vsock", r#"{"guest_cid": 3, "uds_path": "/v"}"#),
         http("PUT", "/pmem/p0", r#"{"id": "p0", "path_on_host": "/p"}"#),
         http("GET", "/mmds", ""),
@@ -328,7 +324,7 @@ mod tests {
             ("configure", 6),
             ("lifecycle", 6),
             ("observe", 3),
-            ("patch_and_get", 7),
+            ("patch_and_get", 10),
             ("snapshot", 4),
         ] {
             let (ex, seen) = run(name);

@@ -26,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod balloon;
 pub mod blk;
 pub mod config;
 pub mod cpu;
@@ -43,6 +44,7 @@ pub mod transport;
 pub mod uffd;
 
 pub use api::api_request;
+pub use balloon::virtio_balloon;
 pub use blk::{virtio_blk_chain, virtio_blk_request};
 pub use config::config;
 pub use cpu::cpu_model;
@@ -78,6 +80,7 @@ pub const TARGETS: &[Target] = &[
     ("uffd_handshake", uffd_handshake),
     ("cpu_model", cpu_model),
     ("migration_stream", migration_stream),
+    ("virtio_balloon", virtio_balloon),
 ];
 
 /// The target called `name`.

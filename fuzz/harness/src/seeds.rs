@@ -1052,6 +1052,63 @@ fn platform_seed() -> Vec<u8> {
     s
 }
 
+// ------------------------------------------------------------ balloon ---
+
+/// `virtio_balloon` inputs: every queue with work (page frames to inflate
+/// and deflate, a statistics buffer, two reported ranges), first processed
+/// in order, then driven by operations.
+fn balloon_seeds() -> Vec<NamedSeed> {
+    const Q: [u64; 4] = [0x0, 0x400, 0x800, 0xc00];
+    let mut img = Image::new();
+    let pfns: Vec<u8> = [8u32, 9, 10, 0xffff_ffff]
+        .iter()
+        .flat_map(|p| p.to_le_bytes())
+        .collect();
+    img.put(0x2000, &pfns);
+    img.desc(Q[0], 0, 0x2000, 16, 0, 0);
+    img.avail(Q[0] + 0x100, &[0]);
+    img.desc(Q[1], 0, 0x2000, 4, 0, 0);
+    img.avail(Q[1] + 0x100, &[0]);
+    let mut stats = Vec::new();
+    for (tag, v) in [(4u16, 1u64 << 20), (5, 1 << 27)] {
+        stats.extend_from_slice(&tag.to_le_bytes());
+        stats.extend_from_slice(&v.to_le_bytes());
+    }
+    img.put(0x3000, &stats);
+    img.desc(Q[2], 0, 0x3000, 20, 0, 0);
+    img.avail(Q[2] + 0x100, &[0]);
+    img.chain(Q[3], 0, &[(0x9000, 0x2000, WRITE), (0xf000, 0x2000, WRITE)]);
+    img.avail(Q[3] + 0x100, &[0]);
+    let input = |ops: &Seed, img: &mut Image| {
+        let mut s = Seed::new();
+        // amount_mib, deflate_on_oom, stats interval, reporting, acked.
+        s.u16(16).u8(1).u8(1).u8(1).u64(u64::MAX);
+        for q in Q {
+            queue_setup(&mut s, 16, q, q + 0x100, q + 0x200);
+        }
+        s.section(ops).raw(img.reach(0x1_0000).bytes());
+        s.into_bytes()
+    };
+    let mut ops = Seed::new();
+    ops.u8(0)
+        .u8(0)
+        .u8(2)
+        .u8(3)
+        .u16(64)
+        .u8(4)
+        .u32(12)
+        .u8(4)
+        .u8(4)
+        .u8(5)
+        .u8(0)
+        .u8(8);
+    ops.u8(1).u8(2).u8(1).u8(3);
+    vec![
+        ("every_queue", input(&Seed::new(), &mut img.clone())),
+        ("operations", input(&ops, &mut img)),
+    ]
+}
+
 /// Every target's seeds, by target name.
 pub fn all() -> Vec<(&'static str, Vec<NamedSeed>)> {
     vec![
@@ -1066,6 +1123,7 @@ pub fn all() -> Vec<(&'static str, Vec<NamedSeed>)> {
         ("loader_bzimage", bzimage_seeds()),
         ("loader_elf", elf_seeds()),
         ("config", config_seeds()),
+        ("virtio_balloon", balloon_seeds()),
         ("api_request", crate::api::seeds()),
         ("snapshot_state", crate::snapshot::seeds()),
         ("uffd_handshake", crate::uffd::seeds()),

@@ -47,7 +47,8 @@
  *                             THREADS kernel threads write, flush and verify
  *                             OPS blocks each in their own slice of the range
  *   ember.hog=MIB:HOLD_S      allocate MIB MiB in 2 MiB blocks, write every
- *                             page, print `hog touched`, hold them HOLD_S
+ *                             page, print `hog touched mib= ms=` (the time
+ *                             allocating and writing took), hold them HOLD_S
  *                             seconds, free them and print `hog freed` (for
  *                             balloon and free page reporting tests)
  *   ember.beat=DEV:SECONDS:MEM_MIB
@@ -176,6 +177,7 @@ static void __init run_hog(void)
 {
 	unsigned int mib, hold_s, order = 9, blocks, got = 0, i;
 	struct page **pages;
+	ktime_t t0;
 
 	if (!hog[0])
 		return;
@@ -192,6 +194,7 @@ static void __init run_hog(void)
 		checks_failed++;
 		return;
 	}
+	t0 = ktime_get();
 	for (i = 0; i < blocks; i++) {
 		pages[got] = alloc_pages(GFP_KERNEL | __GFP_NOWARN | __GFP_NORETRY, order);
 		if (!pages[got])
@@ -199,7 +202,8 @@ static void __init run_hog(void)
 		memset(page_address(pages[got]), 0x5a, PAGE_SIZE << order);
 		got++;
 	}
-	AGENT_LINE("hog touched mib=%u", got * 2);
+	AGENT_LINE("hog touched mib=%u ms=%lld", got * 2,
+		   ktime_ms_delta(ktime_get(), t0));
 	msleep(hold_s * 1000);
 	for (i = 0; i < got; i++)
 		__free_pages(pages[i], order);
