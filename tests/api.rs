@@ -195,6 +195,10 @@ fn api_bad_input_gets_clear_errors_and_ember_keeps_serving() {
         400,
     );
     assert!(r.fault().contains("kernel"), "{r:?}");
+    // Cloud Hypervisor's power button (not in Firecracker's spec).
+    let r = api.client.request("PUT", "/api/v1/vm.power-button", None);
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.fault().contains("before starting"), "{r:?}");
     assert_eq!(api.state(), "Not started");
     api.call("PATCH", "/vm", Some(r#"{"state": "Paused"}"#), 400);
 
@@ -461,6 +465,9 @@ fn api_real_guest_starts_pauses_resumes_and_ctrl_alt_del_ends_it() {
     let cad = r#"{"action_type": "SendCtrlAltDel"}"#;
     api.call("PATCH", "/drives/scratch", Some(&patch), 400);
     api.call("PUT", "/actions", Some(cad), 400);
+    let button = api.client.request("PUT", "/api/v1/vm.power-button", None);
+    assert_eq!(button.status, 400, "{button:?}");
+    assert!(button.fault().contains("paused"), "{button:?}");
     // What the guest wrote before the pause may still be in the pipe.
     std::thread::sleep(Duration::from_secs(1));
     let before = ember.stdout_so_far();

@@ -325,6 +325,13 @@ fn bad_numa_layouts_affinity_and_memory_backends() {
             vec!["--memory", "size=256,hugepage_size=1G"],
             vec!["memory:", "hugepage_size is given without hugepages=on"],
         ),
+        (
+            vec!["--memory", "size=256,shared=on,mergeable=on"],
+            vec![
+                "memory:",
+                "KSM merges neither shared=on nor hugepages=on pages",
+            ],
+        ),
     ] {
         let r = run(&extra);
         assert_clean_error(&r, &needles);

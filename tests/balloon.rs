@@ -1,7 +1,9 @@
 //! virtio-balloon with a real guest, driven through Firecracker's API on
 //! the real socket, measured from the host: ember's resident memory
 //! (/proc/PID/status VmRSS) falls when the balloon inflates and when the
-//! guest reports memory it freed; statistics arrive every interval.
+//! guest reports memory it freed; statistics arrive every interval. A
+//! snapshot keeps the balloon: restored, it has its size, its statistics
+//! and answers the next target.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -120,6 +122,26 @@ fn balloon_inflate_gives_memory_back_deflate_returns_it_and_stats_arrive_each_se
         .as_u64()
         .unwrap_or(0);
 
+    // A snapshot with the balloon inflated: its pages are holes in the
+    // memory file.
+    let state_file = dir.path("vm.state");
+    let mem_file = dir.path("vm.mem");
+    api.call("PATCH", "/vm", Some(r#"{"state": "Paused"}"#), 204);
+    api.call(
+        "PUT",
+        "/snapshot/create",
+        Some(&format!(
+            r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            state_file.display(),
+            mem_file.display()
+        )),
+        204,
+    );
+    api.call("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#), 204);
+    let mem_file_mib = std::fs::metadata(&mem_file)
+        .map(|m| (std::os::unix::fs::MetadataExt::blocks(&m) * 512) >> 20)
+        .unwrap_or(u64::MAX);
+
     // Deflate: the guest gets its memory back.
     api.call("PATCH", "/balloon", Some(r#"{"amount_mib":0}"#), 204);
     let deflated = wait_until(Duration::from_secs(120), || {
@@ -153,6 +175,43 @@ fn balloon_inflate_gives_memory_back_deflate_returns_it_and_stats_arrive_each_se
     vm.signal(libc::SIGTERM);
     let run = vm.finish(TIMEOUT);
 
+    // The snapshot restored in another ember: the balloon is as it was
+    // (128 MiB, statistics on), the held statistics buffer comes back, and
+    // the restored guest deflates when asked.
+    let sock2 = dir.path("api2.sock");
+    let restored = spawn_ember(&["--api-sock", sock2.to_str().unwrap()], b"");
+    let mut api2 = Api::connect(&sock2);
+    api2.call(
+        "PUT",
+        "/snapshot/load",
+        Some(&format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true}}"#,
+            state_file.display(),
+            mem_file.display()
+        )),
+        204,
+    );
+    let restored_config = api2.call("GET", "/balloon", None, 200).json();
+    let restored_stats = wait_until(Duration::from_secs(30), || {
+        let s = api2.call("GET", "/balloon/statistics", None, 200).json();
+        s["actual_mib"].as_u64() == Some(128) && s["free_memory"].as_u64().is_some()
+    });
+    api2.call("PATCH", "/balloon", Some(r#"{"amount_mib":0}"#), 204);
+    let restored_deflated = wait_until(Duration::from_secs(120), || {
+        api2.call("GET", "/balloon/statistics", None, 200).json()["actual_mib"].as_u64() == Some(0)
+    });
+    restored.signal(libc::SIGTERM);
+    let run2 = restored.finish(TIMEOUT);
+    run2.check(
+        restored_config["amount_mib"] == 128 && restored_config["stats_polling_interval_s"] == 1,
+        &format!("the restored balloon has its size and interval: {restored_config}"),
+    );
+    run2.check(
+        restored_stats,
+        "the restored balloon holds 128 MiB and gets statistics",
+    );
+    run2.check(restored_deflated, "the restored guest deflated to 0");
+
     run.check(up, "the guest came up");
     run.check(
         config["amount_mib"] == 0
@@ -181,6 +240,10 @@ fn balloon_inflate_gives_memory_back_deflate_returns_it_and_stats_arrive_each_se
     run.check(
         total_before.saturating_sub(total_inflated) >= 110 << 20,
         &format!("the guest's free memory fell by the balloon: {total_before} -> {total_inflated}"),
+    );
+    run.check(
+        mem_file_mib + 100 <= 256,
+        &format!("the inflated pages are holes in the snapshot's memory file: {mem_file_mib} MiB on disk"),
     );
     run.check(deflated, "the balloon deflated to 0");
     run.check(

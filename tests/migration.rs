@@ -40,8 +40,8 @@ use std::time::{Duration, Instant};
 use ember_tests::beat::{beats, check_continued, check_disk, wait_beat};
 use ember_tests::http::{Api, Client};
 use ember_tests::{
-    guest_kernel_dir, kvm_available, netns_available, spawn_ember, spawn_ember_in_netns,
-    spawn_ember_in_netns_env, NetNs, Running, TempDir,
+    guest_kernel_dir, kvm_available, mapping_flags, netns_available, spawn_ember,
+    spawn_ember_in_netns, spawn_ember_in_netns_env, thread_cpus, NetNs, Running, TempDir,
 };
 use serde_json::Value;
 
@@ -173,8 +173,11 @@ fn migration_moves_a_running_guest_between_hosts_and_survives_every_failure() {
             src_sock.to_str().unwrap(),
             "--kernel",
             kernel.to_str().unwrap(),
+            // THP and the vCPU's pinning go with the guest, hop to hop.
             "--memory",
-            "size=256,shared=on",
+            "size=256,shared=on,thp=on",
+            "--vcpu-affinity",
+            "0=0",
             "--disk",
             &disk_flag,
             "--net",
@@ -516,8 +519,18 @@ fn migration_moves_a_running_guest_between_hosts_and_survives_every_failure() {
         "post-copy over {SLOW_LINK}: {:.1} s from the request to the source's exit\n{source_line}",
         took.as_secs_f64()
     );
+    let ram_flags = mapping_flags(post.pid(), "ember-guest-ram");
+    let pinned = thread_cpus(post.pid(), "ember-vcpu0");
     post.signal(libc::SIGKILL);
     let run = post.finish(BOOT);
+    run.check(
+        !ram_flags.is_empty() && ram_flags.iter().all(|f| f.split(' ').any(|w| w == "hg")),
+        &format!("guest memory four hops on is still advised for THP: {ram_flags:?}"),
+    );
+    run.check(
+        pinned.as_deref() == Some("0"),
+        &format!("vCPU 0 is still pinned to host CPU 0: {pinned:?}"),
+    );
     run.check(
         run.stderr.contains("post-copy done"),
         "the destination got every page",

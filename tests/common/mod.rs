@@ -412,6 +412,46 @@ pub fn spawn_ember_env(args: &[&str], env: &[(&str, &str)]) -> Running {
     spawn_command(&mut cmd, b"")
 }
 
+/// The host CPUs the thread named `name` of process `pid` may run on
+/// (`Cpus_allowed_list`), if there is such a thread.
+pub fn thread_cpus(pid: i32, name: &str) -> Option<String> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let dir = task.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            let status = std::fs::read_to_string(dir.join("status")).ok()?;
+            return status
+                .lines()
+                .find(|l| l.starts_with("Cpus_allowed_list:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .map(str::to_string);
+        }
+    }
+    None
+}
+
+/// The `VmFlags` of each mapping of process `pid` whose name contains
+/// `name` (from /proc/PID/smaps).
+pub fn mapping_flags(pid: i32, name: &str) -> Vec<String> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut out = Vec::new();
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if inside {
+                out.push(flags.trim().to_string());
+            }
+        } else if line
+            .split_whitespace()
+            .next()
+            .is_some_and(|w| w.contains('-') && !w.ends_with(':'))
+        {
+            inside = line.contains(name);
+        }
+    }
+    out
+}
+
 /// The `EMBER-AGENT <check> k=v ...` lines of a console log, by check
 /// name (the last line of each check).
 pub fn agent_lines(console: &str) -> HashMap<String, HashMap<String, String>> {

@@ -6,7 +6,7 @@ use ember_acpi::{Machine, Node, Window};
 use ember_memory::{layout, GuestMemoryMmap, MemoryLayout};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::Error;
+use crate::{Error, Vmm};
 
 /// Whether the guest will use ACPI: unless its command line says
 /// `acpi=off` (it then finds its CPUs in the MP table, and PCI through
@@ -34,6 +34,7 @@ pub fn machine(ml: &MemoryLayout, vcpus: u8, numa: Vec<Node>) -> Machine {
             size: crate::pci::MMIO64_SIZE,
         },
         sleep_port: layout::ACPI_SLEEP_PORT,
+        power_button_gsi: layout::POWER_BUTTON_IRQ,
         numa,
     }
 }
@@ -70,6 +71,25 @@ pub fn write_tables(mem: &GuestMemoryMmap, m: &Machine) -> Result<u64, Error> {
         names.join(" ")
     );
     Ok(tables.rsdp)
+}
+
+impl Vmm {
+    /// Presses the ACPI power button: raises its GSI, the DSDT's Generic
+    /// Event Device notifies `\_SB.PWRB`, and the guest's button driver
+    /// reports the press (a guest that handles it shuts down and powers
+    /// off through the sleep register). An `acpi=off` guest has no button.
+    pub fn press_power_button(&self) -> crate::Result<()> {
+        let button = self.power_button.as_ref().ok_or_else(|| {
+            Error::Guest(
+                "the guest has no ACPI power button: its command line says acpi=off".into(),
+            )
+        })?;
+        button
+            .write(1)
+            .map_err(|e| Error::Guest(format!("power button: {e}")))?;
+        log::info!("pressed the guest's ACPI power button");
+        Ok(())
+    }
 }
 
 #[cfg(test)]

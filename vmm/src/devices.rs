@@ -1,5 +1,5 @@
 //! The legacy devices on the port-I/O bus: COM1 on IRQ 4, the i8042 (keyboard on IRQ 1), the CMOS clock,
-//! and the ACPI sleep registers (power-off).
+//! the ACPI sleep registers (power-off), and the ACPI power button's interrupt (IOAPIC pin 23).
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -31,6 +31,9 @@ pub struct LegacyDevices {
     pub reset: EventFd,
     /// Signalled when the guest powers off through ACPI.
     pub power_off: EventFd,
+    /// Raises the ACPI power button's GSI (the DSDT's GED0 notifies the
+    /// button when it fires).
+    pub power_button: EventFd,
     /// The keyboard controller, for the host's Ctrl-Alt-Del.
     pub i8042: Arc<Mutex<I8042>>,
     /// The CMOS clock.
@@ -125,12 +128,16 @@ impl LegacyDevices {
             Arc::new(Mutex::new(sleep)),
         )
         .map_err(|e| Error::Bus(format!("ACPI sleep registers: {e:?}")))?;
+        let power_button = eventfd("ACPI power button")?;
+        vm.register_irqfd(&power_button, layout::POWER_BUTTON_IRQ)
+            .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
 
         Ok(LegacyDevices {
             serial,
             serial_input_drained,
             reset,
             power_off,
+            power_button,
             i8042,
             cmos,
         })

@@ -354,6 +354,8 @@ pub struct Vmm {
     start_paused: bool,
     track_dirty_pages: bool,
     i8042: Arc<std::sync::Mutex<ember_legacy::I8042>>,
+    /// The ACPI power button's interrupt, for a guest that uses ACPI.
+    power_button: Option<EventFd>,
     exit_counters: Vec<Arc<ember_vcpu::SharedExitCounts>>,
     saved: SavedParts,
     migration: Option<migration::Worker>,
@@ -371,9 +373,6 @@ struct SavedParts {
     cpu: String,
     fingerprint: ember_vcpu::model::fingerprint::CpuFingerprint,
     cpu_choice: config::CpuChoice,
-    memory_backend: config::MemoryBackend,
-    numa: Vec<config::NumaNode>,
-    vcpu_affinity: Vec<Vec<usize>>,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -507,7 +506,7 @@ impl Vmm {
         let cmdline = match restore {
             Some(s) => {
                 snapshot::restore_kvm(&vm, &s.kvm)?;
-                snapshot::restore_devices(&disks, &nets, s)?;
+                snapshot::restore_devices(&disks, &nets, balloon.as_ref(), s)?;
                 paused_clock = Some(s.kvm.clock);
                 cfg.cmdline.clone()
             }
@@ -555,6 +554,7 @@ impl Vmm {
         });
         let fingerprint = fingerprint.ok_or_else(|| Error::Guest("no vCPU".into()))?;
         let i8042 = legacy.i8042.clone();
+        let power_button = acpi.then_some(legacy.power_button);
         let exit_counters = vcpus.iter().map(Vcpu::exit_counter).collect();
         let saved = SavedParts {
             serial: legacy.serial.clone(),
@@ -564,15 +564,15 @@ impl Vmm {
                 memory_mib: cfg.memory_mib,
                 cmdline,
                 shared_memory: cfg.memory_shared,
+                memory_backend: cfg.memory_backend,
+                numa: cfg.numa.clone(),
+                vcpu_affinity: cfg.vcpu_affinity.clone(),
             },
             disks: cfg.disks.clone(),
             nets: cfg.nets.iter().map(|(n, _)| n.clone()).collect(),
             cpu: cpu_text,
             fingerprint,
             cpu_choice: cfg.cpu.clone(),
-            memory_backend: cfg.memory_backend,
-            numa: cfg.numa.clone(),
-            vcpu_affinity: cfg.vcpu_affinity.clone(),
         };
         let inputs = VmInputs {
             console_in: console.input,
@@ -599,6 +599,7 @@ impl Vmm {
             start_paused: restore.is_some(),
             track_dirty_pages: cfg.track_dirty_pages,
             i8042,
+            power_button,
             exit_counters,
             saved,
             migration: None,
@@ -646,7 +647,7 @@ impl Vmm {
         let vcpus = std::mem::take(&mut self.vcpus);
         let mut threads = VcpuThreads::start(
             vcpus,
-            &self.saved.vcpu_affinity,
+            &self.saved.machine.vcpu_affinity,
             self.report.clone(),
             self.started,
             filters.clone(),
@@ -712,9 +713,9 @@ impl Vmm {
             vcpus: self.saved.machine.vcpus,
             memory_mib: self.saved.machine.memory_mib,
             memory_shared: self.saved.machine.shared_memory,
-            memory_backend: self.saved.memory_backend,
-            numa: self.saved.numa.clone(),
-            vcpu_affinity: self.saved.vcpu_affinity.clone(),
+            memory_backend: self.saved.machine.memory_backend,
+            numa: self.saved.machine.numa.clone(),
+            vcpu_affinity: self.saved.machine.vcpu_affinity.clone(),
             balloon: self.balloon_config().ok(),
             track_dirty_pages: self.track_dirty_pages,
             cpu: self.saved.cpu_choice.clone(),

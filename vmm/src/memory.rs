@@ -29,18 +29,31 @@ pub(crate) fn create(
         Some(size) => hugetlb(ml, size)?,
         None => crate::create_memory(ml, backend.shared)?,
     };
+    place(&mem, ml, backend, numa)?;
+    Ok(mem)
+}
+
+/// Advises and binds memory already mapped (a fresh mapping, a restored
+/// snapshot's memory file, a migration's): THP and KSM advice, each node's
+/// binding, then the prefault. Must come before the guest touches it.
+pub(crate) fn place(
+    mem: &GuestMemoryMmap,
+    ml: &MemoryLayout,
+    backend: &MemoryBackend,
+    numa: &[NumaNode],
+) -> Result<(), Error> {
     if backend.thp {
-        advise_all(&mem, libc::MADV_HUGEPAGE, "MADV_HUGEPAGE (thp=on)")?;
+        advise_all(mem, libc::MADV_HUGEPAGE, "MADV_HUGEPAGE (thp=on)")?;
     }
     if backend.mergeable {
-        advise_all(&mem, libc::MADV_MERGEABLE, "MADV_MERGEABLE (mergeable=on)")?;
+        advise_all(mem, libc::MADV_MERGEABLE, "MADV_MERGEABLE (mergeable=on)")?;
     }
     for (i, (node, windows)) in numa.iter().zip(node_windows(ml, numa)).enumerate() {
         let Some((host, policy)) = node.host else {
             continue;
         };
         for w in windows {
-            bind(&mem, w, host, policy).map_err(|e| {
+            bind(mem, w, host, policy).map_err(|e| {
                 err(format!(
                     "cannot bind node {i}'s memory at {:#x}+{:#x} to host node {host}: {e}",
                     w.base, w.size
@@ -52,7 +65,7 @@ pub(crate) fn create(
     if backend.prefault {
         let t = std::time::Instant::now();
         advise_all(
-            &mem,
+            mem,
             libc::MADV_POPULATE_WRITE,
             "MADV_POPULATE_WRITE (prefault=on)",
         )?;
@@ -62,7 +75,7 @@ pub(crate) fn create(
             t.elapsed().as_secs_f64() * 1000.0
         );
     }
-    Ok(mem)
+    Ok(())
 }
 
 /// Each node's guest-physical RAM: the nodes take the RAM in node order,

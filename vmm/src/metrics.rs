@@ -156,6 +156,7 @@ fn fails_name(name: &'static str) -> &'static str {
         "send_migration_count" => "send_migration_fails",
         "receive_migration_count" => "receive_migration_fails",
         "migration_cancel_count" => "migration_cancel_fails",
+        "power_button_count" => "power_button_fails",
         _ => "other_fails",
     }
 }

@@ -64,6 +64,34 @@ pub struct Machine {
     /// it one too; a snapshot restores it private).
     #[serde(default)]
     pub shared_memory: bool,
+    /// How guest memory was backed (huge pages, THP, KSM, prefault): a
+    /// migration's destination builds it the same way; a snapshot restored
+    /// from its memory file keeps what a file mapping can (not huge pages).
+    #[serde(default)]
+    pub memory_backend: crate::config::MemoryBackend,
+    /// The guest's NUMA nodes and their host binding (the guest's own view
+    /// is in its memory; this is where the host puts each node's pages).
+    #[serde(default)]
+    pub numa: Vec<crate::config::NumaNode>,
+    /// Host CPUs each vCPU thread is pinned to (empty lists: not pinned).
+    #[serde(default)]
+    pub vcpu_affinity: Vec<Vec<usize>>,
+}
+
+impl Machine {
+    /// Checks the placement read back from outside (a state file, a
+    /// migration stream) and that this host can give it.
+    pub fn check_placement(&self) -> Result<()> {
+        crate::config::numa::check_saved(
+            &self.numa,
+            &self.vcpu_affinity,
+            self.vcpus,
+            self.memory_mib,
+        )
+        .map_err(|e| Error::Restore(format!("the saved machine's placement: {e}")))?;
+        crate::config::numa::check_host(&self.numa, &self.vcpu_affinity)?;
+        Ok(())
+    }
 }
 
 /// One disk: how to reopen it, and its state.
@@ -88,6 +116,17 @@ pub struct NetSnapshot {
     pub transport: TransportState,
     /// The NIC's own state (MAC, a pending frame).
     pub net: ember_virtio_net::NetState,
+}
+
+/// The balloon: its configuration and size, and its virtio-pci function.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonSnapshot {
+    /// The virtio-pci function.
+    pub transport: TransportState,
+    /// The balloon's own state (configuration, size, a held statistics
+    /// buffer).
+    pub balloon: ember_virtio_balloon::BalloonState,
 }
 
 /// A whole VM.
@@ -117,6 +156,9 @@ pub struct VmState {
     pub disks: Vec<DiskSnapshot>,
     /// NICs in bus order.
     pub nets: Vec<NetSnapshot>,
+    /// The balloon, if the VM has one.
+    #[serde(default)]
+    pub balloon: Option<BalloonSnapshot>,
 }
 
 /// Where a snapshot goes.
@@ -280,10 +322,14 @@ pub fn config_for(state: &VmState, load: &LoadParams) -> Result<ValidConfig> {
         vcpus: state.machine.vcpus,
         memory_mib: state.machine.memory_mib,
         memory_shared: false,
-        memory_backend: Default::default(),
-        numa: Vec::new(),
-        vcpu_affinity: vec![Vec::new(); usize::from(state.machine.vcpus)],
-        balloon: None,
+        memory_backend: state.machine.memory_backend,
+        numa: state.machine.numa.clone(),
+        vcpu_affinity: if state.machine.vcpu_affinity.is_empty() {
+            vec![Vec::new(); usize::from(state.machine.vcpus)]
+        } else {
+            state.machine.vcpu_affinity.clone()
+        },
+        balloon: state.balloon.as_ref().map(|b| b.balloon.config),
         track_dirty_pages: load.track_dirty_pages,
         cpu: crate::config::CpuChoice {
             text: state.cpu.model.clone(),
@@ -376,6 +422,7 @@ impl Vmm {
         log::debug!("restore: state read in {:?}", t.elapsed());
         let state = &env.state;
         let cfg = self::config_for(state, load)?;
+        state.machine.check_placement()?;
         let hv = crate::vm::Hypervisor::open()?;
         log::debug!("restore: /dev/kvm opened at {:?}", t.elapsed());
         hv.check_vcpus(cfg.vcpus)?;
@@ -412,6 +459,22 @@ impl Vmm {
                 (mem, Some(backend))
             }
         };
+        // The saved backend, as far as a mapping of the memory file (or
+        // one a userfaultfd handler fills) can have it.
+        let saved = cfg.memory_backend;
+        if let Some(size) = saved.hugepages {
+            log::warn!(
+                "the saved guest ran on {} KiB huge pages; restored from its memory, it runs on 4 KiB pages",
+                size.bytes() >> 10
+            );
+        }
+        let placed = crate::config::MemoryBackend {
+            shared: false,
+            hugepages: None,
+            prefault: saved.prefault && uffd.is_none(),
+            ..saved
+        };
+        crate::memory::place(&mem, &ml, &placed, &cfg.numa)?;
         log::debug!("restore: memory mapped at {:?}", t.elapsed());
         let mut vmm = Self::assemble(
             &hv,
@@ -439,12 +502,6 @@ impl Vmm {
     /// disks are flushed first, so what the guest saw written is on them.
     pub fn save_state(&mut self) -> Result<self::VmState> {
         let threads = self.threads.as_ref().ok_or_else(crate::not_started)?;
-        if self.balloon.is_some() {
-            return Err(Error::Lifecycle(
-                "a microVM with a balloon cannot be snapshotted or migrated yet (its state is not saved)"
-                    .into(),
-            ));
-        }
         let clock = self.paused_clock.ok_or_else(|| {
             Error::Lifecycle("the microVM must be paused to save its state".into())
         })?;
@@ -498,6 +555,13 @@ impl Vmm {
                 .state(),
             disks,
             nets,
+            balloon: self.balloon.as_ref().map(|b| {
+                let b = b.lock().unwrap_or_else(|e| e.into_inner());
+                self::BalloonSnapshot {
+                    transport: b.state(),
+                    balloon: b.device().state(),
+                }
+            }),
         };
         Ok(state)
     }
@@ -554,9 +618,13 @@ impl Vmm {
 pub(crate) fn restore_devices(
     disks: &[disks::DiskDevice],
     nets: &[nets::NetDevice],
+    balloon: Option<&crate::balloon::BalloonDevice>,
     s: &self::VmState,
 ) -> Result<()> {
-    if disks.len() != s.disks.len() || nets.len() != s.nets.len() {
+    if disks.len() != s.disks.len()
+        || nets.len() != s.nets.len()
+        || balloon.is_some() != s.balloon.is_some()
+    {
         return Err(Error::Restore(
             "the device list does not match the snapshot".into(),
         ));
@@ -574,6 +642,15 @@ pub(crate) fn restore_devices(
         n.device_mut()
             .restore_state(&saved.net)
             .map_err(|source| Error::Net { index: i, source })?;
+    }
+    if let (Some(b), Some(saved)) = (balloon, &s.balloon) {
+        let mut b = b.lock().unwrap_or_else(|e| e.into_inner());
+        // The device first: the transport's restore activates it.
+        b.device_mut()
+            .restore_state(&saved.balloon)
+            .map_err(|e| Error::Balloon(e.to_string()))?;
+        b.restore_state(&saved.transport).map_err(Error::Restore)?;
+        b.kick();
     }
     for d in disks {
         d.lock().unwrap_or_else(|e| e.into_inner()).kick();

@@ -7,12 +7,16 @@
 //!   area, which Linux wants reserved before it uses the MCFG's window.
 //! - `\_SB.COM1` (PNP0501), `\_SB.PS2K` (PNP0303) and `\_SB.RTC_` (PNP0B00):
 //!   the legacy devices with their ports and interrupts.
+//! - `\_SB.PWRB` (PNP0C0C), the power button, and `\_SB.GED0` (ACPI0013),
+//!   a Generic Event Device with one edge-triggered interrupt whose `_EVT`
+//!   notifies the button (0x80, "pressed"): the one event the GED carries,
+//!   so it needs no status register.
 //! - `\_S5_`: the sleep type of soft-off, for power-off through the FADT's
 //!   sleep control register.
 
 use acpi_tables::aml::{
-    AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Name, Package,
-    Path, ResourceTemplate, Scope, IO,
+    AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Method, Name,
+    Notify, Package, Path, ResourceTemplate, Scope, IO,
 };
 use acpi_tables::sdt::Sdt;
 use acpi_tables::Aml;
@@ -112,6 +116,38 @@ fn mmconfig_reservation(m: &Machine) -> Vec<u8> {
     out
 }
 
+/// The power button and the Generic Event Device that presses it.
+fn power_button(m: &Machine) -> Vec<u8> {
+    let mut out = Vec::new();
+    let pnp0c0c = EISAName::new("PNP0C0C");
+    Device::new(
+        "PWRB".into(),
+        vec![
+            &Name::new("_HID".into(), &pnp0c0c),
+            &Name::new("_UID".into(), &0u8),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    // Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { gsi }
+    let int = Interrupt::new(true, true, false, false, m.power_button_gsi);
+    let crs = ResourceTemplate::new(vec![&int]);
+    let button = Path::new("\\_SB_.PWRB");
+    let pressed = 0x80u8;
+    let notify = Notify::new(&button, &pressed);
+    Device::new(
+        "GED0".into(),
+        vec![
+            &Name::new("_HID".into(), &"ACPI0013"),
+            &Name::new("_UID".into(), &0u8),
+            &Name::new("_CRS".into(), &crs),
+            // _EVT (Arg0 = the GSI): the GED has only the button's.
+            &Method::new("_EVT".into(), 1, true, vec![&notify]),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    out
+}
+
 /// Raw AML bytes as an `Aml` object (for a scope's children).
 struct Raw(Vec<u8>);
 
@@ -129,6 +165,7 @@ pub(crate) fn build(m: &Machine) -> Vec<u8> {
         Raw(legacy("COM1", "PNP0501", &[(0x3f8, 8)], Some(4))),
         Raw(legacy("PS2K", "PNP0303", &[(0x60, 1), (0x64, 1)], Some(1))),
         Raw(legacy("RTC_", "PNP0B00", &[(0x70, 2)], None)),
+        Raw(power_button(m)),
     ];
     let children: Vec<&dyn Aml> = devices.iter().map(|d| d as &dyn Aml).collect();
     let mut aml = Vec::new();

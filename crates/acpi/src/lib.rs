@@ -10,7 +10,10 @@
 //! The FADT is hardware-reduced (no PM timer, no GPEs, no SCI): power-off
 //! goes through the sleep control register, a byte-wide port where the
 //! guest writes `SLP_EN | SLP_TYP << 2` with the `_S5` type [`S5_SLEEP_TYPE`]
-//! (see [`is_power_off`]).
+//! (see [`is_power_off`]). The power button is a PNP0C0C device that a
+//! Generic Event Device (ACPI0013) notifies when its one interrupt,
+//! [`Machine::power_button_gsi`], fires: the host presses the button by
+//! raising that GSI, and the guest's ACPI button driver reports the press.
 //!
 //! ```
 //! use ember_acpi::{build, Machine, Window};
@@ -23,6 +26,7 @@
 //!     mmio32: Window { base: 0xc000_0000, size: 0x2000_0000 },
 //!     mmio64: Window { base: 1 << 32, size: 1 << 36 },
 //!     sleep_port: 0x600,
+//!     power_button_gsi: 23,
 //!     numa: Vec::new(),
 //! };
 //! let tables = build(&m, 0xe_0000, 0x1_0000).unwrap();
@@ -60,6 +64,8 @@ pub const SLEEP_ENABLE: u8 = 1 << 5;
 /// The most vCPUs a MADT of 8-byte local APIC entries names (APIC ids
 /// 0..=254; the IOAPIC takes the id after the last vCPU).
 pub const MAX_CPUS: u8 = 254;
+/// The IOAPIC's pins (GSIs 0 to 23), as KVM's in-kernel IOAPIC has them.
+pub const IOAPIC_PINS: u32 = 24;
 /// The most NUMA nodes (proximity domains) the tables describe.
 pub const MAX_NODES: usize = 64;
 
@@ -107,6 +113,9 @@ pub struct Machine {
     pub mmio64: Window,
     /// The port of the sleep control register (status at the next port).
     pub sleep_port: u16,
+    /// The IOAPIC pin (edge, active high) whose interrupt means the power
+    /// button was pressed.
+    pub power_button_gsi: u32,
     /// NUMA nodes: none for a machine without a NUMA layout (no SRAT or
     /// SLIT), else every vCPU and every byte of RAM in exactly one node.
     pub numa: Vec<Node>,
@@ -156,6 +165,9 @@ pub enum Error {
     /// A window does not fit where the tables must describe it.
     #[error("{0} window {1:#x}+{2:#x} cannot be described")]
     Window(&'static str, u64, u64),
+    /// The power button's interrupt is not one of the IOAPIC's pins.
+    #[error("the power button's GSI {0} is not an IOAPIC pin (0 to {max})", max = IOAPIC_PINS - 1)]
+    Gsi(u32),
 }
 
 /// Whether a byte written to the sleep control register asks for power-off
@@ -183,6 +195,9 @@ fn check(m: &Machine) -> Result<(), Error> {
     }
     if m.mmio64.size == 0 || m.mmio64.base.checked_add(m.mmio64.size).is_none() {
         return Err(Error::Window("64-bit PCI", m.mmio64.base, m.mmio64.size));
+    }
+    if m.power_button_gsi >= IOAPIC_PINS {
+        return Err(Error::Gsi(m.power_button_gsi));
     }
     srat::check_nodes(m)
 }

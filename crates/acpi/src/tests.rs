@@ -18,6 +18,7 @@ fn machine(cpus: u8, numa: Vec<Node>) -> Machine {
             size: 1 << 36,
         },
         sleep_port: 0x600,
+        power_button_gsi: 23,
         numa,
     }
 }
@@ -254,6 +255,28 @@ fn bad_layouts_are_refused_naming_the_problem() {
         build(&m, BASE, 0x1_0000).unwrap_err(),
         Error::Window("MMCONFIG", ..)
     ));
+    let mut m = machine(1, Vec::new());
+    m.power_button_gsi = 24;
+    let e = build(&m, BASE, 0x1_0000).unwrap_err();
+    assert_eq!(e, Error::Gsi(24));
+    assert!(e
+        .to_string()
+        .contains("GSI 24 is not an IOAPIC pin (0 to 23)"));
+}
+
+#[test]
+fn dsdt_has_a_power_button_pressed_by_a_generic_event_device() {
+    let t = build(&machine(1, Vec::new()), BASE, 0x1_0000).unwrap();
+    let dsdt = table(&t, b"DSDT");
+    let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+    assert!(has(b"PWRB") && has(b"GED0") && has(b"_EVT"));
+    // PNP0C0C as an EISA id; ACPI0013 as a string.
+    assert!(has(&[0x0c, 0x41, 0xd0, 0x0c, 0x0c]));
+    assert!(has(b"\x0dACPI0013\0"));
+    // Extended interrupt: consumer, edge, active high, exclusive, one GSI (23).
+    assert!(has(&[0x89, 0x06, 0x00, 0x03, 0x01, 23, 0, 0, 0]));
+    // Notify (\_SB_.PWRB, 0x80).
+    assert!(has(b"\x86\\\x2e_SB_PWRB\x0a\x80"));
 }
 
 #[test]

@@ -75,6 +75,9 @@ pub enum Request {
     /// `PUT /api/v1/vm.migration-cancel` (ember's): stop the migration; the
     /// guest runs on at the source.
     CancelMigration,
+    /// `PUT /api/v1/vm.power-button` (Cloud Hypervisor's): press the guest's
+    /// ACPI power button.
+    PowerButton,
 }
 
 /// Why a request is refused before it reaches the VMM. The message is the
@@ -470,6 +473,7 @@ impl Request {
             }
             ("GET", ["api", "v1", "vm.migration-status"]) => no_body(Request::GetMigration)?,
             ("PUT", ["api", "v1", "vm.migration-cancel"]) => no_body(Request::CancelMigration)?,
+            ("PUT", ["api", "v1", "vm.power-button"]) => no_body(Request::PowerButton)?,
             ("GET", ["balloon"]) => no_body(Request::GetBalloon)?,
             ("PUT", ["balloon"]) => {
                 let b: crate::balloon::Balloon = parse_body(&what, body)?;
@@ -646,6 +650,18 @@ mod tests {
             ok("PUT", "/api/v1/vm.migration-cancel", ""),
             Request::CancelMigration
         );
+        assert_eq!(
+            ok("PUT", "/api/v1/vm.power-button", ""),
+            Request::PowerButton
+        );
+        assert!(matches!(
+            err("GET", "/api/v1/vm.power-button", ""),
+            RequestError::InvalidPathMethod(..)
+        ));
+        assert!(matches!(
+            err("PUT", "/api/v1/vm.power-button", "{}"),
+            RequestError::UnexpectedBody(_)
+        ));
         for (body, needle) in [
             (r#"{"destination_url":"http://x"}"#, "destination_url"),
             (r#"{"destination_url":"tcp:1.2.3.4"}"#, "destination_url"),

@@ -80,6 +80,9 @@ pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfeff_c000;
 pub const SERIAL_IRQ: u32 = 4;
 /// The i8042 keyboard's IOAPIC pin (IRQ 1, as on every PC).
 pub const KEYBOARD_IRQ: u32 = 1;
+/// The IOAPIC pin of the ACPI power button's event (the DSDT's GED0):
+/// the last pin, so the ones below stay in one run for other devices.
+pub const POWER_BUTTON_IRQ: u32 = 23;
 /// Number of IOAPIC pins KVM's in-kernel IOAPIC has.
 pub const IOAPIC_PINS: u32 = 24;
 
@@ -98,6 +101,7 @@ const _: () = {
     assert!(PCI_MMCONFIG_START + PCI_MMCONFIG_SIZE <= IOAPIC_START);
     assert!(MMIO32_BAR_END <= IOAPIC_START && IOAPIC_START < APIC_START);
     assert!(KVM_IDENTITY_MAP_ADDRESS + 4096 <= KVM_TSS_ADDRESS);
+    assert!(POWER_BUTTON_IRQ < IOAPIC_PINS);
     assert!(KVM_TSS_ADDRESS >= APIC_START + 4096);
     assert!(KVM_TSS_ADDRESS + 3 * 4096 <= MMIO_HOLE_END);
 };

@@ -67,6 +67,9 @@ pub enum Error {
     /// The statistics timer cannot be made or set.
     #[error("statistics timer: {0}")]
     Timer(String),
+    /// A saved state this device cannot take.
+    #[error("balloon state: {0}")]
+    State(String),
 }
 
 /// How the balloon is configured (Firecracker's `Balloon` body; in a TOML
@@ -108,6 +111,10 @@ pub struct BalloonState {
     pub config: BalloonConfig,
     /// The guest's `actual` pages.
     pub actual_pages: u32,
+    /// The statistics buffer the device held (its descriptor head), given
+    /// back to the guest at the next interval after a restore.
+    #[serde(default)]
+    pub stats_head: Option<u16>,
 }
 
 /// The queues' roles, in queue order as the driver set them up.
@@ -140,6 +147,9 @@ pub struct Balloon {
     stats: Option<(BalloonStats, Instant)>,
     counters: Counters,
     logged_bad_input: bool,
+    /// A restored statistics buffer, taken over when the restored
+    /// transport activates the device.
+    restored_stats_head: Option<u16>,
 }
 
 impl std::fmt::Debug for Balloon {
@@ -206,6 +216,7 @@ impl Balloon {
             stats: None,
             counters: Counters::default(),
             logged_bad_input: false,
+            restored_stats_head: None,
         })
     }
 
@@ -264,7 +275,39 @@ impl Balloon {
         BalloonState {
             config: self.config,
             actual_pages: self.actual_pages,
+            stats_head: self.active.as_ref().and_then(|a| a.stats_head),
         }
+    }
+
+    /// Takes a saved state, before the transport's restore activates the
+    /// device: the device must have been made with the same configuration
+    /// (the target may differ; the saved one wins).
+    pub fn restore_state(&mut self, state: &BalloonState) -> Result<(), Error> {
+        let (mine, saved) = (self.config, state.config);
+        if (mine.deflate_on_oom, mine.free_page_reporting)
+            != (saved.deflate_on_oom, saved.free_page_reporting)
+            || (mine.stats_polling_interval_s == 0) != (saved.stats_polling_interval_s == 0)
+        {
+            return Err(Error::State(format!(
+                "saved with {saved:?}, the device was made with {mine:?}"
+            )));
+        }
+        let target = pages(saved.amount_mib)?;
+        if state.stats_head.is_some() && saved.stats_polling_interval_s == 0 {
+            return Err(Error::State(
+                "a statistics buffer saved without statistics".into(),
+            ));
+        }
+        if let Some(head) = state.stats_head.filter(|&h| h >= QUEUE_SIZE) {
+            return Err(Error::State(format!(
+                "statistics buffer {head} is beyond the queue's {QUEUE_SIZE} entries"
+            )));
+        }
+        self.config = saved;
+        self.target_pages = target;
+        self.actual_pages = state.actual_pages;
+        self.restored_stats_head = state.stats_head;
+        Ok(())
     }
 
     fn arm_timer(&mut self, first: Duration) -> Result<(), Error> {
@@ -536,7 +579,7 @@ impl VirtioDevice for Balloon {
             mem: ctx.mem,
             interrupt: ctx.interrupt,
             queues: roles.into_iter().zip(ctx.queues).collect(),
-            stats_head: None,
+            stats_head: self.restored_stats_head.take(),
         });
         if stats {
             self.arm_timer(Duration::from_secs(u64::from(
@@ -561,6 +604,7 @@ impl VirtioDevice for Balloon {
 
     fn reset(&mut self) {
         self.active = None;
+        self.restored_stats_head = None;
         let _ = self.timer.clear();
         self.actual_pages = 0;
     }

@@ -50,6 +50,19 @@ fn activate(
     irqs
 }
 
+/// Whether the statistics timer becomes readable within 3 s.
+fn timer_fires(b: &Balloon) -> bool {
+    let mut fds = [libc::pollfd {
+        fd: b.backend_fd().unwrap(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    // SAFETY: poll(2) on one valid descriptor in a local array.
+    #[allow(unsafe_code)]
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 3000) };
+    n == 1
+}
+
 fn config(stats: u16, reporting: bool) -> BalloonConfig {
     BalloonConfig {
         amount_mib: 2,
@@ -203,15 +216,7 @@ fn statistics_are_kept_and_the_buffer_returned_each_poll() {
     // Held until the timer fires (1 s).
     assert_eq!(vqs[2].used().idx().load(), 0);
     let t = Instant::now();
-    let mut fds = [libc::pollfd {
-        fd: b.backend_fd().unwrap(),
-        events: libc::POLLIN,
-        revents: 0,
-    }];
-    // SAFETY: poll(2) on one valid descriptor in a local array.
-    #[allow(unsafe_code)]
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 3000) };
-    assert_eq!(n, 1, "the statistics timer fired");
+    assert!(timer_fires(&b), "the statistics timer fired");
     assert_eq!(b.process_backend(), BackendInterest::Keep);
     assert!(t.elapsed() >= Duration::from_millis(900));
     assert_eq!(vqs[2].used().idx().load(), 1, "the buffer went back");
@@ -248,4 +253,53 @@ fn a_driver_without_the_optional_queues_activates_with_two() {
         .unwrap_err();
     assert!(e.to_string().contains("expected 4 queues"), "{e}");
     assert_eq!(m.num_regions(), 1);
+}
+
+#[test]
+fn a_restored_balloon_keeps_its_size_and_returns_the_held_statistics_buffer() {
+    let m = mem();
+    let vqs = queues(&m, 3);
+    let mut b = Balloon::new(config(1, false)).unwrap();
+    activate(&mut b, &m, &vqs);
+    b.write_config(4, &300u32.to_le_bytes());
+    b.set_target_mib(3).unwrap();
+    vqs[2]
+        .add_desc_chains(&[desc(0x10_0000, 20, 0)], 0)
+        .unwrap();
+    b.process_queue(2);
+    let saved = b.state();
+    assert_eq!(saved.actual_pages, 300);
+    assert_eq!(saved.stats_head, Some(0), "the device held the buffer");
+    assert_eq!(saved.config.amount_mib, 3);
+    // Plain data: it goes through serde and back.
+    let text = serde_json::to_string(&saved).unwrap();
+    let back: BalloonState = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, saved);
+
+    // A device made from another configuration refuses it, unchanged.
+    let mut other = Balloon::new(config(0, false)).unwrap();
+    let e = other.restore_state(&back).unwrap_err();
+    assert!(e.to_string().contains("balloon state: saved with"), "{e}");
+    assert_eq!(other.state().actual_pages, 0);
+    let mut bad = back;
+    bad.stats_head = Some(u16::MAX);
+    let mut fresh = Balloon::new(config(1, false)).unwrap();
+    assert!(fresh.restore_state(&bad).is_err());
+
+    // The same configuration (target 2, saved 3): the saved one wins, and
+    // the held buffer goes back to the guest at the next interval.
+    let mut r = Balloon::new(config(1, false)).unwrap();
+    r.restore_state(&back).unwrap();
+    let mut cfg = [0u8; 8];
+    r.read_config(0, &mut cfg);
+    assert_eq!(u32::from_le_bytes(cfg[0..4].try_into().unwrap()), 3 * 256);
+    assert_eq!(u32::from_le_bytes(cfg[4..8].try_into().unwrap()), 300);
+    let m2 = mem();
+    let vqs2 = queues(&m2, 3);
+    activate(&mut r, &m2, &vqs2);
+    assert_eq!(r.state().stats_head, Some(0));
+    assert!(timer_fires(&r), "the statistics timer fired");
+    r.process_backend();
+    assert_eq!(vqs2[2].used().idx().load(), 1, "the held buffer went back");
+    assert_eq!(r.state().stats_head, None);
 }

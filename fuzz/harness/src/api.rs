@@ -183,6 +183,7 @@ pub fn seeds() -> Vec<NamedSeed> {
         ),
         http("PATCH", "/balloon", r#"{"amount_mib": 32}"#),
         http("GET", "/balloon/statistics", ""),
+        http("PUT", "/api/v1/vm.power-button", ""),
         http("GET", "/vm/config", ""),
     ]
     .concat();
@@ -324,7 +325,7 @@ mod tests {
             ("configure", 6),
             ("lifecycle", 6),
             ("observe", 3),
-            ("patch_and_get", 10),
+            ("patch_and_get", 11),
             ("snapshot", 4),
         ] {
             let (ex, seen) = run(name);

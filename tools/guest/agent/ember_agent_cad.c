@@ -9,15 +9,29 @@
  * same thing for any keyboard: Ctrl and Alt held, Delete pressed, and it
  * calls ctrl_alt_del(). It is always on (not only with ember.agent=on), as
  * the VT handler would be; the keyboard itself is the real i8042 and atkbd.
+ *
+ * The power button: the ACPI button driver (PNP0C0C, notified by ember's
+ * Generic Event Device) reports KEY_POWER, and on a distribution that is
+ * systemd-logind's cue to shut down. With no user space, this handler
+ * does it: it logs `EMBER-AGENT power_button pressed=1` and powers the
+ * machine off (through ACPI's sleep register) from a work item, as the
+ * input event arrives in atomic context.
  */
 
 #include <linux/init.h>
 #include <linux/input.h>
 #include <linux/reboot.h>
 #include <linux/slab.h>
+#include <linux/workqueue.h>
 
 static bool ctrl_down;
 static bool alt_down;
+
+static void ember_power_off(struct work_struct *work)
+{
+	kernel_power_off();
+}
+static DECLARE_WORK(ember_power_work, ember_power_off);
 
 static void ember_cad_event(struct input_handle *handle, unsigned int type,
 			    unsigned int code, int value)
@@ -37,6 +51,12 @@ static void ember_cad_event(struct input_handle *handle, unsigned int type,
 		/* A press (1), not a release (0) or autorepeat (2). */
 		if (value == 1 && ctrl_down && alt_down)
 			ctrl_alt_del();
+		break;
+	case KEY_POWER:
+		if (value == 1) {
+			pr_emerg("EMBER-AGENT power_button pressed=1\n");
+			schedule_work(&ember_power_work);
+		}
 		break;
 	}
 }
@@ -81,6 +101,11 @@ static const struct input_device_id ember_cad_ids[] = {
 		.flags = INPUT_DEVICE_ID_MATCH_EVBIT | INPUT_DEVICE_ID_MATCH_KEYBIT,
 		.evbit = { BIT_MASK(EV_KEY) },
 		.keybit = { [BIT_WORD(KEY_DELETE)] = BIT_MASK(KEY_DELETE) },
+	},
+	{
+		.flags = INPUT_DEVICE_ID_MATCH_EVBIT | INPUT_DEVICE_ID_MATCH_KEYBIT,
+		.evbit = { BIT_MASK(EV_KEY) },
+		.keybit = { [BIT_WORD(KEY_POWER)] = BIT_MASK(KEY_POWER) },
 	},
 	{ },
 };

@@ -61,7 +61,7 @@ pub struct MachineConfig {
 }
 
 /// A huge page size for `hugepages=on`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum HugePageSize {
     /// 2 MiB.
     Size2M,
@@ -88,8 +88,9 @@ impl HugePageSize {
     }
 }
 
-/// How guest memory is backed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// How guest memory is backed (also saved with a snapshot's machine).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct MemoryBackend {
     /// In a memfd mapped shared.
     pub shared: bool,
@@ -264,6 +265,11 @@ impl MachineConfig {
         if self.hugepages && self.thp {
             return Err(bad(
                 "hugepages=on and thp=on exclude each other: hugetlbfs pages are huge already",
+            ));
+        }
+        if self.mergeable && (self.shared || self.hugepages) {
+            return Err(bad(
+                "mergeable=on needs private anonymous memory: KSM merges neither shared=on nor hugepages=on pages",
             ));
         }
         let hugepages = self.hugepages.then(|| size.unwrap_or(HugePageSize::Size2M));

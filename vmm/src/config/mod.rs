@@ -667,6 +667,7 @@ mod tests {
                 "hugepage_size is given without hugepages=on",
             ),
             ("hugepages = true\nthp = true", "exclude each other"),
+            ("shared = true\nmergeable = true", "KSM merges neither"),
             (
                 "memory_mib = 1000\nhugepages = true\nhugepage_size = \"1G\"",
                 "not a multiple of the 1024 MiB huge page",

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use super::ConfigError;
 
 /// How a guest node's memory is bound to its host node.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum NumaPolicy {
     /// Only that host node (`MPOL_BIND`): the guest fails to get memory
@@ -49,8 +49,10 @@ pub struct NumaConfig {
     pub distances: Option<String>,
 }
 
-/// A guest node after validation.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A guest node after validation (also saved with a snapshot's machine,
+/// and checked again by [`check_saved`] when read back).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NumaNode {
     /// Its vCPUs.
     pub cpus: Vec<u8>,
@@ -352,6 +354,51 @@ pub fn parse_affinity(text: &str, vcpus: u8) -> Result<Vec<Vec<usize>>, ConfigEr
     Ok(out)
 }
 
+/// Checks a layout read back from a snapshot or a migration stream (input
+/// from outside, like a configuration): every vCPU in exactly one node,
+/// the nodes' memory adding up, a distance from each node to each, and
+/// one affinity list per vCPU (or none at all).
+pub fn check_saved(
+    nodes: &[NumaNode],
+    affinity: &[Vec<usize>],
+    vcpus: u8,
+    memory_mib: u64,
+) -> Result<(), String> {
+    if !affinity.is_empty() && affinity.len() != usize::from(vcpus) {
+        return Err(format!(
+            "{} vCPU affinity lists for {vcpus} vCPUs",
+            affinity.len()
+        ));
+    }
+    if nodes.is_empty() {
+        return Ok(());
+    }
+    let mut seen = vec![false; usize::from(vcpus)];
+    let mut total = 0u64;
+    for (i, n) in nodes.iter().enumerate() {
+        for &c in &n.cpus {
+            match seen.get_mut(usize::from(c)) {
+                Some(s) if !*s => *s = true,
+                Some(_) => return Err(format!("NUMA node {i}: vCPU {c} is in two nodes")),
+                None => return Err(format!("NUMA node {i}: vCPU {c} of {vcpus}")),
+            }
+        }
+        total = total.saturating_add(n.memory_mib);
+        if n.distances.len() != nodes.len() || n.distances.get(i) != Some(&LOCAL_DISTANCE) {
+            return Err(format!("NUMA node {i}: distances {:?}", n.distances));
+        }
+    }
+    if let Some(c) = seen.iter().position(|s| !s) {
+        return Err(format!("vCPU {c} is in no NUMA node"));
+    }
+    if total != memory_mib {
+        return Err(format!(
+            "the NUMA nodes have {total} MiB, the machine {memory_mib} MiB"
+        ));
+    }
+    Ok(())
+}
+
 /// The host's online CPUs and NUMA nodes, for the checks that need the
 /// host (a pinned CPU or a bound node that does not exist).
 pub fn check_host(nodes: &[NumaNode], affinity: &[Vec<usize>]) -> Result<(), ConfigError> {
@@ -394,6 +441,60 @@ fn host_list(path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_saved_layout_is_checked_again() {
+        let node = |cpus: Vec<u8>, mib, d: Vec<u8>| NumaNode {
+            cpus,
+            memory_mib: mib,
+            host: Some((0, NumaPolicy::Preferred)),
+            distances: d,
+        };
+        let good = vec![
+            node(vec![0], 64, vec![10, 20]),
+            node(vec![1], 64, vec![20, 10]),
+        ];
+        assert_eq!(check_saved(&good, &[vec![0], vec![1]], 2, 128), Ok(()));
+        assert_eq!(check_saved(&[], &[], 2, 128), Ok(()));
+        let text = serde_json::to_string(&good).unwrap();
+        let back: Vec<NumaNode> = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, good);
+        for (nodes, aff, want) in [
+            (
+                good.clone(),
+                vec![vec![0]],
+                "1 vCPU affinity lists for 2 vCPUs",
+            ),
+            (
+                vec![
+                    node(vec![0, 1], 64, vec![10, 20]),
+                    node(vec![1], 64, vec![20, 10]),
+                ],
+                vec![],
+                "NUMA node 1: vCPU 1 is in two nodes",
+            ),
+            (
+                vec![
+                    node(vec![0], 64, vec![10, 20]),
+                    node(vec![1], 32, vec![20, 10]),
+                ],
+                vec![],
+                "the NUMA nodes have 96 MiB, the machine 128 MiB",
+            ),
+            (
+                vec![node(vec![0], 64, vec![10]), node(vec![1], 64, vec![20, 10])],
+                vec![],
+                "NUMA node 0: distances [10]",
+            ),
+            (
+                vec![node(vec![0], 128, vec![10])],
+                vec![],
+                "vCPU 1 is in no NUMA node",
+            ),
+        ] {
+            assert_eq!(check_saved(&nodes, &aff, 2, 128), Err(want.to_string()));
+        }
+    }
 
     fn node(flag: &str) -> NumaConfig {
         NumaConfig::parse_flag(flag).unwrap()

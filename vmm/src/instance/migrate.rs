@@ -52,11 +52,6 @@ impl Instance {
             State::NotStarted => return Err(LifecycleError::NotStarted.into()),
         }
         self.require_not_migrating()?;
-        if self.vmm.as_ref().is_some_and(|v| v.has_balloon()) {
-            return Err(Error::Migration(
-                "a microVM with a balloon cannot be migrated yet (its state is not saved)".into(),
-            ));
-        }
         if self.incoming.is_some() {
             return Err(Error::Migration(
                 "a post-copy migration is still bringing this guest's pages in".into(),
@@ -84,6 +79,17 @@ impl Instance {
                 "local = true needs the guest memory shared (--memory size=MIB,shared=on, or [machine] shared = true)".into(),
             ));
         }
+        // Post-copy fills 4 KiB pages; guest memory on hugetlbfs is filled
+        // by whole huge pages, so such a guest moves by pre-copy only.
+        let postcopy = match (postcopy, vmm.config().memory_backend.hugepages) {
+            (migration::Postcopy::Now, Some(_)) => {
+                return Err(Error::Migration(
+                    "memory_mode Postcopy does not apply to a guest on huge pages (hugepages=on); use Precopy".into(),
+                ))
+            }
+            (migration::Postcopy::Auto, Some(_)) => migration::Postcopy::Never,
+            (p, _) => p,
+        };
         let params = SendParams {
             url,
             downtime: Duration::from_millis(data.downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS)),

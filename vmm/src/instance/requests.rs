@@ -93,6 +93,7 @@ impl Instance {
                 Ok(_) => Response::no_content(),
                 Err(e) => bad_request(&e),
             },
+            Request::PowerButton => self.press("power button", crate::Vmm::press_power_button),
             Request::SendMigration(m) => match self.send_migration(&m) {
                 Ok(()) => Response::no_content(),
                 Err(e) => bad_request(&e),
@@ -250,23 +251,30 @@ impl Instance {
         }
     }
 
+    /// Presses a button of the running guest's (Ctrl-Alt-Del, power).
+    fn press(&self, what: &str, button: fn(&crate::Vmm) -> crate::Result<()>) -> Response {
+        match (self.state, self.vmm.as_ref()) {
+            (State::Running, Some(vmm)) => match button(vmm) {
+                Ok(()) => Response::no_content(),
+                Err(e) => bad_request(&e),
+            },
+            (State::Paused, _) => Response::fault(
+                400,
+                &format!("{what}: the microVM is paused; resume it first"),
+            ),
+            _ => bad_request(&LifecycleError::NotStarted),
+        }
+    }
+
     fn action(&mut self, action: ActionType) -> Response {
         match action {
             ActionType::InstanceStart => match self.start() {
                 Ok(()) => Response::no_content(),
                 Err(e) => bad_request(&e),
             },
-            ActionType::SendCtrlAltDel => match (self.state, self.vmm.as_ref()) {
-                (State::Running, Some(vmm)) => match vmm.send_ctrl_alt_del() {
-                    Ok(()) => Response::no_content(),
-                    Err(e) => bad_request(&e),
-                },
-                (State::Paused, _) => Response::fault(
-                    400,
-                    "SendCtrlAltDel: the microVM is paused; resume it first",
-                ),
-                _ => bad_request(&LifecycleError::NotStarted),
-            },
+            ActionType::SendCtrlAltDel => {
+                self.press("SendCtrlAltDel", crate::Vmm::send_ctrl_alt_del)
+            }
             ActionType::FlushMetrics => match self.flush_metrics() {
                 Ok(()) => Response::no_content(),
                 Err(e) => bad_request(&e),
@@ -412,5 +420,6 @@ fn metric_name(r: &Request) -> (&'static str, &'static str) {
         Request::PutBalloon(_) => (PUT, "balloon_count"),
         Request::PatchBalloon(_) | Request::PatchBalloonStats(_) => (PATCH, "balloon_count"),
         Request::CancelMigration => (PUT, "migration_cancel_count"),
+        Request::PowerButton => (PUT, "power_button_count"),
     }
 }

@@ -6,7 +6,7 @@
 use std::io::BufReader;
 use std::time::Instant;
 
-use ember_memory::MemoryLayout;
+use ember_memory::{GuestMemoryMmap, MemoryLayout};
 use ember_migration::transport::{Connection, Listener, Url};
 use ember_migration::{memory::apply, write_reply, Event, Receiver, Reply};
 
@@ -141,7 +141,7 @@ fn receive_on(
         match r.next().map_err(stream)? {
             e @ (Event::Pages(_) | Event::ZeroPages(_)) => {
                 if mem.is_none() {
-                    mem = Some(crate::create_memory(&ml, hello.machine.shared_memory)?);
+                    mem = Some(create_memory(&ml, &hello.machine)?);
                 }
                 if local {
                     return Err(fail("pages after the memory was handed over as a file"));
@@ -166,6 +166,13 @@ fn receive_on(
                 let m = ml
                     .map_shared(file, &layout.offsets, true)
                     .map_err(|e| fail(format!("the memory file handed over: {e}")))?;
+                // The source's own memory: only the advice and the binding.
+                let placed = crate::config::MemoryBackend {
+                    hugepages: None,
+                    prefault: false,
+                    ..hello.machine.memory_backend
+                };
+                crate::memory::place(&m, &ml, &placed, &hello.machine.numa)?;
                 mem = Some(m);
                 local = true;
             }
@@ -175,7 +182,7 @@ fn receive_on(
                 }
                 let m = match &mem {
                     Some(m) => m,
-                    None => mem.insert(crate::create_memory(&ml, hello.machine.shared_memory)?),
+                    None => mem.insert(create_memory(&ml, &hello.machine)?),
                 };
                 postcopy::discard_stale(m, &set)?;
                 stale = Some(set);
@@ -188,7 +195,7 @@ fn receive_on(
     let mem = match mem {
         Some(m) => m,
         // A guest whose memory is all zeros sends no page.
-        None => crate::create_memory(&ml, hello.machine.shared_memory)?,
+        None => create_memory(&ml, &hello.machine)?,
     };
     let state_at = Instant::now();
     if r.next().map_err(stream)? != Event::End {
@@ -259,6 +266,18 @@ fn receive_on(
 
 /// What is checked before any memory moves: the state layout version, the
 /// vCPU count, the memory layout and every CPU feature the guest saw.
+/// The destination's guest memory, backed and placed as the source's was
+/// (huge pages, THP, KSM, NUMA binding), shared when the source's was; not
+/// prefaulted: the stream fills it.
+fn create_memory(ml: &MemoryLayout, m: &crate::snapshot::Machine) -> Result<GuestMemoryMmap> {
+    let backend = crate::config::MemoryBackend {
+        shared: m.shared_memory,
+        prefault: false,
+        ..m.memory_backend
+    };
+    crate::memory::create(ml, &backend, &m.numa)
+}
+
 fn check_hello(hello: &Hello) -> Result<(Hypervisor, MemoryLayout)> {
     if hello.vm_state_version != VM_STATE_VERSION {
         return Err(fail(format!(
@@ -266,6 +285,7 @@ fn check_hello(hello: &Hello) -> Result<(Hypervisor, MemoryLayout)> {
             hello.vm_state_version
         )));
     }
+    hello.machine.check_placement()?;
     let hv = Hypervisor::open()?;
     hv.check_vcpus(hello.machine.vcpus)?;
     let ml = MemoryLayout::new(hello.machine.memory_mib)?;
