@@ -147,8 +147,9 @@ fn block_four_disks_read_write_discard_stress_read_only_then_reboot_and_verify()
 
     let seed = pattern_seed();
     let kib = |b: u64| b / 1024;
+    // loglevel=7 after quiet: the kernel's PCI and ACPI lines (KERN_INFO) are checked.
     let cmdline = format!(
-        "{AGENT} ember.pci=on ember.blk_serial=vda,vdb,vdc,vdd ember.blk_read=vda,vdd \
+        "{AGENT} loglevel=7 ember.pci=on ember.blk_serial=vda,vdb,vdc,vdd ember.blk_read=vda,vdd \
          ember.blk_write=vdb:{seed}:{PATTERN_BLOCKS} ember.blk_ro=vdc \
          ember.blk_discard=vdb:{}:{} ember.blk_zeroout=vdb:{}:{} \
          ember.blk_stress=vdb:4:8:{}:{}",
@@ -168,6 +169,17 @@ fn block_four_disks_read_write_discard_stress_read_only_then_reboot_and_verify()
     let run = ember(&boot_args(&cmdline, &disks));
     let a = agent_ok(&run);
 
+    // PCI through ACPI: the MCFG's MMCONFIG area taken, the host bridge
+    // found from the DSDT, with devices on the bus.
+    for needle in [
+        "PCI: MMCONFIG for domain 0000 [bus 00-00] at [mem 0xe0000000-0xe00fffff]",
+        "ACPI: PCI Root Bridge [PCI0] (domain 0000 [bus 00])",
+    ] {
+        run.check(
+            run.stdout.contains(needle),
+            &format!("the guest logged {needle:?}"),
+        );
+    }
     // PCI: the host bridge and one virtio-blk function per disk, MSI-X on.
     let pci = &a["pci"];
     run.check(
