@@ -421,7 +421,7 @@ impl Vmm {
         let env = self::read_state(&load.state_path)?;
         log::debug!("restore: state read in {:?}", t.elapsed());
         let state = &env.state;
-        let cfg = self::config_for(state, load)?;
+        let mut cfg = self::config_for(state, load)?;
         state.machine.check_placement()?;
         let hv = crate::vm::Hypervisor::open()?;
         log::debug!("restore: /dev/kvm opened at {:?}", t.elapsed());
@@ -475,6 +475,8 @@ impl Vmm {
             ..saved
         };
         crate::memory::place(&mem, &ml, &placed, &cfg.numa)?;
+        // What it runs on now (a later snapshot or migration says so).
+        cfg.memory_backend.hugepages = None;
         log::debug!("restore: memory mapped at {:?}", t.elapsed());
         let mut vmm = Self::assemble(
             &hv,

@@ -264,8 +264,6 @@ fn receive_on(
     Ok((vmm, resume, hello, pages, state_at, incoming))
 }
 
-/// What is checked before any memory moves: the state layout version, the
-/// vCPU count, the memory layout and every CPU feature the guest saw.
 /// The destination's guest memory, backed and placed as the source's was
 /// (huge pages, THP, KSM, NUMA binding), shared when the source's was; not
 /// prefaulted: the stream fills it.
@@ -278,6 +276,9 @@ fn create_memory(ml: &MemoryLayout, m: &crate::snapshot::Machine) -> Result<Gues
     crate::memory::create(ml, &backend, &m.numa)
 }
 
+/// What is checked before any memory moves: the state layout version, the
+/// placement (host nodes and CPUs), the vCPU count, the
+/// memory layout and every CPU feature the guest saw.
 fn check_hello(hello: &Hello) -> Result<(Hypervisor, MemoryLayout)> {
     if hello.vm_state_version != VM_STATE_VERSION {
         return Err(fail(format!(
