@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ember_tests::{
-    agent_all, agent_lines, fnv1a, guest_kernel_dir, kvm_available, pattern_block, pattern_offsets,
-    random_bytes, run_ember, spawn_ember, tiny_elf, Run, TempDir,
+    agent_ok, fnv1a, guest_kernel_dir, kvm_available, pattern_block, pattern_offsets, random_bytes,
+    run_ember, spawn_ember, tiny_elf, Run, TempDir,
 };
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
@@ -51,20 +51,6 @@ fn boot_args(cmdline: &str, disks: &[[String; 2]]) -> Vec<String> {
         a.extend(d.iter().cloned());
     }
     a
-}
-
-fn agent_ok(run: &Run) -> HashMap<String, Vec<HashMap<String, String>>> {
-    let all = agent_all(&run.stdout);
-    run.check(run.code() == 0, "the agent restarts the machine: exit 0");
-    let done = agent_lines(&run.stdout);
-    run.check(
-        done.get("done")
-            .and_then(|d| d.get("failed"))
-            .map(String::as_str)
-            == Some("0"),
-        "no agent check failed",
-    );
-    all
 }
 
 fn by_dev<'a>(lines: &'a [HashMap<String, String>], dev: &str) -> &'a HashMap<String, String> {
@@ -289,22 +275,7 @@ fn block_ext4_root_disk_mounts_read_write() {
     if !kvm_available("block_ext4_root_disk_mounts_read_write") {
         return;
     }
-    let out =
-        std::process::Command::new(ember_tests::workspace_root().join("tools/guest/build-rootfs"))
-            .output()
-            .expect("run tools/guest/build-rootfs");
-    assert!(
-        out.status.success(),
-        "build-rootfs: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let image = PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .lines()
-            .last()
-            .unwrap_or(""),
-    );
+    let image = ember_tests::rootfs_image();
     let dir = TempDir::new("root");
     let root = dir.path("root.ext4");
     std::fs::copy(&image, &root).unwrap();

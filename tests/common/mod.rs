@@ -461,6 +461,23 @@ pub fn agent_lines(console: &str) -> HashMap<String, HashMap<String, String>> {
         .collect()
 }
 
+/// Every agent line of a run that must have ended with exit 0 (the agent
+/// restarts the machine) and a `done ... failed=0` line; fails the test
+/// otherwise.
+pub fn agent_ok(run: &Run) -> HashMap<String, Vec<HashMap<String, String>>> {
+    let all = agent_all(&run.stdout);
+    run.check(run.code() == 0, "the agent restarts the machine: exit 0");
+    let done = agent_lines(&run.stdout);
+    run.check(
+        done.get("done")
+            .and_then(|d| d.get("failed"))
+            .map(String::as_str)
+            == Some("0"),
+        "no agent check failed",
+    );
+    all
+}
+
 /// Every `EMBER-AGENT <check> k=v ...` line of a console log, by check
 /// name, in order (for checks that print one line per device or peer).
 pub fn agent_all(console: &str) -> HashMap<String, Vec<HashMap<String, String>>> {
@@ -834,4 +851,24 @@ pub fn proc_kib(path: &str, field: &str) -> Option<u64> {
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|v| v.parse().ok())
     })
+}
+
+/// The ext4 root image `tools/guest/build-rootfs` makes (cached in
+/// `~/.cache/ember`), building it first if needed.
+pub fn rootfs_image() -> PathBuf {
+    let out = Command::new(workspace_root().join("tools/guest/build-rootfs"))
+        .output()
+        .expect("run tools/guest/build-rootfs");
+    assert!(
+        out.status.success(),
+        "build-rootfs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or(""),
+    )
 }

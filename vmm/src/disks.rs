@@ -21,16 +21,28 @@ pub fn create_disks(
     let mut devices = Vec::with_capacity(disks.len());
     for (index, d) in disks.iter().enumerate() {
         let block = Block::new(&BlockConfig {
-            path: d.path.clone(),
-            read_only: d.read_only,
             id: d.id.clone(),
+            // A configuration from before multiqueue had one queue.
+            num_queues: d.num_queues.unwrap_or(1),
+            queue_size: d
+                .queue_size
+                .unwrap_or(ember_virtio_blk::request::QUEUE_SIZE),
+            ..BlockConfig::new(&d.path, d.format, d.read_only)
         })
         .map_err(|source| Error::Disk { index, source })?;
+        let mut block = block;
+        if let Some(l) = &d.rate_limiter {
+            block
+                .update_rate_limit(l)
+                .map_err(|source| Error::Disk { index, source })?;
+        }
         let name = format!("virtio-blk{index}");
         let dev = attach(ctx, &name, block)?;
         log::info!(
-            "{name}: {}{}",
+            "{name}: {} ({}, {} queues){}",
             d.path.display(),
+            d.format,
+            d.num_queues.unwrap_or(1),
             if d.read_only { ", read-only" } else { "" }
         );
         devices.push(dev);

@@ -34,6 +34,7 @@ pub mod cpu;
 pub mod devices;
 pub mod disks;
 pub mod event_loop;
+pub mod img;
 pub mod instance;
 pub mod jail;
 pub mod logger;
@@ -802,19 +803,25 @@ impl Vmm {
     /// Serves disk `index` (in [`ValidConfig::disks`] order) from the image
     /// at `path` from now on (Firecracker's `PATCH /drives`): the old image
     /// is flushed, the new one opened and locked, and the guest told of
-    /// the new capacity with a configuration-change interrupt.
-    pub fn patch_drive(&self, index: usize, path: &std::path::Path) -> Result<()> {
+    /// the new capacity with a configuration-change interrupt. The new
+    /// image is in the disk's configured `format`.
+    pub fn patch_drive(
+        &self,
+        index: usize,
+        path: &std::path::Path,
+        format: ember_virtio_blk::ImageFormat,
+    ) -> Result<()> {
         let disk = self
             .disks
             .get(index)
             .ok_or_else(|| Error::Guest(format!("no disk {index}")))?;
         let mut dev = disk.lock().unwrap_or_else(|e| e.into_inner());
         let read_only = dev.device().read_only();
-        let backend = ember_virtio_blk::RawFile::open(path, read_only)
+        let backend = ember_virtio_blk::open_backend(path, format, read_only)
             .map_err(|source| Error::Disk { index, source })?;
         let changed = dev
             .device_mut()
-            .swap_backend(Box::new(backend), path.display().to_string())
+            .swap_backend(backend, path.display().to_string())
             .map_err(|source| Error::Disk { index, source })?;
         log::info!(
             "virtio-blk{index}: now {}{}",
@@ -823,6 +830,25 @@ impl Vmm {
         );
         dev.signal_config_change()
             .map_err(|e| Error::Guest(format!("virtio-blk{index}: config interrupt: {e}")))
+    }
+
+    /// Changes disk `index`'s rate limits live; the limits now in force.
+    pub fn patch_drive_rate_limit(
+        &self,
+        index: usize,
+        patch: &ember_rate_limiter::RateLimiterConfig,
+    ) -> Result<ember_rate_limiter::RateLimiterConfig> {
+        let disk = self
+            .disks
+            .get(index)
+            .ok_or_else(|| Error::Guest(format!("no disk {index}")))?;
+        let mut dev = disk.lock().unwrap_or_else(|e| e.into_inner());
+        dev.device_mut()
+            .update_rate_limit(patch)
+            .map_err(|source| Error::Disk { index, source })?;
+        let now = dev.device().rate_limit();
+        log::info!("virtio-blk{index}: rate limit now {now}");
+        Ok(now)
     }
 
     /// Presses Ctrl-Alt-Del on the guest's keyboard (Linux reboots, or

@@ -170,6 +170,10 @@ enum Command {
     /// CPU models: list them, show what a guest would get on this host.
     #[command(subcommand)]
     Cpu(CpuCommand),
+    /// Disk images (raw, qcow2): create, info, check, convert, resize, with
+    /// qemu-img's syntax.
+    #[command(subcommand)]
+    Img(ember_vmm::img::ImgCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -596,6 +600,19 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
             run_cpu(cmd)
+        }
+        Some(Command::Img(cmd)) => {
+            if let Err(e) = init_logging(cli.vm.log_level, None, "img") {
+                eprintln!("ember: error: {e}");
+                return ExitCode::FAILURE;
+            }
+            match ember_vmm::img::run(cmd) {
+                Ok(code) => return ExitCode::from(u8::try_from(code).unwrap_or(1)),
+                Err(e) => {
+                    eprintln!("ember img: error: {}", error_chain(&e));
+                    return ExitCode::FAILURE;
+                }
+            }
         }
         Some(Command::Jail(args)) => {
             if let Err(e) = init_logging(args.vm.log_level, None, "jail") {

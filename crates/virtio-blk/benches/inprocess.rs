@@ -3,10 +3,18 @@
 //! device code processes them against a raw file, and the same sizes and
 //! offsets are then run as plain `pread`/`pwrite` on the same file.
 //!
-//! `cargo bench -p ember-virtio-blk --bench inprocess [-- --file PATH --size-mib N --case NAME]`
+//! `cargo bench -p ember-virtio-blk --bench inprocess [-- --file PATH --size-mib N --case NAME --format raw|qcow2|both --rate-limit SPEC --seconds N]`
 //! (or `tools/bench/blk`). Both sides hit the host's page cache after the
 //! first pass: the figures compare the device path's CPU cost with the
 //! host's own syscalls, not disk speed.
+//!
+//! `--format qcow2` runs the device on a qcow2 image of the same size whose
+//! clusters are all allocated (`ember-qcow2`, the fast path a running
+//! guest's disk takes once written), `both` (the default) runs raw and
+//! qcow2 and prints qcow2's rate as a share of raw's. `--rate-limit bw=SIZE/TIME,ops=SIZE/TIME` instead runs a
+//! greedy driver against a rate-limited device for `--seconds` (default
+//! 10), waiting on the limiter's timer as the event loop does, and
+//! prints the rate achieved next to the configured one.
 //!
 //! Only the device's work is timed (`process_queue`: popping the chains,
 //! parsing, the I/O, the used ring), not the synthetic driver's filling of
@@ -17,13 +25,14 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ember_memory::GuestMemoryMmap;
+use ember_rate_limiter::RateLimiterConfig;
 use ember_virtio::{ActivateContext, InterruptKind, VirtioDevice, VirtioInterrupt};
-use ember_virtio_blk::{Block, RawFile};
+use ember_virtio_blk::{Block, BlockBackend, Qcow2Disk, RawFile};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::{Queue, QueueT};
@@ -131,7 +140,22 @@ fn offsets(case: &Case, size: u64, seed: &mut u64) -> Vec<u64> {
         .collect()
 }
 
-fn run_device(case: &Case, path: &PathBuf, offs: &[u64]) -> Duration {
+/// Which image the device serves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Raw,
+    Qcow2,
+}
+
+fn open(format: Format, raw: &Path, qcow2: &Path) -> Box<dyn BlockBackend> {
+    match format {
+        Format::Raw => Box::new(RawFile::open(raw, false).unwrap()),
+        Format::Qcow2 => Box::new(Qcow2Disk::open(qcow2, false).unwrap()),
+    }
+}
+
+/// A device on `backend` with one activated queue, and its driver.
+fn device(backend: Box<dyn BlockBackend>) -> (Block, Driver) {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
     let mut q = Queue::new(QUEUE_SIZE).unwrap();
     q.set_size(QUEUE_SIZE);
@@ -139,8 +163,7 @@ fn run_device(case: &Case, path: &PathBuf, offs: &[u64]) -> Duration {
     q.set_avail_ring_address(Some(u32::try_from(AVAIL).unwrap()), Some(0));
     q.set_used_ring_address(Some(u32::try_from(USED).unwrap()), Some(0));
     q.set_ready(true);
-    let backend = RawFile::open(path, false).unwrap();
-    let mut dev = Block::with_backend(Box::new(backend), false, None);
+    let mut dev = Block::with_backend(backend, false, None);
     dev.activate(ActivateContext {
         mem: mem.clone(),
         interrupt: Arc::new(NoInterrupt),
@@ -151,7 +174,11 @@ fn run_device(case: &Case, path: &PathBuf, offs: &[u64]) -> Duration {
     // A running guest's memory is faulted in: touch every page first.
     let zero = vec![0u8; MEM];
     mem.write_slice(&zero, GuestAddress(0)).unwrap();
-    let mut drv = Driver { mem, avail_idx: 0 };
+    (dev, Driver { mem, avail_idx: 0 })
+}
+
+fn run_device(case: &Case, backend: Box<dyn BlockBackend>, offs: &[u64]) -> Duration {
+    let (mut dev, mut drv) = device(backend);
     let batch = batch_size(case);
     let mut busy = Duration::ZERO;
     for chunk in offs.chunks(batch) {
@@ -172,7 +199,7 @@ fn batch_size(case: &Case) -> usize {
         .clamp(1, 64)
 }
 
-fn run_host(case: &Case, path: &PathBuf, offs: &[u64]) -> Duration {
+fn run_host(case: &Case, path: &Path, offs: &[u64]) -> Duration {
     let f = File::options().read(true).write(true).open(path).unwrap();
     let len = case.len as usize;
     let batch = batch_size(case);
@@ -193,15 +220,113 @@ fn run_host(case: &Case, path: &PathBuf, offs: &[u64]) -> Duration {
     start.elapsed()
 }
 
+/// Runs a greedy driver on a device limited by `spec` for `seconds`: 4 KiB
+/// reads (or 1 MiB, for a bandwidth-only limit) a batch at a time, waiting
+/// on the limiter's timer when it blocks, as the event loop does. Prints
+/// the rate achieved against the configured one.
+fn run_rate_limit(spec: &str, raw: &Path, seconds: u64) {
+    let config: RateLimiterConfig = spec
+        .parse()
+        .expect("--rate-limit bw=SIZE/TIME,ops=SIZE/TIME");
+    let len: u32 = if config.ops.is_some() { 4096 } else { 1 << 20 };
+    let (mut dev, mut drv) = device(Box::new(RawFile::open(raw, false).unwrap()));
+    dev.update_rate_limit(&config).unwrap();
+    let fd = dev.backend_fd().unwrap();
+    let batch = 16usize;
+    let offs: Vec<u64> = (0..batch as u64).map(|i| i * u64::from(len)).collect();
+    let start = Instant::now();
+    let mut done = 0u64;
+    let mut pending = 0usize;
+    while start.elapsed() < Duration::from_secs(seconds) {
+        if pending == 0 {
+            drv.submit(false, len, &offs);
+            pending = batch;
+        }
+        let before = drv.used_idx();
+        dev.process_queue(0);
+        if drv.used_idx() == before {
+            // Blocked: wait for the timer, then the event loop's call.
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd on the device's timerfd, for at most 1 s.
+            unsafe { libc::poll(&mut pfd, 1, 1000) };
+            dev.process_backend();
+        }
+        let got = usize::from(drv.used_idx().wrapping_sub(before));
+        done += got as u64;
+        pending -= got.min(pending);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let c = dev.rate_limiter_counters().unwrap();
+    let report = |what: &str, b: &ember_rate_limiter::BucketConfig, got: u64| {
+        let burst = b.one_time_burst.unwrap_or(0) + b.size;
+        let want = b.size as f64 * 1000.0 / b.refill_time as f64;
+        let rate = got.saturating_sub(burst) as f64 / secs;
+        println!(
+            "rate limit {what}: configured {want:.0}/s, achieved {rate:.0}/s after the first {burst} ({:+.2}%), {} requests in {secs:.1} s, throttled {} times",
+            (rate / want - 1.0) * 100.0,
+            done,
+            c.throttled
+        );
+    };
+    if let Some(b) = &config.bandwidth {
+        report("bytes", b, c.bytes);
+    }
+    if let Some(b) = &config.ops {
+        report("ops", b, c.ops);
+    }
+}
+
+/// Makes `qcow2` a qcow2 image with `raw`'s contents, every cluster allocated.
+fn make_qcow2(raw: &Path, qcow2: &Path, size: u64) {
+    ember_qcow2::create(
+        qcow2,
+        &ember_qcow2::CreateOptions {
+            size,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut q = ember_qcow2::Qcow2::open(qcow2, false).unwrap();
+    let f = File::open(raw).unwrap();
+    let mut chunk = vec![0u8; 1 << 20];
+    for off in (0..size).step_by(1 << 20) {
+        f.read_exact_at(&mut chunk, off).unwrap();
+        q.write_at(&chunk, off).unwrap();
+    }
+    q.flush().unwrap();
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let mut path = std::env::temp_dir().join(format!("ember-blk-bench-{}.img", std::process::id()));
     let mut size_mib: u64 = 256;
     let mut only: Option<String> = None;
+    let mut formats = vec![Format::Raw, Format::Qcow2];
+    let mut rate_limit: Option<String> = None;
+    let mut seconds = 10u64;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--case" => only = args.next(),
             "--file" => path = PathBuf::from(args.next().expect("--file PATH")),
+            "--format" => {
+                formats = match args.next().as_deref() {
+                    Some("raw") => vec![Format::Raw],
+                    Some("qcow2") => vec![Format::Qcow2],
+                    Some("both") => vec![Format::Raw, Format::Qcow2],
+                    _ => panic!("--format raw|qcow2|both"),
+                }
+            }
+            "--rate-limit" => rate_limit = args.next(),
+            "--seconds" => {
+                seconds = args
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .expect("--seconds N")
+            }
             "--size-mib" => {
                 size_mib = args
                     .next()
@@ -220,6 +345,15 @@ fn main() {
             f.write_all_at(&chunk, i << 20).unwrap();
         }
         f.sync_all().unwrap();
+    }
+    if let Some(spec) = rate_limit {
+        run_rate_limit(&spec, &path, seconds);
+        let _ = std::fs::remove_file(&path);
+        return;
+    }
+    let qcow2 = path.with_extension("qcow2");
+    if formats.contains(&Format::Qcow2) {
+        make_qcow2(&path, &qcow2, size);
     }
     let cases = [
         Case {
@@ -252,8 +386,8 @@ fn main() {
         },
     ];
     println!(
-        "{:<14} {:>12} {:>10} {:>14} {:>10} {:>7}",
-        "case", "ember req/s", "ember MB/s", "host req/s", "host MB/s", "ratio"
+        "{:<14} {:<6} {:>12} {:>10} {:>14} {:>10} {:>7} {:>9}",
+        "case", "format", "ember req/s", "ember MB/s", "host req/s", "host MB/s", "ratio", "vs raw"
     );
     let mut seed = 0x2545_f491_4f6c_dd1d_u64;
     for case in cases
@@ -263,25 +397,43 @@ fn main() {
         let offs = offsets(case, size, &mut seed);
         // Warm the page cache for both sides, then alternate the rounds.
         run_host(case, &path, &offs);
-        let mut dev = Vec::new();
-        let mut host = Vec::new();
-        for _ in 0..ROUNDS {
-            dev.push(run_device(case, &path, &offs));
-            host.push(run_host(case, &path, &offs));
+        let mut raw_rate = None;
+        for &format in &formats {
+            let mut dev = Vec::new();
+            let mut host = Vec::new();
+            for _ in 0..ROUNDS {
+                dev.push(run_device(case, open(format, &path, &qcow2), &offs));
+                host.push(run_host(case, &path, &offs));
+            }
+            dev.sort();
+            host.sort();
+            let rate = |d: Duration| case.requests as f64 / d.as_secs_f64();
+            let mbs = |d: Duration| rate(d) * f64::from(case.len) / 1e6;
+            let r = rate(dev[ROUNDS / 2]);
+            let vs_raw = match (format, raw_rate) {
+                (Format::Qcow2, Some(raw)) => format!("{:.2}", r / raw),
+                _ => "-".to_string(),
+            };
+            if format == Format::Raw {
+                raw_rate = Some(r);
+            }
+            println!(
+                "{:<14} {:<6} {:>12.0} {:>10.1} {:>14.0} {:>10.1} {:>7.2} {:>9}",
+                case.name,
+                if format == Format::Raw {
+                    "raw"
+                } else {
+                    "qcow2"
+                },
+                r,
+                mbs(dev[ROUNDS / 2]),
+                rate(host[ROUNDS / 2]),
+                mbs(host[ROUNDS / 2]),
+                r / rate(host[ROUNDS / 2]),
+                vs_raw
+            );
         }
-        dev.sort();
-        host.sort();
-        let rate = |d: Duration| case.requests as f64 / d.as_secs_f64();
-        let mbs = |d: Duration| rate(d) * f64::from(case.len) / 1e6;
-        println!(
-            "{:<14} {:>12.0} {:>10.1} {:>14.0} {:>10.1} {:>7.2}",
-            case.name,
-            rate(dev[ROUNDS / 2]),
-            mbs(dev[ROUNDS / 2]),
-            rate(host[ROUNDS / 2]),
-            mbs(host[ROUNDS / 2]),
-            rate(dev[ROUNDS / 2]) / rate(host[ROUNDS / 2])
-        );
     }
+    let _ = std::fs::remove_file(&qcow2);
     let _ = std::fs::remove_file(&path);
 }

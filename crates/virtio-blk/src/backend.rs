@@ -195,7 +195,7 @@ fn next_offset(offset: u64, len: usize) -> io::Result<u64> {
 
 /// Which way [`vectored_io`] moves the bytes.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Direction {
+pub(crate) enum Direction {
     /// File to memory (`preadv`).
     Read,
     /// Memory to file (`pwritev`).
@@ -211,7 +211,12 @@ const MAX_IOVECS: usize = 64;
 /// transfers continue where they stopped, `EINTR` retries, and the end of
 /// the file before the last byte is `UnexpectedEof`.
 #[allow(unsafe_code)]
-fn vectored_io(file: &File, bufs: &[Slice<'_>], mut offset: u64, dir: Direction) -> io::Result<()> {
+pub(crate) fn vectored_io(
+    file: &File,
+    bufs: &[Slice<'_>],
+    mut offset: u64,
+    dir: Direction,
+) -> io::Result<()> {
     if let [one] = bufs {
         return single_io(file, one, offset, dir);
     }

@@ -2,36 +2,40 @@
 //! loop that parses each chain, runs it on the backend and completes it.
 
 use std::fmt;
-use std::io;
 use std::mem::{offset_of, size_of};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use ember_memory::GuestMemoryMmap;
-use ember_memory::Slice;
-use ember_virtio::queue::UsedRing;
-use ember_virtio::{ActivateContext, ActivateError, InterruptKind, VirtioDevice, VirtioInterrupt};
+use std::os::fd::AsRawFd;
+
+use ember_rate_limiter::{RateLimiter, RateLimiterConfig, TokenType};
+use ember_virtio::queue::{drain_while, Flow, UsedRing};
+use ember_virtio::{
+    ActivateContext, ActivateError, BackendInterest, InterruptKind, VirtioDevice, VirtioInterrupt,
+};
 use log::{debug, warn};
 use virtio_bindings::virtio_blk::{
     virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
-    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR,
-    VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use virtio_queue::{Queue, QueueT};
 
-use crate::backend::{BlockBackend, RawFile};
+use crate::backend::BlockBackend;
+use crate::exec::Executor;
+use crate::qcow2::open_backend;
 use crate::request::{
-    self, DataRegion, Request, RequestKind, ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG,
-    MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX,
+    Request, RequestKind, ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SECTORS,
+    MAX_WRITE_ZEROES_SEG, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX,
 };
+use crate::ImageFormat;
 use crate::{Error, Result};
 
 /// The most bytes handed to the backend in one call (one `preadv` or
-/// `pwritev` for a [`RawFile`]); larger requests take several calls.
+/// `pwritev` for a [`crate::RawFile`]); larger requests take several calls.
 pub const IO_CHUNK: usize = 1024 * 1024;
 
 /// The logical block size advertised (`blk_size`): one sector.
@@ -44,34 +48,77 @@ const CONFIG_SIZE: usize = size_of::<virtio_blk_config>();
 /// What a VMM says about one disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockConfig {
-    /// The raw image (or host block device).
+    /// The image (or host block device).
     pub path: PathBuf,
     /// Whether the guest may only read it.
     pub read_only: bool,
     /// The serial the guest sees (GET_ID), at most 20 bytes.
     pub id: Option<String>,
+    /// How the image is laid out (given, never guessed).
+    pub format: ImageFormat,
+    /// Request queues (`VIRTIO_BLK_F_MQ` when more than one), 1 to
+    /// [`MAX_QUEUES`].
+    pub num_queues: u16,
+    /// Each queue's size: a power of two from 16 to [`MAX_QUEUE_SIZE`].
+    pub queue_size: u16,
+}
+
+impl BlockConfig {
+    /// A disk with one queue of [`QUEUE_SIZE`] entries.
+    pub fn new(path: impl Into<PathBuf>, format: ImageFormat, read_only: bool) -> BlockConfig {
+        BlockConfig {
+            path: path.into(),
+            read_only,
+            id: None,
+            format,
+            num_queues: 1,
+            queue_size: QUEUE_SIZE,
+        }
+    }
+}
+
+/// The most request queues a disk can have.
+pub const MAX_QUEUES: u16 = 64;
+/// The largest queue size a disk can have.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+
+/// Checks a queue count and size; the error says which is wrong.
+pub fn check_queues(num_queues: u16, queue_size: u16) -> std::result::Result<(), String> {
+    if num_queues == 0 || num_queues > MAX_QUEUES {
+        return Err(format!(
+            "num_queues = {num_queues}: it must be 1 to {MAX_QUEUES}"
+        ));
+    }
+    if !(16..=MAX_QUEUE_SIZE).contains(&queue_size) || !queue_size.is_power_of_two() {
+        return Err(format!(
+            "queue_size = {queue_size}: it must be a power of two from 16 to {MAX_QUEUE_SIZE}"
+        ));
+    }
+    Ok(())
 }
 
 /// What the device holds while activated.
 struct Active {
     mem: GuestMemoryMmap,
     interrupt: Arc<dyn VirtioInterrupt>,
-    queue: Queue,
+    /// The queues the driver enabled, in order (Linux enables the first
+    /// `min(num_queues, CPUs)`).
+    queues: Vec<Queue>,
 }
 
 /// Which guest or host faults have been logged at warn level already; later
 /// ones go to debug level so a misbehaving guest cannot flood the log.
 #[derive(Debug, Default)]
-struct Logged {
-    malformed: bool,
-    backend: bool,
-    guest_memory: bool,
-    used_ring: bool,
-    interrupt: bool,
+pub(crate) struct Logged {
+    pub(crate) malformed: bool,
+    pub(crate) backend: bool,
+    pub(crate) guest_memory: bool,
+    pub(crate) used_ring: bool,
+    pub(crate) interrupt: bool,
 }
 
 /// Whether `flag` is being set for the first time (and sets it).
-fn first(flag: &mut bool) -> bool {
+pub(crate) fn first(flag: &mut bool) -> bool {
     !std::mem::replace(flag, true)
 }
 
@@ -107,8 +154,11 @@ pub struct Block {
     id: [u8; ID_BYTES],
     avail_features: u64,
     config: [u8; CONFIG_SIZE],
-    queue_max_sizes: [u16; 1],
+    queue_max_sizes: Vec<u16>,
     active: Option<Active>,
+    /// Firecracker's token buckets; unlimited until configured. `None`
+    /// only if its timer could not be made (then no limit can be set).
+    limiter: Option<RateLimiter>,
     logged: Logged,
     counters: BlockCounters,
 }
@@ -125,8 +175,8 @@ impl fmt::Debug for Block {
 }
 
 impl Block {
-    /// Opens the image `cfg.path` as a [`RawFile`] (locking it) and builds a
-    /// device on it. An id longer than 20 bytes is an error.
+    /// Opens the image `cfg.path` in its format (a [`crate::RawFile`] or a
+    /// [`crate::Qcow2Disk`], locking it) and builds a device on it. An id longer than 20 bytes is an error.
     pub fn new(cfg: &BlockConfig) -> Result<Block> {
         if let Some(id) = &cfg.id {
             if id.len() > ID_BYTES {
@@ -137,10 +187,61 @@ impl Block {
                 });
             }
         }
-        let backend = RawFile::open(&cfg.path, cfg.read_only)?;
-        let mut block = Block::with_backend(Box::new(backend), cfg.read_only, cfg.id.clone());
+        check_queues(cfg.num_queues, cfg.queue_size).map_err(|why| Error::Queues {
+            path: cfg.path.clone(),
+            why,
+        })?;
+        let backend = open_backend(&cfg.path, cfg.format, cfg.read_only)?;
+        let mut block = Block::with_backend(backend, cfg.read_only, cfg.id.clone());
         block.disk = cfg.path.display().to_string();
+        block.set_queues(cfg.num_queues, cfg.queue_size);
         Ok(block)
+    }
+
+    /// Gives the device `num_queues` queues of `queue_size` entries
+    /// (before the transport is built; [`check_queues`] says what is
+    /// allowed, and values outside it are clamped).
+    pub fn set_queues(&mut self, num_queues: u16, queue_size: u16) {
+        let n = num_queues.clamp(1, MAX_QUEUES);
+        let size = queue_size.clamp(16, MAX_QUEUE_SIZE);
+        self.queue_max_sizes = vec![size; usize::from(n)];
+        if n > 1 {
+            self.avail_features |= 1 << VIRTIO_BLK_F_MQ;
+        } else {
+            self.avail_features &= !(1 << VIRTIO_BLK_F_MQ);
+        }
+        put_num_queues(&mut self.config, n);
+    }
+
+    /// Sets the rate limits (at start, or live: Firecracker's `PATCH
+    /// /drives`): a bucket given replaces the one in use, a bucket with
+    /// size or refill time 0 removes it, a bucket not given stays.
+    pub fn update_rate_limit(&mut self, patch: &RateLimiterConfig) -> Result<()> {
+        let limiter = self.limiter.as_mut().ok_or_else(|| Error::RateLimiter {
+            disk: self.disk.clone(),
+            why: "the limiter's timer could not be made".into(),
+        })?;
+        limiter.update_from_config(patch);
+        Ok(())
+    }
+
+    /// The rate limits in force.
+    pub fn rate_limit(&self) -> RateLimiterConfig {
+        self.limiter
+            .as_ref()
+            .map(RateLimiter::config)
+            .unwrap_or_default()
+    }
+
+    /// The rate limiter's counters (bytes and requests let through, times
+    /// throttled).
+    pub fn rate_limiter_counters(&self) -> Option<ember_rate_limiter::Counters> {
+        self.limiter.as_ref().map(RateLimiter::counters)
+    }
+
+    /// The number of request queues the device offers.
+    pub fn num_queues(&self) -> u16 {
+        u16::try_from(self.queue_max_sizes.len()).unwrap_or(1)
     }
 
     /// Builds a device on any backend (tests, fuzzing, other formats). The
@@ -175,8 +276,15 @@ impl Block {
             id: id_bytes,
             avail_features,
             config: config_space(capacity),
-            queue_max_sizes: [QUEUE_SIZE],
+            queue_max_sizes: vec![QUEUE_SIZE],
             active: None,
+            limiter: match RateLimiter::new(&RateLimiterConfig::default()) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    warn!("virtio-blk: no rate limiter (its timer cannot be made: {e})");
+                    None
+                }
+            },
             logged: Logged::default(),
             counters: BlockCounters::default(),
         }
@@ -187,7 +295,7 @@ impl Block {
         self.counters
     }
 
-    /// Makes every completed write durable (fdatasync for a [`RawFile`]);
+    /// Makes every completed write durable (fdatasync for a [`crate::RawFile`]);
     /// the VMM calls it before exiting.
     pub fn flush(&mut self) -> Result<()> {
         self.backend.flush().map_err(|source| Error::Flush {
@@ -229,6 +337,8 @@ impl Block {
         self.disk = disk;
         self.capacity = capacity;
         self.config = config_space(capacity);
+        let n = self.num_queues();
+        put_num_queues(&mut self.config, n);
         Ok(changed)
     }
 
@@ -287,8 +397,14 @@ fn config_space(capacity: u64) -> [u8; CONFIG_SIZE] {
     c
 }
 
+/// Writes `num_queues` into a config space.
+fn put_num_queues(config: &mut [u8; CONFIG_SIZE], n: u16) {
+    let at = offset_of!(virtio_blk_config, num_queues);
+    config[at..at + 2].copy_from_slice(&n.to_le_bytes());
+}
+
 /// A status constant as the byte the guest reads.
-fn status_byte(status: u32) -> u8 {
+pub(crate) fn status_byte(status: u32) -> u8 {
     u8::try_from(status).unwrap_or(u8::MAX)
 }
 
@@ -331,21 +447,27 @@ impl VirtioDevice for Block {
         // Requests complete within process_queue: nothing is in flight.
         self.active
             .as_ref()
-            .map(|a| vec![a.queue.state()])
+            .map(|a| a.queues.iter().map(|q| q.state()).collect())
             .unwrap_or_default()
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> std::result::Result<(), ActivateError> {
         let got = ctx.queues.len();
-        let mut queues = ctx.queues.into_iter();
-        let (Some(mut queue), None) = (queues.next(), queues.next()) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        queue.set_event_idx(ctx.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
+        if got == 0 || got > self.queue_max_sizes.len() {
+            return Err(ActivateError::QueueCount {
+                expected: self.queue_max_sizes.len(),
+                got,
+            });
+        }
+        let event_idx = ctx.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let mut queues = ctx.queues;
+        for q in &mut queues {
+            q.set_event_idx(event_idx);
+        }
         self.active = Some(Active {
             mem: ctx.mem,
             interrupt: ctx.interrupt,
-            queue,
+            queues,
         });
         Ok(())
     }
@@ -355,10 +477,14 @@ impl VirtioDevice for Block {
     }
 
     fn process_queue(&mut self, index: usize) {
-        if index != 0 {
+        // A blocked limiter's timer runs the queues when it fires.
+        if self.limiter.as_ref().is_some_and(RateLimiter::is_blocked) {
             return;
         }
         let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let Some(queue) = active.queues.get_mut(index) else {
             return;
         };
         let mut exec = Executor {
@@ -376,10 +502,17 @@ impl VirtioDevice for Block {
         let mem = &active.mem;
         // The used ring as one slice for the pass: each completion is one
         // write and one index store, without looking guest memory up.
-        let mut used = UsedRing::new(&active.queue, mem);
-        let drained = ember_virtio::queue::drain(&mut active.queue, mem, |queue, chain| {
+        let mut used = UsedRing::new(queue, mem);
+        let limiter = &mut self.limiter;
+        let drained = drain_while(queue, mem, |queue, chain| {
             let head = chain.head_index();
-            let len = exec.complete(chain);
+            let parsed = exec.parse(chain.clone());
+            if let (Ok(req), Some(limiter)) = (&parsed, limiter.as_mut()) {
+                if !admit(limiter, req) {
+                    return Flow::PutBack;
+                }
+            }
+            let len = exec.complete_parsed(chain, parsed);
             let added = match &mut used {
                 Some(used) => used
                     .add(queue, head, len)
@@ -398,6 +531,7 @@ impl VirtioDevice for Block {
                     }
                 }
             }
+            Flow::Continue
         });
         if let Err(e) = drained {
             if first(&mut exec.logged.used_ring) {
@@ -409,12 +543,14 @@ impl VirtioDevice for Block {
         }
         let wants = used_any
             && match &mut used {
-                Some(used) => used.needs_notification(&active.queue),
-                None => active.queue.needs_notification(&active.mem).unwrap_or(true),
+                Some(used) => used.needs_notification(queue),
+                None => queue.needs_notification(mem).unwrap_or(true),
             };
         if wants {
             exec.counters.interrupts = exec.counters.interrupts.saturating_add(1);
-            if let Err(e) = active.interrupt.trigger(InterruptKind::Queue(0)) {
+            // `index` < the queue count, at most MAX_QUEUES.
+            let q = u16::try_from(index).unwrap_or(u16::MAX);
+            if let Err(e) = active.interrupt.trigger(InterruptKind::Queue(q)) {
                 if first(&mut exec.logged.interrupt) {
                     warn!("virtio-blk {}: cannot interrupt the guest: {e}", exec.disk);
                 }
@@ -425,281 +561,47 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         self.active = None;
     }
-}
 
-/// Why an accepted request failed; it completes with IOERR. Only logged, so
-/// the message carries the cause.
-#[derive(Debug, thiserror::Error)]
-enum ExecError {
-    /// The backend failed.
-    #[error("backend I/O failed: {0}")]
-    Backend(io::Error),
-    /// Guest memory at this address could not be accessed.
-    #[error("guest memory at {:#x} is not accessible", .0 .0)]
-    GuestMemory(GuestAddress),
-    /// The data buffer ended before the data (parse makes this impossible).
-    #[error("the data buffer is too short")]
-    ShortBuffer,
-}
+    fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.limiter.as_ref().map(AsRawFd::as_raw_fd)
+    }
 
-/// The result of running a request.
-type ExecResult<T> = std::result::Result<T, ExecError>;
-
-/// Everything running a request needs, borrowed from the device apart from
-/// its queue.
-struct Executor<'a> {
-    backend: &'a mut dyn BlockBackend,
-    id: &'a [u8; ID_BYTES],
-    mem: &'a GuestMemoryMmap,
-    disk: &'a str,
-    capacity: u64,
-    read_only: bool,
-    logged: &'a mut Logged,
-    counters: &'a mut BlockCounters,
-    /// The guest buffers of the transfer under way (kept between requests
-    /// so that a batch allocates once).
-    slices: Vec<Slice<'a>>,
-}
-
-impl Executor<'_> {
-    /// Parses and runs one chain and writes its status byte. Returns the
-    /// used length: the bytes written to the guest (data and status), 0 if
-    /// the status could not be written.
-    fn complete(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
-        let (status_addr, status, written) =
-            match request::parse(chain.clone(), self.capacity, self.read_only) {
-                Ok(req) => match self.run(&req) {
-                    Ok(written) => {
-                        self.count(&req);
-                        (
-                            Some(req.status_addr()),
-                            status_byte(VIRTIO_BLK_S_OK),
-                            written,
-                        )
-                    }
-                    Err(e) => {
-                        self.counters.errors = self.counters.errors.saturating_add(1);
-                        self.log_exec_error(&e);
-                        (Some(req.status_addr()), status_byte(VIRTIO_BLK_S_IOERR), 0)
-                    }
-                },
-                Err(e) => {
-                    self.counters.errors = self.counters.errors.saturating_add(1);
-                    if first(&mut self.logged.malformed) {
-                        let disk = self.disk;
-                        warn!("virtio-blk {disk}: malformed request: {e} (more at debug level)");
-                    } else {
-                        debug!("virtio-blk {}: malformed request: {e}", self.disk);
-                    }
-                    (request::status_address(chain), e.status(), 0)
-                }
-            };
-        let Some(addr) = status_addr else {
-            return 0;
-        };
-        match self.mem.write_obj(status, addr) {
-            Ok(()) => written.saturating_add(1),
-            Err(_) => {
-                self.log_exec_error(&ExecError::GuestMemory(addr));
-                0
+    fn process_backend(&mut self) -> BackendInterest {
+        // The limiter's timer: tokens are back, run every queue again.
+        if let Some(l) = self.limiter.as_mut() {
+            if let Err(e) = l.event_handler() {
+                debug!("virtio-blk {}: rate limiter: {e}", self.disk);
             }
         }
-    }
-
-    /// Counts a request that completed with OK.
-    fn count(&mut self, req: &Request) {
-        let c = &mut *self.counters;
-        match req.kind() {
-            RequestKind::In { .. } => {
-                c.reads = c.reads.saturating_add(1);
-                c.read_bytes = c.read_bytes.saturating_add(req.data_len());
-            }
-            RequestKind::Out { .. } => {
-                c.writes = c.writes.saturating_add(1);
-                c.write_bytes = c.write_bytes.saturating_add(req.data_len());
-            }
-            RequestKind::Flush => c.flushes = c.flushes.saturating_add(1),
-            RequestKind::GetId | RequestKind::Discard(_) | RequestKind::WriteZeroes(_) => {
-                c.other = c.other.saturating_add(1);
-            }
+        let queues = self.active.as_ref().map_or(0, |a| a.queues.len());
+        for i in 0..queues {
+            self.process_queue(i);
         }
-    }
-
-    fn log_exec_error(&mut self, e: &ExecError) {
-        let flag = match e {
-            ExecError::Backend(_) => &mut self.logged.backend,
-            ExecError::GuestMemory(_) | ExecError::ShortBuffer => &mut self.logged.guest_memory,
-        };
-        if first(flag) {
-            let disk = self.disk;
-            warn!("virtio-blk {disk}: request failed: {e} (more at debug level)");
-        } else {
-            debug!("virtio-blk {}: request failed: {e}", self.disk);
-        }
-    }
-
-    /// Runs an accepted request; returns the data bytes written to the guest.
-    fn run(&mut self, req: &Request) -> ExecResult<u32> {
-        let backend = ExecError::Backend;
-        match req.kind() {
-            RequestKind::In { sector } => {
-                self.read_to_guest(byte_offset(*sector)?, req.data(), req.data_len())?;
-                Ok(u32::try_from(req.data_len()).unwrap_or(u32::MAX))
-            }
-            RequestKind::Out { sector } => {
-                self.write_from_guest(byte_offset(*sector)?, req.data(), req.data_len())?;
-                Ok(0)
-            }
-            RequestKind::Flush => {
-                self.backend.flush().map_err(backend)?;
-                Ok(0)
-            }
-            RequestKind::GetId => {
-                let n = usize::try_from(req.data_len()).map_or(ID_BYTES, |l| l.min(ID_BYTES));
-                Cursor::new(req.data()).write_guest(self.mem, &self.id[..n])?;
-                Ok(u32::try_from(n).unwrap_or(0))
-            }
-            RequestKind::Discard(segments) => {
-                for s in segments {
-                    self.backend.discard(s.offset(), s.len()).map_err(backend)?;
-                }
-                Ok(0)
-            }
-            RequestKind::WriteZeroes(segments) => {
-                for s in segments {
-                    self.backend
-                        .write_zeroes(s.offset(), s.len())
-                        .map_err(backend)?;
-                }
-                Ok(0)
-            }
-        }
-    }
-
-    /// Reads `len` bytes at `offset` from the backend straight into the
-    /// guest's buffers `data`, at most [`IO_CHUNK`] bytes per backend call.
-    fn read_to_guest(&mut self, offset: u64, data: &[DataRegion], len: u64) -> ExecResult<()> {
-        self.transfer(offset, data, len, false)
-    }
-
-    /// Writes `len` bytes of the guest's buffers `data` to the backend at
-    /// `offset`, at most [`IO_CHUNK`] bytes per backend call.
-    fn write_from_guest(&mut self, offset: u64, data: &[DataRegion], len: u64) -> ExecResult<()> {
-        self.transfer(offset, data, len, true)
-    }
-
-    /// Moves `len` bytes between the backend at `offset` and the guest's
-    /// buffers `data` (to the backend if `write`), handing the backend guest
-    /// memory itself: no copy through a buffer of the device's.
-    fn transfer(
-        &mut self,
-        mut offset: u64,
-        data: &[DataRegion],
-        len: u64,
-        write: bool,
-    ) -> ExecResult<()> {
-        let mem = self.mem;
-        let mut cursor = Cursor::new(data);
-        let mut left = len;
-        while left > 0 {
-            let want = chunk_len(left, IO_CHUNK);
-            self.slices.clear();
-            let mut got = 0;
-            while got < want {
-                let (addr, n) = cursor.next_run(want - got).ok_or(ExecError::ShortBuffer)?;
-                // A run may cross from one memory region into the next.
-                for s in mem.get_slices(addr, n) {
-                    self.slices
-                        .push(s.map_err(|_| ExecError::GuestMemory(addr))?);
-                }
-                got += n;
-            }
-            if write {
-                self.backend.write_vectored_at(&self.slices, offset)
-            } else {
-                self.backend.read_vectored_at(&self.slices, offset)
-            }
-            .map_err(ExecError::Backend)?;
-            (offset, left) = advance(offset, left, want)?;
-        }
-        Ok(())
+        BackendInterest::Keep
     }
 }
 
-/// The byte offset of `sector` (`parse` checked that it fits).
-fn byte_offset(sector: u64) -> ExecResult<u64> {
-    sector
-        .checked_mul(SECTOR_SIZE)
-        .ok_or_else(|| ExecError::Backend(io::ErrorKind::InvalidInput.into()))
-}
-
-/// The size of the next chunk: `left`, at most `max`.
-fn chunk_len(left: u64, max: usize) -> usize {
-    usize::try_from(left).map_or(max, |l| l.min(max))
-}
-
-/// Moves `offset` forward and `left` back by `n` bytes.
-fn advance(offset: u64, left: u64, n: usize) -> ExecResult<(u64, u64)> {
-    let n = u64::try_from(n).map_err(|_| ExecError::ShortBuffer)?;
-    let offset = offset
-        .checked_add(n)
-        .ok_or_else(|| ExecError::Backend(io::ErrorKind::InvalidInput.into()))?;
-    Ok((offset, left.saturating_sub(n)))
-}
-
-/// A position in a request's data buffer, which moves forward as bytes are
-/// copied in or out.
-struct Cursor<'a> {
-    regions: &'a [DataRegion],
-    index: usize,
-    offset: u32,
-}
-
-impl<'a> Cursor<'a> {
-    fn new(regions: &'a [DataRegion]) -> Self {
-        Cursor {
-            regions,
-            index: 0,
-            offset: 0,
-        }
+/// Takes a request's tokens from the limiter: one op, and its data bytes
+/// for a read or a write. False (and nothing taken) when it must wait.
+fn admit(limiter: &mut RateLimiter, req: &Request) -> bool {
+    if !limiter.consume(1, TokenType::Ops) {
+        return false;
     }
-
-    /// The next run of at most `max` bytes, and moves past it.
-    fn next_run(&mut self, max: usize) -> Option<(GuestAddress, usize)> {
-        loop {
-            let r = self.regions.get(self.index)?;
-            let left = r.len().saturating_sub(self.offset);
-            if left == 0 {
-                self.index += 1;
-                self.offset = 0;
-                continue;
-            }
-            let n = usize::try_from(left).map_or(max, |l| l.min(max));
-            let addr = r.addr().0.checked_add(u64::from(self.offset))?;
-            // n <= left, a u32.
-            self.offset += u32::try_from(n).unwrap_or(left);
-            return Some((GuestAddress(addr), n));
-        }
+    let bytes = match req.kind() {
+        RequestKind::In { .. } | RequestKind::Out { .. } => req.data_len(),
+        _ => 0,
+    };
+    if bytes > 0 && !limiter.consume(bytes, TokenType::Bytes) {
+        limiter.manual_replenish(1, TokenType::Ops);
+        return false;
     }
-
-    /// Copies `src` to the guest at the cursor.
-    fn write_guest(&mut self, mem: &GuestMemoryMmap, src: &[u8]) -> ExecResult<()> {
-        let mut done = 0;
-        while done < src.len() {
-            let (addr, n) = self
-                .next_run(src.len() - done)
-                .ok_or(ExecError::ShortBuffer)?;
-            mem.write_slice(&src[done..done + n], addr)
-                .map_err(|_| ExecError::GuestMemory(addr))?;
-            done += n;
-        }
-        Ok(())
-    }
+    true
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::RawFile;
     use crate::test_utils::{
         desc, guest_memory, header, CountingInterrupt, MemBackend, TestQueue, XorShift, DATA, HDR,
         INDIRECT, NEXT, R, STATUS, W,
@@ -707,10 +609,12 @@ mod tests {
     use std::os::unix::fs::{FileExt, MetadataExt};
     use std::sync::atomic::Ordering;
     use virtio_bindings::virtio_blk::{
-        VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
-        VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+        VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+        VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+        VIRTIO_BLK_T_WRITE_ZEROES,
     };
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
     use vmm_sys_util::tempfile::TempFile;
 
     const OK: u32 = VIRTIO_BLK_S_OK;
@@ -727,9 +631,8 @@ mod tests {
 
     fn file_block(img: &TempFile, read_only: bool) -> Block {
         Block::new(&BlockConfig {
-            path: img.as_path().to_path_buf(),
-            read_only,
             id: Some("ember-disk-0".to_string()),
+            ..BlockConfig::new(img.as_path(), ImageFormat::Raw, read_only)
         })
         .unwrap()
     }
@@ -862,9 +765,8 @@ mod tests {
     fn block_new_rejects_long_id() {
         let img = image();
         let err = Block::new(&BlockConfig {
-            path: img.as_path().to_path_buf(),
-            read_only: false,
             id: Some("x".repeat(21)),
+            ..BlockConfig::new(img.as_path(), ImageFormat::Raw, false)
         })
         .unwrap_err();
         assert!(matches!(err, Error::IdTooLong { len: 21, .. }));
@@ -874,7 +776,7 @@ mod tests {
     }
 
     #[test]
-    fn block_activate_needs_exactly_one_queue() {
+    fn block_activate_needs_one_to_num_queues_queues() {
         let mem = guest_memory();
         let q = TestQueue::new(&mem, 16);
         let (backend, _) = MemBackend::new(4096);
@@ -892,6 +794,146 @@ mod tests {
             assert!(matches!(err, ActivateError::QueueCount { expected: 1, got: g } if g == got));
             assert!(!block.is_activated());
         }
+    }
+
+    #[test]
+    fn block_multiqueue_offers_num_queues_and_serves_each_queue_on_its_vector() {
+        let img = image();
+        let mut block = Block::new(&BlockConfig {
+            num_queues: 2,
+            queue_size: 64,
+            ..BlockConfig::new(img.as_path(), ImageFormat::Raw, false)
+        })
+        .unwrap();
+        assert_eq!(block.queue_max_sizes(), &[64, 64]);
+        assert_ne!(block.avail_features() & (1 << VIRTIO_BLK_F_MQ), 0);
+        let mut n = [0u8; 2];
+        block.read_config(offset_of!(virtio_blk_config, num_queues) as u64, &mut n);
+        assert_eq!(u16::from_le_bytes(n), 2);
+        assert_eq!(block.state().num_queues, 2);
+        let mem = guest_memory();
+        let mut q0 = TestQueue::new(&mem, 16);
+        let mut q1 = TestQueue::at(&mem, 16, 0x1000);
+        header(&mem, HDR, VIRTIO_BLK_T_OUT, 8);
+        mem.write_slice(&[0x11; 512], GuestAddress(DATA)).unwrap();
+        q0.add(&[desc(HDR, 16, R), desc(DATA, 512, R), desc(STATUS, 1, W)]);
+        header(&mem, HDR + 16, VIRTIO_BLK_T_OUT, 9);
+        mem.write_slice(&[0x22; 512], GuestAddress(DATA + 4096))
+            .unwrap();
+        q1.add(&[
+            desc(HDR + 16, 16, R),
+            desc(DATA + 4096, 512, R),
+            desc(STATUS + 1, 1, W),
+        ]);
+        let irq = Arc::new(CountingInterrupt::default());
+        let acked = block.avail_features() & !(1 << VIRTIO_RING_F_EVENT_IDX);
+        block
+            .activate(ActivateContext {
+                mem: mem.clone(),
+                interrupt: irq.clone(),
+                queues: vec![q0.queue(), q1.queue()],
+                acked_features: acked,
+            })
+            .unwrap();
+        block.process_queue(1);
+        assert_eq!(q1.used(), vec![(0, 1)]);
+        assert_eq!(q0.used(), vec![], "queue 0 untouched until notified");
+        block.process_queue(0);
+        assert_eq!(q0.used(), vec![(0, 1)]);
+        assert_eq!(
+            irq.kinds(),
+            vec![InterruptKind::Queue(1), InterruptKind::Queue(0)]
+        );
+        assert_eq!(file_bytes(&img, 8 * 512, 512), vec![0x11; 512]);
+        assert_eq!(file_bytes(&img, 9 * 512, 512), vec![0x22; 512]);
+        // A queue the driver did not enable is ignored, not a panic.
+        block.process_queue(7);
+        assert_eq!(block.queue_states().len(), 2);
+    }
+
+    #[test]
+    fn block_queue_count_and_size_are_checked() {
+        let img = image();
+        for (n, size, what) in [
+            (0, 256, "num_queues = 0"),
+            (65, 256, "num_queues = 65"),
+            (1, 100, "queue_size = 100"),
+            (1, 2048, "queue_size = 2048"),
+        ] {
+            let err = Block::new(&BlockConfig {
+                num_queues: n,
+                queue_size: size,
+                ..BlockConfig::new(img.as_path(), ImageFormat::Raw, false)
+            })
+            .unwrap_err();
+            assert!(err.to_string().contains(what), "{err}");
+        }
+    }
+
+    #[test]
+    fn block_state_with_another_queue_count_is_refused() {
+        let img = image();
+        let block = file_block(&img, false);
+        let mut state = block.state();
+        state.num_queues = 4;
+        assert!(block.check_state(&state).is_err());
+        // Files from before multiqueue say nothing: one queue.
+        let old: crate::BlockState =
+            serde_json::from_str(r#"{"capacity": 2048, "read_only": false}"#).unwrap();
+        assert_eq!(old.num_queues, 1);
+        block.check_state(&old).unwrap();
+    }
+
+    #[test]
+    #[allow(unsafe_code)]
+    fn block_rate_limit_holds_requests_back_until_its_timer_fires() {
+        let img = image();
+        let mut block = file_block(&img, false);
+        // 2 requests at once, then one every 100 ms.
+        block
+            .update_rate_limit(&"ops=2/200ms".parse().unwrap())
+            .unwrap();
+        let mem = guest_memory();
+        let mut q = TestQueue::new(&mem, 16);
+        for i in 0..3u64 {
+            header(&mem, HDR + 16 * i, VIRTIO_BLK_T_IN, i);
+            q.add(&[
+                desc(HDR + 16 * i, 16, R),
+                desc(DATA + 4096 * i, 512, W),
+                desc(STATUS + i, 1, W),
+            ]);
+        }
+        activate(&mut block, &mem, &q);
+        block.process_queue(0);
+        assert_eq!(q.used().len(), 2, "the third request waits");
+        // A notification while blocked does nothing.
+        block.process_queue(0);
+        assert_eq!(q.used().len(), 2);
+        let fd = block.backend_fd().expect("the limiter's timer");
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let start = std::time::Instant::now();
+        // SAFETY: one pollfd on a timerfd the device owns, for at most 2 s.
+        let n = unsafe { libc::poll(&mut pfd, 1, 2000) };
+        assert_eq!(n, 1, "the timer fires");
+        let waited = start.elapsed();
+        assert!(waited >= std::time::Duration::from_millis(50), "{waited:?}");
+        assert_eq!(block.process_backend(), BackendInterest::Keep);
+        assert_eq!(q.used().len(), 3, "the third request ran");
+        assert_eq!(status(&mem, STATUS + 2), OK);
+        assert_eq!(guest_bytes(&mem, DATA + 8192, 512), sector_pattern(2, 512));
+        let c = block.rate_limiter_counters().unwrap();
+        assert_eq!(c.ops, 3);
+        // Removing the limit (size 0) lets everything through.
+        block
+            .update_rate_limit(
+                &serde_json::from_str(r#"{"ops": {"size": 0, "refill_time": 0}}"#).unwrap(),
+            )
+            .unwrap();
+        assert!(block.rate_limit().is_unlimited());
     }
 
     #[test]

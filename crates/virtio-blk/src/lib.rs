@@ -6,6 +6,9 @@
 //! - [`backend`] holds the [`BlockBackend`] trait the device does its I/O
 //!   through, and [`RawFile`], a raw disk image (or block device) with an
 //!   advisory lock so that two VMMs cannot write one image.
+//! - [`qcow2`] holds [`Qcow2Disk`], a qcow2 image and its backing chain
+//!   (the `ember-qcow2` crate) as a backend, and [`open_backend`], which
+//!   opens an image in the format it is given.
 //! - [`device`] holds [`Block`], an [`ember_virtio::VirtioDevice`]: one queue,
 //!   read, write, flush, get-id, discard and write-zeroes.
 //!
@@ -21,9 +24,8 @@
 //! let image = TempFile::new().unwrap();
 //! image.as_file().set_len(1 << 20).unwrap();
 //! let disk = Block::new(&BlockConfig {
-//!     path: image.as_path().to_path_buf(),
-//!     read_only: false,
 //!     id: Some("rootfs".to_string()),
+//!     ..BlockConfig::new(image.as_path(), ember_virtio_blk::ImageFormat::Raw, false)
 //! })?;
 //! assert_eq!(disk.device_type(), VIRTIO_ID_BLOCK);
 //!
@@ -37,6 +39,8 @@
 
 pub mod backend;
 pub mod device;
+mod exec;
+pub mod qcow2;
 pub mod request;
 pub mod state;
 
@@ -47,7 +51,11 @@ use std::io;
 use std::path::PathBuf;
 
 pub use backend::{BlockBackend, RawFile};
-pub use device::{Block, BlockConfig, BlockCounters, IO_CHUNK};
+pub use device::{
+    check_queues, Block, BlockConfig, BlockCounters, IO_CHUNK, MAX_QUEUES, MAX_QUEUE_SIZE,
+};
+pub use ember_qcow2::ImageFormat;
+pub use qcow2::{open_backend, Qcow2Disk};
 pub use request::{parse, status_address, DataRegion, Request, RequestError, RequestKind, Segment};
 pub use state::BlockState;
 
@@ -83,6 +91,32 @@ pub enum Error {
         /// What `flock` said.
         #[source]
         source: io::Error,
+    },
+    /// A qcow2 image cannot be opened: its header, tables or backing chain
+    /// are refused (the source names the file and the problem).
+    #[error("cannot open the qcow2 disk")]
+    Qcow2 {
+        /// The image.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: ember_qcow2::Error,
+    },
+    /// The rate limiter cannot be used.
+    #[error("disk {disk}: rate limiter: {why}")]
+    RateLimiter {
+        /// The disk.
+        disk: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// The queue count or size is not allowed.
+    #[error("disk image {}: {why}", path.display())]
+    Queues {
+        /// The image.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
     },
     /// The size of the image could not be read.
     #[error("cannot find the size of disk image {}", path.display())]

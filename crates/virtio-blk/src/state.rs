@@ -13,6 +13,14 @@ pub struct BlockState {
     pub capacity: u64,
     /// Read-only (VIRTIO_BLK_F_RO offered).
     pub read_only: bool,
+    /// Request queues offered (`num_queues`; 1 in files from before
+    /// multiqueue).
+    #[serde(default = "one")]
+    pub num_queues: u16,
+}
+
+fn one() -> u16 {
+    1
 }
 
 impl crate::Block {
@@ -21,6 +29,7 @@ impl crate::Block {
         BlockState {
             capacity: self.capacity(),
             read_only: self.read_only(),
+            num_queues: self.num_queues(),
         }
     }
 
@@ -35,6 +44,13 @@ impl crate::Block {
                 if state.read_only { " read-only" } else { "" },
                 self.capacity(),
                 if self.read_only() { " read-only" } else { "" }
+            )));
+        }
+        if state.num_queues != self.num_queues() {
+            return Err(crate::Error::StateMismatch(format!(
+                "the guest saw {} queues, the disk is configured with {}",
+                state.num_queues,
+                self.num_queues()
             )));
         }
         Ok(())

@@ -86,6 +86,7 @@ pub fn indirect(mem: &GuestMemoryMmap, table: u64, entries: &[(u64, u32, u16)]) 
 /// from `size / 2` on, which a device writing its used ring then clobbers.
 pub struct TestQueue<'a> {
     mem: &'a GuestMemoryMmap,
+    base: u64,
     size: u16,
     next_desc: u16,
     avail_idx: u16,
@@ -93,10 +94,17 @@ pub struct TestQueue<'a> {
 
 impl<'a> TestQueue<'a> {
     pub fn new(mem: &'a GuestMemoryMmap, size: u16) -> Self {
-        assert!(size <= 64);
-        mem.write_slice(&[0; 0x1000], GuestAddress(0)).unwrap();
+        Self::at(mem, size, 0)
+    }
+
+    /// A queue whose rings start at `base` instead of 0 (a second queue
+    /// of a multiqueue device: 0x1000 up to 0xf000).
+    pub fn at(mem: &'a GuestMemoryMmap, size: u16, base: u64) -> Self {
+        assert!(size <= 64 && base % 0x1000 == 0 && base < HDR);
+        mem.write_slice(&[0; 0x1000], GuestAddress(base)).unwrap();
         TestQueue {
             mem,
+            base,
             size,
             next_desc: 0,
             avail_idx: 0,
@@ -104,7 +112,7 @@ impl<'a> TestQueue<'a> {
     }
 
     pub fn avail_addr(&self) -> u64 {
-        16 * u64::from(self.size)
+        self.base + 16 * u64::from(self.size)
     }
 
     pub fn used_addr(&self) -> u64 {
@@ -114,7 +122,7 @@ impl<'a> TestQueue<'a> {
     /// Writes descriptor `index` as is.
     pub fn store(&self, index: u16, d: RawDescriptor) {
         self.mem
-            .write_obj(d, GuestAddress(16 * u64::from(index)))
+            .write_obj(d, GuestAddress(self.base + 16 * u64::from(index)))
             .unwrap();
     }
 
@@ -162,7 +170,8 @@ impl<'a> TestQueue<'a> {
     pub fn queue(&self) -> Queue {
         let mut q = Queue::new(self.size).unwrap();
         q.try_set_size(self.size).unwrap();
-        q.try_set_desc_table_address(GuestAddress(0)).unwrap();
+        q.try_set_desc_table_address(GuestAddress(self.base))
+            .unwrap();
         q.try_set_avail_ring_address(GuestAddress(self.avail_addr()))
             .unwrap();
         q.try_set_used_ring_address(GuestAddress(self.used_addr()))
@@ -196,18 +205,25 @@ impl<'a> TestQueue<'a> {
 #[derive(Debug, Default)]
 pub struct CountingInterrupt {
     count: AtomicUsize,
+    kinds: Mutex<Vec<InterruptKind>>,
 }
 
 impl CountingInterrupt {
     pub fn count(&self) -> usize {
         self.count.load(Ordering::SeqCst)
     }
+
+    /// Every interrupt so far, in order.
+    pub fn kinds(&self) -> Vec<InterruptKind> {
+        self.kinds.lock().unwrap().clone()
+    }
 }
 
 impl VirtioInterrupt for CountingInterrupt {
     fn trigger(&self, kind: InterruptKind) -> io::Result<()> {
-        assert_eq!(kind, InterruptKind::Queue(0));
+        assert!(matches!(kind, InterruptKind::Queue(_)), "{kind:?}");
         self.count.fetch_add(1, Ordering::SeqCst);
+        self.kinds.lock().unwrap().push(kind);
         Ok(())
     }
 }

@@ -330,6 +330,49 @@ where
     }
 }
 
+/// What the callback of [`drain_while`] says after a chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// The chain was taken care of; go on.
+    Continue,
+    /// The chain was not taken (a rate limiter said no): it goes back to
+    /// the ring, taken again next time, and the pass ends with the
+    /// driver's notifications left off.
+    PutBack,
+}
+
+/// [`drain`], where the callback can put a chain back and stop (a rate
+/// limit was reached). Returns whether it stopped so; the device calls it
+/// again when it may go on (its timer fired), not on a notification.
+pub fn drain_while<'m, F>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+    mut f: F,
+) -> Result<bool, virtio_queue::Error>
+where
+    F: FnMut(&mut Queue, DescriptorChain<&'m GuestMemoryMmap>) -> Flow,
+{
+    let mut result = Ok(false);
+    loop {
+        if let Err(e) = queue.disable_notification(mem) {
+            result = Err(e);
+        }
+        let mut took = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            if f(queue, chain) == Flow::PutBack {
+                virtio_queue::QueueOwnedT::go_to_previous_position(queue);
+                return result.map(|_| true);
+            }
+            took = true;
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) if took => {}
+            Ok(_) => return result,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,6 +420,32 @@ mod tests {
                 assert_eq!(mem.read_obj::<u16>(avail_event).unwrap(), 4);
             }
         }
+    }
+
+    #[test]
+    fn drain_while_puts_a_refused_chain_back_and_takes_it_next_time() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let (_vq, mut q) = setup(&mem, false);
+        let mut heads = Vec::new();
+        let stopped = drain_while(&mut q, &mem, |q, chain| {
+            if chain.head_index() == 2 {
+                return Flow::PutBack;
+            }
+            heads.push(chain.head_index());
+            q.add_used(&mem, chain.head_index(), 0).unwrap();
+            Flow::Continue
+        })
+        .unwrap();
+        assert!(stopped);
+        assert_eq!(heads, vec![0, 1]);
+        let stopped = drain_while(&mut q, &mem, |q, chain| {
+            heads.push(chain.head_index());
+            q.add_used(&mem, chain.head_index(), 0).unwrap();
+            Flow::Continue
+        })
+        .unwrap();
+        assert!(!stopped);
+        assert_eq!(heads, vec![0, 1, 2, 3], "chain 2 is taken again, once");
     }
 
     #[test]

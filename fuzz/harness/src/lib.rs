@@ -37,6 +37,7 @@ pub mod loader;
 pub mod migration;
 pub mod net;
 pub mod pci;
+pub mod qcow2;
 pub mod queue;
 pub mod seeds;
 pub mod snapshot;
@@ -53,6 +54,7 @@ pub use loader::{loader_bzimage, loader_elf};
 pub use migration::migration_stream;
 pub use net::{virtio_net_rx, virtio_net_tx};
 pub use pci::pci_config_space;
+pub use qcow2::qcow2_image;
 pub use queue::virtio_queue_chain;
 pub use snapshot::snapshot_state;
 pub use transport::virtio_pci_transport;
@@ -78,6 +80,7 @@ pub const TARGETS: &[Target] = &[
     ("config", config),
     ("snapshot_state", snapshot_state),
     ("uffd_handshake", uffd_handshake),
+    ("qcow2_image", qcow2_image),
     ("cpu_model", cpu_model),
     ("migration_stream", migration_stream),
     ("virtio_balloon", virtio_balloon),

@@ -1129,6 +1129,7 @@ pub fn all() -> Vec<(&'static str, Vec<NamedSeed>)> {
         ("uffd_handshake", crate::uffd::seeds()),
         ("cpu_model", crate::cpu::seeds()),
         ("migration_stream", crate::migration::seeds()),
+        ("qcow2_image", crate::qcow2::seeds()),
     ]
 }
 

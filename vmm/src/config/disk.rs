@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use ember_rate_limiter::{BucketConfig, RateLimiterConfig};
+pub use ember_virtio_blk::ImageFormat;
 use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
@@ -15,8 +17,14 @@ pub const MAX_ID_LEN: usize = 20;
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
-    /// The raw image file; its size must be a multiple of 512.
+    /// The image file (or host block device).
     pub path: PathBuf,
+    /// How the image is laid out: `raw` (the default; its size must be a
+    /// multiple of 512) or `qcow2`. Never guessed from the contents: a guest
+    /// that writes a qcow2 header into a raw disk must not change what the
+    /// host opens next time.
+    #[serde(default, skip_serializing_if = "is_raw")]
+    pub format: ImageFormat,
     /// The guest may not write.
     #[serde(default)]
     pub read_only: bool,
@@ -31,43 +39,126 @@ pub struct DiskConfig {
     /// `is_root_device` does. At most one disk.
     #[serde(default)]
     pub root: bool,
+    /// With `root`: the root partition's unique id, so the command line
+    /// says `root=PARTUUID=...` (Firecracker's `partuuid`) instead of
+    /// `/dev/vda`, for images with a partition table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+    /// Request queues; one per vCPU when absent (a saved configuration
+    /// always has the number the guest saw).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_queues: Option<u16>,
+    /// Entries per queue (a power of two, 16 to 1024); 256 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_size: Option<u16>,
+    /// Firecracker's token buckets: `bandwidth` (bytes) and `ops`
+    /// (requests), each `{ size, one_time_burst, refill_time }` (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+fn is_raw(f: &ImageFormat) -> bool {
+    *f == ImageFormat::Raw
+}
+
+/// `on`/`off` (and the usual synonyms) as a bool.
+fn on_off(v: &str) -> Option<bool> {
+    match v {
+        "on" | "true" | "yes" | "1" => Some(true),
+        "off" | "false" | "no" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+/// Whether `s` can be a partition's unique id: a GPT GUID
+/// (`8-4-4-4-12` hex digits) or an MBR disk signature and partition
+/// (`0eaa91a0-01`), as the kernel's `root=PARTUUID=` takes them.
+pub fn valid_partuuid(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 36
+        && s.split('-').all(|p| !p.is_empty())
+        && s.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
 }
 
 impl DiskConfig {
-    /// Parses `path=FILE[,read_only=on|off][,id=ID]`.
+    /// Parses `path=FILE[,format=raw|qcow2][,read_only=on|off][,id=ID][,root=on|off][,partuuid=UUID][,num_queues=N][,queue_size=N][,bw=SIZE/TIME[+BURST]][,ops=SIZE/TIME[+BURST]]`
+    /// (`rate_limit=bw=...;ops=...` is the same as the last two).
     pub fn parse_flag(s: &str) -> Result<Self, ConfigError> {
         let bad = |why: String| ConfigError::DiskFlag {
             flag: s.to_string(),
             why,
         };
+        let mut d = DiskConfig {
+            path: PathBuf::new(),
+            format: ImageFormat::Raw,
+            read_only: false,
+            id: None,
+            drive_id: None,
+            root: false,
+            partuuid: None,
+            num_queues: None,
+            queue_size: None,
+            rate_limiter: None,
+        };
         let mut path = None;
-        let mut read_only = false;
-        let mut id = None;
         for part in s.split(',') {
             let (k, v) = part
                 .split_once('=')
                 .ok_or_else(|| bad(format!("`{part}` is not key=value")))?;
+            let flag = |key: &str| {
+                on_off(v).ok_or_else(|| bad(format!("{key} must be on or off, not `{v}`")))
+            };
             match k {
-                "path" => path = Some(PathBuf::from(v)),
-                "read_only" | "ro" => {
-                    read_only = match v {
-                        "on" | "true" | "yes" | "1" => true,
-                        "off" | "false" | "no" | "0" => false,
-                        _ => return Err(bad(format!("read_only must be on or off, not `{v}`"))),
+                "path" | "file" => path = Some(PathBuf::from(v)),
+                "format" => {
+                    d.format = v
+                        .parse()
+                        .map_err(|_| bad(format!("format must be raw or qcow2, not `{v}`")))?
+                }
+                "read_only" | "ro" | "readonly" => d.read_only = flag("read_only")?,
+                "id" | "serial" => d.id = Some(v.to_string()),
+                "drive_id" => d.drive_id = Some(v.to_string()),
+                "root" => d.root = flag("root")?,
+                "partuuid" => d.partuuid = Some(v.to_string()),
+                "num_queues" | "queues" => {
+                    d.num_queues = Some(
+                        v.parse()
+                            .map_err(|_| bad(format!("num_queues must be a number, not `{v}`")))?,
+                    )
+                }
+                "queue_size" => {
+                    d.queue_size = Some(
+                        v.parse()
+                            .map_err(|_| bad(format!("queue_size must be a number, not `{v}`")))?,
+                    )
+                }
+                "bw" | "bandwidth" | "ops" => {
+                    let bucket: BucketConfig = v.parse().map_err(|e| bad(format!("{k}: {e}")))?;
+                    let limiter = d.rate_limiter.get_or_insert_with(Default::default);
+                    if k == "ops" {
+                        limiter.ops = Some(bucket);
+                    } else {
+                        limiter.bandwidth = Some(bucket);
                     }
                 }
-                "id" => id = Some(v.to_string()),
-                _ => return Err(bad(format!("unknown key `{k}` (path, read_only, id)"))),
+                // `rate_limit=bw=10M/1s;ops=1000/1s`: the limiter's own form
+                // with `;` for its commas.
+                "rate_limit" => {
+                    let limiter: RateLimiterConfig = v
+                        .replace(';', ",")
+                        .parse()
+                        .map_err(|e| bad(format!("rate_limit: {e}")))?;
+                    d.rate_limiter = Some(limiter);
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "unknown key `{k}` (path, format, read_only, id, drive_id, root, partuuid, num_queues, queue_size, bw, ops, rate_limit)"
+                    )))
+                }
             }
         }
-        let path = path.ok_or_else(|| bad("path= is missing".to_string()))?;
-        Ok(DiskConfig {
-            path,
-            read_only,
-            id,
-            drive_id: None,
-            root: false,
-        })
+        d.path = path.ok_or_else(|| bad("path= is missing".to_string()))?;
+        Ok(d)
     }
 
     /// The API's name for disk `index`.
@@ -84,8 +175,29 @@ impl DiskConfig {
         }
     }
 
-    /// Checks the id and that the file exists and is a regular file.
+    /// Checks the id, the partition id and that the file exists and is a
+    /// regular file.
     pub fn validate(&self, index: usize) -> Result<(), ConfigError> {
+        ember_virtio_blk::check_queues(
+            self.num_queues.unwrap_or(1),
+            self.queue_size
+                .unwrap_or(ember_virtio_blk::request::QUEUE_SIZE),
+        )
+        .map_err(|why| ConfigError::DiskQueues { index, why })?;
+        if let Some(p) = &self.partuuid {
+            if !self.root {
+                return Err(ConfigError::DiskPartuuid {
+                    index,
+                    why: "is only used with root = true".into(),
+                });
+            }
+            if !valid_partuuid(p) {
+                return Err(ConfigError::DiskPartuuid {
+                    index,
+                    why: format!("{p:?} is not a partition id like 0eaa91a0-01 or a GUID"),
+                });
+            }
+        }
         if let Some(id) = &self.id {
             if id.len() > MAX_ID_LEN {
                 return Err(ConfigError::DiskId {
@@ -106,5 +218,94 @@ impl DiskConfig {
                 source,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_flag_takes_format_root_partuuid_queues_and_rate_limits() {
+        let d = DiskConfig::parse_flag(
+            "path=/r.qcow2,format=qcow2,root=on,partuuid=0eaa91a0-01,num_queues=4,queue_size=128,bw=10M/1s+20M,ops=1000/1s",
+        )
+        .unwrap();
+        assert_eq!(d.format, ImageFormat::Qcow2);
+        assert!(d.root);
+        assert_eq!(d.partuuid.as_deref(), Some("0eaa91a0-01"));
+        assert_eq!((d.num_queues, d.queue_size), (Some(4), Some(128)));
+        let l = d.rate_limiter.unwrap();
+        let bw = l.bandwidth.unwrap();
+        assert_eq!(
+            (bw.size, bw.one_time_burst, bw.refill_time),
+            (10 << 20, Some(20 << 20), 1000)
+        );
+        assert_eq!(l.ops.unwrap().size, 1000);
+        let same = DiskConfig::parse_flag("path=/r,rate_limit=bw=10M/1s+20M;ops=1000/1s").unwrap();
+        assert_eq!(same.rate_limiter, Some(l));
+        assert_eq!(
+            DiskConfig::parse_flag("path=/r").unwrap().format,
+            ImageFormat::Raw,
+            "raw unless told"
+        );
+        for (bad, says) in [
+            ("path=/r,format=vmdk", "format must be raw or qcow2"),
+            ("path=/r,root=maybe", "root must be on or off"),
+            ("path=/r,num_queues=x", "num_queues must be a number"),
+            ("path=/r,bw=10M", "bw:"),
+            ("path=/r,ops=0/1s", "ops:"),
+            ("path=/r,rate_limit=bw=1M/0", "rate_limit:"),
+        ] {
+            let e = DiskConfig::parse_flag(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn disk_validate_checks_partuuid_and_queues() {
+        let exe = std::env::current_exe().unwrap();
+        let mut d = DiskConfig::parse_flag(&format!("path={}", exe.display())).unwrap();
+        d.validate(0).unwrap();
+        d.partuuid = Some("0eaa91a0-01".into());
+        assert!(
+            d.validate(0)
+                .unwrap_err()
+                .to_string()
+                .contains("only used with root"),
+            "partuuid needs root"
+        );
+        d.root = true;
+        d.validate(0).unwrap();
+        for bad in ["", "xyz", "12--34", "0eaa91a0-01; rm -rf /"] {
+            d.partuuid = Some(bad.into());
+            assert!(d.validate(0).is_err(), "{bad:?}");
+        }
+        d.partuuid = Some("6a1b8ee3-0d43-4bf0-9d48-2b3d1f6e0c11".into());
+        d.validate(0).unwrap();
+        d.num_queues = Some(0);
+        assert!(d
+            .validate(0)
+            .unwrap_err()
+            .to_string()
+            .contains("num_queues = 0"));
+        d.num_queues = Some(2);
+        d.queue_size = Some(100);
+        assert!(d
+            .validate(0)
+            .unwrap_err()
+            .to_string()
+            .contains("queue_size = 100"));
+    }
+
+    #[test]
+    fn disk_toml_takes_firecracker_rate_limiter_and_format() {
+        let d: DiskConfig = toml::from_str(
+            "path = \"/r.qcow2\"\nformat = \"qcow2\"\n[rate_limiter]\nbandwidth = { size = 1048576, refill_time = 100 }\n",
+        )
+        .unwrap();
+        assert_eq!(d.format, ImageFormat::Qcow2);
+        assert_eq!(d.rate_limiter.unwrap().bandwidth.unwrap().refill_time, 100);
+        assert!(toml::from_str::<DiskConfig>("path = \"/r\"\nformat = \"vdi\"\n").is_err());
     }
 }

@@ -12,6 +12,8 @@ use ember_api::model::{
     MachineConfiguration, MachineConfigurationUpdate, NetworkInterface,
 };
 
+use ember_rate_limiter::{BucketConfig, RateLimiterConfig};
+
 use super::{BootConfig, ConfigError, DiskConfig, MachineConfig, NetConfig, VmConfig};
 
 fn unsupported(what: &str, why: &str) -> ConfigError {
@@ -124,15 +126,6 @@ pub fn apply_boot_source(cfg: &mut VmConfig, b: &BootSource) -> Result<(), Confi
 
 /// `PUT /drives/{id}`: adds a disk, or replaces the one with that id.
 pub fn apply_drive(cfg: &mut VmConfig, d: &Drive) -> Result<(), ConfigError> {
-    if d.partuuid.is_some() {
-        return Err(unsupported(
-            "drives.partuuid",
-            "the root device is named /dev/vda",
-        ));
-    }
-    if d.rate_limiter.is_some() {
-        return Err(unsupported("drives.rate_limiter", "no disk rate limits"));
-    }
     if d.socket.is_some() {
         return Err(unsupported("drives.socket", "no vhost-user disks"));
     }
@@ -151,6 +144,12 @@ pub fn apply_drive(cfg: &mut VmConfig, d: &Drive) -> Result<(), ConfigError> {
         id: None,
         drive_id: Some(d.drive_id.clone()),
         root: d.is_root_device,
+        // Firecracker's drives are raw images.
+        format: super::disk::ImageFormat::Raw,
+        partuuid: d.partuuid.clone(),
+        num_queues: None,
+        queue_size: None,
+        rate_limiter: d.rate_limiter.as_ref().map(limiter_from_api),
     };
     let mut disks = cfg.disk.clone();
     let index = disks
@@ -178,6 +177,32 @@ pub fn apply_drive(cfg: &mut VmConfig, d: &Drive) -> Result<(), ConfigError> {
     }
     cfg.disk = disks;
     Ok(())
+}
+
+/// Firecracker's `RateLimiter` body as the limiter's configuration.
+pub fn limiter_from_api(l: &ember_api::model::RateLimiter) -> RateLimiterConfig {
+    let bucket = |b: &ember_api::model::TokenBucket| BucketConfig {
+        size: b.size,
+        one_time_burst: b.one_time_burst,
+        refill_time: b.refill_time,
+    };
+    RateLimiterConfig {
+        bandwidth: l.bandwidth.as_ref().map(bucket),
+        ops: l.ops.as_ref().map(bucket),
+    }
+}
+
+/// The limiter's configuration as Firecracker's `RateLimiter` body.
+pub fn limiter_to_api(l: &RateLimiterConfig) -> ember_api::model::RateLimiter {
+    let bucket = |b: &BucketConfig| ember_api::model::TokenBucket {
+        size: b.size,
+        one_time_burst: b.one_time_burst,
+        refill_time: b.refill_time,
+    };
+    ember_api::model::RateLimiter {
+        bandwidth: l.bandwidth.as_ref().map(bucket),
+        ops: l.ops.as_ref().map(bucket),
+    }
 }
 
 fn disk_count_error(disks: &[DiskConfig]) -> Option<usize> {
@@ -253,11 +278,15 @@ pub fn to_api(cfg: &VmConfig) -> FullVmConfiguration {
                 path_on_host: Some(d.path.to_string_lossy().into_owned()),
                 is_root_device: d.root,
                 is_read_only: Some(d.read_only),
-                partuuid: None,
+                partuuid: d.partuuid.clone(),
                 // Ember always honours flushes.
                 cache_type: Some(ember_api::model::CacheType::Writeback),
                 io_engine: Some(ember_api::model::IoEngine::Sync),
-                rate_limiter: None,
+                rate_limiter: d
+                    .rate_limiter
+                    .as_ref()
+                    .filter(|l| !l.is_unlimited())
+                    .map(limiter_to_api),
                 socket: None,
             })
             .collect(),
@@ -475,6 +504,42 @@ mod tests {
         assert_eq!(valid.disks[0].drive_id.as_deref(), Some("rootfs"));
         assert_eq!(valid.disks[1].drive_id.as_deref(), Some("data"));
         assert_eq!(valid.cmdline, "console=ttyS0 root=/dev/vda ro");
+        assert_eq!(valid.disks[0].num_queues, Some(1), "one queue per vCPU");
+        // With its partition id, the root is named by it; a rate limiter
+        // comes along and is reported back.
+        let mut with_uuid = cfg.clone();
+        let mut d = drive("rootfs", true);
+        d.partuuid = Some("0eaa91a0-01".into());
+        d.rate_limiter = Some(ember_api::model::RateLimiter {
+            bandwidth: None,
+            ops: Some(ember_api::model::TokenBucket {
+                size: 100,
+                one_time_burst: None,
+                refill_time: 1000,
+            }),
+        });
+        std::fs::write(&other, [0u8; 512]).unwrap();
+        apply_drive(&mut with_uuid, &d).unwrap();
+        let valid = with_uuid.validate();
+        let api = to_api(&with_uuid);
+        std::fs::remove_file(&other).unwrap();
+        assert_eq!(
+            valid.unwrap().cmdline,
+            "console=ttyS0 root=PARTUUID=0eaa91a0-01 ro"
+        );
+        // Init's arguments stay last.
+        let mut with_init = cfg.clone();
+        with_init.boot.cmdline = Some("console=ttyS0 init=/bin/sh -- -c reboot".into());
+        std::fs::write(&other, [0u8; 512]).unwrap();
+        let valid = with_init.validate();
+        std::fs::remove_file(&other).unwrap();
+        assert_eq!(
+            valid.unwrap().cmdline,
+            "console=ttyS0 init=/bin/sh root=/dev/vda ro -- -c reboot"
+        );
+        let root = api.drives.iter().find(|d| d.drive_id == "rootfs").unwrap();
+        assert_eq!(root.partuuid.as_deref(), Some("0eaa91a0-01"));
+        assert_eq!(root.rate_limiter, d.rate_limiter);
         // A second root is refused and changes nothing.
         let before = cfg.clone();
         let mut c2 = cfg.clone();

@@ -139,6 +139,22 @@ pub enum ConfigError {
         /// The id's length.
         len: usize,
     },
+    /// A disk's `partuuid` cannot be used.
+    #[error("disk {index}: partuuid {why}")]
+    DiskPartuuid {
+        /// Which disk (0-based, in config order).
+        index: usize,
+        /// What is wrong.
+        why: String,
+    },
+    /// A disk's queue count or size is not allowed.
+    #[error("disk {index}: {why}")]
+    DiskQueues {
+        /// Which disk (0-based, in config order).
+        index: usize,
+        /// What is wrong.
+        why: String,
+    },
     /// The same image is given twice.
     #[error("disk.path = {}: the same image is configured twice", .0.display())]
     DuplicateDisk(PathBuf),
@@ -402,7 +418,13 @@ impl VmConfig {
             "network interface",
             self.net.iter().enumerate().map(|(i, n)| n.iface_id(i)),
         )?;
-        let (disks, cmdline) = self.root_first()?;
+        let (mut disks, cmdline) = self.root_first()?;
+        // One queue per vCPU unless the disk says otherwise; the number is
+        // kept with the configuration a snapshot saves.
+        for d in &mut disks {
+            d.num_queues
+                .get_or_insert(u16::from(vcpus).min(ember_virtio_blk::MAX_QUEUES));
+        }
         if cmdline.len() >= ember_memory::layout::CMDLINE_MAX_SIZE {
             return Err(ConfigError::CmdlineTooLong(cmdline.len()));
         }
@@ -463,7 +485,18 @@ impl VmConfig {
             [r] => {
                 let root = disks.remove(*r);
                 let mode = if root.read_only { "ro" } else { "rw" };
-                cmdline.push_str(&format!(" root=/dev/vda {mode}"));
+                let arg = match &root.partuuid {
+                    Some(p) => format!(" root=PARTUUID={p} {mode}"),
+                    None => format!(" root=/dev/vda {mode}"),
+                };
+                // Before `--`: what follows it is init's.
+                match cmdline
+                    .find(" -- ")
+                    .or(cmdline.starts_with("-- ").then_some(0))
+                {
+                    Some(at) => cmdline.insert_str(at, &arg),
+                    None => cmdline.push_str(&arg),
+                }
                 disks.insert(0, root);
             }
             [a, b, ..] => return Err(ConfigError::TwoRoots(*a, *b)),
@@ -769,6 +802,11 @@ mod tests {
             id: id.map(str::to_string),
             drive_id: None,
             root: false,
+            format: disk::ImageFormat::Raw,
+            partuuid: None,
+            num_queues: None,
+            queue_size: None,
+            rate_limiter: None,
         };
         let mut c = VmConfig::default();
         c.boot.kernel = Some(exe.clone());

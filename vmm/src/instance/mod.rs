@@ -367,25 +367,71 @@ impl Instance {
         ExitReason::from_stop(stop)
     }
 
+    /// Changes the rate limits of the disk the API calls `drive_id`
+    /// (`PATCH /drives` with a `rate_limiter`): a bucket given replaces the
+    /// one in force (a bucket of size or refill time 0 removes it), a bucket
+    /// left out stays. Only while running, as a path change.
+    pub fn patch_drive_rate_limit(
+        &mut self,
+        drive_id: &str,
+        patch: &ember_rate_limiter::RateLimiterConfig,
+    ) -> Result<()> {
+        let (vmm, index) = self.running_drive(drive_id)?;
+        let now = vmm.patch_drive_rate_limit(index, patch)?;
+        let now = (!now.is_unlimited()).then_some(now);
+        self.update_drive_config(index, drive_id, |d| d.rate_limiter = now);
+        Ok(())
+    }
+
     /// Serves the disk the API calls `drive_id` from the image at `path`
     /// (`PATCH /drives`, as Kata swaps its placeholder drives); only while
     /// running, so the guest hears of it at once.
     pub fn patch_drive(&mut self, drive_id: &str, path: &std::path::Path) -> Result<()> {
-        let (Some(vmm), Some(cfg)) = (self.vmm.as_ref(), self.started_with.as_mut()) else {
-            return Err(LifecycleError::NotStarted.into());
-        };
-        if self.state == State::Paused {
+        if self.state == State::Paused && self.vmm.is_some() {
             return Err(Error::Lifecycle(
                 "the microVM is paused; resume it before changing a drive".into(),
             ));
         }
+        let (vmm, index) = self.running_drive(drive_id)?;
+        let format = self
+            .started_with
+            .as_ref()
+            .map_or(Default::default(), |c| c.disks[index].format);
+        vmm.patch_drive(index, path, format)?;
+        self.update_drive_config(index, drive_id, |d| d.path = path.to_owned());
+        Ok(())
+    }
+
+    /// The running VM and the index (in the started configuration) of the
+    /// disk the API calls `drive_id`.
+    fn running_drive(&self, drive_id: &str) -> Result<(&crate::Vmm, usize)> {
+        let (Some(vmm), Some(cfg)) = (self.vmm.as_ref(), self.started_with.as_ref()) else {
+            return Err(LifecycleError::NotStarted.into());
+        };
         let index = cfg
             .disks
             .iter()
             .position(|d| d.drive_id.as_deref() == Some(drive_id))
             .ok_or_else(|| Error::Lifecycle(format!("no drive with id {drive_id:?}")))?;
-        vmm.patch_drive(index, path)?;
-        cfg.disks[index].path = path.to_owned();
+        Ok((vmm, index))
+    }
+
+    /// Applies a change to disk `index` of the started configuration and
+    /// to the same disk (by API id) of the configuration `GET /vm/config`
+    /// reports.
+    fn update_drive_config(
+        &mut self,
+        index: usize,
+        drive_id: &str,
+        change: impl Fn(&mut crate::config::DiskConfig),
+    ) {
+        if let Some(d) = self
+            .started_with
+            .as_mut()
+            .and_then(|c| c.disks.get_mut(index))
+        {
+            change(d);
+        }
         if let Some(d) = self
             .config
             .disk
@@ -394,9 +440,8 @@ impl Instance {
             .find(|(i, d)| d.drive_id(*i) == drive_id)
             .map(|(_, d)| d)
         {
-            d.path = path.to_owned();
+            change(d);
         }
-        Ok(())
     }
 
     /// Sets the metrics file (`--metrics-path`, `PUT /metrics`).

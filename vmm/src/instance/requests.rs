@@ -63,19 +63,18 @@ impl Instance {
             Request::PutDrive(d) => self.change(|c| fc::apply_drive(c, &d)),
             Request::PutNetworkInterface(n) => self.change(|c| fc::apply_net(c, &n)),
             Request::PatchDrive(d) => {
-                if d.rate_limiter.is_some() {
-                    return Response::fault(
-                        400,
-                        "drives.rate_limiter is not supported by ember yet (no disk rate limits)",
-                    );
+                if let Some(path) = &d.path_on_host {
+                    if let Err(e) = self.patch_drive(&d.drive_id, std::path::Path::new(path)) {
+                        return bad_request(&e);
+                    }
                 }
-                match &d.path_on_host {
-                    Some(path) => match self.patch_drive(&d.drive_id, std::path::Path::new(path)) {
-                        Ok(()) => Response::no_content(),
-                        Err(e) => bad_request(&e),
-                    },
-                    None => Response::no_content(),
+                if let Some(l) = &d.rate_limiter {
+                    let l = fc::limiter_from_api(l);
+                    if let Err(e) = self.patch_drive_rate_limit(&d.drive_id, &l) {
+                        return bad_request(&e);
+                    }
                 }
+                Response::no_content()
             }
             Request::PatchNetworkInterface(n) => Response::fault(
                 400,
