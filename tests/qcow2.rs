@@ -4,7 +4,8 @@
 //!    one with `num_queues=1`): the root filesystem (an ext4 image
 //!    `qemu-img convert` made into qcow2) mounted read-write as the root
 //!    (`root=on`); an image `ember img create` made, written at scattered
-//!    offsets, discarded, zeroed and stressed by the guest's agent; a
+//!    offsets, discarded, zeroed and stressed by the guest's agent (on
+//!    `io=io_uring`); a
 //!    three-image backing chain (raw base, a qcow2 `qemu-io` wrote into,
 //!    an overlay `ember img` made) read whole and written; an image with
 //!    compressed clusters read whole. Afterwards `qemu-img check` is clean
@@ -17,6 +18,10 @@
 //!    flush and verify blocks all over it; `qemu-img check` finds no
 //!    corruption and every block the guest saw flushed is in the image.
 //!    `EMBER_QCOW2_CRASH_ROUNDS` sets the number of kills (3 by default).
+//!    The first round also swaps a second qcow2 disk through `PATCH
+//!    /drives` while the guest writes: the seccomp-filtered event loop
+//!    opens the new overlay and its raw backing file, refuses a FIFO at
+//!    once, and the guest goes on beating.
 // Host-side test code on 64-bit hosts: sizes and offsets fit in usize.
 #![allow(clippy::cast_possible_truncation)]
 
@@ -26,6 +31,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use ember_tests::beat::{beat_block, beats, wait_beat};
+use ember_tests::http::Api;
 use ember_tests::{
     agent_ok, ember_bin, fnv1a, guest_kernel_dir, kvm_available, pattern_block, pattern_offsets,
     random_bytes, run_ember, spawn_ember, Run, TempDir,
@@ -67,6 +73,11 @@ fn ember_img(args: &[&str]) -> (i32, String) {
 fn qemu_img_available(test: &str) -> bool {
     let here = Command::new("qemu-img").arg("--version").output().is_ok()
         && Command::new("qemu-io").arg("--version").output().is_ok();
+    // CI installs them (tools/test): missing there is a failure, not a skip.
+    assert!(
+        here || std::env::var_os("CI").is_none(),
+        "{test}: qemu-img/qemu-io are missing under CI (tools/test installs qemu-utils)"
+    );
     if !here {
         eprintln!(
             "\n!!! SKIPPED {test}: qemu-img/qemu-io are missing (apt-get install qemu-utils)\n"
@@ -250,7 +261,9 @@ fn qcow2_root_chain_compressed_and_written_disks_check_clean_in_qemu_img() {
     let kernel = guest_kernel_dir().join("vmlinux");
     let disks = [
         format!("path={},format=qcow2,root=on", root.display()),
-        format!("path={},format=qcow2,id=vdb", vdb.display()),
+        // Written, discarded, zeroed and stressed through io_uring: the
+        // allocated clusters go to the ring, the rest runs in ember.
+        format!("path={},format=qcow2,id=vdb,io=io_uring", vdb.display()),
         format!("path={},format=qcow2", top.display()),
         format!(
             "path={},format=qcow2,read_only=on,num_queues=1",
@@ -461,19 +474,29 @@ fn qcow2_sigkill_while_the_guest_flushes_leaves_a_consistent_image_with_every_fl
                 ""
             }
         );
-        let mut vm = spawn_ember(
-            &[
-                "--kernel",
-                s(&kernel),
-                "--memory",
-                "128",
-                "--cmdline",
-                &cmdline,
-                "--disk",
-                &disk,
-            ],
-            b"",
-        );
+        // Round 0 also swaps a second qcow2 disk through the API while the
+        // guest writes (the seccomp-filtered event loop opens the new image
+        // and its backing file), and refuses a FIFO without blocking.
+        let swap = round == 0;
+        let sock = dir.path("api.sock");
+        let swap_disk;
+        let mut args = vec![
+            "--kernel",
+            s(&kernel),
+            "--memory",
+            "128",
+            "--cmdline",
+            &cmdline,
+            "--disk",
+            &disk,
+        ];
+        if swap {
+            let small = dir.path("swap-small.qcow2");
+            assert_eq!(ember_img(&["create", "-f", "qcow2", s(&small), "1M"]).0, 0);
+            swap_disk = format!("path={},format=qcow2,drive_id=swap", small.display());
+            args.extend(["--api-sock", s(&sock), "--disk", &swap_disk]);
+        }
+        let mut vm = spawn_ember(&args, b"");
         // Kill at a different beat, and a different moment in it, each round.
         let at = 2 + (round * 3) % 7;
         let pause = Duration::from_millis(u64::from(round * 337 % 1000));
@@ -482,10 +505,26 @@ fn qcow2_sigkill_while_the_guest_flushes_leaves_a_consistent_image_with_every_fl
                 vm.wait_for_output("EMBER-AGENT numa", BOOT_TIMEOUT),
                 "round {round}: the agent starts"
             );
-            std::thread::sleep(Duration::from_secs(2) + pause);
+            // Kill while clusters are being allocated: once the image has
+            // grown by 16 clusters (the guest is slow here), a moment on.
+            let grown = std::time::Instant::now();
+            while std::fs::metadata(&img).map_or(0, |m| m.len()) < 36 * 4096
+                && grown.elapsed() < Duration::from_secs(300)
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            std::thread::sleep(pause);
             vm.stdout_so_far()
         } else {
-            let out = wait_beat(&mut vm, at, BOOT_TIMEOUT);
+            let mut out = wait_beat(&mut vm, at, BOOT_TIMEOUT);
+            if swap {
+                swap_drive_while_running(&dir, &sock);
+                out = wait_beat(&mut vm, at + 1, Duration::from_secs(60));
+                assert!(
+                    beats(&out).iter().any(|b| b.0 > at),
+                    "the guest beats on after the drive swap:\n{out}"
+                );
+            }
             std::thread::sleep(pause);
             out
         };
@@ -542,4 +581,51 @@ fn qcow2_sigkill_while_the_guest_flushes_leaves_a_consistent_image_with_every_fl
         );
     }
     eprintln!("{rounds} kills: {leaks_total} leaked clusters in all (no corruption)");
+}
+
+/// `PATCH /drives/swap` on a running, seccomp-filtered VM: a FIFO is
+/// refused at once (not opened for reading, which would block), then a
+/// bigger qcow2 overlay on a raw base is swapped in and the configuration
+/// says so.
+fn swap_drive_while_running(dir: &TempDir, sock: &Path) {
+    let mut api = Api::connect(sock);
+    let fifo = dir.path("swap.fifo");
+    let c = std::ffi::CString::new(s(&fifo)).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo only creates the node.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let body = |p: &Path| {
+        format!(
+            r#"{{"drive_id": "swap", "path_on_host": "{}"}}"#,
+            p.display()
+        )
+    };
+    let r = api.call("PATCH", "/drives/swap", Some(&body(&fifo)), 400);
+    assert!(
+        r.fault().contains("not a regular file or a block device"),
+        "{}",
+        r.fault()
+    );
+    let base = dir.write("swap-base.raw", &random_bytes(5, (4 * MIB) as usize));
+    let big = dir.path("swap-big.qcow2");
+    let (code, out) = ember_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        s(&base),
+        "-F",
+        "raw",
+        s(&big),
+        "8M",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    api.call("PATCH", "/drives/swap", Some(&body(&big)), 204);
+    let cfg = api.call("GET", "/vm/config", None, 200).json();
+    let drives = cfg["drives"].as_array().expect("drives");
+    assert!(
+        drives
+            .iter()
+            .any(|d| d["drive_id"] == "swap" && d["path_on_host"] == s(&big)),
+        "the configuration names the new image: {cfg}"
+    );
 }

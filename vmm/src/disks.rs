@@ -27,6 +27,8 @@ pub fn create_disks(
             queue_size: d
                 .queue_size
                 .unwrap_or(ember_virtio_blk::request::QUEUE_SIZE),
+            io: d.io,
+            cache: d.cache,
             ..BlockConfig::new(&d.path, d.format, d.read_only)
         })
         .map_err(|source| Error::Disk { index, source })?;
@@ -53,13 +55,11 @@ pub fn create_disks(
 /// Logs every disk's counters (at exit, `--log-level info`).
 pub fn log_counters(disks: &[DiskDevice]) {
     for (i, d) in disks.iter().enumerate() {
-        let c = d
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .device()
-            .counters();
+        let d = d.lock().unwrap_or_else(|e| e.into_inner());
+        let c = d.device().counters();
+        let ring = d.device().io_uring_submitted();
         log::info!(
-            "virtio-blk{i}: {} reads {} bytes, {} writes {} bytes, {} flushes, {} other, {} errors, {} interrupts",
+            "virtio-blk{i}: {} reads {} bytes, {} writes {} bytes, {} flushes, {} other, {} errors, {} interrupts, io={} ({ring} through the ring)",
             c.reads,
             c.read_bytes,
             c.writes,
@@ -67,7 +67,8 @@ pub fn log_counters(disks: &[DiskDevice]) {
             c.flushes,
             c.other,
             c.errors,
-            c.interrupts
+            c.interrupts,
+            d.device().io_engine()
         );
     }
 }

@@ -681,6 +681,14 @@ impl Vmm {
                 return Err(e);
             }
         }
+        // io=io_uring: what the guest submitted completes now, so a
+        // snapshot or a migration sees no request in flight.
+        for d in &self.disks {
+            d.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .device_mut()
+                .drain();
+        }
         match self.vm.get_clock() {
             Ok(clock) => self.paused_clock = Some(clock),
             Err(e) => log::warn!("KVM_GET_CLOCK: {e}: the guest clock will jump by the pause"),
@@ -810,6 +818,7 @@ impl Vmm {
         index: usize,
         path: &std::path::Path,
         format: ember_virtio_blk::ImageFormat,
+        cache: ember_virtio_blk::CacheMode,
     ) -> Result<()> {
         let disk = self
             .disks
@@ -817,7 +826,7 @@ impl Vmm {
             .ok_or_else(|| Error::Guest(format!("no disk {index}")))?;
         let mut dev = disk.lock().unwrap_or_else(|e| e.into_inner());
         let read_only = dev.device().read_only();
-        let backend = ember_virtio_blk::open_backend(path, format, read_only)
+        let backend = ember_virtio_blk::open_backend(path, format, read_only, cache)
             .map_err(|source| Error::Disk { index, source })?;
         let changed = dev
             .device_mut()

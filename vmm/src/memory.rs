@@ -312,7 +312,16 @@ mod tests {
         let block: Vec<&str> = smaps
             .split('\n')
             .skip_while(|l| !l.starts_with(&format!("{base:x}-")))
-            .take(25)
+            .enumerate()
+            // This mapping's fields, up to and with VmFlags (their number
+            // grows with the kernel: 25 on 6.18).
+            .take_while(|(i, l)| {
+                *i == 0
+                    || l.split_whitespace()
+                        .next()
+                        .is_some_and(|k| k.ends_with(':'))
+            })
+            .map(|(_, l)| l)
             .collect();
         let rss = block
             .iter()

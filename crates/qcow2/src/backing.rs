@@ -2,7 +2,7 @@
 //! file or a qcow2 image (itself with a backing chain), always opened
 //! read-only with a shared lock; reads past its end are zeros.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -34,14 +34,39 @@ pub(crate) fn resolve(image: &Path, name: &str) -> PathBuf {
     }
 }
 
-/// Records `path` as part of the chain being opened; refuses a file met
-/// twice or a chain too deep.
-pub(crate) fn enter_chain(path: &Path, seen: &mut Vec<PathBuf>) -> Result<()> {
-    let canonical = std::fs::canonicalize(path).map_err(|source| Error::Open {
+/// The files already open in a chain, by device and inode: a file met
+/// twice (under any name, through any link) is a loop.
+pub(crate) type Seen = Vec<(u64, u64)>;
+
+/// Opens `path` for a chain: without blocking (a FIFO named by a hostile
+/// image would block a plain open), refusing anything that is neither a
+/// regular file nor a block device (a FIFO or a character device would
+/// stream endless bytes), a file met twice, or a chain too deep. Only
+/// `openat` and a stat of the open descriptor: a running VMM's seccomp
+/// filter allows those where it swaps a disk.
+pub(crate) fn open_checked(path: &Path, write: bool, seen: &mut Seen) -> Result<File> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+    let open_err = |source| Error::Open {
         path: path.to_path_buf(),
         source,
-    })?;
-    if seen.contains(&canonical) {
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(open_err)?;
+    let meta = file.metadata().map_err(open_err)?;
+    let t = meta.file_type();
+    if !(t.is_file() || t.is_block_device()) {
+        return Err(Error::Invalid {
+            path: path.to_path_buf(),
+            field: "image file",
+            why: "not a regular file or a block device".into(),
+        });
+    }
+    let id = (meta.dev(), meta.ino());
+    if seen.contains(&id) {
         return Err(Error::BackingLoop {
             path: path.to_path_buf(),
         });
@@ -52,29 +77,8 @@ pub(crate) fn enter_chain(path: &Path, seen: &mut Vec<PathBuf>) -> Result<()> {
             max: MAX_CHAIN_DEPTH,
         });
     }
-    seen.push(canonical);
-    Ok(())
-}
-
-/// Refuses a backing file that is neither a regular file nor a block
-/// device: a FIFO or a character device named by a hostile image would
-/// block the open or stream endless bytes.
-fn check_kind(path: &Path) -> Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    let meta = std::fs::metadata(path).map_err(|source| Error::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let t = meta.file_type();
-    if t.is_file() || t.is_block_device() {
-        Ok(())
-    } else {
-        Err(Error::Invalid {
-            path: path.to_path_buf(),
-            field: "backing file",
-            why: "not a regular file or a block device".into(),
-        })
-    }
+    seen.push(id);
+    Ok(file)
 }
 
 impl Backing {
@@ -84,7 +88,7 @@ impl Backing {
         image: &Path,
         name: &str,
         format: Option<ImageFormat>,
-        seen: &mut Vec<PathBuf>,
+        seen: &mut Seen,
     ) -> Result<Backing> {
         let path = resolve(image, name);
         let wrap = |source: Error| match source {
@@ -96,28 +100,20 @@ impl Backing {
                 source: Box::new(source),
             },
         };
-        check_kind(&path).map_err(wrap)?;
+        let file = open_checked(&path, false, seen).map_err(wrap)?;
         let format = match format {
             Some(f) => f,
-            None => crate::probe(&path).map_err(wrap)?,
+            None => crate::probe_file(&path, &file).map_err(wrap)?,
         };
         match format {
             ImageFormat::Qcow2 => Ok(Backing::Qcow2(Box::new(
-                Qcow2::open_in_chain(&path, true, seen).map_err(wrap)?,
+                Qcow2::from_file(&path, file, true, seen).map_err(wrap)?,
             ))),
-            ImageFormat::Raw => Backing::open_raw(&path, seen).map_err(wrap),
+            ImageFormat::Raw => Backing::open_raw(&path, file).map_err(wrap),
         }
     }
 
-    fn open_raw(path: &Path, seen: &mut Vec<PathBuf>) -> Result<Backing> {
-        enter_chain(path, seen)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .open(path)
-            .map_err(|source| Error::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
+    fn open_raw(path: &Path, file: File) -> Result<Backing> {
         lock_file(&file, path, true)?;
         let disk = Disk::new(file);
         let size = disk.len().map_err(|source| Error::Io {

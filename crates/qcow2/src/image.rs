@@ -3,11 +3,11 @@
 //! flush and the lock hand-over. The read and write paths are in
 //! `rw.rs`.
 
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, TryLockError};
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::backing::{enter_chain, Backing};
+use crate::backing::{open_checked, Backing, Seen};
 use crate::disk::{lock_file, Disk};
 use crate::error::corrupt;
 use crate::header::{field, incompat, to_usize, Header};
@@ -68,23 +68,19 @@ impl Qcow2 {
     /// corrupt bits and internal snapshots. A writable open clears the
     /// autoclear feature bits (this crate does not maintain bitmaps).
     pub fn open(path: &Path, read_only: bool) -> Result<Qcow2> {
-        Qcow2::open_in_chain(path, read_only, &mut Vec::new())
+        let mut seen = Seen::new();
+        let file = open_checked(path, !read_only, &mut seen)?;
+        Qcow2::from_file(path, file, read_only, &mut seen)
     }
 
-    pub(crate) fn open_in_chain(
+    /// Opens the image in `file` (opened by [`open_checked`], which
+    /// recorded it in `seen`), at `path`.
+    pub(crate) fn from_file(
         path: &Path,
+        file: File,
         read_only: bool,
-        seen: &mut Vec<PathBuf>,
+        seen: &mut Seen,
     ) -> Result<Qcow2> {
-        enter_chain(path, seen)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|source| Error::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
         lock_file(&file, path, read_only)?;
         let mut disk = Disk::new(file);
         let hdr = Header::read(path, &disk)?;

@@ -127,11 +127,13 @@ impl fmt::Display for ImageFormat {
 /// [`Qcow2::open`] itself probes only a backing file whose image names no
 /// backing format, as QEMU does.
 pub fn probe(path: &Path) -> Result<ImageFormat> {
-    let file = std::fs::File::open(path).map_err(|source| Error::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    match header::has_magic(&file) {
+    let file = backing::open_checked(path, false, &mut Vec::new())?;
+    probe_file(path, &file)
+}
+
+/// What [`probe`] says of `file`, open at `path`.
+pub(crate) fn probe_file(path: &Path, file: &std::fs::File) -> Result<ImageFormat> {
+    match header::has_magic(file) {
         Ok(true) => Ok(ImageFormat::Qcow2),
         Ok(false) => Ok(ImageFormat::Raw),
         Err(source) => Err(Error::Io {

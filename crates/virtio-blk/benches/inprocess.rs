@@ -3,7 +3,7 @@
 //! device code processes them against a raw file, and the same sizes and
 //! offsets are then run as plain `pread`/`pwrite` on the same file.
 //!
-//! `cargo bench -p ember-virtio-blk --bench inprocess [-- --file PATH --size-mib N --case NAME --format raw|qcow2|both --rate-limit SPEC --seconds N]`
+//! `cargo bench -p ember-virtio-blk --bench inprocess [-- --file PATH --size-mib N --case NAME --format raw|qcow2|raw-dio|both|all --io sync|io_uring|both --queues 1,4 --json-lines --rate-limit SPEC --seconds N]`
 //! (or `tools/bench/blk`). Both sides hit the host's page cache after the
 //! first pass: the figures compare the device path's CPU cost with the
 //! host's own syscalls, not disk speed.
@@ -11,7 +11,10 @@
 //! `--format qcow2` runs the device on a qcow2 image of the same size whose
 //! clusters are all allocated (`ember-qcow2`, the fast path a running
 //! guest's disk takes once written), `both` (the default) runs raw and
-//! qcow2 and prints qcow2's rate as a share of raw's. `--rate-limit bw=SIZE/TIME,ops=SIZE/TIME` instead runs a
+//! qcow2 and prints qcow2's rate as a share of raw's; `raw-dio` is the raw
+//! file with `cache=none` (`O_DIRECT`) on both sides, `all` the three.
+//! `--io` picks the engines (both by default), `--queues` the queue counts
+//! (a batch is split over the queues, each notified once per batch). `--rate-limit bw=SIZE/TIME,ops=SIZE/TIME` instead runs a
 //! greedy driver against a rate-limited device for `--seconds` (default
 //! 10), waiting on the limiter's timer as the event loop does, and
 //! prints the rate achieved next to the configured one.
@@ -32,7 +35,7 @@ use std::time::{Duration, Instant};
 use ember_memory::GuestMemoryMmap;
 use ember_rate_limiter::RateLimiterConfig;
 use ember_virtio::{ActivateContext, InterruptKind, VirtioDevice, VirtioInterrupt};
-use ember_virtio_blk::{Block, BlockBackend, Qcow2Disk, RawFile};
+use ember_virtio_blk::{Block, BlockBackend, CacheMode, IoEngine, Qcow2Disk, RawFile};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::{Queue, QueueT};
@@ -41,12 +44,17 @@ use vm_memory::{Bytes, GuestAddress};
 const QUEUE_SIZE: u16 = 256;
 /// Rounds of device and host runs, alternated; the medians are compared.
 const ROUNDS: usize = 7;
+/// Queue `q`'s rings are at `q * QUEUE_SPAN` past these.
 const DESC: u64 = 0x1000;
 const AVAIL: u64 = 0x3000;
 const USED: u64 = 0x4000;
-const HEADERS: u64 = 0x1_0000;
-const STATUS: u64 = 0x2_0000;
+const QUEUE_SPAN: u64 = 0x4000;
+/// Request headers and status bytes, `q * 0x1000` apart per queue.
+const HEADERS: u64 = 0x2_0000;
+const STATUS: u64 = 0x3_0000;
 const DATA: u64 = 0x10_0000;
+/// The most queues the benchmark drives.
+const MAX_QUEUES: usize = 4;
 const MEM: usize = 80 << 20;
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
@@ -58,15 +66,16 @@ impl VirtioInterrupt for NoInterrupt {
     }
 }
 
-/// A minimal virtio driver for one queue.
+/// A minimal virtio driver for queue `q`.
 struct Driver {
     mem: GuestMemoryMmap,
+    q: u64,
     avail_idx: u16,
 }
 
 impl Driver {
     fn desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let base = GuestAddress(DESC + u64::from(index) * 16);
+        let base = GuestAddress(DESC + self.q * QUEUE_SPAN + u64::from(index) * 16);
         let mut d = [0u8; 16];
         d[..8].copy_from_slice(&addr.to_le_bytes());
         d[8..12].copy_from_slice(&len.to_le_bytes());
@@ -75,12 +84,14 @@ impl Driver {
         self.mem.write_slice(&d, base).unwrap();
     }
 
-    /// Queues `batch` requests of `len` bytes at byte `offsets`.
-    fn submit(&mut self, write: bool, len: u32, offsets: &[u64]) {
+    /// Queues requests of `len` bytes at byte `offsets`, into the data
+    /// buffers from number `first` on.
+    fn submit(&mut self, write: bool, len: u32, offsets: &[u64], first: usize) {
+        let avail = AVAIL + self.q * QUEUE_SPAN;
         for (i, &off) in offsets.iter().enumerate() {
             let i16 = u16::try_from(i).unwrap();
             let head = i16 * 3;
-            let hdr = HEADERS + 16 * i as u64;
+            let hdr = HEADERS + self.q * 0x1000 + 16 * i as u64;
             let t = if write {
                 VIRTIO_BLK_T_OUT
             } else {
@@ -94,25 +105,27 @@ impl Driver {
             self.desc(head, hdr, 16, F_NEXT, head + 1);
             self.desc(
                 head + 1,
-                DATA + i as u64 * u64::from(len),
+                DATA + (first + i) as u64 * u64::from(len),
                 len,
                 data_flags,
                 head + 2,
             );
-            self.desc(head + 2, STATUS + i as u64, 1, F_WRITE, 0);
-            let slot = AVAIL + 4 + 2 * u64::from(self.avail_idx.wrapping_add(i16) % QUEUE_SIZE);
+            self.desc(head + 2, STATUS + self.q * 0x1000 + i as u64, 1, F_WRITE, 0);
+            let slot = avail + 4 + 2 * u64::from(self.avail_idx.wrapping_add(i16) % QUEUE_SIZE);
             self.mem.write_obj(head, GuestAddress(slot)).unwrap();
         }
         self.avail_idx = self
             .avail_idx
             .wrapping_add(u16::try_from(offsets.len()).unwrap());
         self.mem
-            .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+            .write_obj(self.avail_idx, GuestAddress(avail + 2))
             .unwrap();
     }
 
     fn used_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+        self.mem
+            .read_obj(GuestAddress(USED + self.q * QUEUE_SPAN + 2))
+            .unwrap()
     }
 }
 
@@ -145,48 +158,104 @@ fn offsets(case: &Case, size: u64, seed: &mut u64) -> Vec<u64> {
 enum Format {
     Raw,
     Qcow2,
+    /// The raw file with `cache=none` (`O_DIRECT`), the host side too.
+    RawDirect,
+}
+
+impl Format {
+    fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+            Format::RawDirect => "raw-dio",
+        }
+    }
 }
 
 fn open(format: Format, raw: &Path, qcow2: &Path) -> Box<dyn BlockBackend> {
     match format {
         Format::Raw => Box::new(RawFile::open(raw, false).unwrap()),
+        Format::RawDirect => Box::new(RawFile::open_with(raw, false, CacheMode::None).unwrap()),
         Format::Qcow2 => Box::new(Qcow2Disk::open(qcow2, false).unwrap()),
     }
 }
 
-/// A device on `backend` with one activated queue, and its driver.
-fn device(backend: Box<dyn BlockBackend>) -> (Block, Driver) {
+/// How the device runs: its engine and its queue count.
+#[derive(Clone, Copy)]
+struct Setup {
+    io: IoEngine,
+    queues: usize,
+}
+
+/// A device on `backend` with `setup.queues` activated queues, and their
+/// drivers.
+fn device(backend: Box<dyn BlockBackend>, setup: Setup) -> (Block, Vec<Driver>) {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
-    let mut q = Queue::new(QUEUE_SIZE).unwrap();
-    q.set_size(QUEUE_SIZE);
-    q.set_desc_table_address(Some(u32::try_from(DESC).unwrap()), Some(0));
-    q.set_avail_ring_address(Some(u32::try_from(AVAIL).unwrap()), Some(0));
-    q.set_used_ring_address(Some(u32::try_from(USED).unwrap()), Some(0));
-    q.set_ready(true);
+    let queues = (0..setup.queues as u64)
+        .map(|i| {
+            let mut q = Queue::new(QUEUE_SIZE).unwrap();
+            q.set_size(QUEUE_SIZE);
+            let at = |a: u64| Some(u32::try_from(a + i * QUEUE_SPAN).unwrap());
+            q.set_desc_table_address(at(DESC), Some(0));
+            q.set_avail_ring_address(at(AVAIL), Some(0));
+            q.set_used_ring_address(at(USED), Some(0));
+            q.set_ready(true);
+            q
+        })
+        .collect();
     let mut dev = Block::with_backend(backend, false, None);
+    dev.set_queues(u16::try_from(setup.queues).unwrap(), QUEUE_SIZE);
+    if setup.io == IoEngine::IoUring {
+        dev.use_io_uring().expect("io_uring");
+    }
     dev.activate(ActivateContext {
         mem: mem.clone(),
         interrupt: Arc::new(NoInterrupt),
-        queues: vec![q],
+        queues,
         acked_features: 1 << VIRTIO_F_VERSION_1,
     })
     .unwrap();
     // A running guest's memory is faulted in: touch every page first.
     let zero = vec![0u8; MEM];
     mem.write_slice(&zero, GuestAddress(0)).unwrap();
-    (dev, Driver { mem, avail_idx: 0 })
+    let drivers = (0..setup.queues as u64)
+        .map(|q| Driver {
+            mem: mem.clone(),
+            q,
+            avail_idx: 0,
+        })
+        .collect();
+    (dev, drivers)
 }
 
-fn run_device(case: &Case, backend: Box<dyn BlockBackend>, offs: &[u64]) -> Duration {
-    let (mut dev, mut drv) = device(backend);
+/// Runs the requests a batch at a time, the batch split over the queues
+/// (each queue notified once per batch), and waits for every completion
+/// (through the backend fd on io_uring, as the event loop does).
+fn run_device(case: &Case, backend: Box<dyn BlockBackend>, offs: &[u64], setup: Setup) -> Duration {
+    let (mut dev, mut drvs) = device(backend, setup);
     let batch = batch_size(case);
+    let fd = dev.backend_fd();
     let mut busy = Duration::ZERO;
     for chunk in offs.chunks(batch) {
-        drv.submit(case.write, case.len, chunk);
+        let per = chunk.len().div_ceil(setup.queues);
+        for (q, part) in chunk.chunks(per).enumerate() {
+            drvs[q].submit(case.write, case.len, part, q * per);
+        }
         let start = Instant::now();
-        dev.process_queue(0);
+        for q in 0..setup.queues {
+            dev.process_queue(q);
+        }
+        while drvs.iter().any(|d| d.used_idx() != d.avail_idx) {
+            let mut pfd = libc::pollfd {
+                fd: fd.expect("a backend fd"),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd on the device's fd, for at most 1 s.
+            unsafe { libc::poll(&mut pfd, 1, 1000) };
+            dev.process_backend();
+        }
         busy += start.elapsed();
-        assert_eq!(drv.used_idx(), drv.avail_idx, "every request completed");
     }
     busy
 }
@@ -199,8 +268,14 @@ fn batch_size(case: &Case) -> usize {
         .clamp(1, 64)
 }
 
-fn run_host(case: &Case, path: &Path, offs: &[u64]) -> Duration {
-    let f = File::options().read(true).write(true).open(path).unwrap();
+fn run_host(case: &Case, path: &Path, offs: &[u64], direct: bool) -> Duration {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+        .open(path)
+        .unwrap();
     let len = case.len as usize;
     let batch = batch_size(case);
     // Page-aligned, as guest buffers are (the kernel's copy is slower to a
@@ -229,7 +304,12 @@ fn run_rate_limit(spec: &str, raw: &Path, seconds: u64) {
         .parse()
         .expect("--rate-limit bw=SIZE/TIME,ops=SIZE/TIME");
     let len: u32 = if config.ops.is_some() { 4096 } else { 1 << 20 };
-    let (mut dev, mut drv) = device(Box::new(RawFile::open(raw, false).unwrap()));
+    let setup = Setup {
+        io: IoEngine::Sync,
+        queues: 1,
+    };
+    let (mut dev, mut drvs) = device(Box::new(RawFile::open(raw, false).unwrap()), setup);
+    let drv = &mut drvs[0];
     dev.update_rate_limit(&config).unwrap();
     let fd = dev.backend_fd().unwrap();
     let batch = 16usize;
@@ -239,7 +319,7 @@ fn run_rate_limit(spec: &str, raw: &Path, seconds: u64) {
     let mut pending = 0usize;
     while start.elapsed() < Duration::from_secs(seconds) {
         if pending == 0 {
-            drv.submit(false, len, &offs);
+            drv.submit(false, len, &offs, 0);
             pending = batch;
         }
         let before = drv.used_idx();
@@ -308,6 +388,9 @@ fn main() {
     let mut formats = vec![Format::Raw, Format::Qcow2];
     let mut rate_limit: Option<String> = None;
     let mut seconds = 10u64;
+    let mut engines = vec![IoEngine::Sync, IoEngine::IoUring];
+    let mut queue_counts = vec![1usize];
+    let mut json_lines = false;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--case" => only = args.next(),
@@ -316,11 +399,34 @@ fn main() {
                 formats = match args.next().as_deref() {
                     Some("raw") => vec![Format::Raw],
                     Some("qcow2") => vec![Format::Qcow2],
+                    Some("raw-dio") => vec![Format::RawDirect],
                     Some("both") => vec![Format::Raw, Format::Qcow2],
-                    _ => panic!("--format raw|qcow2|both"),
+                    Some("all") => vec![Format::Raw, Format::Qcow2, Format::RawDirect],
+                    _ => panic!("--format raw|qcow2|raw-dio|both|all"),
                 }
             }
             "--rate-limit" => rate_limit = args.next(),
+            "--io" => {
+                engines = match args.next().as_deref() {
+                    Some("sync") => vec![IoEngine::Sync],
+                    Some("io_uring") => vec![IoEngine::IoUring],
+                    Some("both") => vec![IoEngine::Sync, IoEngine::IoUring],
+                    _ => panic!("--io sync|io_uring|both"),
+                }
+            }
+            "--queues" => {
+                queue_counts = args
+                    .next()
+                    .expect("--queues N[,N...]")
+                    .split(',')
+                    .map(|n| n.parse().expect("--queues N[,N...]"))
+                    .collect();
+                assert!(
+                    queue_counts.iter().all(|&n| (1..=MAX_QUEUES).contains(&n)),
+                    "--queues: 1 to {MAX_QUEUES}"
+                );
+            }
+            "--json-lines" => json_lines = true,
             "--seconds" => {
                 seconds = args
                     .next()
@@ -386,8 +492,17 @@ fn main() {
         },
     ];
     println!(
-        "{:<14} {:<6} {:>12} {:>10} {:>14} {:>10} {:>7} {:>9}",
-        "case", "format", "ember req/s", "ember MB/s", "host req/s", "host MB/s", "ratio", "vs raw"
+        "{:<14} {:<6} {:<8} {:>2} {:>12} {:>10} {:>12} {:>10} {:>7} {:>7}",
+        "case",
+        "format",
+        "io",
+        "q",
+        "ember req/s",
+        "ember MB/s",
+        "host req/s",
+        "host MB/s",
+        "/host",
+        "/raw"
     );
     let mut seed = 0x2545_f491_4f6c_dd1d_u64;
     for case in cases
@@ -396,42 +511,59 @@ fn main() {
     {
         let offs = offsets(case, size, &mut seed);
         // Warm the page cache for both sides, then alternate the rounds.
-        run_host(case, &path, &offs);
-        let mut raw_rate = None;
+        run_host(case, &path, &offs, false);
+        let mut raw_rates = std::collections::HashMap::new();
         for &format in &formats {
-            let mut dev = Vec::new();
-            let mut host = Vec::new();
-            for _ in 0..ROUNDS {
-                dev.push(run_device(case, open(format, &path, &qcow2), &offs));
-                host.push(run_host(case, &path, &offs));
+            for &io in &engines {
+                for &queues in &queue_counts {
+                    let setup = Setup { io, queues };
+                    let mut dev = Vec::new();
+                    let mut host = Vec::new();
+                    for _ in 0..ROUNDS {
+                        dev.push(run_device(case, open(format, &path, &qcow2), &offs, setup));
+                        host.push(run_host(case, &path, &offs, format == Format::RawDirect));
+                    }
+                    dev.sort();
+                    host.sort();
+                    let rate = |d: Duration| case.requests as f64 / d.as_secs_f64();
+                    let mbs = |d: Duration| rate(d) * f64::from(case.len) / 1e6;
+                    let r = rate(dev[ROUNDS / 2]);
+                    let h = rate(host[ROUNDS / 2]);
+                    let key = (io as u8, queues);
+                    let vs_raw = match format {
+                        Format::Raw => {
+                            raw_rates.insert(key, r);
+                            None
+                        }
+                        Format::Qcow2 => raw_rates.get(&key).map(|raw| r / raw),
+                        Format::RawDirect => None,
+                    };
+                    let fmt = format.name();
+                    println!(
+                        "{:<14} {:<6} {:<8} {:>2} {:>12.0} {:>10.1} {:>12.0} {:>10.1} {:>7.2} {:>7}",
+                        case.name,
+                        fmt,
+                        io.to_string(),
+                        queues,
+                        r,
+                        mbs(dev[ROUNDS / 2]),
+                        h,
+                        mbs(host[ROUNDS / 2]),
+                        r / h,
+                        vs_raw.map_or("-".to_string(), |v| format!("{v:.2}"))
+                    );
+                    if json_lines {
+                        println!(
+                            "JSON {}",
+                            serde_json::json!({
+                                "case": case.name, "format": fmt, "io": io.to_string(),
+                                "queues": queues, "req_s": r, "host_pread_req_s": h,
+                                "block_size": case.len, "requests": case.requests,
+                            })
+                        );
+                    }
+                }
             }
-            dev.sort();
-            host.sort();
-            let rate = |d: Duration| case.requests as f64 / d.as_secs_f64();
-            let mbs = |d: Duration| rate(d) * f64::from(case.len) / 1e6;
-            let r = rate(dev[ROUNDS / 2]);
-            let vs_raw = match (format, raw_rate) {
-                (Format::Qcow2, Some(raw)) => format!("{:.2}", r / raw),
-                _ => "-".to_string(),
-            };
-            if format == Format::Raw {
-                raw_rate = Some(r);
-            }
-            println!(
-                "{:<14} {:<6} {:>12.0} {:>10.1} {:>14.0} {:>10.1} {:>7.2} {:>9}",
-                case.name,
-                if format == Format::Raw {
-                    "raw"
-                } else {
-                    "qcow2"
-                },
-                r,
-                mbs(dev[ROUNDS / 2]),
-                rate(host[ROUNDS / 2]),
-                mbs(host[ROUNDS / 2]),
-                r / rate(host[ROUNDS / 2]),
-                vs_raw
-            );
         }
     }
     let _ = std::fs::remove_file(&qcow2);

@@ -6,8 +6,9 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use ember_memory::Slice;
@@ -15,7 +16,7 @@ use vm_memory::bitmap::Bitmap;
 use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 
 use crate::request::SECTOR_SIZE;
-use crate::{Error, Result};
+use crate::{CacheMode, Error, Result};
 
 /// The storage behind a block device. Offsets and lengths are in bytes; the
 /// device has checked them against [`BlockBackend::size`].
@@ -61,6 +62,23 @@ pub trait BlockBackend: Send {
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()>;
     /// Makes `len` bytes at `offset` read as zero.
     fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()>;
+    /// Where `len` bytes at `offset` of the disk live as one run of one
+    /// host file, for an engine that moves them itself (io_uring): the
+    /// file and the offset in it. `None` when the backend must do the I/O
+    /// (a qcow2 allocation, a backing file, a compressed cluster).
+    fn direct_target(&mut self, _offset: u64, _len: u64, _write: bool) -> Option<(RawFd, u64)> {
+        None
+    }
+    /// The host file whose `fdatasync` is the whole of a flush, if a flush
+    /// is nothing more.
+    fn flush_target(&self) -> Option<RawFd> {
+        None
+    }
+    /// The alignment of buffers, offsets and lengths the backend's direct
+    /// I/O (`O_DIRECT`) needs, if it has any.
+    fn dio_align(&self) -> Option<usize> {
+        None
+    }
     /// Drops the image's lock (a live migration hands the image to its
     /// destination); nothing to do for a backend without one.
     fn unlock(&mut self) -> io::Result<()> {
@@ -86,16 +104,34 @@ pub struct RawFile {
     path: PathBuf,
     size: u64,
     read_only: bool,
+    /// Opened with `O_DIRECT` (`cache=none`): buffers, offsets and lengths
+    /// must be multiples of [`DIO_ALIGN`]; others go through a bounce
+    /// buffer.
+    direct: bool,
 }
 
+/// The alignment `cache=none` asks of direct I/O: the 512-byte logical
+/// block of almost every host disk (a disk with 4 KiB logical blocks is
+/// refused when the image is opened).
+pub const DIO_ALIGN: usize = 512;
+
 impl RawFile {
-    /// Opens `path` read-write (or read-only), locks it and checks that its
-    /// size is a whole number of 512-byte sectors.
+    /// Opens `path` read-write (or read-only) through the page cache,
+    /// locks it and checks that its size is a whole number of 512-byte
+    /// sectors.
     pub fn open(path: impl AsRef<Path>, read_only: bool) -> Result<RawFile> {
+        RawFile::open_with(path, read_only, CacheMode::Writeback)
+    }
+
+    /// [`RawFile::open`] with the host cache mode: `cache=none` opens
+    /// with `O_DIRECT` and checks that a 512-byte direct read works.
+    pub fn open_with(path: impl AsRef<Path>, read_only: bool, cache: CacheMode) -> Result<RawFile> {
         let path = path.as_ref().to_path_buf();
+        let direct = cache == CacheMode::None;
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
+            .custom_flags(if direct { libc::O_DIRECT } else { 0 })
             .open(&path)
             .map_err(|source| Error::Open {
                 path: path.clone(),
@@ -122,12 +158,36 @@ impl RawFile {
         if size % SECTOR_SIZE != 0 {
             return Err(Error::UnalignedSize { path, size });
         }
+        if direct && size > 0 {
+            let mut probe = AlignedBuf::new(DIO_ALIGN);
+            file.read_exact_at(probe.as_mut(), 0)
+                .map_err(|source| Error::Open {
+                    path: path.clone(),
+                    source: io::Error::new(
+                        source.kind(),
+                        format!(
+                            "cache=none: a {DIO_ALIGN}-byte O_DIRECT read fails ({source}); \
+                             the host disk may have 4 KiB logical blocks: use cache=writeback"
+                        ),
+                    ),
+                })?;
+        }
         Ok(RawFile {
             file,
             path,
             size,
             read_only,
+            direct,
         })
+    }
+
+    /// Whether direct I/O can take these buffers at `offset` as they are.
+    fn aligned(&self, bufs: &[Slice<'_>], offset: u64) -> bool {
+        !self.direct
+            || (offset % DIO_ALIGN as u64 == 0
+                && bufs.iter().all(|s| {
+                    s.len() % DIO_ALIGN == 0 && (s.ptr_guard().as_ptr() as usize) % DIO_ALIGN == 0
+                }))
     }
 
     /// The path the image was opened from.
@@ -150,19 +210,65 @@ impl BlockBackend for RawFile {
     }
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if self.direct && !is_aligned(buf.as_ptr(), buf.len(), offset) {
+            let mut bounce = AlignedBuf::new(buf.len());
+            self.file.read_exact_at(bounce.as_mut(), offset)?;
+            buf.copy_from_slice(bounce.as_mut());
+            return Ok(());
+        }
         self.file.read_exact_at(buf, offset)
     }
 
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.direct && !is_aligned(buf.as_ptr(), buf.len(), offset) {
+            let mut bounce = AlignedBuf::new(buf.len());
+            bounce.as_mut().copy_from_slice(buf);
+            return self.file.write_all_at(bounce.as_mut(), offset);
+        }
         self.file.write_all_at(buf, offset)
     }
 
     fn read_vectored_at(&mut self, bufs: &[Slice<'_>], offset: u64) -> io::Result<()> {
+        if !self.aligned(bufs, offset) {
+            // O_DIRECT and a guest buffer off the 512-byte grid: through
+            // an aligned bounce buffer (the offset is a sector's).
+            let total = bufs.iter().map(Slice::len).sum();
+            let mut bounce = AlignedBuf::new(total);
+            self.file.read_exact_at(bounce.as_mut(), offset)?;
+            let mut at = 0;
+            for s in bufs {
+                s.copy_from(&bounce.as_mut()[at..at + s.len()]);
+                at += s.len();
+            }
+            return Ok(());
+        }
         vectored_io(&self.file, bufs, offset, Direction::Read)
     }
 
     fn write_vectored_at(&mut self, bufs: &[Slice<'_>], offset: u64) -> io::Result<()> {
+        if !self.aligned(bufs, offset) {
+            let total = bufs.iter().map(Slice::len).sum();
+            let mut bounce = AlignedBuf::new(total);
+            let mut at = 0;
+            for s in bufs {
+                s.copy_to(&mut bounce.as_mut()[at..at + s.len()]);
+                at += s.len();
+            }
+            return self.file.write_all_at(bounce.as_mut(), offset);
+        }
         vectored_io(&self.file, bufs, offset, Direction::Write)
+    }
+
+    fn direct_target(&mut self, offset: u64, _len: u64, _write: bool) -> Option<(RawFd, u64)> {
+        Some((self.file.as_raw_fd(), offset))
+    }
+
+    fn flush_target(&self) -> Option<RawFd> {
+        Some(self.file.as_raw_fd())
+    }
+
+    fn dio_align(&self) -> Option<usize> {
+        self.direct.then_some(DIO_ALIGN)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -179,7 +285,7 @@ impl BlockBackend for RawFile {
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
         match punch_hole(&self.file, offset, len) {
-            Err(e) if cannot_punch(&e) => write_zeroes_slowly(&self.file, offset, len),
+            Err(e) if cannot_punch(&e) => self.write_zeroes_slowly(offset, len),
             r => r,
         }
     }
@@ -374,18 +480,46 @@ fn cannot_punch(e: &io::Error) -> bool {
     )
 }
 
-/// Writes `len` zero bytes at `offset`, one bounded chunk at a time.
-fn write_zeroes_slowly(file: &File, mut offset: u64, mut len: u64) -> io::Result<()> {
-    while len > 0 {
-        let n = usize::try_from(len).map_or(ZEROES.len(), |l| l.min(ZEROES.len()));
-        file.write_all_at(&ZEROES[..n], offset)?;
-        let n = u64::try_from(n).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        offset = offset
-            .checked_add(n)
-            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
-        len -= n;
+impl RawFile {
+    /// Writes `len` zero bytes at `offset`, one bounded chunk at a time.
+    fn write_zeroes_slowly(&mut self, mut offset: u64, mut len: u64) -> io::Result<()> {
+        while len > 0 {
+            let n = usize::try_from(len).map_or(ZEROES.len(), |l| l.min(ZEROES.len()));
+            self.write_at(&ZEROES[..n], offset)?;
+            let n = u64::try_from(n).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            offset = offset
+                .checked_add(n)
+                .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+            len -= n;
+        }
+        Ok(())
     }
-    Ok(())
+}
+
+/// Whether a buffer at `ptr` of `len` bytes at file `offset` suits direct
+/// I/O as it is.
+fn is_aligned(ptr: *const u8, len: usize, offset: u64) -> bool {
+    (ptr as usize) % DIO_ALIGN == 0 && len % DIO_ALIGN == 0 && offset % DIO_ALIGN as u64 == 0
+}
+
+/// A zeroed byte buffer whose start is [`DIO_ALIGN`]-aligned (a bounce
+/// buffer for `O_DIRECT`).
+struct AlignedBuf {
+    bytes: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> AlignedBuf {
+        let bytes = vec![0u8; len + DIO_ALIGN];
+        let start = bytes.as_ptr().align_offset(DIO_ALIGN);
+        AlignedBuf { bytes, start, len }
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.bytes[self.start..self.start + self.len]
+    }
 }
 
 /// Takes a non-blocking `flock` on `file`: shared if `shared`, else
@@ -629,7 +763,10 @@ mod tests {
         img.as_file()
             .write_all_at(&vec![0x5a; len + 512], 0)
             .unwrap();
-        write_zeroes_slowly(img.as_file(), 512, len as u64).unwrap();
+        RawFile::open(img.as_path(), false)
+            .unwrap()
+            .write_zeroes_slowly(512, len as u64)
+            .unwrap();
         let mut buf = vec![0u8; len + 512];
         img.as_file().read_exact_at(&mut buf, 0).unwrap();
         assert!(buf[..512].iter().all(|b| *b == 0x5a));

@@ -14,6 +14,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use crate::backend::BlockBackend;
 use crate::device::{first, status_byte, BlockCounters, Logged, IO_CHUNK};
 use crate::request::{self, DataRegion, Request, RequestKind, ID_BYTES, SECTOR_SIZE};
+use crate::uring::{OpKind, Submission, Uring};
 
 /// Why an accepted request failed; it completes with IOERR. Only logged, so
 /// the message carries the cause.
@@ -101,6 +102,66 @@ impl Executor<'_> {
             Err(_) => {
                 self.log_exec_error(&ExecError::GuestMemory(addr));
                 0
+            }
+        }
+    }
+
+    /// Hands a read, a write or a flush to the io_uring engine, if the
+    /// backend can say where its bytes live (and, under `O_DIRECT`, the
+    /// guest's buffers are aligned). False: the caller runs it.
+    pub(crate) fn submit_to_ring(
+        &mut self,
+        u: &mut Uring,
+        queue: u16,
+        head: u16,
+        req: &Request,
+    ) -> bool {
+        let len = req.data_len();
+        let target = match req.kind() {
+            RequestKind::In { sector } | RequestKind::Out { sector } => {
+                let Ok(offset) = byte_offset(*sector) else {
+                    return false;
+                };
+                let write = matches!(req.kind(), RequestKind::Out { .. });
+                let kind = if write { OpKind::Write } else { OpKind::Read };
+                self.backend
+                    .direct_target(offset, len, write)
+                    .map(|(fd, at)| (kind, fd, at))
+            }
+            RequestKind::Flush => self.backend.flush_target().map(|fd| (OpKind::Flush, fd, 0)),
+            _ => None,
+        };
+        let Some((kind, fd, offset)) = target else {
+            return false;
+        };
+        let regions: Vec<(GuestAddress, usize)> = if kind == OpKind::Flush {
+            Vec::new()
+        } else {
+            req.data()
+                .iter()
+                .map(|r| (r.addr(), usize::try_from(r.len()).unwrap_or(usize::MAX)))
+                .collect()
+        };
+        if let Some(align) = self.backend.dio_align() {
+            let a = u64::try_from(align).unwrap_or(512);
+            if offset % a != 0 || regions.iter().any(|&(g, n)| g.0 % a != 0 || n % align != 0) {
+                return false;
+            }
+        }
+        let s = Submission {
+            queue,
+            head,
+            status: req.status_addr(),
+            kind,
+            fd,
+            offset,
+            regions: &regions,
+        };
+        match u.submit(&s, self.mem) {
+            Ok(submitted) => submitted,
+            Err(e) => {
+                debug!("virtio-blk {}: io_uring submission: {e}", self.disk);
+                false
             }
         }
     }

@@ -9,7 +9,7 @@
 //! - [`qcow2`] holds [`Qcow2Disk`], a qcow2 image and its backing chain
 //!   (the `ember-qcow2` crate) as a backend, and [`open_backend`], which
 //!   opens an image in the format it is given.
-//! - [`device`] holds [`Block`], an [`ember_virtio::VirtioDevice`]: one queue,
+//! - [`device`] holds [`Block`], an [`ember_virtio::VirtioDevice`]: one or more queues,
 //!   read, write, flush, get-id, discard and write-zeroes.
 //!
 //! The transport hands the device guest memory, an interrupt and its queue
@@ -43,6 +43,7 @@ mod exec;
 pub mod qcow2;
 pub mod request;
 pub mod state;
+mod uring;
 
 #[cfg(test)]
 mod test_utils;
@@ -145,6 +146,24 @@ pub enum Error {
         /// Its length in bytes.
         len: usize,
     },
+    /// A combination of options this backend cannot serve.
+    #[error("disk image {}: {what} is not supported", path.display())]
+    Unsupported {
+        /// The image.
+        path: PathBuf,
+        /// What was asked.
+        what: &'static str,
+    },
+    /// The io_uring engine cannot be set up (the kernel has no io_uring,
+    /// or `io_uring_disabled` forbids it).
+    #[error("disk image {}: io=io_uring: cannot set up the ring (use io=sync)", path.display())]
+    IoUring {
+        /// The image.
+        path: PathBuf,
+        /// What the kernel said.
+        #[source]
+        source: io::Error,
+    },
     /// Flushing the disk to stable storage failed.
     #[error("cannot flush disk {disk}")]
     Flush {
@@ -158,3 +177,69 @@ pub enum Error {
 
 /// The result of this crate's fallible host-side operations.
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// How a disk's requests reach the host: Firecracker's `io_engine`, QEMU's
+/// `aio=`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IoEngine {
+    /// `preadv`/`pwritev`/`fdatasync` on the event loop, one request at a
+    /// time.
+    #[default]
+    Sync,
+    /// io_uring: many requests in flight, completions on the event loop.
+    IoUring,
+}
+
+impl std::str::FromStr for IoEngine {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "sync" => Ok(IoEngine::Sync),
+            "io_uring" => Ok(IoEngine::IoUring),
+            _ => Err(format!("io = {s:?}: it must be sync or io_uring")),
+        }
+    }
+}
+
+impl std::fmt::Display for IoEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IoEngine::Sync => "sync",
+            IoEngine::IoUring => "io_uring",
+        })
+    }
+}
+
+/// Whether a disk's I/O goes through the host's page cache: QEMU's
+/// `cache=`, Firecracker's `cache_type`. Guest flushes reach the disk in
+/// both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheMode {
+    /// Through the page cache (the default).
+    #[default]
+    Writeback,
+    /// `O_DIRECT`: around the page cache (raw images).
+    None,
+}
+
+impl std::str::FromStr for CacheMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "writeback" => Ok(CacheMode::Writeback),
+            "none" => Ok(CacheMode::None),
+            _ => Err(format!("cache = {s:?}: it must be writeback or none")),
+        }
+    }
+}
+
+impl std::fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CacheMode::Writeback => "writeback",
+            CacheMode::None => "none",
+        })
+    }
+}

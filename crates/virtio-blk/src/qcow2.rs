@@ -11,13 +11,14 @@
 //! [`crate::IO_CHUNK`] bytes.
 
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use ember_memory::Slice;
 use ember_qcow2::{ExtentKind, ImageFormat, Qcow2};
 
 use crate::backend::{vectored_io, BlockBackend, Direction, RawFile};
-use crate::{Error, Result};
+use crate::{CacheMode, Error, Result};
 
 /// A qcow2 image, writable or read-only, with its backing files open
 /// read-only.
@@ -164,6 +165,18 @@ impl BlockBackend for Qcow2Disk {
         self.image.flush()
     }
 
+    fn direct_target(&mut self, offset: u64, len: u64, _write: bool) -> Option<(RawFd, u64)> {
+        // Only a run that is one allocated extent of the image file (its
+        // clusters referenced only here, so written in place).
+        match self.image.map(offset, len).ok()? {
+            ember_qcow2::Extent {
+                kind: ExtentKind::Data { host_offset },
+                len: got,
+            } if got == len => Some((self.image.file().as_raw_fd(), host_offset)),
+            _ => None,
+        }
+    }
+
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
         self.image.discard(offset, len)
     }
@@ -182,14 +195,20 @@ impl BlockBackend for Qcow2Disk {
 }
 
 /// Opens the image at `path` as `format` says (never by its contents) and
-/// locks it.
+/// locks it; `cache` is the host page cache's part (`cache=none`, direct
+/// I/O, is for raw images: qcow2 metadata I/O is not block-aligned).
 pub fn open_backend(
     path: &Path,
     format: ImageFormat,
     read_only: bool,
+    cache: CacheMode,
 ) -> Result<Box<dyn BlockBackend>> {
     Ok(match format {
-        ImageFormat::Raw => Box::new(RawFile::open(path, read_only)?),
+        ImageFormat::Raw => Box::new(RawFile::open_with(path, read_only, cache)?),
+        ImageFormat::Qcow2 if cache == CacheMode::None => return Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            what: "cache=none on a qcow2 image (direct I/O is for raw images; use cache=writeback)",
+        }),
         ImageFormat::Qcow2 => Box::new(Qcow2Disk::open(path, read_only)?),
     })
 }

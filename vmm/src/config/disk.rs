@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use ember_rate_limiter::{BucketConfig, RateLimiterConfig};
-pub use ember_virtio_blk::ImageFormat;
+pub use ember_virtio_blk::{CacheMode, ImageFormat, IoEngine};
 use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
@@ -55,6 +55,18 @@ pub struct DiskConfig {
     /// (requests), each `{ size, one_time_burst, refill_time }` (ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<RateLimiterConfig>,
+    /// How requests reach the host: `sync` (the default) or `io_uring`
+    /// (many in flight; Firecracker's `io_engine = "Async"`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub io: IoEngine,
+    /// `writeback` (through the host page cache, the default) or `none`
+    /// (`O_DIRECT`, raw images). Guest flushes reach the disk in both.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub cache: CacheMode,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 fn is_raw(f: &ImageFormat) -> bool {
@@ -81,7 +93,7 @@ pub fn valid_partuuid(s: &str) -> bool {
 }
 
 impl DiskConfig {
-    /// Parses `path=FILE[,format=raw|qcow2][,read_only=on|off][,id=ID][,root=on|off][,partuuid=UUID][,num_queues=N][,queue_size=N][,bw=SIZE/TIME[+BURST]][,ops=SIZE/TIME[+BURST]]`
+    /// Parses `path=FILE[,format=raw|qcow2][,io=sync|io_uring][,cache=writeback|none][,read_only=on|off][,id=ID][,root=on|off][,partuuid=UUID][,num_queues=N][,queue_size=N][,bw=SIZE/TIME[+BURST]][,ops=SIZE/TIME[+BURST]]`
     /// (`rate_limit=bw=...;ops=...` is the same as the last two).
     pub fn parse_flag(s: &str) -> Result<Self, ConfigError> {
         let bad = |why: String| ConfigError::DiskFlag {
@@ -99,6 +111,8 @@ impl DiskConfig {
             num_queues: None,
             queue_size: None,
             rate_limiter: None,
+            io: IoEngine::Sync,
+            cache: CacheMode::Writeback,
         };
         let mut path = None;
         for part in s.split(',') {
@@ -110,6 +124,8 @@ impl DiskConfig {
             };
             match k {
                 "path" | "file" => path = Some(PathBuf::from(v)),
+                "io" | "aio" => d.io = v.parse().map_err(bad)?,
+                "cache" => d.cache = v.parse().map_err(bad)?,
                 "format" => {
                     d.format = v
                         .parse()
@@ -152,7 +168,7 @@ impl DiskConfig {
                 }
                 _ => {
                     return Err(bad(format!(
-                        "unknown key `{k}` (path, format, read_only, id, drive_id, root, partuuid, num_queues, queue_size, bw, ops, rate_limit)"
+                        "unknown key `{k}` (path, format, read_only, id, drive_id, root, partuuid, num_queues, queue_size, bw, ops, rate_limit, io, cache)"
                     )))
                 }
             }
@@ -183,7 +199,13 @@ impl DiskConfig {
             self.queue_size
                 .unwrap_or(ember_virtio_blk::request::QUEUE_SIZE),
         )
-        .map_err(|why| ConfigError::DiskQueues { index, why })?;
+        .map_err(|why| ConfigError::DiskOption { index, why })?;
+        if self.cache == CacheMode::None && self.format == ImageFormat::Qcow2 {
+            return Err(ConfigError::DiskOption {
+                index,
+                why: "cache = none is for raw images (qcow2 metadata I/O is not block-aligned); use cache = writeback".into(),
+            });
+        }
         if let Some(p) = &self.partuuid {
             if !self.root {
                 return Err(ConfigError::DiskPartuuid {
@@ -243,6 +265,12 @@ mod tests {
         );
         assert_eq!(l.ops.unwrap().size, 1000);
         let same = DiskConfig::parse_flag("path=/r,rate_limit=bw=10M/1s+20M;ops=1000/1s").unwrap();
+        let e = DiskConfig::parse_flag("path=/r,io=io_uring,cache=none").unwrap();
+        assert_eq!((e.io, e.cache), (IoEngine::IoUring, CacheMode::None));
+        assert_eq!(
+            DiskConfig::parse_flag("path=/r").unwrap().io,
+            IoEngine::Sync
+        );
         assert_eq!(same.rate_limiter, Some(l));
         assert_eq!(
             DiskConfig::parse_flag("path=/r").unwrap().format,
@@ -251,6 +279,11 @@ mod tests {
         );
         for (bad, says) in [
             ("path=/r,format=vmdk", "format must be raw or qcow2"),
+            (
+                "path=/r,io=aio",
+                "io = \"aio\": it must be sync or io_uring",
+            ),
+            ("path=/r,cache=directsync", "it must be writeback or none"),
             ("path=/r,root=maybe", "root must be on or off"),
             ("path=/r,num_queues=x", "num_queues must be a number"),
             ("path=/r,bw=10M", "bw:"),
@@ -296,6 +329,14 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("queue_size = 100"));
+        d.queue_size = None;
+        d.format = ImageFormat::Qcow2;
+        d.cache = CacheMode::None;
+        assert!(d
+            .validate(0)
+            .unwrap_err()
+            .to_string()
+            .contains("cache = none is for raw images"));
     }
 
     #[test]
@@ -307,5 +348,9 @@ mod tests {
         assert_eq!(d.format, ImageFormat::Qcow2);
         assert_eq!(d.rate_limiter.unwrap().bandwidth.unwrap().refill_time, 100);
         assert!(toml::from_str::<DiskConfig>("path = \"/r\"\nformat = \"vdi\"\n").is_err());
+        let d: DiskConfig =
+            toml::from_str("path = \"/r\"\nio = \"io_uring\"\ncache = \"none\"\n").unwrap();
+        assert_eq!((d.io, d.cache), (IoEngine::IoUring, CacheMode::None));
+        assert!(toml::from_str::<DiskConfig>("path = \"/r\"\nio = \"aio\"\n").is_err());
     }
 }

@@ -129,12 +129,6 @@ pub fn apply_drive(cfg: &mut VmConfig, d: &Drive) -> Result<(), ConfigError> {
     if d.socket.is_some() {
         return Err(unsupported("drives.socket", "no vhost-user disks"));
     }
-    if matches!(d.io_engine, Some(ember_api::model::IoEngine::Async)) {
-        return Err(unsupported(
-            "drives.io_engine = Async",
-            "disks are served synchronously",
-        ));
-    }
     let path = d.path_on_host.as_ref().ok_or_else(|| {
         ConfigError::Unsupported(format!("drive {}: path_on_host is required", d.drive_id))
     })?;
@@ -150,6 +144,13 @@ pub fn apply_drive(cfg: &mut VmConfig, d: &Drive) -> Result<(), ConfigError> {
         num_queues: None,
         queue_size: None,
         rate_limiter: d.rate_limiter.as_ref().map(limiter_from_api),
+        io: match d.io_engine {
+            Some(ember_api::model::IoEngine::Async) => super::disk::IoEngine::IoUring,
+            _ => super::disk::IoEngine::Sync,
+        },
+        // Both of Firecracker's cache types go through the page cache;
+        // ember honours the guest's flushes in both (Unsafe included).
+        cache: super::disk::CacheMode::Writeback,
     };
     let mut disks = cfg.disk.clone();
     let index = disks
@@ -281,7 +282,10 @@ pub fn to_api(cfg: &VmConfig) -> FullVmConfiguration {
                 partuuid: d.partuuid.clone(),
                 // Ember always honours flushes.
                 cache_type: Some(ember_api::model::CacheType::Writeback),
-                io_engine: Some(ember_api::model::IoEngine::Sync),
+                io_engine: Some(match d.io {
+                    super::disk::IoEngine::IoUring => ember_api::model::IoEngine::Async,
+                    super::disk::IoEngine::Sync => ember_api::model::IoEngine::Sync,
+                }),
                 rate_limiter: d
                     .rate_limiter
                     .as_ref()
@@ -491,7 +495,18 @@ mod tests {
             rate_limiter: None,
             socket: None,
         };
+        // io_engine Async is io=io_uring, and reads back as Async.
+        let mut uring = cfg.clone();
+        let mut d = drive("fast", false);
+        d.io_engine = Some(ember_api::model::IoEngine::Async);
+        apply_drive(&mut uring, &d).unwrap();
+        assert_eq!(uring.disk[0].io, super::super::disk::IoEngine::IoUring);
+        assert!(matches!(
+            to_api(&uring).drives[0].io_engine,
+            Some(ember_api::model::IoEngine::Async)
+        ));
         apply_drive(&mut cfg, &drive("data", false)).unwrap();
+        assert_eq!(cfg.disk[0].io, super::super::disk::IoEngine::Sync);
         // The same image twice is refused when the whole is checked.
         apply_drive(&mut cfg, &drive("rootfs", true)).unwrap();
         assert!(matches!(cfg.validate(), Err(ConfigError::DuplicateDisk(_))));

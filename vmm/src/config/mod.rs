@@ -147,9 +147,9 @@ pub enum ConfigError {
         /// What is wrong.
         why: String,
     },
-    /// A disk's queue count or size is not allowed.
+    /// A disk option (queue count or size, cache mode) is not allowed.
     #[error("disk {index}: {why}")]
-    DiskQueues {
+    DiskOption {
         /// Which disk (0-based, in config order).
         index: usize,
         /// What is wrong.
@@ -771,7 +771,7 @@ mod tests {
 
     #[test]
     fn config_disk_unknown_key_is_an_error() {
-        assert!(parse("[[disk]]\npath = \"a\"\ncache = \"none\"\n").is_err());
+        assert!(parse("[[disk]]\npath = \"a\"\nbus = \"ide\"\n").is_err());
     }
 
     #[test]
@@ -786,7 +786,7 @@ mod tests {
             "",
             "read_only=on",
             "path=/a,read_only=maybe",
-            "path=/a,cache=none",
+            "path=/a,bus=ide",
             "path",
         ] {
             assert!(DiskConfig::parse_flag(bad).is_err(), "{bad}");
@@ -807,6 +807,8 @@ mod tests {
             num_queues: None,
             queue_size: None,
             rate_limiter: None,
+            io: Default::default(),
+            cache: Default::default(),
         };
         let mut c = VmConfig::default();
         c.boot.kernel = Some(exe.clone());

@@ -393,11 +393,10 @@ impl Instance {
             ));
         }
         let (vmm, index) = self.running_drive(drive_id)?;
-        let format = self
-            .started_with
-            .as_ref()
-            .map_or(Default::default(), |c| c.disks[index].format);
-        vmm.patch_drive(index, path, format)?;
+        let (format, cache) = self.started_with.as_ref().map_or(Default::default(), |c| {
+            (c.disks[index].format, c.disks[index].cache)
+        });
+        vmm.patch_drive(index, path, format, cache)?;
         self.update_drive_config(index, drive_id, |d| d.path = path.to_owned());
         Ok(())
     }

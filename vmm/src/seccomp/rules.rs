@@ -235,6 +235,10 @@ pub fn vmm() -> Vec<Rule> {
             "the balloon's statistics timer (a new interval from the API)",
         ),
         always(libc::SYS_writev, "tap frames from guest buffers"),
+        always(
+            libc::SYS_io_uring_enter,
+            "io=io_uring disks submit and wait (the ring takes only readv, writev and fsync)",
+        ),
         always(libc::SYS_pread64, "disk reads"),
         always(libc::SYS_pwrite64, "disk writes"),
         always(libc::SYS_preadv, "disk reads into several guest buffers"),
@@ -290,6 +294,12 @@ pub fn vmm() -> Vec<Rule> {
             "lock the image PATCH /drives swaps in, without waiting",
         ),
         always(libc::SYS_lseek, "size the image PATCH /drives swaps in"),
+        only(
+            libc::SYS_statx,
+            // AT_EMPTY_PATH (0x1000): a stat of an open descriptor, no path
+            vec![vec![eq(2, 0x1000)]],
+            "check the kind and identity of the image PATCH /drives opened",
+        ),
         always(
             libc::SYS_shutdown,
             "a migration's cancel ends its connection (the worker's blocked I/O returns)",
@@ -310,6 +320,10 @@ pub fn vmm() -> Vec<Rule> {
 pub fn vcpu() -> Vec<Rule> {
     let mut rules = common();
     rules.extend([
+        always(
+            libc::SYS_io_uring_enter,
+            "a queue notification served here submits to an io=io_uring disk",
+        ),
         ioctls(
             &[
                 (KVM_RUN, "enter the guest"),
