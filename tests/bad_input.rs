@@ -199,7 +199,7 @@ fn bad_disk_flag() {
     let dir = TempDir::new("diskflag");
     let k = good_kernel(&dir);
     let run = run_ember(
-        &["--kernel", &k, "--disk", "path=/x.img,cache=none"],
+        &["--kernel", &k, "--disk", "path=/x.img,cache=unsafe"],
         b"",
         TIMEOUT,
     );
