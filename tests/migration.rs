@@ -351,6 +351,16 @@ fn migration_moves_a_running_guest_between_hosts_and_survives_every_failure() {
         rarp.iter().all(|f| f[6..12] == f[22..28]),
         "announced from the guest's MAC"
     );
+    // The guest's driver was asked too (VIRTIO_NET_S_ANNOUNCE): its
+    // gratuitous ARP (sender IP = target IP = its own) from the same MAC.
+    let garp = frames.iter().any(|f| {
+        f.len() >= 42
+            && f[12..14] == [0x08, 0x06]
+            && f[..6] == [0xff; 6]
+            && f[6..12] == rarp[0][6..12]
+            && f[28..32] == f[38..42]
+    });
+    assert!(garp, "the guest announced itself with a gratuitous ARP");
     let la = ping_a.wait_with_output().unwrap();
     let lb = ping_b.wait_with_output().unwrap();
     let (ta, tb) = (

@@ -4,6 +4,7 @@
 
 pub mod beat;
 pub mod http;
+pub mod packet;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};

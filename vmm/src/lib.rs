@@ -792,12 +792,23 @@ impl Vmm {
         Ok(out)
     }
 
-    /// Sends one RARP frame per NIC from its MAC (after a migration).
+    /// Announces every NIC where it now is (after a migration): a RARP frame
+    /// from ember, and gratuitous ARPs from the guest where its driver can
+    /// (`VIRTIO_NET_S_ANNOUNCE`).
     pub fn announce(&self) {
         for (i, n) in self.nets.iter().enumerate() {
             let mut n = n.lock().unwrap_or_else(|e| e.into_inner());
             match n.device_mut().announce() {
-                Ok(()) => log::info!("virtio-net{i}: announced on {}", n.device().name()),
+                Ok(ember_virtio_net::Announced::RarpAndGuest) => {
+                    log::info!(
+                        "virtio-net{i}: announced on {} (RARP; the guest was asked to \
+                         announce itself too)",
+                        n.device().name()
+                    );
+                }
+                Ok(ember_virtio_net::Announced::Rarp) => {
+                    log::info!("virtio-net{i}: announced on {} (RARP)", n.device().name());
+                }
                 Err(e) => log::warn!("virtio-net{i}: cannot announce: {e}"),
             }
         }

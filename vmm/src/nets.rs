@@ -34,6 +34,7 @@ pub fn create_nets(
             tap: n.tap.clone(),
             mac: *mac,
             offloads: n.offloads,
+            vlan: n.vlan,
         };
         let net = match taps.get(index) {
             Some(file) => file
@@ -43,16 +44,17 @@ pub fn create_nets(
                     source: e,
                 })
                 .and_then(|f| ember_virtio_net::Tap::from_file(f, &n.tap))
-                .map(|tap| Net::with_tap(tap, &cfg)),
+                .and_then(|tap| Net::with_tap(tap, &cfg)),
             None => Net::new(&cfg),
         }
         .map_err(|source| Error::Net { index, source })?;
         let name = format!("virtio-net{index}");
         let dev = attach(ctx, &name, net)?;
         log::info!(
-            "{name}: tap {}, mac {}",
+            "{name}: tap {}, mac {}{}",
             n.tap,
-            mac.map(|b| format!("{b:02x}")).join(":")
+            mac.map(|b| format!("{b:02x}")).join(":"),
+            n.vlan.map(|v| format!(", vlan {v}")).unwrap_or_default()
         );
         devices.push(dev);
     }
@@ -68,13 +70,17 @@ pub fn log_counters(nets: &[NetDevice]) {
             .device()
             .counters();
         log::info!(
-            "virtio-net{i}: rx {} packets {} bytes {} dropped, tx {} packets {} bytes {} dropped",
+            "virtio-net{i}: rx {} packets {} bytes {} dropped, tx {} packets {} bytes {} dropped, \
+             filtered {}, control {} ok {} refused",
             c.rx_packets,
             c.rx_bytes,
             c.rx_dropped,
             c.tx_packets,
             c.tx_bytes,
-            c.tx_dropped
+            c.tx_dropped,
+            c.rx_filtered,
+            c.ctrl_ok,
+            c.ctrl_err
         );
     }
 }

@@ -179,6 +179,7 @@ fn device(mem: &GuestMemoryMmap) -> (Net, [Ring; 2]) {
         tap: TAP.into(),
         mac: [0x52, 0x54, 0, 0, 0, 1],
         offloads: false,
+        vlan: None,
     })
     .expect("open the bench tap");
     let mut queues = Vec::new();

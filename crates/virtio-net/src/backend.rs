@@ -67,4 +67,10 @@ pub trait NetBackend: Send {
 
     /// The fd an event loop must watch for readability, if there is one.
     fn raw_fd(&self) -> Option<RawFd>;
+
+    /// Frames the backend read and dropped itself because they were not
+    /// for this NIC (another VLAN's, say); none by default.
+    fn rx_filtered(&self) -> u64 {
+        0
+    }
 }

@@ -24,23 +24,29 @@ use log::{debug, warn};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
-    virtio_net_config, virtio_net_hdr_mrg_rxbuf, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM,
-    VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
-    VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
-    VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS,
-    VIRTIO_NET_S_LINK_UP,
+    virtio_net_config, virtio_net_hdr_mrg_rxbuf, VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_RX,
+    VIRTIO_NET_F_CTRL_RX_EXTRA, VIRTIO_NET_F_CTRL_VLAN, VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN,
+    VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
+    VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 
 use crate::backend::NetBackend;
-use crate::state::NetState;
+use crate::ctrl::RxFilter;
 use crate::tap::Tap;
 use crate::{Error, Result};
 
+mod control;
 mod direct;
 mod rx;
+mod status;
 mod tx;
+
+pub use status::rarp_announce;
 
 use direct::{DirectOutcome, ParkedChains, PassSlices};
 
@@ -56,6 +62,16 @@ pub const VNET_HDR_LEN: usize = size_of::<virtio_net_hdr_mrg_rxbuf>();
 /// header and 65,550 bytes (a 64 KiB segmentation-offload frame with its
 /// Ethernet and VLAN headers).
 pub const MAX_FRAME: usize = VNET_HDR_LEN + 65_550;
+
+/// The control queue's size.
+pub const CTRL_QUEUE_SIZE: u16 = 64;
+
+/// The control queue's index (after the one receive and transmit pair).
+const CTRL: u16 = 2;
+
+/// How much of a received frame the receive filter looks at: the header,
+/// both MAC addresses and a VLAN tag.
+const FILTER_HEAD: usize = VNET_HDR_LEN + 16;
 
 /// The maximum size of each of the two queues.
 pub const QUEUE_SIZE: u16 = 256;
@@ -115,6 +131,16 @@ const GUEST_OFFLOADS: [(u32, u32); 5] = [
     (VIRTIO_NET_F_GUEST_UFO, TUN_F_UFO),
 ];
 
+/// How [`Net::announce`] announced the NIC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Announced {
+    /// The device sent a RARP frame, and the driver was asked to announce
+    /// itself (`VIRTIO_NET_S_ANNOUNCE`).
+    RarpAndGuest,
+    /// The device sent a RARP frame (the driver cannot announce itself).
+    Rarp,
+}
+
 /// What a VMM says about one network interface.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
@@ -124,6 +150,10 @@ pub struct NetConfig {
     pub mac: [u8; 6],
     /// Whether to offer checksum and segmentation offloads.
     pub offloads: bool,
+    /// Host-side 802.1Q: tag every frame the guest sends with this VLAN
+    /// and hand it only this VLAN's frames, untagged
+    /// ([`VlanBackend`](crate::VlanBackend)); 1 to 4094.
+    pub vlan: Option<u16>,
 }
 
 /// What the device has done since it was built. Bytes count frames without
@@ -143,6 +173,14 @@ pub struct NetCounters {
     pub tx_bytes: u64,
     /// Malformed transmit chains and frames the backend refused.
     pub tx_dropped: u64,
+    /// Frames the NIC's filters kept from the guest: another VLAN's on a
+    /// host-side VLAN, or what the guest's receive filter (MAC, VLAN, RX
+    /// mode) does not want.
+    pub rx_filtered: u64,
+    /// Control commands the device carried out.
+    pub ctrl_ok: u64,
+    /// Control commands refused (status `VIRTIO_NET_ERR`) or malformed.
+    pub ctrl_err: u64,
 }
 
 /// Guest and host faults, each logged at warn level once and at debug
@@ -158,20 +196,22 @@ enum Fault {
     UsedRing,
     Interrupt,
     Offload,
+    Ctrl,
+    Link,
 }
 
 /// Logs faults, naming the device.
 #[derive(Debug)]
 struct FaultLog {
     name: String,
-    seen: [bool; 9],
+    seen: [bool; 11],
 }
 
 impl FaultLog {
     fn new(name: &str) -> Self {
         FaultLog {
             name: name.to_string(),
-            seen: [false; 9],
+            seen: [false; 11],
         }
     }
 
@@ -194,6 +234,10 @@ struct Active {
     interrupt: Arc<dyn VirtioInterrupt>,
     rx: Queue,
     tx: Queue,
+    /// The control queue, when VIRTIO_NET_F_CTRL_VQ was negotiated.
+    ctrl: Option<Queue>,
+    /// The negotiated features.
+    acked: u64,
     /// VIRTIO_NET_F_MRG_RXBUF was negotiated: a frame may span chains.
     mrg_rxbuf: bool,
     /// VIRTIO_NET_F_GUEST_CSUM was negotiated: the header's flags pass.
@@ -206,7 +250,16 @@ pub struct Net {
     backend: Box<dyn NetBackend>,
     avail_features: u64,
     config: [u8; CONFIG_SIZE],
-    queue_max_sizes: [u16; 2],
+    queue_max_sizes: [u16; 3],
+    /// The MAC the device was built with (a reset goes back to it).
+    base_mac: [u8; 6],
+    /// What the control queue set: the MAC, RX modes, MAC and VLAN tables.
+    filter: RxFilter,
+    /// The backend works (`VIRTIO_NET_S_LINK_UP`).
+    link_up: bool,
+    /// The guest was asked to announce itself and has not acknowledged
+    /// (`VIRTIO_NET_S_ANNOUNCE`).
+    announcing: bool,
     /// The received frame being delivered, header first.
     rx_buf: Vec<u8>,
     /// The length of a frame in `rx_buf` waiting for guest buffers.
@@ -245,16 +298,32 @@ impl Net {
                 mac: cfg.mac,
             });
         }
+        if let Some(vid) = cfg.vlan.filter(|v| !(1..=4094).contains(v)) {
+            return Err(Error::Vlan {
+                name: cfg.tap.clone(),
+                vid,
+            });
+        }
         let tap = Tap::open(&cfg.tap)?;
-        Ok(Net::with_tap(tap, cfg))
+        Net::with_tap(tap, cfg)
     }
 
     /// [`Net::new`] on a tap already open (handed over by a live
     /// migration's source).
-    pub fn with_tap(tap: Tap, cfg: &NetConfig) -> Net {
-        let mut net = Net::with_backend(Box::new(tap), cfg.mac, cfg.offloads);
+    pub fn with_tap(tap: Tap, cfg: &NetConfig) -> Result<Net> {
+        let backend: Box<dyn NetBackend> = match cfg.vlan {
+            Some(vid) => Box::new(crate::VlanBackend::new(Box::new(tap), vid).map_err(|e| {
+                Error::TapSetup {
+                    name: cfg.tap.clone(),
+                    what: "vlan",
+                    source: e,
+                }
+            })?),
+            None => Box::new(tap),
+        };
+        let mut net = Net::with_backend(backend, cfg.mac, cfg.offloads);
         net.log.name.clone_from(&cfg.tap);
-        net
+        Ok(net)
     }
 
     /// The backend's descriptor (a tap's), to hand it over.
@@ -269,8 +338,12 @@ impl Net {
         Net {
             backend,
             avail_features: features(offloads),
-            config: config_space(mac),
-            queue_max_sizes: [QUEUE_SIZE; 2],
+            config: config_space(mac, VIRTIO_NET_S_LINK_UP),
+            queue_max_sizes: [QUEUE_SIZE, QUEUE_SIZE, CTRL_QUEUE_SIZE],
+            base_mac: mac,
+            filter: RxFilter::new(mac),
+            link_up: true,
+            announcing: false,
             rx_buf: vec![0; MAX_FRAME],
             rx_pending: None,
             rx_chains: Vec::with_capacity(usize::from(QUEUE_SIZE)),
@@ -284,54 +357,9 @@ impl Net {
 
     /// What the device has moved and dropped so far.
     pub fn counters(&self) -> NetCounters {
-        self.counters
-    }
-
-    /// The NIC's own state (for a snapshot; the device is paused).
-    pub fn state(&self) -> NetState {
-        let mut mac = [0u8; 6];
-        mac.copy_from_slice(&self.config[..6]);
-        NetState {
-            mac,
-            pending_frame: self
-                .rx_pending
-                .and_then(|len| self.rx_buf.get(..len))
-                .map(<[u8]>::to_vec),
-        }
-    }
-
-    /// Puts a restored (and, through its transport, reactivated) device in
-    /// `state`: a different MAC or an oversized frame is refused.
-    pub fn restore_state(&mut self, state: &NetState) -> Result<()> {
-        if state.mac[..] != self.config[..6] {
-            return Err(Error::StateMismatch(format!(
-                "saved with MAC {:02x?}, the device has {:02x?}",
-                state.mac,
-                &self.config[..6]
-            )));
-        }
-        if let Some(frame) = &state.pending_frame {
-            let Some(dst) = self.rx_buf.get_mut(..frame.len()) else {
-                return Err(Error::StateMismatch(format!(
-                    "a pending frame of {} bytes, more than {MAX_FRAME}",
-                    frame.len()
-                )));
-            };
-            dst.copy_from_slice(frame);
-            self.rx_pending = Some(frame.len());
-        }
-        Ok(())
-    }
-
-    /// Tells the network where the guest now is, after a live migration
-    /// (as QEMU's announce): one RARP frame from the NIC's MAC to the
-    /// broadcast address, written to the backend, so switches learn the
-    /// new port before the guest sends anything.
-    pub fn announce(&mut self) -> std::io::Result<()> {
-        let frame = rarp_announce(self.state().mac);
-        let mut out = vec![0u8; VNET_HDR_LEN];
-        out.extend_from_slice(&frame);
-        self.backend.write(&out).map(|_| ())
+        let mut c = self.counters;
+        c.rx_filtered = c.rx_filtered.saturating_add(self.backend.rx_filtered());
+        c
     }
 
     /// The tap's name (or "(custom backend)").
@@ -405,6 +433,8 @@ impl Net {
         // Whether the driver was already asked for a notification of new
         // buffers in this pass.
         let mut rearmed = false;
+        // The backend failed or closed: the link goes down after this pass.
+        let mut gone = false;
         for _ in 0..RX_BUDGET {
             if direct {
                 match self.rx_parked.receive(
@@ -412,6 +442,7 @@ impl Net {
                     &mut slices,
                     &mut *self.backend,
                     active.guest_csum,
+                    &self.filter,
                     &mut self.rx_buf,
                 ) {
                     DirectOutcome::Delivered(len) => {
@@ -428,6 +459,10 @@ impl Net {
                     DirectOutcome::Pending(len) => {
                         self.rx_pending = Some(len);
                         direct = false;
+                    }
+                    DirectOutcome::Filtered => {
+                        self.counters.rx_filtered = self.counters.rx_filtered.saturating_add(1);
+                        continue;
                     }
                     DirectOutcome::Short => {
                         rx.log.report(
@@ -453,6 +488,7 @@ impl Net {
                         }
                         self.rx_parked.give_back(&mut rx, &mut slices);
                         interest = BackendInterest::Pause;
+                        gone = true;
                         break;
                     }
                     DirectOutcome::Unusable => direct = false,
@@ -485,11 +521,19 @@ impl Net {
                     ReadOutcome::Idle => break,
                     ReadOutcome::Stop => {
                         interest = BackendInterest::Pause;
+                        gone = true;
                         break;
                     }
                 },
             };
             let frame = self.rx_buf.get(..len).unwrap_or_default();
+            if !self
+                .filter
+                .accepts(frame.get(VNET_HDR_LEN..).unwrap_or_default())
+            {
+                self.counters.rx_filtered = self.counters.rx_filtered.saturating_add(1);
+                continue;
+            }
             match rx.deliver(frame) {
                 Delivery::Delivered => {
                     let c = &mut self.counters;
@@ -519,6 +563,9 @@ impl Net {
             None if used_any => notify(active, RX, &mut self.log),
             None => {}
         }
+        if gone {
+            self.link_down();
+        }
         interest
     }
 }
@@ -529,11 +576,18 @@ fn features(offloads: bool) -> u64 {
         | (1 << VIRTIO_RING_F_EVENT_IDX)
         | (1 << VIRTIO_NET_F_MAC)
         | (1 << VIRTIO_NET_F_STATUS)
-        | (1 << VIRTIO_NET_F_MRG_RXBUF);
+        | (1 << VIRTIO_NET_F_MRG_RXBUF)
+        | (1 << VIRTIO_NET_F_CTRL_VQ)
+        | (1 << VIRTIO_NET_F_CTRL_RX)
+        | (1 << VIRTIO_NET_F_CTRL_RX_EXTRA)
+        | (1 << VIRTIO_NET_F_CTRL_VLAN)
+        | (1 << VIRTIO_NET_F_CTRL_MAC_ADDR)
+        | (1 << VIRTIO_NET_F_GUEST_ANNOUNCE);
     if offloads {
         for bit in OFFLOAD_FEATURES {
             f |= 1 << bit;
         }
+        f |= 1 << VIRTIO_NET_F_CTRL_GUEST_OFFLOADS;
     }
     f
 }
@@ -546,10 +600,11 @@ fn tun_offloads(acked: u64) -> u32 {
         .fold(0, |flags, (_, tun)| flags | tun)
 }
 
-/// Lays out `struct virtio_net_config`: the MAC and "link up".
-fn config_space(mac: [u8; 6]) -> [u8; CONFIG_SIZE] {
+/// Lays out `struct virtio_net_config`: the MAC, the status
+/// (`VIRTIO_NET_S_*`).
+fn config_space(mac: [u8; 6], status: u32) -> [u8; CONFIG_SIZE] {
     let mut c = [0u8; CONFIG_SIZE];
-    let status = u16::try_from(VIRTIO_NET_S_LINK_UP).unwrap_or(1);
+    let status = u16::try_from(status).unwrap_or(1);
     let mut put = |at: usize, bytes: &[u8]| {
         if let Some(dst) = c.get_mut(at..at + bytes.len()) {
             dst.copy_from_slice(bytes);
@@ -602,12 +657,17 @@ impl VirtioDevice for Net {
 
     fn activate(&mut self, ctx: ActivateContext) -> std::result::Result<(), ActivateError> {
         let got = ctx.queues.len();
-        let mut queues = ctx.queues.into_iter();
-        let (Some(mut rx), Some(mut tx), None) = (queues.next(), queues.next(), queues.next())
-        else {
-            return Err(ActivateError::QueueCount { expected: 2, got });
-        };
         let acked = ctx.acked_features & self.avail_features;
+        let want_ctrl = acked & (1 << VIRTIO_NET_F_CTRL_VQ) != 0;
+        let expected = if want_ctrl { 3 } else { 2 };
+        let mut queues = ctx.queues.into_iter();
+        let (Some(mut rx), Some(mut tx)) = (queues.next(), queues.next()) else {
+            return Err(ActivateError::QueueCount { expected, got });
+        };
+        let ctrl = queues.next();
+        if ctrl.is_some() != want_ctrl || queues.next().is_some() {
+            return Err(ActivateError::QueueCount { expected, got });
+        }
         let event_idx = acked & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         rx.set_event_idx(event_idx);
         tx.set_event_idx(event_idx);
@@ -621,11 +681,18 @@ impl VirtioDevice for Net {
         self.rx_pending = None;
         self.rx_parked.forget();
         self.rx_avg = 0;
+        self.filter.set_features(acked, 1);
+        let ctrl = ctrl.map(|mut q| {
+            q.set_event_idx(event_idx);
+            q
+        });
         self.active = Some(Active {
             mem: ctx.mem,
             interrupt: ctx.interrupt,
             rx,
             tx,
+            ctrl,
+            acked,
             mrg_rxbuf: acked & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
             guest_csum: acked & (1 << VIRTIO_NET_F_GUEST_CSUM) != 0,
         });
@@ -645,7 +712,9 @@ impl VirtioDevice for Net {
         let mut rx = a.rx.state();
         let parked = u16::try_from(self.rx_parked.chain_count()).unwrap_or(u16::MAX);
         rx.next_avail = rx.next_avail.wrapping_sub(parked);
-        vec![rx, a.tx.state()]
+        let mut states = vec![rx, a.tx.state()];
+        states.extend(a.ctrl.as_ref().map(Queue::state));
+        states
     }
 
     fn process_queue(&mut self, index: usize) {
@@ -654,6 +723,8 @@ impl VirtioDevice for Net {
             self.process_rx();
         } else if index == usize::from(TX) {
             self.process_tx();
+        } else if index == usize::from(CTRL) {
+            self.process_ctrl();
         }
     }
 
@@ -662,6 +733,9 @@ impl VirtioDevice for Net {
         self.rx_pending = None;
         self.rx_parked.forget();
         self.rx_avg = 0;
+        self.filter.reset(self.base_mac);
+        self.announcing = false;
+        self.refresh_config();
     }
 
     fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
@@ -711,10 +785,10 @@ fn complete(
 
 /// Interrupts the driver for queue `index` unless it asked not to be.
 fn notify(active: &mut Active, index: u16, log: &mut FaultLog) {
-    let queue = if index == RX {
-        &mut active.rx
-    } else {
-        &mut active.tx
+    let queue = match (index, active.ctrl.as_mut()) {
+        (RX, _) => &mut active.rx,
+        (CTRL, Some(ctrl)) => ctrl,
+        _ => &mut active.tx,
     };
     if !queue.needs_notification(&active.mem).unwrap_or(true) {
         return;
@@ -734,20 +808,5 @@ fn interrupt(active: &Active, index: u16, log: &mut FaultLog) {
 
 #[cfg(test)]
 mod tests;
-
-/// A RARP "reverse request" for `mac`, padded to Ethernet's 60 bytes: what
-/// QEMU sends to announce a migrated guest (RFC 903: hardware type 1,
-/// protocol IPv4, opcode 3, sender and target hardware address `mac`).
-pub fn rarp_announce(mac: [u8; 6]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(60);
-    f.extend_from_slice(&[0xff; 6]);
-    f.extend_from_slice(&mac);
-    f.extend_from_slice(&0x8035u16.to_be_bytes());
-    f.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 3]);
-    f.extend_from_slice(&mac);
-    f.extend_from_slice(&[0; 4]);
-    f.extend_from_slice(&mac);
-    f.extend_from_slice(&[0; 4]);
-    f.resize(60, 0);
-    f
-}
+#[cfg(test)]
+mod tests_ctrl;

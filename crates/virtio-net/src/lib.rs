@@ -26,6 +26,7 @@
 //!     tap: "tap0".to_string(),
 //!     mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
 //!     offloads: true,
+//!     vlan: None,
 //! })?;
 //! // The event loop watches this fd and calls `process_backend` when it is
 //! // readable.
@@ -64,7 +65,8 @@
 //! let mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 //! let net = Net::with_backend(Box::new(Sink), mac, false);
 //! assert_eq!(net.device_type(), VIRTIO_ID_NET);
-//! assert_eq!(net.queue_max_sizes(), &[256, 256]);
+//! // Receive, transmit, control.
+//! assert_eq!(net.queue_max_sizes(), &[256, 256, 64]);
 //!
 //! // The MAC is the first field of the config space.
 //! let mut config_mac = [0u8; 6];
@@ -75,9 +77,11 @@
 #![deny(unsafe_code)]
 
 pub mod backend;
+pub mod ctrl;
 pub mod device;
 pub mod state;
 pub mod tap;
+pub mod vlan;
 
 #[cfg(test)]
 mod test_utils;
@@ -85,9 +89,12 @@ mod test_utils;
 use std::io;
 
 pub use backend::NetBackend;
-pub use device::{Net, NetConfig, NetCounters, MAX_FRAME, QUEUE_SIZE, VNET_HDR_LEN};
+pub use device::{
+    Announced, Net, NetConfig, NetCounters, CTRL_QUEUE_SIZE, MAX_FRAME, QUEUE_SIZE, VNET_HDR_LEN,
+};
 pub use state::NetState;
 pub use tap::Tap;
+pub use vlan::VlanBackend;
 
 /// Why a tap could not be opened or set up.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +148,14 @@ pub enum Error {
         /// What the kernel said.
         #[source]
         source: io::Error,
+    },
+    /// A host-side VLAN id out of range.
+    #[error("VLAN id {vid} for tap {name} is out of range (1 to 4094)")]
+    Vlan {
+        /// The tap's name.
+        name: String,
+        /// The id given.
+        vid: u16,
     },
     /// The MAC address is a multicast or all-zero address.
     #[error("MAC address {} for tap {name} is not a unicast address", mac_string(.mac))]

@@ -182,7 +182,8 @@ impl<'a> TestQueue<'a> {
 /// An interrupt that counts its triggers per queue.
 #[derive(Debug, Default)]
 pub struct CountingInterrupt {
-    counts: [AtomicUsize; 2],
+    counts: [AtomicUsize; 3],
+    config: AtomicUsize,
 }
 
 impl CountingInterrupt {
@@ -190,14 +191,19 @@ impl CountingInterrupt {
     pub fn count(&self, index: usize) -> usize {
         self.counts[index].load(Ordering::SeqCst)
     }
+
+    /// How often the configuration-change interrupt was raised.
+    pub fn config_count(&self) -> usize {
+        self.config.load(Ordering::SeqCst)
+    }
 }
 
 impl VirtioInterrupt for CountingInterrupt {
     fn trigger(&self, kind: InterruptKind) -> io::Result<()> {
-        let InterruptKind::Queue(i) = kind else {
-            panic!("unexpected {kind:?}");
+        match kind {
+            InterruptKind::Queue(i) => self.counts[usize::from(i)].fetch_add(1, Ordering::SeqCst),
+            InterruptKind::Config => self.config.fetch_add(1, Ordering::SeqCst),
         };
-        self.counts[usize::from(i)].fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 }

@@ -36,6 +36,7 @@ pub mod legacy;
 pub mod loader;
 pub mod migration;
 pub mod net;
+pub mod net_ctrl;
 pub mod pci;
 pub mod qcow2;
 pub mod queue;
@@ -53,6 +54,7 @@ pub use legacy::legacy_ports;
 pub use loader::{loader_bzimage, loader_elf};
 pub use migration::migration_stream;
 pub use net::{virtio_net_rx, virtio_net_tx};
+pub use net_ctrl::virtio_net_ctrl;
 pub use pci::pci_config_space;
 pub use qcow2::qcow2_image;
 pub use queue::virtio_queue_chain;
@@ -71,6 +73,7 @@ pub const TARGETS: &[Target] = &[
     ("virtio_blk_chain", virtio_blk_chain),
     ("virtio_net_tx", virtio_net_tx),
     ("virtio_net_rx", virtio_net_rx),
+    ("virtio_net_ctrl", virtio_net_ctrl),
     ("virtio_queue_chain", virtio_queue_chain),
     ("virtio_pci_transport", virtio_pci_transport),
     ("pci_config_space", pci_config_space),

@@ -207,7 +207,9 @@ impl Rig {
     /// Activates the device as the transport would; false if the
     /// transport would not (a queue is invalid).
     fn activate(&mut self) -> bool {
-        let acked = negotiated(self.header.acked, self.net.avail_features());
+        // The control queue has its own target (`virtio_net_ctrl`).
+        let acked = negotiated(self.header.acked, self.net.avail_features())
+            & !(1 << virtio_bindings::virtio_net::VIRTIO_NET_F_CTRL_VQ);
         let event_idx = acked & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let (Some(rx), Some(tx)) = (
             self.header.rx.queue(QUEUE_SIZE, &self.mem, event_idx),

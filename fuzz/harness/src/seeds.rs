@@ -12,7 +12,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_MRG_RXBUF,
 };
 
 use crate::blk::{self, ChainDesc, DESC_INDIRECT, DESC_JUMP, DESC_WRITE};
@@ -715,11 +715,15 @@ fn transport_seeds() -> Vec<NamedSeed> {
 
     // virtio-net: setup with both queues, send a frame, receive one.
     let mut ops = Seed::new();
-    ops.u8(op::DRIVER_INIT).u64(VERSION_1 | MRG);
+    ops.u8(op::DRIVER_INIT)
+        .u64(VERSION_1 | MRG | (1 << VIRTIO_NET_F_CTRL_VQ));
     queue_setup(&mut ops, 16, DESC, AVAIL, USED);
     ops.u16(1);
     queue_setup(&mut ops, 16, TX_DESC, TX_AVAIL, TX_USED);
     ops.u16(2);
+    // The control queue (the driver always sets it up).
+    queue_setup(&mut ops, 16, 0x800, 0x900, 0xa00);
+    ops.u16(3);
     mmio_write(&mut ops, 3, 4, W2, 1);
     ops.u8(op::EVENT_LOOP);
     ops.u8(op::FRAME).u16(80).u8(0);
@@ -1116,6 +1120,7 @@ pub fn all() -> Vec<(&'static str, Vec<NamedSeed>)> {
         ("virtio_blk_chain", blk_chain_seeds()),
         ("virtio_net_tx", net_tx_seeds()),
         ("virtio_net_rx", net_rx_seeds()),
+        ("virtio_net_ctrl", crate::net_ctrl::seeds()),
         ("virtio_queue_chain", queue_seeds()),
         ("virtio_pci_transport", transport_seeds()),
         ("pci_config_space", pci_seeds()),

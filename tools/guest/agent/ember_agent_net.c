@@ -24,7 +24,27 @@
  *     send COUNT 1000-byte UDP datagrams (broadcast allowed) without
  *     waiting for anything
  *
- * They run in this order: net_addr, net_wait, net_pause, net_tcp, net_udp.
+ *   ember.net_mac=IFACE:AA:BB:CC:DD:EE:FF[,...]
+ *     change IFACE's MAC address while it is up (virtio-net sends the
+ *     control queue's MAC_ADDR_SET), reporting
+ *     EMBER-AGENT net_mac dev=IFACE mac=AA:BB:CC:DD:EE:FF ret=R
+ *   ember.net_vlan=IFACE:VID[,...]
+ *     add VID to IFACE's VLAN receive filter through the driver's
+ *     ndo_vlan_rx_add_vid (virtio-net: the control queue's VLAN_ADD; the
+ *     guest kernel needs no 8021q for it), reporting
+ *     EMBER-AGENT net_vlan dev=IFACE vid=VID ret=R
+ *   ember.net_channels=IFACE:N[,...]
+ *     what `ethtool -L IFACE combined N` does (virtio-net: the control
+ *     queue's MQ VQ_PAIRS_SET), reporting
+ *     EMBER-AGENT net_channels dev=IFACE combined=N ret=R real_rx=X real_tx=Y
+ *   ember.net_watch=SECONDS
+ *     print "EMBER-AGENT net_watch seconds=S", then for S seconds print
+ *     "EMBER-AGENT net_watch tcp_out_rsts=N tcp_passive_opens=P
+ *     tcp_in_segs=I" whenever one of the guest's TCP counters changes (the
+ *     host connects meanwhile: a reset the guest sent is the guest's)
+ *
+ * They run in this order: net_addr, net_mac, net_vlan, net_channels,
+ * net_wait, net_pause, net_tcp, net_udp, net_watch.
  *
  * The pattern, shared with the host-side tests (tests/common): the 64-bit
  * little-endian word k of a stream is splitmix64(seed + k).
@@ -44,7 +64,13 @@
 #include <linux/rtnetlink.h>
 #include <linux/if.h>
 #include <linux/delay.h>
+#include <linux/ethtool.h>
+#include <linux/if_ether.h>
+#include <linux/if_arp.h>
 #include <net/sock.h>
+#include <net/snmp.h>
+#include <net/ip.h>
+#include <net/tcp.h>
 
 #include "ember_agent_block.h"
 
@@ -61,6 +87,14 @@ static char *net_pause = "";
 module_param(net_pause, charp, 0444);
 static char *net_udp = "";
 module_param(net_udp, charp, 0444);
+static char *net_mac = "";
+module_param(net_mac, charp, 0444);
+static char *net_vlan = "";
+module_param(net_vlan, charp, 0444);
+static char *net_channels = "";
+module_param(net_channels, charp, 0444);
+static unsigned int net_watch;
+module_param(net_watch, uint, 0444);
 
 #define NET_CHUNK 16384
 
@@ -305,6 +339,125 @@ static void send_udp(const char *spec)
 	AGENT_LINE("net_udp peer=%u.%u.%u.%u:%u count=%u sent=%u", a, b, c, d, port, count, sent);
 }
 
+static void set_mac(const char *spec)
+{
+	char name[IFNAMSIZ];
+	unsigned int m[ETH_ALEN];
+	struct sockaddr sa = { .sa_family = ARPHRD_ETHER };
+	struct net_device *dev;
+	int i, ret;
+
+	ember_checks_run++;
+	if (sscanf(spec, "%15[^:]:%x:%x:%x:%x:%x:%x", name, &m[0], &m[1], &m[2], &m[3],
+		   &m[4], &m[5]) != 7) {
+		AGENT_LINE("net_mac spec=%s error=bad-spec", spec);
+		ember_checks_failed++;
+		return;
+	}
+	for (i = 0; i < ETH_ALEN; i++)
+		sa.sa_data[i] = (char)m[i];
+	dev = dev_get_by_name(&init_net, name);
+	if (!dev) {
+		ret = -ENODEV;
+	} else {
+		rtnl_lock();
+		ret = dev_set_mac_address(dev, &sa, NULL);
+		rtnl_unlock();
+		dev_put(dev);
+	}
+	AGENT_LINE("net_mac dev=%s mac=%02x:%02x:%02x:%02x:%02x:%02x ret=%d", name, m[0], m[1],
+		   m[2], m[3], m[4], m[5], ret);
+	if (ret)
+		ember_checks_failed++;
+}
+
+static void add_vlan(const char *spec)
+{
+	char name[IFNAMSIZ];
+	unsigned int vid;
+	struct net_device *dev;
+	int ret;
+
+	ember_checks_run++;
+	if (sscanf(spec, "%15[^:]:%u", name, &vid) != 2 || vid > 4095) {
+		AGENT_LINE("net_vlan spec=%s error=bad-spec", spec);
+		ember_checks_failed++;
+		return;
+	}
+	dev = dev_get_by_name(&init_net, name);
+	if (!dev) {
+		ret = -ENODEV;
+	} else {
+		rtnl_lock();
+		ret = dev->netdev_ops->ndo_vlan_rx_add_vid ?
+			dev->netdev_ops->ndo_vlan_rx_add_vid(dev, htons(ETH_P_8021Q), vid) :
+			-EOPNOTSUPP;
+		rtnl_unlock();
+		dev_put(dev);
+	}
+	AGENT_LINE("net_vlan dev=%s vid=%u ret=%d", name, vid, ret);
+	if (ret)
+		ember_checks_failed++;
+}
+
+static void set_channels(const char *spec)
+{
+	char name[IFNAMSIZ];
+	unsigned int n, real_rx = 0, real_tx = 0;
+	struct ethtool_channels ch = { .cmd = ETHTOOL_GCHANNELS };
+	struct net_device *dev;
+	int ret;
+
+	ember_checks_run++;
+	if (sscanf(spec, "%15[^:]:%u", name, &n) != 2 || n < 1 || n > 256) {
+		AGENT_LINE("net_channels spec=%s error=bad-spec", spec);
+		ember_checks_failed++;
+		return;
+	}
+	dev = dev_get_by_name(&init_net, name);
+	if (!dev) {
+		ret = -ENODEV;
+	} else {
+		rtnl_lock();
+		if (!dev->ethtool_ops->get_channels || !dev->ethtool_ops->set_channels) {
+			ret = -EOPNOTSUPP;
+		} else {
+			dev->ethtool_ops->get_channels(dev, &ch);
+			ch.cmd = ETHTOOL_SCHANNELS;
+			ch.combined_count = n;
+			ret = dev->ethtool_ops->set_channels(dev, &ch);
+		}
+		real_rx = dev->real_num_rx_queues;
+		real_tx = dev->real_num_tx_queues;
+		rtnl_unlock();
+		dev_put(dev);
+	}
+	AGENT_LINE("net_channels dev=%s combined=%u ret=%d real_rx=%u real_tx=%u", name, n, ret,
+		   real_rx, real_tx);
+	if (ret)
+		ember_checks_failed++;
+}
+
+static void watch_tcp(unsigned int secs)
+{
+	unsigned long rsts, opens, segs, last[3] = { ~0UL, ~0UL, ~0UL };
+	unsigned int i;
+
+	AGENT_LINE("net_watch seconds=%u", secs);
+	for (i = 0; i < secs * 5; i++) {
+		rsts = snmp_fold_field(init_net.mib.tcp_statistics, TCP_MIB_OUTRSTS);
+		opens = snmp_fold_field(init_net.mib.tcp_statistics, TCP_MIB_PASSIVEOPENS);
+		segs = snmp_fold_field(init_net.mib.tcp_statistics, TCP_MIB_INSEGS);
+		if (rsts != last[0] || opens != last[1] || segs != last[2])
+			AGENT_LINE("net_watch tcp_out_rsts=%lu tcp_passive_opens=%lu tcp_in_segs=%lu",
+				   rsts, opens, segs);
+		last[0] = rsts;
+		last[1] = opens;
+		last[2] = segs;
+		msleep(200);
+	}
+}
+
 static void each_item(const char *list, void (*fn)(const char *))
 {
 	char *copy, *cur, *item;
@@ -326,6 +479,9 @@ static void each_item(const char *list, void (*fn)(const char *))
 void __init ember_net_checks(void)
 {
 	each_item(net_addr, set_addr);
+	each_item(net_mac, set_mac);
+	each_item(net_vlan, add_vlan);
+	each_item(net_channels, set_channels);
 	if (net_wait) {
 		AGENT_LINE("net_wait seconds=%u", net_wait);
 		msleep(net_wait * 1000);
@@ -333,4 +489,6 @@ void __init ember_net_checks(void)
 	each_item(net_pause, pause_iface);
 	each_item(net_tcp, check_tcp);
 	each_item(net_udp, send_udp);
+	if (net_watch)
+		watch_tcp(net_watch);
 }

@@ -230,6 +230,7 @@ pub fn apply_net(cfg: &mut VmConfig, n: &NetworkInterface) -> Result<(), ConfigE
         mac: n.guest_mac.clone(),
         offloads: true,
         iface_id: Some(n.iface_id.clone()),
+        vlan: None,
     };
     let mut nets = cfg.net.clone();
     let index = nets

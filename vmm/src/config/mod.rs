@@ -172,6 +172,14 @@ pub enum ConfigError {
     /// A tap name Linux cannot have.
     #[error("net.tap = {0:?} is not a valid interface name (1 to 15 bytes, no '/' or spaces)")]
     TapName(String),
+    /// A host-side VLAN id out of range.
+    #[error("net.vlan = {vid} (tap {tap}) is out of range: a VLAN id is 1 to 4094")]
+    Vlan {
+        /// The NIC's tap.
+        tap: String,
+        /// The id given.
+        vid: u16,
+    },
     /// A MAC address that cannot be used.
     #[error("net.mac = {0:?} is not a unicast MAC address like 52:54:00:12:34:56")]
     Mac(String),

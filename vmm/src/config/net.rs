@@ -25,6 +25,10 @@ pub struct NetConfig {
     /// (its position) when absent.
     #[serde(default)]
     pub iface_id: Option<String>,
+    /// Host-side 802.1Q VLAN (1 to 4094): the guest's frames leave the tap
+    /// tagged with it, and only its frames reach the guest, untagged.
+    #[serde(default)]
+    pub vlan: Option<u16>,
 }
 
 fn default_true() -> bool {
@@ -46,13 +50,13 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 }
 
 impl NetConfig {
-    /// Parses `tap=NAME[,mac=MAC][,offloads=on|off]`.
+    /// Parses `tap=NAME[,mac=MAC][,offloads=on|off][,vlan=ID]`.
     pub fn parse_flag(s: &str) -> Result<Self, ConfigError> {
         let bad = |why: String| ConfigError::NetFlag {
             flag: s.to_string(),
             why,
         };
-        let (mut tap, mut mac, mut offloads) = (None, None, true);
+        let (mut tap, mut mac, mut offloads, mut vlan) = (None, None, true, None);
         for part in s.split(',') {
             let (k, v) = part
                 .split_once('=')
@@ -67,7 +71,12 @@ impl NetConfig {
                         _ => return Err(bad(format!("offloads must be on or off, not `{v}`"))),
                     }
                 }
-                _ => return Err(bad(format!("unknown key `{k}` (tap, mac, offloads)"))),
+                "vlan" => {
+                    vlan = Some(v.parse::<u16>().map_err(|_| {
+                        bad(format!("vlan must be a VLAN id (1 to 4094), not `{v}`"))
+                    })?);
+                }
+                _ => return Err(bad(format!("unknown key `{k}` (tap, mac, offloads, vlan)"))),
             }
         }
         let tap = tap.ok_or_else(|| bad("tap= is missing".to_string()))?;
@@ -76,6 +85,7 @@ impl NetConfig {
             mac,
             offloads,
             iface_id: None,
+            vlan,
         })
     }
 
@@ -93,6 +103,12 @@ impl NetConfig {
             || self.tap.contains(['/', ' ', '\0'])
         {
             return Err(ConfigError::TapName(self.tap.clone()));
+        }
+        if let Some(vid) = self.vlan.filter(|v| !(1..=4094).contains(v)) {
+            return Err(ConfigError::Vlan {
+                tap: self.tap.clone(),
+                vid,
+            });
         }
         match &self.mac {
             Some(m) => {
@@ -133,7 +149,14 @@ mod tests {
         assert_eq!(n.validate(0).unwrap(), [0x52, 0x54, 0, 0x12, 0x34, 0x56]);
         assert!(!n.offloads);
         assert!(NetConfig::parse_flag("tap=tap1").unwrap().offloads);
+        assert_eq!(
+            NetConfig::parse_flag("tap=tap1,vlan=100").unwrap().vlan,
+            Some(100)
+        );
         for bad in [
+            "tap=t,vlan=x",
+            "tap=t,vlan=-1",
+            "tap=t,vlan=70000",
             "",
             "mac=52:54:00:12:34:56",
             "tap=t,offloads=maybe",
@@ -151,6 +174,7 @@ mod tests {
             mac: mac.map(str::to_string),
             offloads: true,
             iface_id: None,
+            vlan: None,
         };
         assert!(matches!(
             n("", None).validate(0),
@@ -160,6 +184,16 @@ mod tests {
             n("a-very-long-tap-name", None).validate(0),
             Err(ConfigError::TapName(_))
         ));
+        for vid in [0, 4095, 9999] {
+            let mut c = n("tap0", None);
+            c.vlan = Some(vid);
+            let e = c.validate(0).unwrap_err();
+            assert!(matches!(e, ConfigError::Vlan { .. }), "{e}");
+            assert!(e.to_string().contains("1 to 4094"), "{e}");
+        }
+        let mut ok = n("tap0", None);
+        ok.vlan = Some(4094);
+        assert!(ok.validate(0).is_ok());
         for m in [
             "52:54:00:12:34",
             "52:54:00:12:34:56:78",
@@ -181,12 +215,14 @@ mod tests {
             mac: None,
             offloads: true,
             iface_id: None,
+            vlan: None,
         };
         let b = NetConfig {
             tap: "tap1".into(),
             mac: None,
             offloads: true,
             iface_id: None,
+            vlan: None,
         };
         assert_eq!(a.default_mac(0), a.default_mac(0));
         assert_ne!(a.default_mac(0), b.default_mac(0));

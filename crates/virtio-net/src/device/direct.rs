@@ -40,8 +40,9 @@ use vm_memory::{
 };
 
 use super::rx::RxQueue;
-use super::{MAX_CHAIN_DESCS, MAX_FRAME, NUM_BUFFERS_AT, VNET_HDR_LEN};
+use super::{FILTER_HEAD, MAX_CHAIN_DESCS, MAX_FRAME, NUM_BUFFERS_AT, VNET_HDR_LEN};
 use crate::backend::NetBackend;
+use crate::ctrl::RxFilter;
 
 /// The most guest buffers handed to one read (Linux's `UIO_MAXIOV`).
 pub(super) const MAX_IOVECS: usize = 1024;
@@ -300,6 +301,9 @@ pub(super) enum DirectOutcome {
     Pending(usize),
     /// The backend gave something shorter than a header: dropped.
     Short,
+    /// The receive filter dropped the frame (the parked chains stay
+    /// parked, the guest sees nothing of it).
+    Filtered,
     /// Interrupted: try again.
     Retry,
     /// Nothing to read now.
@@ -462,6 +466,7 @@ impl ParkedChains {
         slices: &mut PassSlices<'m>,
         backend: &mut dyn NetBackend,
         guest_csum: bool,
+        filter: &RxFilter,
         bounce: &mut [u8],
     ) -> DirectOutcome {
         let fill = self.fill(rx);
@@ -518,6 +523,16 @@ impl ParkedChains {
                 }
             }
         };
+        let mut head = [0u8; FILTER_HEAD];
+        if let Some(h) = head.get_mut(..n.min(FILTER_HEAD)) {
+            slices.copy_head(h);
+        }
+        if !filter.accepts(
+            head.get(VNET_HDR_LEN..n.min(FILTER_HEAD))
+                .unwrap_or_default(),
+        ) {
+            return DirectOutcome::Filtered;
+        }
         // How many chains the frame filled (each holds at least a header,
         // and the frame fits the parked capacity).
         let mut left = n;

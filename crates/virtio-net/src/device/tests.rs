@@ -14,6 +14,13 @@ const VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;
 const MRG: u64 = 1 << VIRTIO_NET_F_MRG_RXBUF;
 const EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
 const BASIC: u64 = VERSION_1 | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS);
+/// The control queue's features, offered with or without offloads.
+pub(super) const CTRL_FEATURES: u64 = (1 << VIRTIO_NET_F_CTRL_VQ)
+    | (1 << VIRTIO_NET_F_CTRL_RX)
+    | (1 << VIRTIO_NET_F_CTRL_RX_EXTRA)
+    | (1 << VIRTIO_NET_F_CTRL_VLAN)
+    | (1 << VIRTIO_NET_F_CTRL_MAC_ADDR)
+    | (1 << VIRTIO_NET_F_GUEST_ANNOUNCE);
 const KEEP: BackendInterest = BackendInterest::Keep;
 const PAUSE: BackendInterest = BackendInterest::Pause;
 
@@ -34,7 +41,8 @@ fn activate(
         mem: mem.clone(),
         interrupt: irq.clone(),
         queues: vec![rx.queue(), tx.queue()],
-        acked_features: acked,
+        // These tests have no control queue (tests_ctrl.rs has).
+        acked_features: acked & !(1 << VIRTIO_NET_F_CTRL_VQ),
     })
     .unwrap();
     irq
@@ -80,13 +88,17 @@ fn counters(rx: (u64, u64, u64), tx: (u64, u64, u64)) -> NetCounters {
         tx_packets: tx.0,
         tx_bytes: tx.1,
         tx_dropped: tx.2,
+        ..NetCounters::default()
     }
 }
 
 #[test]
 fn net_features_depend_on_offloads() {
     let (plain, _) = new_net(false);
-    assert_eq!(plain.avail_features(), BASIC | MRG | EVENT_IDX);
+    assert_eq!(
+        plain.avail_features(),
+        BASIC | MRG | EVENT_IDX | CTRL_FEATURES
+    );
     let (full, _) = new_net(true);
     let f = full.avail_features();
     assert_eq!(f & (BASIC | MRG | EVENT_IDX), BASIC | MRG | EVENT_IDX);
@@ -104,9 +116,13 @@ fn net_features_depend_on_offloads() {
     ] {
         assert_ne!(f & (1 << bit), 0, "bit {bit}");
     }
-    assert_eq!((f & !(BASIC | MRG | EVENT_IDX)).count_ones(), 10);
+    assert_ne!(f & (1 << VIRTIO_NET_F_CTRL_GUEST_OFFLOADS), 0);
+    assert_eq!(
+        (f & !(BASIC | MRG | EVENT_IDX | CTRL_FEATURES)).count_ones(),
+        11
+    );
     assert_eq!(full.device_type(), VIRTIO_ID_NET);
-    assert_eq!(full.queue_max_sizes(), &[256, 256]);
+    assert_eq!(full.queue_max_sizes(), &[256, 256, 64]);
     assert_eq!(full.backend_fd(), None);
 }
 
@@ -144,6 +160,7 @@ fn net_new_with_multicast_mac_is_refused() {
             tap: "tap0".to_string(),
             mac,
             offloads: false,
+            vlan: None,
         })
         .unwrap_err();
         assert!(matches!(err, Error::InvalidMac { .. }), "{err}");
