@@ -257,6 +257,17 @@ fn bad_net_flag_and_mac() {
     assert_clean_error(&run, &["net.mac", "01:02:03:04:05:06"]);
     let run = run_ember(&["--kernel", &k, "--net", "name=tap0"], b"", TIMEOUT);
     assert_clean_error(&run, &["--net", "name"]);
+    // Host-side VLAN ids: 1 to 4094, checked before any tap is opened.
+    for (vlan, words) in [
+        ("0", &["net.vlan = 0", "1 to 4094"][..]),
+        ("4095", &["net.vlan = 4095", "1 to 4094"][..]),
+        ("70000", &["vlan must be a VLAN id", "70000"][..]),
+        ("x", &["vlan must be a VLAN id", "`x`"][..]),
+    ] {
+        let flag = format!("tap=tap0,vlan={vlan}");
+        let run = run_ember(&["--kernel", &k, "--net", &flag], b"", TIMEOUT);
+        assert_clean_error(&run, words);
+    }
 }
 
 #[test]
