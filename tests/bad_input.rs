@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use ember_tests::{
-    assert_clean_error, guest_kernel_dir, kvm_available, run_ember, tiny_elf, TempDir,
+    assert_clean_error, guest_kernel_dir, kvm_available, run_ember, tiny_elf, HostLock, TempDir,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -357,6 +357,8 @@ fn bad_hugepages_the_host_does_not_have_reserve_nothing() {
     let dir = TempDir::new("huge");
     let k = good_kernel(&dir);
     let free_path = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
+    // No other test reserves or frees huge pages meanwhile.
+    let _lock = HostLock::take("hugepages");
     let free = || -> u64 {
         std::fs::read_to_string(free_path)
             .ok()

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use ember_tests::http::Api;
 use ember_tests::{
-    agent_all, guest_kernel_dir, kvm_available, proc_kib, spawn_ember, thread_cpus, TempDir,
+    agent_all, guest_kernel_dir, kvm_available, proc_kib, spawn_ember, thread_cpus, HostLock,
+    TempDir,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(600);
@@ -20,6 +21,7 @@ const TIMEOUT: Duration = Duration::from_secs(600);
 /// back when dropped.
 struct HugePages {
     before: u64,
+    _lock: HostLock,
 }
 
 const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
@@ -33,6 +35,7 @@ impl HugePages {
                 .parse()
                 .map_err(|e| format!("{e}"))
         };
+        let lock = HostLock::take("hugepages");
         let before = read()?;
         std::fs::write(NR_HUGEPAGES, (before + pages).to_string()).map_err(|e| e.to_string())?;
         let got = read()?;
@@ -43,7 +46,10 @@ impl HugePages {
                 before + pages
             ));
         }
-        Ok(HugePages { before })
+        Ok(HugePages {
+            before,
+            _lock: lock,
+        })
     }
 }
 
@@ -313,6 +319,7 @@ fn ksm_merges_four_mergeable_guests_and_leaves_an_unmergeable_one_alone() {
     }
     // ksmd waits until the guests are up, so the memory before merging is
     // measured; then it runs.
+    let _ksm_lock = HostLock::take("ksm");
     let ksm = Ksm::prepare().expect("cannot set KSM up");
     let kernel = guest_kernel_dir().join("vmlinux");
     let cmdline = "console=ttyS0 reboot=k panic=1 quiet ember.agent=on ember.sleep=600";
@@ -338,10 +345,14 @@ fn ksm_merges_four_mergeable_guests_and_leaves_an_unmergeable_one_alone() {
     let pids: Vec<i32> = vms.iter().map(|v| v.pid()).collect();
     let pss_before: f64 = pids.iter().map(|&p| pss_mib(p)).sum();
     let sharing_before = Ksm::read("pages_sharing");
+    let merged_before: Vec<u64> = pids.iter().map(|&p| ksm_pages(p)).collect();
     ksm.run().expect("cannot start ksmd");
     let t = std::time::Instant::now();
     // Until the four have merged at least 8 MiB each, or a minute passes.
-    while t.elapsed() < Duration::from_secs(60) && pids.iter().any(|&p| ksm_pages(p) < 2048) {
+    let rose = |p: i32, before: u64| ksm_pages(p) >= before + 2048;
+    while t.elapsed() < Duration::from_secs(60)
+        && !pids.iter().zip(&merged_before).all(|(&p, &b)| rose(p, b))
+    {
         std::thread::sleep(Duration::from_millis(500));
     }
     std::thread::sleep(Duration::from_secs(3));
@@ -356,17 +367,22 @@ fn ksm_merges_four_mergeable_guests_and_leaves_an_unmergeable_one_alone() {
     let runs: Vec<_> = vms.into_iter().map(|v| v.finish(TIMEOUT)).collect();
     let control = control.finish(TIMEOUT);
     control.check(up, "all five guests came up");
+    // Per process (/proc/PID/ksm_merging_pages), not host-wide: KSM's
+    // global pages_sharing also moves with every other process on the
+    // host that merges or unmerges meanwhile, and fell on a CI host while
+    // the four merged thousands of pages each.
     control.check(
-        merged.iter().all(|&m| m >= 2048),
-        &format!("each mergeable guest has pages merged: {merged:?} (pages)"),
+        merged
+            .iter()
+            .zip(&merged_before)
+            .all(|(&m, &b)| m >= b + 2048),
+        &format!(
+            "each mergeable guest merged 8 MiB or more: {merged_before:?} -> {merged:?} (pages)"
+        ),
     );
     control.check(
         control_merged == 0,
         "the mergeable=off guest has nothing merged",
-    );
-    control.check(
-        sharing_after > sharing_before,
-        &format!("pages_sharing rose: {sharing_before} -> {sharing_after}"),
     );
     control.check(
         pss_before - pss_after >= 16.0,
@@ -376,10 +392,9 @@ fn ksm_merges_four_mergeable_guests_and_leaves_an_unmergeable_one_alone() {
         r.check(r.code() == 143, "SIGTERM ended the guest");
     }
     eprintln!(
-        "KSM, 4 x 128 MiB guests: PSS {pss_before:.0} -> {pss_after:.0} MiB ({:.0} MiB saved, {:.0}%), pages_sharing +{} in {:.1} s; the unmergeable guest: PSS {control_pss:.0} MiB, 0 merged",
+        "KSM, 4 x 128 MiB guests: PSS {pss_before:.0} -> {pss_after:.0} MiB ({:.0} MiB saved, {:.0}%), host-wide pages_sharing {sharing_before} -> {sharing_after} in {:.1} s; the unmergeable guest: PSS {control_pss:.0} MiB, 0 merged",
         pss_before - pss_after,
         100.0 * (pss_before - pss_after) / pss_before.max(1.0),
-        sharing_after.saturating_sub(sharing_before),
         t.elapsed().as_secs_f64()
     );
 }

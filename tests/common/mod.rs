@@ -873,3 +873,31 @@ pub fn rootfs_image() -> PathBuf {
             .unwrap_or(""),
     )
 }
+
+/// An exclusive hold on a host-wide resource (the huge page pool, KSM's
+/// tunables) shared by tests that may run at once, in one test binary or
+/// in several (tools/test runs the guest tests two at a time across
+/// binaries): an advisory `flock` on `/tmp/ember-tests-NAME.lock`, let go
+/// when dropped (or when the test process dies).
+pub struct HostLock {
+    _file: std::fs::File,
+}
+
+impl HostLock {
+    /// Waits until no other test holds `name`.
+    pub fn take(name: &str) -> HostLock {
+        use std::os::fd::AsRawFd;
+        let path = format!("/tmp/ember-tests-{name}.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: flock on a descriptor this function owns; no memory is
+        // passed.
+        let ret = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(ret, 0, "flock {path}: {}", std::io::Error::last_os_error());
+        HostLock { _file: file }
+    }
+}
