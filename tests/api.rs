@@ -132,6 +132,36 @@ fn api_bad_input_gets_clear_errors_and_ember_keeps_serving() {
         Some(r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "01:00:5e:00:00:01"}"#),
         400,
     );
+    // Rate limits: a bucket without its refill time is refused; a good
+    // one is kept (GET /vm/config shows it); a PATCH needs a running VM.
+    api.call(
+        "PUT",
+        "/network-interfaces/eth0",
+        Some(r#"{"iface_id": "eth0", "host_dev_name": "tap0", "rx_rate_limiter": {"bandwidth": {"size": 1000}}}"#),
+        400,
+    );
+    api.call(
+        "PUT",
+        "/network-interfaces/eth0",
+        Some(r#"{"iface_id": "eth0", "host_dev_name": "tap0", "tx_rate_limiter": {"bandwidth": {"size": 1048576, "refill_time": 1000}, "ops": {"size": 100, "refill_time": 1000}}}"#),
+        204,
+    );
+    let cfg = api.call("GET", "/vm/config", None, 200).json();
+    assert_eq!(
+        cfg["network-interfaces"][0]["tx_rate_limiter"]["bandwidth"]["size"], 1048576,
+        "{cfg}"
+    );
+    assert_eq!(
+        cfg["network-interfaces"][0]["tx_rate_limiter"]["ops"]["size"],
+        100
+    );
+    let patched = api.call(
+        "PATCH",
+        "/network-interfaces/eth0",
+        Some(r#"{"iface_id": "eth0", "rx_rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}"#),
+        400,
+    );
+    assert!(patched.fault().contains("before starting"), "{patched:?}");
     // The balloon before boot: no device yet, then one, changed, read back;
     // a bad body changes nothing.
     api.call("GET", "/balloon", None, 400);

@@ -271,6 +271,102 @@ fn bad_net_flag_and_mac() {
 }
 
 #[test]
+fn bad_user_mode_nics() {
+    let dir = TempDir::new("usernet");
+    let k = good_kernel(&dir);
+    let net = |flag: &str| run_ember(&["--kernel", &k, "--net", flag], b"", TIMEOUT);
+    // Checked before anything starts.
+    for (flag, words) in [
+        (
+            "user,hostfwd=tcp:127.0.0.1:99999-:22",
+            &["hostfwd", "host port `99999` is not 1 to 65535"][..],
+        ),
+        (
+            "user,hostfwd=tcp::2222-10.0.2.15:22",
+            &["hostfwd", "a guest address (10.0.2.15) cannot be chosen"][..],
+        ),
+        (
+            "user,hostfwd=sctp::1-:2",
+            &["hostfwd", "the form is tcp:"][..],
+        ),
+        ("user,hostfwd=tcp:2222:22", &["hostfwd", "no `-`"][..]),
+        (
+            "user,hostfwd=tcp:localhost:2222-:22",
+            &["not an IPv4 address"][..],
+        ),
+        ("user,offloads=on", &["user-mode NIC has no offloads"][..]),
+        ("user,vlan=5", &["vlan= is for a NIC on a tap"][..]),
+        ("user,tap=tap0", &["either on a tap or user-mode"][..]),
+        (
+            "tap=tap0,hostfwd=tcp::1-:2",
+            &["hostfwd= is for a user-mode NIC"][..],
+        ),
+        (
+            "user,socket=/x.sock,hostfwd=tcp::1-:2",
+            &["hostfwd and socket do not go together"][..],
+        ),
+    ] {
+        assert_clean_error(&net(flag), words);
+    }
+    if !kvm_available("bad_user_mode_nics") {
+        return;
+    }
+    // No passt on the PATH.
+    let flag = "user".to_string();
+    let run = ember_tests::spawn_ember_env(
+        &["--kernel", &k, "--net", &flag],
+        &[("PATH", "/nonexistent")],
+    )
+    .finish(TIMEOUT);
+    assert_clean_error(
+        &run,
+        &["NIC 0 (user-mode)", "needs passt", "apt-get install passt"],
+    );
+    // Nobody listening on the socket given.
+    let run = net("user,socket=/nonexistent/passt.sock");
+    assert_clean_error(
+        &run,
+        &["cannot connect to passt at /nonexistent/passt.sock"],
+    );
+    if std::process::Command::new("passt")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        panic!("passt is not installed (apt-get install passt; tools/test installs it)");
+    }
+    // A forward to a host port that is taken: passt's own words.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let run = net(&format!("user,hostfwd=tcp:127.0.0.1:{port}-:22"));
+    assert_clean_error(
+        &run,
+        &["NIC 0 (user-mode)", "passt exited", "Failed to bind"],
+    );
+    drop(taken);
+    // passt started for NIC 0, then NIC 1 fails: ember exits with the
+    // tap's error and passt goes with it (the port is free again).
+    let run = run_ember(
+        &[
+            "--kernel",
+            &k,
+            "--net",
+            &format!("user,hostfwd=tcp:127.0.0.1:{port}-:22"),
+            "--net",
+            "tap=embernotap9",
+        ],
+        b"",
+        TIMEOUT,
+    );
+    assert_clean_error(&run, &["embernotap9"]);
+    let free = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+    });
+    assert!(free, "passt let go of port {port} when ember exited");
+}
+
+#[test]
 fn bad_numa_layouts_affinity_and_memory_backends() {
     let dir = TempDir::new("numa");
     let k = good_kernel(&dir);

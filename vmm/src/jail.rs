@@ -152,10 +152,20 @@ fn vm_inside(
         arg(&spec);
     }
     for (net, mac) in &cfg.nets {
-        flag_safe("tap name", &net.tap)?;
-        let mut spec = format!("tap={},mac={}", net.tap, mac_text(mac));
+        let Some(tap) = net.tap_name() else {
+            return Err(Error::JailConfig(
+                "a user-mode NIC cannot be jailed: passt is a program of the host's, \
+                 outside the jail; use a tap"
+                    .to_string(),
+            ));
+        };
+        flag_safe("tap name", tap)?;
+        let mut spec = format!("tap={tap},mac={}", mac_text(mac));
         if !net.offloads {
             spec.push_str(",offloads=off");
+        }
+        if let Some(vid) = net.vlan {
+            spec.push_str(&format!(",vlan={vid}"));
         }
         arg("--net");
         arg(&spec);

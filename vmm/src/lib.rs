@@ -42,6 +42,7 @@ pub mod memory;
 pub mod metrics;
 pub mod migration;
 pub mod nets;
+pub mod passt;
 pub mod pci;
 pub mod seccomp;
 pub mod signals;
@@ -138,6 +139,15 @@ pub enum Error {
         /// Why.
         #[source]
         source: ember_virtio_net::Error,
+    },
+    /// A user-mode NIC's passt cannot be started or reached.
+    #[error("NIC {index} (user-mode)")]
+    UserNet {
+        /// Which NIC, in config order.
+        index: usize,
+        /// Why.
+        #[source]
+        source: passt::PasstError,
     },
     /// The jail cannot be set up, or the jailed VM cannot start.
     #[error("jail")]
@@ -869,6 +879,20 @@ impl Vmm {
         let now = dev.device().rate_limit();
         log::info!("virtio-blk{index}: rate limit now {now}");
         Ok(now)
+    }
+
+    /// Changes NIC `index`'s receive and transmit limits live (a limit
+    /// left out is kept); the limits now in force.
+    pub fn patch_net_rate_limits(
+        &self,
+        index: usize,
+        rx: Option<&ember_rate_limiter::RateLimiterConfig>,
+        tx: Option<&ember_rate_limiter::RateLimiterConfig>,
+    ) -> Result<(
+        ember_rate_limiter::RateLimiterConfig,
+        ember_rate_limiter::RateLimiterConfig,
+    )> {
+        nets::patch_rate_limits(&self.nets, index, rx, tx)
     }
 
     /// Presses Ctrl-Alt-Del on the guest's keyboard (Linux reboots, or

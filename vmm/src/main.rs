@@ -358,8 +358,11 @@ struct VmArgs {
     /// disks (vda, vdb, ... in order); replaces the config file's disks.
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
-    /// A virtio-net NIC on an existing tap: `tap=NAME[,mac=MAC][,offloads=off]`.
-    /// Repeat for more (eth0, eth1, ...); replaces the config file's NICs.
+    /// A virtio-net NIC on an existing tap:
+    /// `tap=NAME[,mac=MAC][,offloads=off][,vlan=ID]`, or on user-mode
+    /// networking (passt): `user[,hostfwd=tcp:[ADDR]:PORT-:PORT]...
+    /// [,socket=PATH][,mac=MAC]`. Repeat for more (eth0, eth1, ...);
+    /// replaces the config file's NICs.
     #[arg(long, value_name = "SPEC")]
     net: Vec<String>,
     /// Seccomp filters: on (a forbidden syscall kills ember after one line

@@ -309,7 +309,12 @@ pub fn config_for(state: &VmState, load: &LoadParams) -> Result<ValidConfig> {
             .ok_or_else(|| {
                 Error::Restore(format!("no network interface {id:?} in the snapshot"))
             })?;
-        n.0.tap.clone_from(tap);
+        if n.0.user.is_some() {
+            return Err(Error::Restore(format!(
+                "network interface {id:?} is user-mode: it has no tap to override"
+            )));
+        }
+        n.0.tap = Some(tap.clone());
     }
     if state.vcpus.len() != usize::from(state.machine.vcpus) || state.vcpus.is_empty() {
         return Err(Error::Restore(format!(

@@ -15,7 +15,7 @@ use std::mem::{offset_of, size_of};
 use std::sync::Arc;
 
 use ember_memory::GuestMemoryMmap;
-use ember_virtio::queue::{ChainReader, UsedRing};
+use ember_virtio::queue::{ChainReader, Flow, UsedRing};
 use ember_virtio::{
     ActivateContext, ActivateError, BackendInterest, InterruptKind, VirtioDevice, VirtioInterrupt,
 };
@@ -42,6 +42,8 @@ use crate::{Error, Result};
 
 mod control;
 mod direct;
+mod fault;
+mod limits;
 mod rx;
 mod status;
 mod tx;
@@ -49,6 +51,7 @@ mod tx;
 pub use status::rarp_announce;
 
 use direct::{DirectOutcome, ParkedChains, PassSlices};
+use fault::{Fault, FaultLog};
 
 use rx::{has_available, read_frame, Delivery, ReadOutcome, RxQueue};
 use tx::{gather, send};
@@ -183,51 +186,6 @@ pub struct NetCounters {
     pub ctrl_err: u64,
 }
 
-/// Guest and host faults, each logged at warn level once and at debug
-/// level after that, so a misbehaving guest cannot flood the log.
-#[derive(Clone, Copy, Debug)]
-enum Fault {
-    TxChain,
-    TxBackend,
-    RxChain,
-    RxTooBig,
-    RxShort,
-    RxBackend,
-    UsedRing,
-    Interrupt,
-    Offload,
-    Ctrl,
-    Link,
-}
-
-/// Logs faults, naming the device.
-#[derive(Debug)]
-struct FaultLog {
-    name: String,
-    seen: [bool; 11],
-}
-
-impl FaultLog {
-    fn new(name: &str) -> Self {
-        FaultLog {
-            name: name.to_string(),
-            seen: [false; 11],
-        }
-    }
-
-    fn report(&mut self, fault: Fault, what: fmt::Arguments<'_>) {
-        let first = self
-            .seen
-            .get_mut(fault as usize)
-            .is_some_and(|seen| !std::mem::replace(seen, true));
-        if first {
-            warn!("virtio-net {}: {what} (more at debug level)", self.name);
-        } else {
-            debug!("virtio-net {}: {what}", self.name);
-        }
-    }
-}
-
 /// What the device holds while activated.
 struct Active {
     mem: GuestMemoryMmap,
@@ -272,6 +230,9 @@ pub struct Net {
     /// which picks the receive path.
     rx_avg: usize,
     active: Option<Active>,
+    /// The rate limiters and the epoll the event loop watches (none if
+    /// it could not be made: no limits then, the backend's fd watched).
+    limits: Option<limits::Limits>,
     counters: NetCounters,
     log: FaultLog,
 }
@@ -335,6 +296,13 @@ impl Net {
     /// `offloads`, checksum and segmentation offloads are offered in both
     /// directions.
     pub fn with_backend(backend: Box<dyn NetBackend>, mac: [u8; 6], offloads: bool) -> Net {
+        let limits = match limits::Limits::new(backend.raw_fd()) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!("virtio-net: no rate limits (their timers or epoll cannot be made: {e})");
+                None
+            }
+        };
         Net {
             backend,
             avail_features: features(offloads),
@@ -350,6 +318,7 @@ impl Net {
             rx_parked: ParkedChains::default(),
             rx_avg: 0,
             active: None,
+            limits,
             counters: NetCounters::default(),
             log: FaultLog::new("(custom backend)"),
         }
@@ -367,6 +336,11 @@ impl Net {
         &self.log.name
     }
 
+    /// Names the device in its log lines (a custom backend's NIC).
+    pub fn set_name(&mut self, name: &str) {
+        name.clone_into(&mut self.log.name);
+    }
+
     /// Sends every available transmit chain to the backend.
     fn process_tx(&mut self) {
         let Some(active) = self.active.as_mut() else {
@@ -376,10 +350,20 @@ impl Net {
         let mut frame = Vec::new();
         let mem = &active.mem;
         let (backend, counters, log) = (&mut *self.backend, &mut self.counters, &mut self.log);
-        let drained = ember_virtio::queue::drain(&mut active.tx, mem, |queue, chain| {
+        let mut limiter = self.limits.as_mut().map(|l| &mut l.tx);
+        let drained = ember_virtio::queue::drain_while(&mut active.tx, mem, |queue, chain| {
             let head = chain.head_index();
             match gather(chain, mem, &mut frame) {
-                Ok(len) => send(backend, &frame, len, counters, log),
+                Ok(len) => {
+                    // Over the limit: the chain goes back until the
+                    // limiter's timer fires.
+                    if let Some(l) = limiter.as_deref_mut() {
+                        if !limits::admit(l, payload_len(len)) {
+                            return Flow::PutBack;
+                        }
+                    }
+                    send(backend, &frame, len, counters, log);
+                }
                 Err(e) => {
                     counters.tx_dropped = counters.tx_dropped.saturating_add(1);
                     log.report(
@@ -389,6 +373,7 @@ impl Net {
                 }
             }
             used_any |= complete(queue, mem, head, 0, log);
+            Flow::Continue
         });
         if let Err(e) = drained {
             self.log.report(
@@ -423,7 +408,10 @@ impl Net {
         let mut interest = BackendInterest::Keep;
         // The direct path (straight into guest buffers) until it cannot be
         // used; then the copying path for the rest of this pass.
-        let mut direct = self.rx_pending.is_none() && self.rx_avg >= DIRECT_MIN_AVG;
+        // A receive limit needs each frame's length before it reaches the
+        // guest: frames are copied then.
+        let limited = self.limits.as_ref().is_some_and(limits::Limits::rx_limited);
+        let mut direct = self.rx_pending.is_none() && self.rx_avg >= DIRECT_MIN_AVG && !limited;
         let mut slices = PassSlices::default();
         if !direct {
             // The copying path takes chains in queue order from the first
@@ -534,13 +522,22 @@ impl Net {
                 self.counters.rx_filtered = self.counters.rx_filtered.saturating_add(1);
                 continue;
             }
+            // Over the receive limit: the frame waits in the device and the
+            // backend is left alone until the limiter's timer fires.
+            if let Some(l) = self.limits.as_mut().filter(|_| limited) {
+                if !limits::admit(&mut l.rx, payload_len(len)) {
+                    self.rx_pending = Some(len);
+                    interest = BackendInterest::Pause;
+                    break;
+                }
+            }
             match rx.deliver(frame) {
                 Delivery::Delivered => {
                     let c = &mut self.counters;
                     c.rx_packets = c.rx_packets.saturating_add(1);
                     c.rx_bytes = c.rx_bytes.saturating_add(payload_len(len));
                     self.rx_avg = average(self.rx_avg, len);
-                    direct = self.rx_avg >= DIRECT_MIN_AVG;
+                    direct = self.rx_avg >= DIRECT_MIN_AVG && !limited;
                 }
                 Delivery::Dropped => {
                     self.counters.rx_dropped = self.counters.rx_dropped.saturating_add(1);
@@ -696,6 +693,9 @@ impl VirtioDevice for Net {
             mrg_rxbuf: acked & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
             guest_csum: acked & (1 << VIRTIO_NET_F_GUEST_CSUM) != 0,
         });
+        // The backend is watched again at the first receive pass (the
+        // driver's first receive notification, on the event loop: this
+        // runs on a vCPU thread, whose seccomp filter has no epoll_ctl).
         Ok(())
     }
 
@@ -720,7 +720,7 @@ impl VirtioDevice for Net {
     fn process_queue(&mut self, index: usize) {
         if index == usize::from(RX) {
             // New receive buffers: deliver the waiting frame and read on.
-            self.process_rx();
+            self.rx_pass();
         } else if index == usize::from(TX) {
             self.process_tx();
         } else if index == usize::from(CTRL) {
@@ -739,11 +739,31 @@ impl VirtioDevice for Net {
     }
 
     fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
-        self.backend.raw_fd()
+        match &self.limits {
+            Some(l) => Some(l.fd()),
+            None => self.backend.raw_fd(),
+        }
     }
 
     fn process_backend(&mut self) -> BackendInterest {
-        self.process_rx()
+        let Some(l) = self.limits.as_mut() else {
+            return self.process_rx();
+        };
+        let ready = l.ready();
+        // A backend without a descriptor is read whenever the loop asks.
+        if !l.has_backend_fd() {
+            if ready.tx_timer {
+                self.process_tx();
+            }
+            return self.process_rx();
+        }
+        if ready.tx_timer {
+            self.process_tx();
+        }
+        if ready.backend || ready.rx_timer {
+            self.rx_pass();
+        }
+        BackendInterest::Keep
     }
 }
 
@@ -810,3 +830,5 @@ fn interrupt(active: &Active, index: u16, log: &mut FaultLog) {
 mod tests;
 #[cfg(test)]
 mod tests_ctrl;
+#[cfg(test)]
+mod tests_limits;

@@ -6,6 +6,10 @@
 //! - [`tap`] holds [`Tap`], a Linux tap interface opened through
 //!   `/dev/net/tun` with `IFF_VNET_HDR`; the crate's only `unsafe` (the
 //!   ioctls) lives there.
+//! - [`stream`] holds [`StreamBackend`], frames over a stream socket in
+//!   QEMU's `-netdev stream` framing (passt's user-mode networking): no
+//!   virtio-net header, so no offloads.
+//! - [`vlan`] holds [`VlanBackend`], host-side 802.1Q over another backend.
 //! - [`device`] holds [`Net`], an [`ember_virtio::VirtioDevice`] with a
 //!   receive queue (0) and a transmit queue (1), mergeable receive buffers
 //!   and, when asked for, checksum and segmentation offloads.
@@ -80,6 +84,7 @@ pub mod backend;
 pub mod ctrl;
 pub mod device;
 pub mod state;
+pub mod stream;
 pub mod tap;
 pub mod vlan;
 
@@ -93,12 +98,16 @@ pub use device::{
     Announced, Net, NetConfig, NetCounters, CTRL_QUEUE_SIZE, MAX_FRAME, QUEUE_SIZE, VNET_HDR_LEN,
 };
 pub use state::NetState;
+pub use stream::StreamBackend;
 pub use tap::Tap;
 pub use vlan::VlanBackend;
 
 /// Why a tap could not be opened or set up.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The rate limits cannot be changed.
+    #[error("rate limiter: {0}")]
+    RateLimiter(String),
     /// A saved state does not fit the rebuilt device.
     #[error("saved state does not match: {0}")]
     StateMismatch(String),

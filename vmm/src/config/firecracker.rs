@@ -219,18 +219,23 @@ pub fn apply_net(cfg: &mut VmConfig, n: &NetworkInterface) -> Result<(), ConfigE
             "the guest's MTU is set inside the guest",
         ));
     }
-    if n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some() {
-        return Err(unsupported(
-            "network-interfaces rate limiters",
-            "no NIC rate limits",
-        ));
-    }
     let net = NetConfig {
-        tap: n.host_dev_name.clone(),
+        tap: Some(n.host_dev_name.clone()),
+        user: None,
         mac: n.guest_mac.clone(),
         offloads: true,
         iface_id: Some(n.iface_id.clone()),
         vlan: None,
+        rx_rate_limiter: n
+            .rx_rate_limiter
+            .as_ref()
+            .map(limiter_from_api)
+            .filter(|l| !l.is_unlimited()),
+        tx_rate_limiter: n
+            .tx_rate_limiter
+            .as_ref()
+            .map(limiter_from_api)
+            .filter(|l| !l.is_unlimited()),
     };
     let mut nets = cfg.net.clone();
     let index = nets
@@ -244,7 +249,7 @@ pub fn apply_net(cfg: &mut VmConfig, n: &NetworkInterface) -> Result<(), ConfigE
         .enumerate()
         .any(|(i, o)| i != index && o.tap == net.tap)
     {
-        return Err(ConfigError::DuplicateTap(net.tap));
+        return Err(ConfigError::DuplicateTap(n.host_dev_name.clone()));
     }
     if index == nets.len() {
         nets.push(net);
@@ -297,20 +302,30 @@ pub fn to_api(cfg: &VmConfig) -> FullVmConfiguration {
             .collect(),
         machine_config: Some(machine_to_api(&cfg.machine)),
         cpu_config: cfg.machine.cpu_template.as_ref().map(template_to_api),
+        // Firecracker's schema has no user-mode NIC: only the taps show.
         network_interfaces: cfg
             .net
             .iter()
             .enumerate()
-            .map(|(i, n)| NetworkInterface {
+            .filter_map(|(i, n)| n.tap_name().map(|tap| (i, n, tap)))
+            .map(|(i, n, tap)| NetworkInterface {
                 iface_id: n.iface_id(i),
-                host_dev_name: n.tap.clone(),
+                host_dev_name: tap.to_string(),
                 guest_mac: Some(
                     n.validate(i)
                         .map(mac_text)
                         .unwrap_or_else(|_| n.mac.clone().unwrap_or_default()),
                 ),
-                rx_rate_limiter: None,
-                tx_rate_limiter: None,
+                rx_rate_limiter: n
+                    .rx_rate_limiter
+                    .as_ref()
+                    .filter(|l| !l.is_unlimited())
+                    .map(limiter_to_api),
+                tx_rate_limiter: n
+                    .tx_rate_limiter
+                    .as_ref()
+                    .filter(|l| !l.is_unlimited())
+                    .map(limiter_to_api),
                 ..Default::default()
             })
             .collect(),

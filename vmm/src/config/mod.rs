@@ -183,6 +183,14 @@ pub enum ConfigError {
     /// A MAC address that cannot be used.
     #[error("net.mac = {0:?} is not a unicast MAC address like 52:54:00:12:34:56")]
     Mac(String),
+    /// A user-mode NIC's options do not hold together.
+    #[error("net {index} (user-mode): {why}")]
+    UserNet {
+        /// The NIC's position.
+        index: usize,
+        /// What is wrong.
+        why: String,
+    },
     /// The same tap is given twice.
     #[error("net.tap = {0}: the same tap is configured twice")]
     DuplicateTap(String),
@@ -413,10 +421,17 @@ impl VmConfig {
         let mut nets = Vec::with_capacity(self.net.len());
         for (i, n) in self.net.iter().enumerate() {
             let mac = n.validate(i)?;
-            if self.net[..i].iter().any(|o| o.tap == n.tap) {
-                return Err(ConfigError::DuplicateTap(n.tap.clone()));
+            if let Some(tap) = n.tap_name() {
+                if self.net[..i].iter().any(|o| o.tap_name() == Some(tap)) {
+                    return Err(ConfigError::DuplicateTap(tap.to_string()));
+                }
             }
-            nets.push((n.clone(), mac));
+            let mut n = n.clone();
+            // passt's frames carry no virtio-net header.
+            if n.user.is_some() {
+                n.offloads = false;
+            }
+            nets.push((n, mac));
         }
         check_unique_ids(
             "drive",

@@ -1,5 +1,10 @@
-//! `[[net]]`: virtio-net NICs on taps, and the `--net` flag.
+//! `[[net]]`: virtio-net NICs on taps or on user-mode networking (passt),
+//! and the `--net` flag.
 
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use ember_rate_limiter::{BucketConfig, RateLimiterConfig};
 use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
@@ -13,12 +18,18 @@ pub const MAX_TAP_NAME: usize = 15;
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
-    /// An existing tap interface.
-    pub tap: String,
+    /// An existing tap interface (a tap NIC); exactly one of `tap` and
+    /// `user` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    /// User-mode networking through passt (no tap, no root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<UserNet>,
     /// The guest's MAC address, `aa:bb:cc:dd:ee:ff`; derived from the tap
     /// name and the NIC's position when absent.
     pub mac: Option<String>,
-    /// Offer checksum and segmentation offloads (TSO, UFO) to the guest.
+    /// Offer checksum and segmentation offloads (TSO, UFO) to the guest
+    /// (a tap NIC's; a user-mode NIC has none, whatever this says).
     #[serde(default = "default_true")]
     pub offloads: bool,
     /// The API's name for the NIC (Firecracker's `iface_id`); `net<N>`
@@ -29,10 +40,128 @@ pub struct NetConfig {
     /// tagged with it, and only its frames reach the guest, untagged.
     #[serde(default)]
     pub vlan: Option<u16>,
+    /// What the guest receives: Firecracker's token buckets (bytes, frames).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// What the guest sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 fn default_true() -> bool {
     true
+}
+
+/// A user-mode NIC: passt gives the guest DHCP, DNS and NAT to the host's
+/// network, and forwards host ports to it.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UserNet {
+    /// Host ports forwarded to the guest, in QEMU's syntax:
+    /// `tcp:[HOSTADDR]:HOSTPORT-:GUESTPORT` (or `udp:`).
+    #[serde(default)]
+    pub hostfwd: Vec<String>,
+    /// A passt already listening on this Unix socket (`passt -s PATH`),
+    /// instead of one ember starts.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+}
+
+/// What a NIC is attached to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetKind<'a> {
+    /// An existing tap.
+    Tap(&'a str),
+    /// User-mode networking.
+    User(&'a UserNet),
+}
+
+/// A forwarding protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    /// TCP (passt's `-t`).
+    Tcp,
+    /// UDP (passt's `-u`).
+    Udp,
+}
+
+/// One `hostfwd=`: a host port forwarded to a guest port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostFwd {
+    /// TCP or UDP.
+    pub proto: Proto,
+    /// The host address to listen on; every address when absent.
+    pub host_addr: Option<Ipv4Addr>,
+    /// The host port.
+    pub host_port: u16,
+    /// The guest port.
+    pub guest_port: u16,
+}
+
+impl HostFwd {
+    /// Parses QEMU's `tcp:[HOSTADDR]:HOSTPORT-[GUESTADDR]:GUESTPORT`; the
+    /// guest address must be empty (passt forwards to the guest's one
+    /// address).
+    pub fn parse(s: &str) -> Result<HostFwd, String> {
+        let form = "the form is tcp:[HOSTADDR]:HOSTPORT-:GUESTPORT (or udp:)";
+        let (proto, rest) = match s.split_once(':') {
+            Some(("tcp", rest)) => (Proto::Tcp, rest),
+            Some(("udp", rest)) => (Proto::Udp, rest),
+            Some(("", rest)) => (Proto::Tcp, rest),
+            _ => return Err(format!("hostfwd `{s}`: {form}")),
+        };
+        let (host, guest) = rest
+            .split_once('-')
+            .ok_or_else(|| format!("hostfwd `{s}`: no `-` between host and guest; {form}"))?;
+        let port = |p: &str, side: &str| -> Result<u16, String> {
+            p.parse::<u16>()
+                .ok()
+                .filter(|&n| n != 0)
+                .ok_or_else(|| format!("hostfwd `{s}`: {side} port `{p}` is not 1 to 65535"))
+        };
+        let (haddr, hport) = host
+            .rsplit_once(':')
+            .ok_or_else(|| format!("hostfwd `{s}`: {form}"))?;
+        let host_addr = match haddr {
+            "" => None,
+            a => Some(a.parse::<Ipv4Addr>().map_err(|_| {
+                format!("hostfwd `{s}`: host address `{a}` is not an IPv4 address")
+            })?),
+        };
+        let (gaddr, gport) = guest.rsplit_once(':').unwrap_or(("", guest));
+        if !gaddr.is_empty() {
+            return Err(format!(
+                "hostfwd `{s}`: a guest address ({gaddr}) cannot be chosen: passt forwards \
+                 to the guest's one address; leave it empty (`-:{gport}`)"
+            ));
+        }
+        Ok(HostFwd {
+            proto,
+            host_addr,
+            host_port: port(hport, "host")?,
+            guest_port: port(gport, "guest")?,
+        })
+    }
+
+    /// passt's option and its value: `-t 127.0.0.1/2222:22`.
+    pub fn passt_args(&self) -> [String; 2] {
+        let flag = match self.proto {
+            Proto::Tcp => "-t",
+            Proto::Udp => "-u",
+        };
+        let spec = match self.host_addr {
+            Some(a) => format!("{a}/{}:{}", self.host_port, self.guest_port),
+            None => format!("{}:{}", self.host_port, self.guest_port),
+        };
+        [flag.to_string(), spec]
+    }
+}
+
+impl UserNet {
+    /// The forwards, parsed.
+    pub fn forwards(&self) -> Result<Vec<HostFwd>, String> {
+        self.hostfwd.iter().map(|h| HostFwd::parse(h)).collect()
+    }
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -50,19 +179,55 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 }
 
 impl NetConfig {
-    /// Parses `tap=NAME[,mac=MAC][,offloads=on|off][,vlan=ID]`.
+    /// Parses `tap=NAME[,mac=MAC][,offloads=on|off][,vlan=ID]` or
+    /// `user[,hostfwd=tcp:[ADDR]:PORT-:PORT]...[,socket=PATH][,mac=MAC]`,
+    /// either with `[,rx_bw=SIZE/TIME[+BURST]][,rx_ops=...][,tx_bw=...]
+    /// [,tx_ops=...]` (bytes and frames the guest receives and sends).
     pub fn parse_flag(s: &str) -> Result<Self, ConfigError> {
         let bad = |why: String| ConfigError::NetFlag {
             flag: s.to_string(),
             why,
         };
         let (mut tap, mut mac, mut offloads, mut vlan) = (None, None, true, None);
-        for part in s.split(',') {
+        let mut user: Option<UserNet> = None;
+        let (mut rx_limit, mut tx_limit): (Option<RateLimiterConfig>, Option<RateLimiterConfig>) =
+            (None, None);
+        for (i, part) in s.split(',').enumerate() {
+            if i == 0 && part == "user" {
+                user = Some(UserNet::default());
+                continue;
+            }
             let (k, v) = part
                 .split_once('=')
                 .ok_or_else(|| bad(format!("`{part}` is not key=value")))?;
+            let user_only = |what: &str| {
+                bad(format!(
+                    "{what}= is for a user-mode NIC (`--net user,{what}=...`)"
+                ))
+            };
             match k {
+                "hostfwd" => user
+                    .as_mut()
+                    .ok_or_else(|| user_only("hostfwd"))?
+                    .hostfwd
+                    .push(v.to_string()),
+                "socket" => {
+                    user.as_mut().ok_or_else(|| user_only("socket"))?.socket = Some(v.into());
+                }
                 "tap" => tap = Some(v.to_string()),
+                "rx_bw" | "rx_ops" | "tx_bw" | "tx_ops" => {
+                    let bucket: BucketConfig = v.parse().map_err(|e| bad(format!("{k}: {e}")))?;
+                    let limiter = if k.starts_with("rx") {
+                        rx_limit.get_or_insert_with(Default::default)
+                    } else {
+                        tx_limit.get_or_insert_with(Default::default)
+                    };
+                    if k.ends_with("ops") {
+                        limiter.ops = Some(bucket);
+                    } else {
+                        limiter.bandwidth = Some(bucket);
+                    }
+                }
                 "mac" => mac = Some(v.to_string()),
                 "offloads" => {
                     offloads = match v {
@@ -76,17 +241,68 @@ impl NetConfig {
                         bad(format!("vlan must be a VLAN id (1 to 4094), not `{v}`"))
                     })?);
                 }
-                _ => return Err(bad(format!("unknown key `{k}` (tap, mac, offloads, vlan)"))),
+                _ => {
+                    return Err(bad(format!(
+                        "unknown key `{k}` (tap, mac, offloads, vlan, rx_bw, rx_ops, tx_bw, \
+                         tx_ops; user, hostfwd, socket)"
+                    )))
+                }
             }
         }
-        let tap = tap.ok_or_else(|| bad("tap= is missing".to_string()))?;
+        match (&tap, &user) {
+            (None, None) => return Err(bad("tap= or user is missing".to_string())),
+            (Some(_), Some(_)) => {
+                return Err(bad(
+                    "a NIC is either on a tap or user-mode, not both".to_string()
+                ))
+            }
+            _ => {}
+        }
+        if user.is_some() {
+            if s.split(',').any(|p| p.starts_with("offloads=")) && offloads {
+                return Err(bad(
+                    "a user-mode NIC has no offloads: passt's frames carry no virtio-net header"
+                        .to_string(),
+                ));
+            }
+            offloads = false;
+        }
         Ok(NetConfig {
             tap,
+            user,
             mac,
             offloads,
             iface_id: None,
             vlan,
+            rx_rate_limiter: rx_limit,
+            tx_rate_limiter: tx_limit,
         })
+    }
+
+    /// What the NIC is attached to (after [`NetConfig::validate`]: exactly
+    /// one of a tap and user-mode networking).
+    pub fn kind(&self) -> NetKind<'_> {
+        match (&self.tap, &self.user) {
+            (Some(t), _) => NetKind::Tap(t),
+            (None, Some(u)) => NetKind::User(u),
+            (None, None) => NetKind::Tap(""),
+        }
+    }
+
+    /// The NIC's tap, if it has one.
+    pub fn tap_name(&self) -> Option<&str> {
+        self.tap.as_deref()
+    }
+
+    /// A name for messages: the tap's, or `user` (with its socket).
+    pub fn label(&self) -> String {
+        match self.kind() {
+            NetKind::Tap(t) => t.to_string(),
+            NetKind::User(UserNet {
+                socket: Some(p), ..
+            }) => format!("user ({})", p.display()),
+            NetKind::User(_) => "user".to_string(),
+        }
     }
 
     /// The API's name for NIC `index`.
@@ -96,17 +312,41 @@ impl NetConfig {
             .unwrap_or_else(|| format!("net{index}"))
     }
 
-    /// Checks the tap name and MAC of NIC `index`, and returns the MAC to use.
+    /// Checks the tap name or user-mode options, the VLAN and the MAC of
+    /// NIC `index`, and returns the MAC to use.
     pub fn validate(&self, index: usize) -> Result<[u8; 6], ConfigError> {
-        if self.tap.is_empty()
-            || self.tap.len() > MAX_TAP_NAME
-            || self.tap.contains(['/', ' ', '\0'])
-        {
-            return Err(ConfigError::TapName(self.tap.clone()));
+        let user_net = |why: String| ConfigError::UserNet { index, why };
+        match (&self.tap, &self.user) {
+            (Some(tap), None) => {
+                if tap.is_empty() || tap.len() > MAX_TAP_NAME || tap.contains(['/', ' ', '\0']) {
+                    return Err(ConfigError::TapName(tap.clone()));
+                }
+            }
+            (None, Some(user)) => {
+                user.forwards().map_err(user_net)?;
+                if user.socket.is_some() && !user.hostfwd.is_empty() {
+                    return Err(user_net(
+                        "hostfwd and socket do not go together: a passt started by you \
+                         forwards the ports you gave it"
+                            .to_string(),
+                    ));
+                }
+                if self.vlan.is_some() {
+                    return Err(user_net(
+                        "vlan= is for a NIC on a tap (passt has no VLANs)".to_string(),
+                    ));
+                }
+            }
+            (None, None) => return Err(user_net("neither tap nor user is given".to_string())),
+            (Some(_), Some(_)) => {
+                return Err(user_net(
+                    "both tap and user are given: a NIC is one or the other".to_string(),
+                ))
+            }
         }
         if let Some(vid) = self.vlan.filter(|v| !(1..=4094).contains(v)) {
             return Err(ConfigError::Vlan {
-                tap: self.tap.clone(),
+                tap: self.label(),
                 vid,
             });
         }
@@ -122,12 +362,14 @@ impl NetConfig {
         }
     }
 
-    /// A stable, locally administered MAC derived from the tap name and
-    /// the NIC's position: 52:54:00 (locally administered) + 3 bytes of
-    /// FNV-1a.
+    /// A stable, locally administered MAC derived from the tap name (or
+    /// `user`) and the NIC's position: 52:54:00 (locally administered) + 3
+    /// bytes of FNV-1a.
     pub fn default_mac(&self, index: usize) -> [u8; 6] {
         let h = self
             .tap
+            .as_deref()
+            .unwrap_or("user")
             .bytes()
             .chain(index.to_le_bytes())
             .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
@@ -145,7 +387,7 @@ mod tests {
     #[test]
     fn net_flag_parses_and_rejects() {
         let n = NetConfig::parse_flag("tap=tap0,mac=52:54:00:12:34:56,offloads=off").unwrap();
-        assert_eq!(n.tap, "tap0");
+        assert_eq!(n.tap.as_deref(), Some("tap0"));
         assert_eq!(n.validate(0).unwrap(), [0x52, 0x54, 0, 0x12, 0x34, 0x56]);
         assert!(!n.offloads);
         assert!(NetConfig::parse_flag("tap=tap1").unwrap().offloads);
@@ -168,13 +410,89 @@ mod tests {
     }
 
     #[test]
+    fn net_flag_takes_rate_limits() {
+        let n = NetConfig::parse_flag("tap=tap0,rx_bw=10M/1s+20M,tx_ops=1000/1s,tx_bw=1M/100ms")
+            .unwrap();
+        let rx = n.rx_rate_limiter.unwrap();
+        assert_eq!(rx.bandwidth.unwrap().size, 10 << 20);
+        assert_eq!(rx.bandwidth.unwrap().one_time_burst, Some(20 << 20));
+        assert!(rx.ops.is_none());
+        let tx = n.tx_rate_limiter.unwrap();
+        assert_eq!(tx.ops.unwrap().size, 1000);
+        assert_eq!(tx.bandwidth.unwrap().refill_time, 100);
+        for bad in ["tap=t,rx_bw=10M", "tap=t,tx_ops=0/1s", "tap=t,rx_bw=x/1s"] {
+            let e = NetConfig::parse_flag(bad).unwrap_err().to_string();
+            assert!(e.contains("_bw:") || e.contains("_ops:"), "{bad}: {e}");
+        }
+        let t: NetConfig = toml::from_str(
+            "tap = \"tap0\"\nrx_rate_limiter = { bandwidth = { size = 1000, refill_time = 100 } }",
+        )
+        .unwrap();
+        assert_eq!(t.rx_rate_limiter.unwrap().bandwidth.unwrap().size, 1000);
+    }
+
+    #[test]
+    fn user_mode_flags_and_forwards_parse() {
+        let n = NetConfig::parse_flag(
+            "user,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=udp::5353-:53,mac=52:54:00:00:00:09",
+        )
+        .unwrap();
+        assert_eq!(n.tap, None);
+        assert!(!n.offloads, "a user-mode NIC has none");
+        assert!(matches!(n.kind(), NetKind::User(_)));
+        assert_eq!(n.label(), "user");
+        let fwd = n.user.as_ref().unwrap().forwards().unwrap();
+        assert_eq!(
+            fwd[0].passt_args(),
+            ["-t".to_string(), "127.0.0.1/2222:22".to_string()]
+        );
+        assert_eq!(
+            fwd[1].passt_args(),
+            ["-u".to_string(), "5353:53".to_string()]
+        );
+        assert_eq!(n.validate(0).unwrap(), [0x52, 0x54, 0, 0, 0, 9]);
+        // QEMU leaves out the protocol for TCP.
+        assert_eq!(HostFwd::parse("::80-:8080").unwrap().proto, Proto::Tcp);
+        let s = NetConfig::parse_flag("user,socket=/run/passt.sock").unwrap();
+        assert_eq!(s.label(), "user (/run/passt.sock)");
+        assert!(s.validate(1).is_ok());
+        assert_ne!(s.default_mac(0), s.default_mac(1));
+        // In a config file.
+        let t: NetConfig = toml::from_str("user = { hostfwd = [\"tcp::2222-:22\"] }").unwrap();
+        assert_eq!(t.user.unwrap().hostfwd, ["tcp::2222-:22"]);
+        for bad in [
+            "tcp:1.2.3.4:0-:22",
+            "tcp::22-:0",
+            "tcp::22-:x",
+            "icmp::1-:2",
+            "tcp::1-10.0.0.1:2",
+            "tcp:1.2.3:1-:2",
+            "tcp",
+        ] {
+            assert!(HostFwd::parse(bad).is_err(), "{bad}");
+        }
+        let both = NetConfig {
+            user: Some(UserNet::default()),
+            ..NetConfig::parse_flag("tap=tap0").unwrap()
+        };
+        assert!(both
+            .validate(0)
+            .unwrap_err()
+            .to_string()
+            .contains("both tap and user"));
+    }
+
+    #[test]
     fn net_validate_rejects_bad_names_and_macs() {
         let n = |tap: &str, mac: Option<&str>| NetConfig {
-            tap: tap.into(),
+            tap: Some(tap.into()),
+            user: None,
             mac: mac.map(str::to_string),
             offloads: true,
             iface_id: None,
             vlan: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
         };
         assert!(matches!(
             n("", None).validate(0),
@@ -211,18 +529,24 @@ mod tests {
     #[test]
     fn net_default_mac_is_stable_local_and_distinct() {
         let a = NetConfig {
-            tap: "tap0".into(),
+            tap: Some("tap0".into()),
+            user: None,
             mac: None,
             offloads: true,
             iface_id: None,
             vlan: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
         };
         let b = NetConfig {
-            tap: "tap1".into(),
+            tap: Some("tap1".into()),
+            user: None,
             mac: None,
             offloads: true,
             iface_id: None,
             vlan: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
         };
         assert_eq!(a.default_mac(0), a.default_mac(0));
         assert_ne!(a.default_mac(0), b.default_mac(0));

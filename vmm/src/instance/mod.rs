@@ -383,6 +383,51 @@ impl Instance {
         Ok(())
     }
 
+    /// Changes the limits of the NIC the API calls `iface_id` (`PATCH
+    /// /network-interfaces`), while running; kept in the configuration
+    /// `GET /vm/config` reports and a snapshot saves.
+    pub fn patch_net_rate_limits(
+        &mut self,
+        iface_id: &str,
+        rx: Option<&ember_rate_limiter::RateLimiterConfig>,
+        tx: Option<&ember_rate_limiter::RateLimiterConfig>,
+    ) -> Result<()> {
+        let (Some(vmm), Some(cfg)) = (self.vmm.as_ref(), self.started_with.as_ref()) else {
+            return Err(LifecycleError::NotStarted.into());
+        };
+        let index = cfg
+            .nets
+            .iter()
+            .enumerate()
+            .position(|(i, (n, _))| n.iface_id(i) == iface_id)
+            .ok_or_else(|| {
+                Error::Lifecycle(format!("no network interface with id {iface_id:?}"))
+            })?;
+        let (rx, tx) = vmm.patch_net_rate_limits(index, rx, tx)?;
+        let set = |n: &mut crate::config::NetConfig| {
+            n.rx_rate_limiter = (!rx.is_unlimited()).then_some(rx);
+            n.tx_rate_limiter = (!tx.is_unlimited()).then_some(tx);
+        };
+        if let Some((n, _)) = self
+            .started_with
+            .as_mut()
+            .and_then(|c| c.nets.get_mut(index))
+        {
+            set(n);
+        }
+        if let Some(n) = self
+            .config
+            .net
+            .iter_mut()
+            .enumerate()
+            .find(|(i, n)| n.iface_id(*i) == iface_id)
+            .map(|(_, n)| n)
+        {
+            set(n);
+        }
+        Ok(())
+    }
+
     /// Serves the disk the API calls `drive_id` from the image at `path`
     /// (`PATCH /drives`, as Kata swaps its placeholder drives); only while
     /// running, so the guest hears of it at once.

@@ -76,13 +76,14 @@ impl Instance {
                 }
                 Response::no_content()
             }
-            Request::PatchNetworkInterface(n) => Response::fault(
-                400,
-                &format!(
-                    "PATCH /network-interfaces/{}: NIC rate limits are not supported by ember yet",
-                    n.iface_id
-                ),
-            ),
+            Request::PatchNetworkInterface(n) => {
+                let rx = n.rx_rate_limiter.as_ref().map(fc::limiter_from_api);
+                let tx = n.tx_rate_limiter.as_ref().map(fc::limiter_from_api);
+                match self.patch_net_rate_limits(&n.iface_id, rx.as_ref(), tx.as_ref()) {
+                    Ok(()) => Response::no_content(),
+                    Err(e) => bad_request(&e),
+                }
+            }
             Request::Action(action) => self.action(action),
             Request::PatchVm(VmState::Paused) => match self.pause() {
                 Ok(_) => Response::no_content(),

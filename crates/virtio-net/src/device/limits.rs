@@ -1,0 +1,217 @@
+//! Rate limits (Firecracker's token buckets: one limiter for what the
+//! guest receives, one for what it sends) and the device's own epoll, the
+//! one descriptor the event loop watches for it: the backend's fd while
+//! the guest has receive buffers and the receive limiter lets frames
+//! through, and both limiters' timers.
+//!
+//! A frame the receive limiter refuses stays in the device (as one with
+//! no guest buffer does) and the backend is left unwatched until the
+//! limiter's timer fires; a transmit chain the transmit limiter refuses
+//! goes back to the ring until its timer fires. Bytes count frames without
+//! their virtio-net header; ops count frames. With a receive limit the
+//! frames are copied into the guest's buffers (the direct path reads them
+//! before their length, and so their cost, is known).
+
+use std::os::fd::{AsRawFd, RawFd};
+
+use ember_rate_limiter::{RateLimiter, RateLimiterConfig, TokenType};
+use ember_virtio::BackendInterest;
+use log::warn;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+/// The backend's token in the device's epoll.
+const TOKEN_BACKEND: u64 = 0;
+/// The receive limiter's timer.
+const TOKEN_RX_TIMER: u64 = 1;
+/// The transmit limiter's timer.
+const TOKEN_TX_TIMER: u64 = 2;
+
+/// What the device's epoll says is ready.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Ready {
+    /// The backend has frames (or failed).
+    pub backend: bool,
+    /// The receive limiter's timer fired.
+    pub rx_timer: bool,
+    /// The transmit limiter's timer fired.
+    pub tx_timer: bool,
+}
+
+/// The limiters and the epoll over the backend and their timers.
+pub(super) struct Limits {
+    epoll: Epoll,
+    backend_fd: Option<RawFd>,
+    /// Whether the backend's fd is in the epoll's interest now.
+    watching: bool,
+    pub rx: RateLimiter,
+    pub tx: RateLimiter,
+}
+
+impl std::fmt::Debug for Limits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limits")
+            .field("watching", &self.watching)
+            .field("rx", &self.rx.config())
+            .field("tx", &self.tx.config())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Limits {
+    /// Unlimited limiters and the epoll, watching `backend_fd`.
+    pub fn new(backend_fd: Option<RawFd>) -> std::io::Result<Limits> {
+        let rx = RateLimiter::new(&RateLimiterConfig::default()).map_err(std::io::Error::other)?;
+        let tx = RateLimiter::new(&RateLimiterConfig::default()).map_err(std::io::Error::other)?;
+        let epoll = Epoll::new()?;
+        for (fd, token) in [
+            (rx.as_raw_fd(), TOKEN_RX_TIMER),
+            (tx.as_raw_fd(), TOKEN_TX_TIMER),
+        ] {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )?;
+        }
+        if let Some(fd) = backend_fd {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, TOKEN_BACKEND),
+            )?;
+        }
+        Ok(Limits {
+            epoll,
+            backend_fd,
+            watching: backend_fd.is_some(),
+            rx,
+            tx,
+        })
+    }
+
+    /// The epoll's fd, for the event loop.
+    pub fn fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    /// Watches the backend's fd or stops (no guest buffers, or the
+    /// receive limiter said no).
+    pub fn watch_backend(&mut self, on: bool) {
+        let Some(fd) = self.backend_fd else {
+            return;
+        };
+        if on == self.watching {
+            return;
+        }
+        let events = if on { EventSet::IN } else { EventSet::empty() };
+        match self.epoll.ctl(
+            ControlOperation::Modify,
+            fd,
+            EpollEvent::new(events, TOKEN_BACKEND),
+        ) {
+            Ok(()) => self.watching = on,
+            Err(e) => warn!("virtio-net: cannot change the backend's watch: {e}"),
+        }
+    }
+
+    /// Whether the backend has a descriptor (is in the epoll at all).
+    pub fn has_backend_fd(&self) -> bool {
+        self.backend_fd.is_some()
+    }
+
+    /// What is ready, without waiting; a timer that fired is read and its
+    /// limiter unblocked.
+    pub fn ready(&mut self) -> Ready {
+        let mut events = [EpollEvent::default(); 3];
+        let n = self.epoll.wait(0, &mut events).unwrap_or(0);
+        let mut ready = Ready::default();
+        for e in &events[..n.min(events.len())] {
+            match e.data() {
+                TOKEN_BACKEND => ready.backend = true,
+                TOKEN_RX_TIMER => {
+                    // A spurious event leaves the limiter blocked.
+                    ready.rx_timer = self.rx.event_handler().is_ok();
+                }
+                TOKEN_TX_TIMER => ready.tx_timer = self.tx.event_handler().is_ok(),
+                _ => {}
+            }
+        }
+        ready
+    }
+}
+
+/// Takes one frame's tokens of `bytes` from `limiter`: one op and its
+/// bytes, or none of them.
+pub(super) fn admit(limiter: &mut RateLimiter, bytes: u64) -> bool {
+    if !limiter.consume(1, TokenType::Ops) {
+        return false;
+    }
+    if bytes > 0 && !limiter.consume(bytes, TokenType::Bytes) {
+        limiter.manual_replenish(1, TokenType::Ops);
+        return false;
+    }
+    true
+}
+
+impl Limits {
+    /// Whether the receive limiter limits anything.
+    pub fn rx_limited(&self) -> bool {
+        !self.rx.config().is_unlimited()
+    }
+}
+
+impl super::Net {
+    /// A receive pass; with the device's epoll, the backend stays watched
+    /// only while the pass could go on (guest buffers, tokens).
+    pub(super) fn rx_pass(&mut self) -> BackendInterest {
+        let interest = self.process_rx();
+        match self.limits.as_mut() {
+            Some(l) if l.has_backend_fd() => {
+                l.watch_backend(interest == BackendInterest::Keep);
+                BackendInterest::Keep
+            }
+            _ => interest,
+        }
+    }
+
+    /// Changes the receive and transmit limits (Firecracker's
+    /// `rx_rate_limiter` and `tx_rate_limiter`, at start or by `PATCH
+    /// /network-interfaces`): a bucket given replaces the old one (full),
+    /// one with size or refill time 0 removes the limit, one left out is
+    /// kept. Frames held back are retried at once under the new limits.
+    pub fn update_rate_limits(
+        &mut self,
+        rx: Option<&RateLimiterConfig>,
+        tx: Option<&RateLimiterConfig>,
+    ) -> crate::Result<()> {
+        let Some(l) = self.limits.as_mut() else {
+            return Err(crate::Error::RateLimiter(
+                "this NIC has no rate limiter (its timers could not be made)".into(),
+            ));
+        };
+        if let Some(rx) = rx {
+            l.rx.update_from_config(rx);
+        }
+        if let Some(tx) = tx {
+            l.tx.update_from_config(tx);
+        }
+        Ok(())
+    }
+
+    /// The receive and transmit limits now.
+    pub fn rate_limits(&self) -> (RateLimiterConfig, RateLimiterConfig) {
+        self.limits
+            .as_ref()
+            .map(|l| (l.rx.config(), l.tx.config()))
+            .unwrap_or_default()
+    }
+
+    /// What the receive and transmit limiters let through and held back.
+    pub fn rate_limiter_counters(
+        &self,
+    ) -> Option<(ember_rate_limiter::Counters, ember_rate_limiter::Counters)> {
+        self.limits
+            .as_ref()
+            .map(|l| (l.rx.counters(), l.tx.counters()))
+    }
+}
