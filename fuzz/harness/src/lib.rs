@@ -37,6 +37,7 @@ pub mod loader;
 pub mod migration;
 pub mod net;
 pub mod net_ctrl;
+pub mod net_stream;
 pub mod pci;
 pub mod qcow2;
 pub mod queue;
@@ -55,6 +56,7 @@ pub use loader::{loader_bzimage, loader_elf};
 pub use migration::migration_stream;
 pub use net::{virtio_net_rx, virtio_net_tx};
 pub use net_ctrl::virtio_net_ctrl;
+pub use net_stream::virtio_net_stream;
 pub use pci::pci_config_space;
 pub use qcow2::qcow2_image;
 pub use queue::virtio_queue_chain;
@@ -74,6 +76,7 @@ pub const TARGETS: &[Target] = &[
     ("virtio_net_tx", virtio_net_tx),
     ("virtio_net_rx", virtio_net_rx),
     ("virtio_net_ctrl", virtio_net_ctrl),
+    ("virtio_net_stream", virtio_net_stream),
     ("virtio_queue_chain", virtio_queue_chain),
     ("virtio_pci_transport", virtio_pci_transport),
     ("pci_config_space", pci_config_space),

@@ -1121,6 +1121,7 @@ pub fn all() -> Vec<(&'static str, Vec<NamedSeed>)> {
         ("virtio_net_tx", net_tx_seeds()),
         ("virtio_net_rx", net_rx_seeds()),
         ("virtio_net_ctrl", crate::net_ctrl::seeds()),
+        ("virtio_net_stream", crate::net_stream::seeds()),
         ("virtio_queue_chain", queue_seeds()),
         ("virtio_pci_transport", transport_seeds()),
         ("pci_config_space", pci_seeds()),
