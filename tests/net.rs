@@ -101,10 +101,6 @@ fn listener_at(ns: &NetNs, addr: &'static str, port: u16, send: u64) -> Listener
     Listener { handle, stop }
 }
 
-fn run_guest(ns: &NetNs, net: &str, cmdline: &str, ping: bool) -> (Run, Option<String>) {
-    run_guest_nets(ns, &[net], cmdline, ping)
-}
-
 /// Starts ember in `ns` with the guest kernel, `nets` and `cmdline`.
 fn spawn_guest(ns: &NetNs, nets: &[&str], cmdline: &str) -> ember_tests::Running {
     let kernel = guest_kernel_dir().join("vmlinux");
@@ -125,24 +121,6 @@ fn spawn_guest(ns: &NetNs, nets: &[&str], cmdline: &str) -> ember_tests::Running
     spawn_ember_in_netns(&ns.name, &args, b"")
 }
 
-fn run_guest_nets(ns: &NetNs, nets: &[&str], cmdline: &str, ping: bool) -> (Run, Option<String>) {
-    let mut ember = spawn_guest(ns, nets, cmdline);
-    let mut ping_out = None;
-    if ping {
-        assert!(
-            ember.wait_for_output("EMBER-AGENT sleeping", BOOT_TIMEOUT),
-            "the agent reached its sleep"
-        );
-        ping_out = Some(
-            ns.exec(&[
-                "ping", "-c", "4", "-i", "0.5", "-W", "10", "-s", "8000", "-p", "c0ffee42", GUEST,
-            ])
-            .unwrap_or_else(|e| e),
-        );
-    }
-    (ember.finish(BOOT_TIMEOUT), ping_out)
-}
-
 /// (packets, bytes) of tx in ember's exit counters for virtio-net0.
 fn tx_counters(run: &Run) -> (u64, u64) {
     let line = run
@@ -161,22 +139,66 @@ fn tx_counters(run: &Run) -> (u64, u64) {
 
 /// Pings with 8000-byte patterned payloads, then a 2 MiB TCP stream each
 /// way (guest to host, host to guest) with every byte checked on both ends;
-/// with offloads the guest's stream goes out as TSO frames larger than the MTU.
+/// with offloads the guest's stream goes out as TSO frames larger than the
+/// MTU. The NIC has two queue pairs on a multi-queue tap and the guest two
+/// vCPUs: the guest turns both pairs on (`ethtool -L eth0 combined 2`
+/// through the control queue), and 32 host connections to a closed guest
+/// port, which the tap spreads over its queues by flow, are refused by the
+/// guest kernel through both pairs (each CPU answers on its own transmit
+/// queue), as the per-pair exit counters show.
 #[test]
-fn net_ping_and_tcp_both_ways_through_a_tap_with_offloads() {
-    if !kvm_available("net_ping_and_tcp_both_ways_through_a_tap_with_offloads")
-        || !netns_available("net_ping_and_tcp_both_ways_through_a_tap_with_offloads")
-    {
+fn net_ping_and_tcp_both_ways_through_a_two_queue_tap_with_offloads() {
+    let name = "net_ping_and_tcp_both_ways_through_a_two_queue_tap_with_offloads";
+    if !kvm_available(name) || !netns_available(name) {
         return;
     }
-    let ns = NetNs::new("net", &[("tap0", "10.200.0.1/24")]).expect("netns");
+    let ns = NetNs::multi_queue("net", &[("tap0", "10.200.0.1/24")]).expect("netns");
     const KIB: u64 = 2048;
     let host = listener(&ns, KIB * 1024);
     let cmdline = guest_cmdline(&format!(
-        "ember.net_tcp={HOST}:{PORT}:{KIB}:{KIB} ember.sleep=30"
+        "ember.net_channels=eth0:2 ember.net_tcp={HOST}:{PORT}:{KIB}:{KIB} ember.sleep=30"
     ));
-    let (run, ping) = run_guest(&ns, "tap=tap0", &cmdline, true);
-    let ping = ping.unwrap();
+    let kernel = guest_kernel_dir().join("vmlinux");
+    let k = kernel.to_string_lossy();
+    let args = [
+        "--kernel",
+        &k,
+        "--memory",
+        "256",
+        "--vcpus",
+        "2",
+        "--cmdline",
+        &cmdline,
+        "--log-level",
+        "info",
+        "--net",
+        "tap=tap0,queues=2",
+    ];
+    let mut ember = spawn_ember_in_netns(&ns.name, &args, b"");
+    assert!(
+        ember.wait_for_output("EMBER-AGENT sleeping", BOOT_TIMEOUT),
+        "the agent reached its sleep"
+    );
+    let ping = ns
+        .exec(&[
+            "ping", "-c", "4", "-i", "0.5", "-W", "10", "-s", "8000", "-p", "c0ffee42", GUEST,
+        ])
+        .unwrap_or_else(|e| e);
+    let refused = ns
+        .spawn(|| {
+            (0..32)
+                .filter(|_| {
+                    let to = std::net::SocketAddr::from(([10, 200, 0, 2], 23));
+                    matches!(
+                        std::net::TcpStream::connect_timeout(&to, Duration::from_secs(10)),
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    )
+                })
+                .count()
+        })
+        .join()
+        .expect("connect thread");
+    let run = ember.finish(BOOT_TIMEOUT);
     run.check(
         ping.contains(" 4 received") || ping.contains("4 packets received"),
         &format!("every ping came back:\n{ping}"),
@@ -188,6 +210,11 @@ fn net_ping_and_tcp_both_ways_through_a_tap_with_offloads() {
     let (got, ok) = host.finish();
     run.check(run.code() == 0, "the agent restarts the machine");
     let agent = agent_lines(&run.stdout);
+    let ch = &agent["net_channels"];
+    run.check(
+        ch["ret"] == "0" && ch["real_rx"] == "2" && ch["real_tx"] == "2",
+        &format!("the guest brought up two queue pairs: {ch:?}"),
+    );
     let tcp = &agent["net_tcp"];
     run.check(
         got == KIB * 1024 && ok,
@@ -206,6 +233,35 @@ fn net_ping_and_tcp_both_ways_through_a_tap_with_offloads() {
         packets > 0 && bytes / packets > 1514,
         &format!("TSO: {bytes} bytes in {packets} tx frames"),
     );
+    run.check(
+        refused == 32,
+        &format!("the guest kernel refused all 32 connections: {refused}"),
+    );
+    let pairs = pair_counters(&run, 0);
+    run.check(
+        pairs.len() == 2 && pairs.iter().all(|&(rx, tx)| rx > 0 && tx > 0),
+        &format!("frames went both ways on both queue pairs (rx/tx): {pairs:?}"),
+    );
+}
+
+/// The (received, sent) frames of each of NIC `nic`'s queue pairs, from
+/// its exit counters.
+fn pair_counters(run: &Run, nic: usize) -> Vec<(u64, u64)> {
+    let tag = format!("virtio-net{nic}: rx");
+    run.stderr
+        .lines()
+        .find(|l| l.contains(&tag))
+        .and_then(|l| l.split_once("rx/tx packets by pair: "))
+        .map(|(_, pairs)| {
+            pairs
+                .split_whitespace()
+                .filter_map(|p| {
+                    let (r, t) = p.split_once('/')?;
+                    Some((r.parse().ok()?, t.parse().ok()?))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Two NICs of two kinds in one boot. eth0 is user-mode (passt, no tap):

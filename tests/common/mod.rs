@@ -645,6 +645,20 @@ impl NetNs {
         taps: &[(&str, &str)],
         owner: Option<u32>,
     ) -> Result<Self, String> {
+        Self::make(tag, taps, owner, false)
+    }
+
+    /// [`NetNs::new`] with multi-queue taps (`ip tuntap add ... multi_queue`).
+    pub fn multi_queue(tag: &str, taps: &[(&str, &str)]) -> Result<Self, String> {
+        Self::make(tag, taps, None, true)
+    }
+
+    fn make(
+        tag: &str,
+        taps: &[(&str, &str)],
+        owner: Option<u32>,
+        multi_queue: bool,
+    ) -> Result<Self, String> {
         // Unique even for tests running in parallel in one process.
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -658,6 +672,9 @@ impl NetNs {
             let mut add = vec!["ip", "tuntap", "add", tap, "mode", "tap"];
             if let Some(u) = &user {
                 add.extend(["user", u.as_str()]);
+            }
+            if multi_queue {
+                add.push("multi_queue");
             }
             ns.exec(&add)?;
             ns.exec(&["ip", "addr", "add", addr, "dev", tap])?;

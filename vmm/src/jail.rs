@@ -167,6 +167,9 @@ fn vm_inside(
         if let Some(vid) = net.vlan {
             spec.push_str(&format!(",vlan={vid}"));
         }
+        if net.queues > 1 {
+            spec.push_str(&format!(",queues={}", net.queues));
+        }
         arg("--net");
         arg(&spec);
     }

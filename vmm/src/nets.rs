@@ -20,26 +20,32 @@ pub type NetDevice = Arc<Mutex<VirtioPciDevice<Net>>>;
 /// in the guest). A tap that does not exist or cannot be opened, or a
 /// passt that cannot start, is an error before the VM starts. `taps`, when
 /// not empty, are the NICs' descriptors already open (a local migration's:
-/// a tap's, or a user-mode NIC's socket to its passt), one per NIC.
+/// a tap's queues, or a user-mode NIC's socket to its passt), NIC after
+/// NIC.
 pub fn create_nets(
     ctx: &mut AttachContext<'_>,
     nets: &[(NetConfig, [u8; 6])],
     taps: &[std::fs::File],
 ) -> Result<Vec<NetDevice>, Error> {
-    if !taps.is_empty() && taps.len() != nets.len() {
+    let want: usize = nets.iter().map(|(n, _)| n.descriptors()).sum();
+    if !taps.is_empty() && taps.len() != want {
         return Err(Error::Migration(format!(
-            "{} taps handed over for {} NICs",
+            "{} tap descriptors handed over for {} NICs, which have {want} queues",
             taps.len(),
             nets.len()
         )));
     }
     let mut devices = Vec::with_capacity(nets.len());
+    let mut handed = taps;
     for (index, (n, mac)) in nets.iter().enumerate() {
+        let (mine, rest) = handed.split_at(n.descriptors().min(handed.len()));
+        handed = rest;
         let net = match n.kind() {
-            NetKind::Tap(tap) => tap_nic(n, tap, *mac, taps.get(index))
-                .map_err(|source| Error::Net { index, source })?,
+            NetKind::Tap(tap) => {
+                tap_nic(n, tap, *mac, mine).map_err(|source| Error::Net { index, source })?
+            }
             NetKind::User(user) => {
-                let (sock, what) = match taps.get(index) {
+                let (sock, what) = match mine.first() {
                     Some(file) => (
                         file.try_clone()
                             .map(|f| UnixStream::from(std::os::fd::OwnedFd::from(f)))
@@ -89,44 +95,54 @@ pub fn create_nets(
             _ => String::new(),
         };
         log::info!(
-            "{name}: {}, mac {}{}{fwd}",
+            "{name}: {}, mac {}{}{}{fwd}",
             match n.kind() {
                 NetKind::Tap(t) => format!("tap {t}"),
                 NetKind::User(_) => "user-mode (passt)".to_string(),
             },
             mac.map(|b| format!("{b:02x}")).join(":"),
-            n.vlan.map(|v| format!(", vlan {v}")).unwrap_or_default()
+            n.vlan.map(|v| format!(", vlan {v}")).unwrap_or_default(),
+            if n.queues > 1 {
+                format!(", {} queue pairs", n.queues)
+            } else {
+                String::new()
+            }
         );
         devices.push(dev);
     }
     Ok(devices)
 }
 
-/// A NIC on the tap `tap`: opened by name, or the descriptor a local
-/// migration handed over.
+/// A NIC on the tap `tap`: opened by name (one queue per pair), or the
+/// descriptors a local migration handed over.
 fn tap_nic(
     n: &NetConfig,
     tap: &str,
     mac: [u8; 6],
-    handed: Option<&std::fs::File>,
+    handed: &[std::fs::File],
 ) -> Result<Net, ember_virtio_net::Error> {
     let cfg = DeviceConfig {
         tap: tap.to_string(),
         mac,
         offloads: n.offloads,
         vlan: n.vlan,
+        queues: n.queues,
     };
-    match handed {
-        Some(file) => file
-            .try_clone()
-            .map_err(|e| ember_virtio_net::Error::TapOpen {
-                name: tap.to_string(),
-                source: e,
-            })
-            .and_then(|f| ember_virtio_net::Tap::from_file(f, tap))
-            .and_then(|t| Net::with_tap(t, &cfg)),
-        None => Net::new(&cfg),
+    if handed.is_empty() {
+        return Net::new(&cfg);
     }
+    let taps = handed
+        .iter()
+        .map(|file| {
+            file.try_clone()
+                .map_err(|e| ember_virtio_net::Error::TapOpen {
+                    name: tap.to_string(),
+                    source: e,
+                })
+                .and_then(|f| ember_virtio_net::Tap::from_file(f, tap))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Net::with_taps(taps, &cfg)
 }
 
 /// Changes NIC `index`'s limits live; the limits now in force.
@@ -151,14 +167,23 @@ pub fn patch_rate_limits(
 /// Logs every NIC's counters (at exit, `--log-level info`).
 pub fn log_counters(nets: &[NetDevice]) {
     for (i, n) in nets.iter().enumerate() {
-        let c = n
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .device()
-            .counters();
+        let dev = n.lock().unwrap_or_else(|e| e.into_inner());
+        let c = dev.device().counters();
+        let pairs = dev.device().pair_packets();
+        let per_pair = if pairs.len() > 1 {
+            let each: Vec<String> = pairs.iter().map(|(r, t)| format!("{r}/{t}")).collect();
+            format!(
+                ", {} of {} queue pairs in use, rx/tx packets by pair: {}",
+                dev.device().active_queue_pairs(),
+                pairs.len(),
+                each.join(" ")
+            )
+        } else {
+            String::new()
+        };
         log::info!(
             "virtio-net{i}: rx {} packets {} bytes {} dropped, tx {} packets {} bytes {} dropped, \
-             filtered {}, control {} ok {} refused",
+             filtered {}, control {} ok {} refused{per_pair}",
             c.rx_packets,
             c.rx_bytes,
             c.rx_dropped,

@@ -180,6 +180,7 @@ fn device(mem: &GuestMemoryMmap) -> (Net, [Ring; 2]) {
         mac: [0x52, 0x54, 0, 0, 0, 1],
         offloads: false,
         vlan: None,
+        queues: 1,
     })
     .expect("open the bench tap");
     let mut queues = Vec::new();

@@ -68,6 +68,13 @@ pub trait NetBackend: Send {
     /// The fd an event loop must watch for readability, if there is one.
     fn raw_fd(&self) -> Option<RawFd>;
 
+    /// Attaches this queue of a multi-queue backend again, or detaches it
+    /// so that it gets no frames (a queue pair the driver does not use);
+    /// unsupported by default (a backend with one queue).
+    fn set_queue_enabled(&mut self, _on: bool) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
     /// Frames the backend read and dropped itself because they were not
     /// for this NIC (another VLAN's, say); none by default.
     fn rx_filtered(&self) -> u64 {

@@ -8,14 +8,21 @@
 //! device and copied into the guest's buffers (small frames, `rx.rs`), or
 //! read straight into the guest's buffers (large frames, `direct.rs`); a
 //! moving average of frame lengths picks the path. At most one received
-//! frame waits in the device for guest buffers.
+//! frame per queue pair waits in the device for guest buffers.
+//!
+//! With several queue pairs (`VIRTIO_NET_F_MQ`, a multi-queue tap), each
+//! pair has its own tap queue and receive state (`pairs.rs`); one event
+//! loop serves them all. The driver says how many it uses through the
+//! control queue, and the tap queues of the others are detached so the
+//! kernel steers no frames to them.
 
 use std::fmt;
 use std::mem::{offset_of, size_of};
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use ember_memory::GuestMemoryMmap;
-use ember_virtio::queue::{ChainReader, Flow, UsedRing};
+use ember_virtio::queue::Flow;
 use ember_virtio::{
     ActivateContext, ActivateError, BackendInterest, InterruptKind, VirtioDevice, VirtioInterrupt,
 };
@@ -30,7 +37,8 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN,
     VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
     VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO,
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
@@ -44,16 +52,17 @@ mod control;
 mod direct;
 mod fault;
 mod limits;
+mod pairs;
 mod rx;
 mod status;
 mod tx;
 
 pub use status::rarp_announce;
 
-use direct::{DirectOutcome, ParkedChains, PassSlices};
 use fault::{Fault, FaultLog};
+use pairs::{Pair, QueuePair};
 
-use rx::{has_available, read_frame, Delivery, ReadOutcome, RxQueue};
+use rx::RxQueue;
 use tx::{gather, send};
 
 /// The size of the virtio-net header in front of every frame
@@ -69,8 +78,9 @@ pub const MAX_FRAME: usize = VNET_HDR_LEN + 65_550;
 /// The control queue's size.
 pub const CTRL_QUEUE_SIZE: u16 = 64;
 
-/// The control queue's index (after the one receive and transmit pair).
-const CTRL: u16 = 2;
+/// The most queue pairs a NIC has (`queues=`; Linux attaches up to 256
+/// queues to a tap, one event loop serves them all here).
+pub const MAX_QUEUE_PAIRS: u16 = 16;
 
 /// How much of a received frame the receive filter looks at: the header,
 /// both MAC addresses and a VLAN tag.
@@ -79,10 +89,15 @@ const FILTER_HEAD: usize = VNET_HDR_LEN + 16;
 /// The maximum size of each of the two queues.
 pub const QUEUE_SIZE: u16 = 256;
 
-/// The receive queue's index.
-const RX: u16 = 0;
-/// The transmit queue's index.
-const TX: u16 = 1;
+/// Queue pair `p`'s receive queue's index.
+fn rx_index(p: usize) -> u16 {
+    u16::try_from(p * 2).unwrap_or(u16::MAX)
+}
+
+/// Queue pair `p`'s transmit queue's index.
+fn tx_index(p: usize) -> u16 {
+    rx_index(p).saturating_add(1)
+}
 
 /// Where `num_buffers` sits in the header.
 const NUM_BUFFERS_AT: usize = offset_of!(virtio_net_hdr_mrg_rxbuf, num_buffers);
@@ -157,6 +172,9 @@ pub struct NetConfig {
     /// and hand it only this VLAN's frames, untagged
     /// ([`VlanBackend`](crate::VlanBackend)); 1 to 4094.
     pub vlan: Option<u16>,
+    /// Queue pairs, 1 to [`MAX_QUEUE_PAIRS`]: more than one needs a
+    /// multi-queue tap, one queue of it per pair.
+    pub queues: u16,
 }
 
 /// What the device has done since it was built. Bytes count frames without
@@ -190,10 +208,13 @@ pub struct NetCounters {
 struct Active {
     mem: GuestMemoryMmap,
     interrupt: Arc<dyn VirtioInterrupt>,
-    rx: Queue,
-    tx: Queue,
+    /// The receive and transmit queues, by pair: one pair, or every pair
+    /// the device has when VIRTIO_NET_F_MQ was negotiated.
+    queues: Vec<QueuePair>,
     /// The control queue, when VIRTIO_NET_F_CTRL_VQ was negotiated.
     ctrl: Option<Queue>,
+    /// The control queue's index: after the last pair's transmit queue.
+    ctrl_index: u16,
     /// The negotiated features.
     acked: u64,
     /// VIRTIO_NET_F_MRG_RXBUF was negotiated: a frame may span chains.
@@ -202,13 +223,15 @@ struct Active {
     guest_csum: bool,
 }
 
-/// A virtio-net device with a receive and a transmit queue over a
-/// [`NetBackend`].
+/// A virtio-net device with receive and transmit queue pairs, each over a
+/// [`NetBackend`] (one pair on most NICs; one tap queue per pair on a
+/// multi-queue NIC), and a control queue.
 pub struct Net {
-    backend: Box<dyn NetBackend>,
+    /// The queue pairs' backends and receive state.
+    pairs: Vec<Pair>,
     avail_features: u64,
     config: [u8; CONFIG_SIZE],
-    queue_max_sizes: [u16; 3],
+    queue_max_sizes: Vec<u16>,
     /// The MAC the device was built with (a reset goes back to it).
     base_mac: [u8; 6],
     /// What the control queue set: the MAC, RX modes, MAC and VLAN tables.
@@ -218,17 +241,6 @@ pub struct Net {
     /// The guest was asked to announce itself and has not acknowledged
     /// (`VIRTIO_NET_S_ANNOUNCE`).
     announcing: bool,
-    /// The received frame being delivered, header first.
-    rx_buf: Vec<u8>,
-    /// The length of a frame in `rx_buf` waiting for guest buffers.
-    rx_pending: Option<usize>,
-    /// The chains (head, bytes) one received frame is going into.
-    rx_chains: Vec<(u16, u32)>,
-    /// Receive chains taken for the direct path and not yet used.
-    rx_parked: ParkedChains,
-    /// A moving average of the received frames' lengths (header included),
-    /// which picks the receive path.
-    rx_avg: usize,
     active: Option<Active>,
     /// The rate limiters and the epoll the event loop watches (none if
     /// it could not be made: no limits then, the backend's fd watched).
@@ -243,15 +255,15 @@ impl fmt::Debug for Net {
             .field("name", &self.log.name)
             .field("avail_features", &self.avail_features)
             .field("activated", &self.active.is_some())
-            .field("rx_pending", &self.rx_pending)
+            .field("pairs", &self.pairs.len())
             .field("counters", &self.counters)
             .finish_non_exhaustive()
     }
 }
 
 impl Net {
-    /// Opens the existing tap `cfg.tap` and builds a device on it. A
-    /// multicast or all-zero MAC address is an error.
+    /// Opens the existing tap `cfg.tap` (one queue per pair) and builds a
+    /// device on it. A multicast or all-zero MAC address is an error.
     pub fn new(cfg: &NetConfig) -> Result<Net> {
         if cfg.mac[0] & 1 != 0 || cfg.mac == [0; 6] {
             return Err(Error::InvalidMac {
@@ -265,58 +277,120 @@ impl Net {
                 vid,
             });
         }
-        let tap = Tap::open(&cfg.tap)?;
-        Net::with_tap(tap, cfg)
+        check_queues(&cfg.tap, cfg.queues)?;
+        let taps = Tap::open_queues(&cfg.tap, cfg.queues)?;
+        Net::with_taps(taps, cfg)
     }
 
-    /// [`Net::new`] on a tap already open (handed over by a live
-    /// migration's source).
-    pub fn with_tap(tap: Tap, cfg: &NetConfig) -> Result<Net> {
-        let backend: Box<dyn NetBackend> = match cfg.vlan {
-            Some(vid) => Box::new(crate::VlanBackend::new(Box::new(tap), vid).map_err(|e| {
-                Error::TapSetup {
-                    name: cfg.tap.clone(),
-                    what: "vlan",
-                    source: e,
+    /// [`Net::new`] on tap queues already open (handed over by a live
+    /// migration's source), one per queue pair.
+    pub fn with_taps(taps: Vec<Tap>, cfg: &NetConfig) -> Result<Net> {
+        check_queues(&cfg.tap, u16::try_from(taps.len()).unwrap_or(u16::MAX))?;
+        let mut backends: Vec<Box<dyn NetBackend>> = Vec::with_capacity(taps.len());
+        for tap in taps {
+            backends.push(match cfg.vlan {
+                Some(vid) => {
+                    Box::new(crate::VlanBackend::new(Box::new(tap), vid).map_err(|e| {
+                        Error::TapSetup {
+                            name: cfg.tap.clone(),
+                            what: "vlan",
+                            source: e,
+                        }
+                    })?)
                 }
-            })?),
-            None => Box::new(tap),
-        };
-        let mut net = Net::with_backend(backend, cfg.mac, cfg.offloads);
+                None => Box::new(tap),
+            });
+        }
+        let mut net = Net::with_backends(backends, cfg.mac, cfg.offloads)?;
         net.log.name.clone_from(&cfg.tap);
         Ok(net)
     }
 
-    /// The backend's descriptor (a tap's), to hand it over.
-    pub fn backend_raw_fd(&self) -> Option<std::os::fd::RawFd> {
-        self.backend.raw_fd()
+    /// The backends' descriptors (a tap's queues, by pair), to hand them
+    /// over.
+    pub fn backend_raw_fds(&self) -> Vec<RawFd> {
+        self.pairs
+            .iter()
+            .filter_map(|p| p.backend.raw_fd())
+            .collect()
+    }
+
+    /// The queue pairs the device has.
+    pub fn queue_pairs(&self) -> u16 {
+        u16::try_from(self.pairs.len()).unwrap_or(u16::MAX)
+    }
+
+    /// The queue pairs the driver uses (set through the control queue).
+    pub fn active_queue_pairs(&self) -> u16 {
+        self.filter.queue_pairs()
     }
 
     /// Builds a device on any backend (tests, other frame sources). With
     /// `offloads`, checksum and segmentation offloads are offered in both
     /// directions.
     pub fn with_backend(backend: Box<dyn NetBackend>, mac: [u8; 6], offloads: bool) -> Net {
-        let limits = match limits::Limits::new(backend.raw_fd()) {
+        let limits = match limits::Limits::new(&[backend.raw_fd()]) {
             Ok(l) => Some(l),
             Err(e) => {
                 warn!("virtio-net: no rate limits (their timers or epoll cannot be made: {e})");
                 None
             }
         };
+        Net::build(vec![backend], mac, offloads, limits)
+    }
+
+    /// Builds a device with one queue pair per backend (each backend one
+    /// queue of a multi-queue tap, say); with more than one,
+    /// `VIRTIO_NET_F_MQ` is offered. 1 to [`MAX_QUEUE_PAIRS`] backends.
+    pub fn with_backends(
+        backends: Vec<Box<dyn NetBackend>>,
+        mac: [u8; 6],
+        offloads: bool,
+    ) -> Result<Net> {
+        let name = "(custom backend)";
+        check_queues(name, u16::try_from(backends.len()).unwrap_or(u16::MAX))?;
+        let fds: Vec<Option<RawFd>> = backends.iter().map(|b| b.raw_fd()).collect();
+        let limits = match limits::Limits::new(&fds) {
+            Ok(l) => Some(l),
+            // One queue pair can go on without (the event loop watches the
+            // backend); several need the device's epoll.
+            Err(e) if backends.len() == 1 => {
+                warn!("virtio-net: no rate limits (their timers or epoll cannot be made: {e})");
+                None
+            }
+            Err(e) => {
+                return Err(Error::TapSetup {
+                    name: name.to_string(),
+                    what: "epoll over the queues",
+                    source: e,
+                })
+            }
+        };
+        Ok(Net::build(backends, mac, offloads, limits))
+    }
+
+    fn build(
+        backends: Vec<Box<dyn NetBackend>>,
+        mac: [u8; 6],
+        offloads: bool,
+        limits: Option<limits::Limits>,
+    ) -> Net {
+        let n = u16::try_from(backends.len()).unwrap_or(1);
+        let mut queue_max_sizes = vec![QUEUE_SIZE; usize::from(n) * 2];
+        queue_max_sizes.push(CTRL_QUEUE_SIZE);
+        let mut avail_features = features(offloads);
+        if n > 1 {
+            avail_features |= 1 << VIRTIO_NET_F_MQ;
+        }
         Net {
-            backend,
-            avail_features: features(offloads),
-            config: config_space(mac, VIRTIO_NET_S_LINK_UP),
-            queue_max_sizes: [QUEUE_SIZE, QUEUE_SIZE, CTRL_QUEUE_SIZE],
+            pairs: backends.into_iter().map(Pair::new).collect(),
+            avail_features,
+            config: config_space(mac, VIRTIO_NET_S_LINK_UP, n),
+            queue_max_sizes,
             base_mac: mac,
             filter: RxFilter::new(mac),
             link_up: true,
             announcing: false,
-            rx_buf: vec![0; MAX_FRAME],
-            rx_pending: None,
-            rx_chains: Vec::with_capacity(usize::from(QUEUE_SIZE)),
-            rx_parked: ParkedChains::default(),
-            rx_avg: 0,
             active: None,
             limits,
             counters: NetCounters::default(),
@@ -327,7 +401,9 @@ impl Net {
     /// What the device has moved and dropped so far.
     pub fn counters(&self) -> NetCounters {
         let mut c = self.counters;
-        c.rx_filtered = c.rx_filtered.saturating_add(self.backend.rx_filtered());
+        for p in &self.pairs {
+            c.rx_filtered = c.rx_filtered.saturating_add(p.backend.rx_filtered());
+        }
         c
     }
 
@@ -341,17 +417,21 @@ impl Net {
         name.clone_into(&mut self.log.name);
     }
 
-    /// Sends every available transmit chain to the backend.
-    fn process_tx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+    /// Sends every available transmit chain of pair `p` to its backend.
+    fn process_tx(&mut self, p: usize) {
+        let (Some(active), Some(pair)) = (self.active.as_mut(), self.pairs.get_mut(p)) else {
+            return;
+        };
+        let Some(queues) = active.queues.get_mut(p) else {
             return;
         };
         let mut used_any = false;
         let mut frame = Vec::new();
         let mem = &active.mem;
-        let (backend, counters, log) = (&mut *self.backend, &mut self.counters, &mut self.log);
+        let sent_before = self.counters.tx_packets;
+        let (backend, counters, log) = (&mut *pair.backend, &mut self.counters, &mut self.log);
         let mut limiter = self.limits.as_mut().map(|l| &mut l.tx);
-        let drained = ember_virtio::queue::drain_while(&mut active.tx, mem, |queue, chain| {
+        let drained = ember_virtio::queue::drain_while(&mut queues.tx, mem, |queue, chain| {
             let head = chain.head_index();
             match gather(chain, mem, &mut frame) {
                 Ok(len) => {
@@ -381,189 +461,12 @@ impl Net {
                 format_args!("cannot update the transmit ring's notification fields: {e}"),
             );
         }
+        pair.tx_packets = pair
+            .tx_packets
+            .saturating_add(self.counters.tx_packets - sent_before);
         if used_any {
-            notify(active, TX, &mut self.log);
+            notify(active, tx_index(p), &mut self.log);
         }
-    }
-
-    /// Moves frames from the backend into the guest's receive buffers while
-    /// there are both, at most [`RX_BUDGET`] of them; a frame read when no
-    /// buffer is left waits in the device.
-    fn process_rx(&mut self) -> BackendInterest {
-        let Some(active) = self.active.as_mut() else {
-            return BackendInterest::Pause;
-        };
-        let used = UsedRing::new(&active.rx, &active.mem);
-        let reader = ChainReader::new(&active.rx, &active.mem);
-        let mut rx = RxQueue {
-            queue: &mut active.rx,
-            mem: &active.mem,
-            mrg_rxbuf: active.mrg_rxbuf,
-            chains: &mut self.rx_chains,
-            log: &mut self.log,
-            used_any: false,
-            used,
-            reader,
-        };
-        let mut interest = BackendInterest::Keep;
-        // The direct path (straight into guest buffers) until it cannot be
-        // used; then the copying path for the rest of this pass.
-        // A receive limit needs each frame's length before it reaches the
-        // guest: frames are copied then.
-        let limited = self.limits.as_ref().is_some_and(limits::Limits::rx_limited);
-        let mut direct = self.rx_pending.is_none() && self.rx_avg >= DIRECT_MIN_AVG && !limited;
-        let mut slices = PassSlices::default();
-        if !direct {
-            // The copying path takes chains in queue order from the first
-            // parked one on.
-            self.rx_parked.give_back(&mut rx, &mut slices);
-        }
-        // Whether the driver was already asked for a notification of new
-        // buffers in this pass.
-        let mut rearmed = false;
-        // The backend failed or closed: the link goes down after this pass.
-        let mut gone = false;
-        for _ in 0..RX_BUDGET {
-            if direct {
-                match self.rx_parked.receive(
-                    &mut rx,
-                    &mut slices,
-                    &mut *self.backend,
-                    active.guest_csum,
-                    &self.filter,
-                    &mut self.rx_buf,
-                ) {
-                    DirectOutcome::Delivered(len) => {
-                        let c = &mut self.counters;
-                        c.rx_packets = c.rx_packets.saturating_add(1);
-                        c.rx_bytes = c.rx_bytes.saturating_add(payload_len(len));
-                        self.rx_avg = average(self.rx_avg, len);
-                        if self.rx_avg < DIRECT_MIN_AVG {
-                            self.rx_parked.give_back(&mut rx, &mut slices);
-                            direct = false;
-                        }
-                        continue;
-                    }
-                    DirectOutcome::Pending(len) => {
-                        self.rx_pending = Some(len);
-                        direct = false;
-                    }
-                    DirectOutcome::Filtered => {
-                        self.counters.rx_filtered = self.counters.rx_filtered.saturating_add(1);
-                        continue;
-                    }
-                    DirectOutcome::Short => {
-                        rx.log.report(
-                            Fault::RxShort,
-                            format_args!("dropped a frame shorter than its header"),
-                        );
-                        self.counters.rx_dropped = self.counters.rx_dropped.saturating_add(1);
-                        continue;
-                    }
-                    DirectOutcome::Retry => continue,
-                    DirectOutcome::Idle => break,
-                    DirectOutcome::Closed(e) => {
-                        match e {
-                            None => rx
-                                .log
-                                .report(Fault::RxBackend, format_args!("the backend is closed")),
-                            Some(e) => rx.log.report(
-                                Fault::RxBackend,
-                                format_args!(
-                                    "cannot read from the backend (was the tap deleted?): {e}"
-                                ),
-                            ),
-                        }
-                        self.rx_parked.give_back(&mut rx, &mut slices);
-                        interest = BackendInterest::Pause;
-                        gone = true;
-                        break;
-                    }
-                    DirectOutcome::Unusable => direct = false,
-                }
-            }
-            let len = match self.rx_pending.take() {
-                Some(len) => len,
-                None if !has_available(rx.queue, rx.mem) => {
-                    if !rearmed && rearm(&mut rx) {
-                        rearmed = true;
-                        continue;
-                    }
-                    interest = BackendInterest::Pause;
-                    break;
-                }
-                None => match read_frame(
-                    &mut *self.backend,
-                    &mut self.rx_buf,
-                    active.guest_csum,
-                    rx.log,
-                ) {
-                    ReadOutcome::Frame(len) => len,
-                    ReadOutcome::Short => {
-                        self.counters.rx_dropped = self.counters.rx_dropped.saturating_add(1);
-                        continue;
-                    }
-                    ReadOutcome::Retry => continue,
-                    // Keep watching: the tap is level-triggered, so the
-                    // event loop calls again once a frame is there.
-                    ReadOutcome::Idle => break,
-                    ReadOutcome::Stop => {
-                        interest = BackendInterest::Pause;
-                        gone = true;
-                        break;
-                    }
-                },
-            };
-            let frame = self.rx_buf.get(..len).unwrap_or_default();
-            if !self
-                .filter
-                .accepts(frame.get(VNET_HDR_LEN..).unwrap_or_default())
-            {
-                self.counters.rx_filtered = self.counters.rx_filtered.saturating_add(1);
-                continue;
-            }
-            // Over the receive limit: the frame waits in the device and the
-            // backend is left alone until the limiter's timer fires.
-            if let Some(l) = self.limits.as_mut().filter(|_| limited) {
-                if !limits::admit(&mut l.rx, payload_len(len)) {
-                    self.rx_pending = Some(len);
-                    interest = BackendInterest::Pause;
-                    break;
-                }
-            }
-            match rx.deliver(frame) {
-                Delivery::Delivered => {
-                    let c = &mut self.counters;
-                    c.rx_packets = c.rx_packets.saturating_add(1);
-                    c.rx_bytes = c.rx_bytes.saturating_add(payload_len(len));
-                    self.rx_avg = average(self.rx_avg, len);
-                    direct = self.rx_avg >= DIRECT_MIN_AVG && !limited;
-                }
-                Delivery::Dropped => {
-                    self.counters.rx_dropped = self.counters.rx_dropped.saturating_add(1);
-                }
-                Delivery::NoBuffers => {
-                    self.rx_pending = Some(len);
-                    if !rearmed && rearm(&mut rx) {
-                        rearmed = true;
-                        continue;
-                    }
-                    interest = BackendInterest::Pause;
-                    break;
-                }
-            }
-        }
-        let used_any = rx.used_any;
-        match rx.finish() {
-            Some(true) => interrupt(active, RX, &mut self.log),
-            Some(false) => {}
-            None if used_any => notify(active, RX, &mut self.log),
-            None => {}
-        }
-        if gone {
-            self.link_down();
-        }
-        interest
     }
 }
 
@@ -597,9 +500,21 @@ fn tun_offloads(acked: u64) -> u32 {
         .fold(0, |flags, (_, tun)| flags | tun)
 }
 
+/// Whether `queues` queue pairs can be had on NIC `name`.
+fn check_queues(name: &str, queues: u16) -> Result<()> {
+    if (1..=MAX_QUEUE_PAIRS).contains(&queues) {
+        return Ok(());
+    }
+    Err(Error::QueuePairs {
+        name: name.to_string(),
+        queues,
+        max: MAX_QUEUE_PAIRS,
+    })
+}
+
 /// Lays out `struct virtio_net_config`: the MAC, the status
-/// (`VIRTIO_NET_S_*`).
-fn config_space(mac: [u8; 6], status: u32) -> [u8; CONFIG_SIZE] {
+/// (`VIRTIO_NET_S_*`), `max_virtqueue_pairs`.
+fn config_space(mac: [u8; 6], status: u32, pairs: u16) -> [u8; CONFIG_SIZE] {
     let mut c = [0u8; CONFIG_SIZE];
     let status = u16::try_from(status).unwrap_or(1);
     let mut put = |at: usize, bytes: &[u8]| {
@@ -609,6 +524,10 @@ fn config_space(mac: [u8; 6], status: u32) -> [u8; CONFIG_SIZE] {
     };
     put(offset_of!(virtio_net_config, mac), &mac);
     put(offset_of!(virtio_net_config, status), &status.to_le_bytes());
+    put(
+        offset_of!(virtio_net_config, max_virtqueue_pairs),
+        &pairs.to_le_bytes(),
+    );
     c
 }
 
@@ -656,46 +575,50 @@ impl VirtioDevice for Net {
         let got = ctx.queues.len();
         let acked = ctx.acked_features & self.avail_features;
         let want_ctrl = acked & (1 << VIRTIO_NET_F_CTRL_VQ) != 0;
-        let expected = if want_ctrl { 3 } else { 2 };
-        let mut queues = ctx.queues.into_iter();
-        let (Some(mut rx), Some(mut tx)) = (queues.next(), queues.next()) else {
-            return Err(ActivateError::QueueCount { expected, got });
-        };
-        let ctrl = queues.next();
-        if ctrl.is_some() != want_ctrl || queues.next().is_some() {
+        let mq = acked & (1 << VIRTIO_NET_F_MQ) != 0;
+        // With VIRTIO_NET_F_MQ every pair the device has, and the control
+        // queue after them (which MQ needs); one pair without.
+        let pairs = if mq { self.pairs.len() } else { 1 };
+        let expected = pairs * 2 + usize::from(want_ctrl);
+        if got != expected || (mq && !want_ctrl) {
             return Err(ActivateError::QueueCount { expected, got });
         }
         let event_idx = acked & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        rx.set_event_idx(event_idx);
-        tx.set_event_idx(event_idx);
-        let offloads = tun_offloads(acked);
-        if let Err(e) = self.backend.set_offload(offloads) {
-            self.log.report(
-                Fault::Offload,
-                format_args!("cannot set tap offloads {offloads:#x}, going on without: {e}"),
-            );
-        }
-        self.rx_pending = None;
-        self.rx_parked.forget();
-        self.rx_avg = 0;
-        self.filter.set_features(acked, 1);
-        let ctrl = ctrl.map(|mut q| {
+        let mut queues = ctx.queues.into_iter().map(|mut q| {
             q.set_event_idx(event_idx);
             q
         });
+        let mut pair_queues = Vec::with_capacity(pairs);
+        while pair_queues.len() < pairs {
+            let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
+                return Err(ActivateError::QueueCount { expected, got });
+            };
+            pair_queues.push(QueuePair { rx, tx });
+        }
+        let ctrl = queues.next();
+        let offloads = tun_offloads(acked);
+        self.set_offloads(offloads);
+        for p in &mut self.pairs {
+            p.forget();
+        }
+        self.filter
+            .set_features(acked, u16::try_from(pairs).unwrap_or(1));
         self.active = Some(Active {
             mem: ctx.mem,
             interrupt: ctx.interrupt,
-            rx,
-            tx,
+            queues: pair_queues,
             ctrl,
+            ctrl_index: rx_index(pairs),
             acked,
             mrg_rxbuf: acked & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
             guest_csum: acked & (1 << VIRTIO_NET_F_GUEST_CSUM) != 0,
         });
-        // The backend is watched again at the first receive pass (the
-        // driver's first receive notification, on the event loop: this
-        // runs on a vCPU thread, whose seccomp filter has no epoll_ctl).
+        // The driver starts on the first pair (virtio 1.2, 5.1.6.5.5): the
+        // other tap queues are detached. The backends are watched again at
+        // the first receive pass (the driver's first receive notification,
+        // on the event loop: this runs on a vCPU thread, whose seccomp
+        // filter has no epoll_ctl).
+        self.set_active_pairs(1);
         Ok(())
     }
 
@@ -707,61 +630,87 @@ impl VirtioDevice for Net {
         let Some(a) = self.active.as_ref() else {
             return Vec::new();
         };
-        // Receive chains parked for the direct path were taken but not
-        // used: the restored device takes them again.
-        let mut rx = a.rx.state();
-        let parked = u16::try_from(self.rx_parked.chain_count()).unwrap_or(u16::MAX);
-        rx.next_avail = rx.next_avail.wrapping_sub(parked);
-        let mut states = vec![rx, a.tx.state()];
+        let mut states = Vec::with_capacity(a.queues.len() * 2 + 1);
+        for (q, pair) in a.queues.iter().zip(&self.pairs) {
+            // Receive chains parked for the direct path were taken but not
+            // used: the restored device takes them again.
+            let mut rx = q.rx.state();
+            let parked = u16::try_from(pair.rx_parked.chain_count()).unwrap_or(u16::MAX);
+            rx.next_avail = rx.next_avail.wrapping_sub(parked);
+            states.push(rx);
+            states.push(q.tx.state());
+        }
         states.extend(a.ctrl.as_ref().map(Queue::state));
         states
     }
 
     fn process_queue(&mut self, index: usize) {
-        if index == usize::from(RX) {
-            // New receive buffers: deliver the waiting frame and read on.
-            self.rx_pass();
-        } else if index == usize::from(TX) {
-            self.process_tx();
-        } else if index == usize::from(CTRL) {
+        let Some(a) = self.active.as_ref() else {
+            return;
+        };
+        if index == usize::from(a.ctrl_index) {
             self.process_ctrl();
+        } else if index % 2 == 0 {
+            // New receive buffers: deliver the waiting frame and read on
+            // (a pair the driver uses).
+            if index / 2 < usize::from(self.filter.queue_pairs()) {
+                self.rx_pass(index / 2);
+            }
+        } else {
+            self.process_tx(index / 2);
         }
     }
 
     fn reset(&mut self) {
         self.active = None;
-        self.rx_pending = None;
-        self.rx_parked.forget();
-        self.rx_avg = 0;
+        for p in &mut self.pairs {
+            p.forget();
+        }
         self.filter.reset(self.base_mac);
         self.announcing = false;
         self.refresh_config();
     }
 
-    fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+    fn backend_fd(&self) -> Option<RawFd> {
         match &self.limits {
             Some(l) => Some(l.fd()),
-            None => self.backend.raw_fd(),
+            None => self.pairs.first().and_then(|p| p.backend.raw_fd()),
         }
     }
 
     fn process_backend(&mut self) -> BackendInterest {
         let Some(l) = self.limits.as_mut() else {
-            return self.process_rx();
+            return self.process_rx(0);
         };
         let ready = l.ready();
-        // A backend without a descriptor is read whenever the loop asks.
-        if !l.has_backend_fd() {
-            if ready.tx_timer {
-                self.process_tx();
-            }
-            return self.process_rx();
-        }
+        let has_fd = l.has_backend_fd();
         if ready.tx_timer {
-            self.process_tx();
+            for p in 0..self.pairs.len() {
+                self.process_tx(p);
+            }
         }
-        if ready.backend || ready.rx_timer {
-            self.rx_pass();
+        let used = usize::from(self.filter.queue_pairs());
+        // Backends without a descriptor are read whenever the loop asks.
+        if !has_fd {
+            let mut interest = BackendInterest::Pause;
+            for p in 0..used.min(self.pairs.len()) {
+                if self.process_rx(p) == BackendInterest::Keep {
+                    interest = BackendInterest::Keep;
+                }
+            }
+            return interest;
+        }
+        for p in 0..self.pairs.len() {
+            if p >= used {
+                // A detached tap queue polls as an error: unwatched.
+                if ready.backend(p) {
+                    if let Some(l) = self.limits.as_mut() {
+                        l.watch_backend(p, false);
+                    }
+                }
+            } else if ready.backend(p) || ready.rx_timer {
+                self.rx_pass(p);
+            }
         }
         BackendInterest::Keep
     }
@@ -805,10 +754,18 @@ fn complete(
 
 /// Interrupts the driver for queue `index` unless it asked not to be.
 fn notify(active: &mut Active, index: u16, log: &mut FaultLog) {
-    let queue = match (index, active.ctrl.as_mut()) {
-        (RX, _) => &mut active.rx,
-        (CTRL, Some(ctrl)) => ctrl,
-        _ => &mut active.tx,
+    let queue = if index == active.ctrl_index {
+        active.ctrl.as_mut()
+    } else {
+        let pair = active.queues.get_mut(usize::from(index / 2));
+        match (pair, index % 2) {
+            (Some(p), 0) => Some(&mut p.rx),
+            (Some(p), _) => Some(&mut p.tx),
+            (None, _) => None,
+        }
+    };
+    let Some(queue) = queue else {
+        return;
     };
     if !queue.needs_notification(&active.mem).unwrap_or(true) {
         return;
@@ -832,3 +789,5 @@ mod tests;
 mod tests_ctrl;
 #[cfg(test)]
 mod tests_limits;
+#[cfg(test)]
+mod tests_mq;

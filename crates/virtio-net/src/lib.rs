@@ -31,6 +31,7 @@
 //!     mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
 //!     offloads: true,
 //!     vlan: None,
+//!     queues: 1,
 //! })?;
 //! // The event loop watches this fd and calls `process_backend` when it is
 //! // readable.
@@ -95,7 +96,8 @@ use std::io;
 
 pub use backend::NetBackend;
 pub use device::{
-    Announced, Net, NetConfig, NetCounters, CTRL_QUEUE_SIZE, MAX_FRAME, QUEUE_SIZE, VNET_HDR_LEN,
+    Announced, Net, NetConfig, NetCounters, CTRL_QUEUE_SIZE, MAX_FRAME, MAX_QUEUE_PAIRS,
+    QUEUE_SIZE, VNET_HDR_LEN,
 };
 pub use state::NetState;
 pub use stream::StreamBackend;
@@ -125,11 +127,45 @@ pub enum Error {
         /// The tap's name.
         name: String,
     },
-    /// An interface has this name but is not a single-queue tap.
-    #[error("interface {name} is not a single-queue tap device")]
+    /// An interface has this name but is not a tap.
+    #[error("interface {name} is not a tap device")]
     NotTap {
         /// The interface's name.
         name: String,
+    },
+    /// Several queues asked of a single-queue tap.
+    #[error(
+        "tap {name} has one queue and {queues} were asked for: create it with \
+         `ip tuntap add {name} mode tap multi_queue`"
+    )]
+    NotMultiQueue {
+        /// The tap's name.
+        name: String,
+        /// The queues asked for.
+        queues: u16,
+    },
+    /// The tap took fewer queues than asked for.
+    #[error(
+        "tap {name} took {attached} of the {queues} queues asked for (Linux attaches at \
+         most 256 to a tap, other processes' included)"
+    )]
+    TapQueues {
+        /// The tap's name.
+        name: String,
+        /// The queues asked for.
+        queues: u16,
+        /// The queues it took.
+        attached: u16,
+    },
+    /// A queue pair count the device does not support.
+    #[error("{queues} queue pairs for {name}: a NIC has 1 to {max}")]
+    QueuePairs {
+        /// The tap's name.
+        name: String,
+        /// The count asked for.
+        queues: u16,
+        /// The most there can be.
+        max: u16,
     },
     /// Another file (another VMM?) is attached to the tap.
     #[error("tap {name} is in use by another process (another VMM?)")]

@@ -1,6 +1,6 @@
 //! A NIC's saved state: its MAC address, what the control queue set (the
 //! receive filter, a pending announcement) and a received frame still
-//! waiting for guest buffers. The transport and queue positions are the virtio
+//! waiting for guest buffers, by queue pair. The transport and queue positions are the virtio
 //! crate's [`TransportState`](ember_virtio::TransportState); the tap is
 //! reopened by name when the VM is restored.
 
@@ -15,9 +15,13 @@ pub struct NetState {
     /// The MAC address the NIC was built with (the guest may have set
     /// another, in `filter`).
     pub mac: [u8; 6],
-    /// A frame (virtio-net header first) read from the backend and not yet
-    /// delivered.
+    /// A frame (virtio-net header first) read from the first queue pair's
+    /// backend and not yet delivered.
     pub pending_frame: Option<Vec<u8>>,
+    /// The same for the other queue pairs of a multi-queue NIC: (pair,
+    /// frame).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pair_pending: Vec<(u16, Vec<u8>)>,
     /// The receive filter, MAC and queue pairs the control queue set
     /// (absent in snapshots older than the control queue, and when the
     /// device was not activated).

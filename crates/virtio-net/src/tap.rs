@@ -20,8 +20,9 @@ use std::os::unix::fs::OpenOptionsExt;
 
 use ember_memory::Slice;
 use libc::{
-    c_char, c_int, c_short, c_ulong, ifreq, IFF_NO_PI, IFF_PERSIST, IFF_TAP, IFF_VNET_HDR,
-    IFNAMSIZ, TUNGETIFF, TUNSETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ,
+    c_char, c_int, c_short, c_ulong, ifreq, IFF_ATTACH_QUEUE, IFF_DETACH_QUEUE, IFF_MULTI_QUEUE,
+    IFF_NO_PI, IFF_PERSIST, IFF_TAP, IFF_VNET_HDR, IFNAMSIZ, TUNGETIFF, TUNSETIFF, TUNSETOFFLOAD,
+    TUNSETQUEUE, TUNSETVNETHDRSZ,
 };
 use vm_memory::bitmap::Bitmap;
 use vm_memory::volatile_memory::PtrGuardMut;
@@ -39,6 +40,14 @@ const TUN_DEVICE: &str = "/dev/net/tun";
 #[allow(clippy::cast_possible_truncation)]
 const TAP_FLAGS: c_short = (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) as c_short;
 
+/// TUNSETIFF's flags for one queue of a multi-queue tap (`ip tuntap add
+/// NAME mode tap multi_queue`): 0x5102.
+#[allow(clippy::cast_possible_truncation)]
+const TAP_MQ_FLAGS: c_short = (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE) as c_short;
+
+/// The most queues Linux attaches to one tap (`MAX_TAP_QUEUES`).
+pub const MAX_TAP_QUEUES: u16 = 256;
+
 /// An open tap interface. Reads and writes never block.
 #[derive(Debug)]
 pub struct Tap {
@@ -55,7 +64,24 @@ impl Tap {
     /// such interface exists, [`Error::NotTap`] for another kind of
     /// interface, [`Error::TapBusy`] when another file is attached to it,
     /// [`Error::TapOpen`] for permission errors.
+    ///
+    /// A multi-queue tap (`ip tuntap add NAME mode tap multi_queue`) is
+    /// used with one queue.
     pub fn open(name: &str) -> Result<Tap> {
+        let mut taps = Tap::open_queues(name, 1)?;
+        taps.pop().ok_or_else(|| missing(name))
+    }
+
+    /// Attaches `queues` files to the existing tap `name`, one per queue
+    /// pair of a multi-queue NIC (`IFF_MULTI_QUEUE`: the kernel spreads the
+    /// frames it hands the tap over the queues by flow). One queue is
+    /// [`Tap::open`]; more need a tap created multi-queue.
+    ///
+    /// Errors as [`Tap::open`], and [`Error::NotMultiQueue`] for more than
+    /// one queue on a single-queue tap, [`Error::TapQueues`] when the tap
+    /// takes fewer queues than asked (Linux attaches at most
+    /// [`MAX_TAP_QUEUES`] to one tap, counting other processes' queues).
+    pub fn open_queues(name: &str, queues: u16) -> Result<Vec<Tap>> {
         check_name(name)?;
         match if_index(name) {
             Ok(Some(_)) => {}
@@ -67,13 +93,63 @@ impl Tap {
                 })
             }
         }
-        attach(name)
+        if queues <= 1 {
+            return match attach(name, TAP_FLAGS) {
+                // Perhaps a multi-queue tap: one queue of it.
+                Err(Error::NotTap { .. }) => attach(name, TAP_MQ_FLAGS).map(|t| vec![t]),
+                other => other.map(|t| vec![t]),
+            };
+        }
+        let mut taps = Vec::with_capacity(usize::from(queues));
+        for i in 0..queues {
+            match attach(name, TAP_MQ_FLAGS) {
+                Ok(t) => taps.push(t),
+                Err(Error::NotTap { .. }) if i == 0 => {
+                    // A single-queue tap refuses IFF_MULTI_QUEUE; is it one?
+                    return Err(match attach(name, TAP_FLAGS) {
+                        Ok(_) | Err(Error::TapBusy { .. }) => Error::NotMultiQueue {
+                            name: name.to_string(),
+                            queues,
+                        },
+                        Err(e) => e,
+                    });
+                }
+                Err(Error::NotTap { .. } | Error::TapOpen { .. }) if i > 0 => {
+                    return Err(Error::TapQueues {
+                        name: name.to_string(),
+                        queues,
+                        attached: i,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(taps)
+    }
+
+    /// Attaches this queue to its multi-queue tap again or detaches it
+    /// (TUNSETQUEUE): the kernel steers no frames to a detached queue.
+    /// `EINVAL` when the queue already is so, or the tap is not
+    /// multi-queue.
+    pub fn set_queue_enabled(&self, on: bool) -> io::Result<()> {
+        let flags = if on {
+            IFF_ATTACH_QUEUE
+        } else {
+            IFF_DETACH_QUEUE
+        };
+        let mut ifr = ifreq_for("", c_short::try_from(flags).unwrap_or(0));
+        // SAFETY: TUNSETQUEUE reads one `struct ifreq`; `ifr` is one and
+        // outlives the call. The fd is our open tap.
+        let ret = unsafe { ioctl_with_mut_ref(&self.file, TUNSETQUEUE, &mut ifr) };
+        check(ret)
     }
 
     /// A tap from a file already attached to it, as a live migration's
     /// source hands it over (`SCM_RIGHTS`): checked to be attached to the
     /// tap `name` with ember's flags (no packet information, a vnet
-    /// header); its settings (header size, offloads) are the file's.
+    /// header); its settings (header size, offloads) are the file's. A
+    /// queue of a multi-queue tap that its device had detached is attached
+    /// again (its device detaches what it does not use).
     pub fn from_file(file: File, name: &str) -> Result<Tap> {
         let (attached, flags) = iff(&file).map_err(|source| Error::TapSetup {
             name: name.to_string(),
@@ -88,10 +164,24 @@ impl Tap {
                 name: format!("{name} (the descriptor handed over is attached to {attached:?}, flags {flags:#x})"),
             });
         }
-        Ok(Tap {
+        let tap = Tap {
             file,
             name: name.to_string(),
-        })
+        };
+        if c_int::from(flags) & IFF_MULTI_QUEUE != 0 {
+            // EINVAL: attached already.
+            match tap.set_queue_enabled(true) {
+                Err(e) if e.raw_os_error() != Some(libc::EINVAL) => {
+                    return Err(Error::TapSetup {
+                        name: name.to_string(),
+                        what: "TUNSETQUEUE",
+                        source: e,
+                    })
+                }
+                _ => {}
+            }
+        }
+        Ok(tap)
     }
 
     /// The interface's name.
@@ -256,6 +346,10 @@ impl NetBackend for Tap {
     fn raw_fd(&self) -> Option<RawFd> {
         Some(self.as_raw_fd())
     }
+
+    fn set_queue_enabled(&mut self, on: bool) -> io::Result<()> {
+        Tap::set_queue_enabled(self, on)
+    }
 }
 
 fn missing(name: &str) -> Error {
@@ -315,14 +409,14 @@ fn open_tun() -> io::Result<File> {
 }
 
 /// Attaches a new `/dev/net/tun` file to the tap `name` (which
-/// [`check_name`] accepted) and configures it.
-fn attach(name: &str) -> Result<Tap> {
+/// [`check_name`] accepted) with TUNSETIFF's `flags` and configures it.
+fn attach(name: &str, flags: c_short) -> Result<Tap> {
     let open_err = |source| Error::TapOpen {
         name: name.to_string(),
         source,
     };
     let file = open_tun().map_err(open_err)?;
-    if let Err(e) = set_iff(&file, name, TAP_FLAGS) {
+    if let Err(e) = set_iff(&file, name, flags) {
         return Err(match e.raw_os_error() {
             Some(libc::EINVAL) => Error::NotTap {
                 name: name.to_string(),
@@ -682,9 +776,123 @@ mod tests {
 
         // Deleted between the lookup and TUNSETIFF: the transient tap
         // TUNSETIFF makes is refused and goes away with the file.
-        let err = attach("embertest1").unwrap_err();
+        let err = attach("embertest1", TAP_FLAGS).unwrap_err();
         assert!(matches!(err, Error::TapMissing { .. }), "{err}");
         assert_eq!(if_index("embertest1").unwrap(), None);
+    }
+
+    /// An Ethernet/IPv4/UDP frame from 10.0.0.1:`port` to 10.0.0.2:9: a
+    /// flow of its own, which a multi-queue tap steers by its hash.
+    fn udp_frame(port: u16) -> Vec<u8> {
+        let mut f = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01, 0x08, 0x00];
+        f.extend([0x45, 0, 0, 32, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+        f.extend([10, 0, 0, 1, 10, 0, 0, 2]);
+        f.extend(port.to_be_bytes());
+        f.extend([0, 9, 0, 12, 0, 0, 0xde, 0xad, 0xbe, 0xef]);
+        f.resize(60, 0);
+        f
+    }
+
+    /// Reads every frame of [`udp_frame`]'s flows from `queues` until
+    /// `want` came (or 5 s passed); how many each queue got.
+    fn udp_frames_per_queue(queues: &[&Tap], want: usize) -> Vec<usize> {
+        let mut got = vec![0; queues.len()];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut buf = vec![0u8; 2048];
+        while got.iter().sum::<usize>() < want && Instant::now() < deadline {
+            let mut idle = true;
+            for (q, n) in queues.iter().zip(got.iter_mut()) {
+                match q.read(&mut buf) {
+                    Ok(len) => {
+                        idle = false;
+                        let f = &buf[VNET_HDR_LEN..len];
+                        if f.len() >= 38 && f[12..14] == [8, 0] && f[26..30] == [10, 0, 0, 1] {
+                            *n += 1;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("tap queue read: {e}"),
+                }
+            }
+            if idle {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        got
+    }
+
+    /// Multi-queue taps: several queues of one, the kernel spreading flows
+    /// over them, a detached queue getting nothing, and refusals.
+    fn multi_queue_checks() {
+        let mq = IFF_TAP | IFF_NO_PI | libc::IFF_MULTI_QUEUE;
+        // A single-queue tap refuses two queues, naming the fix.
+        set_persistent("embersq0", IFF_TAP | IFF_NO_PI, true);
+        let err = Tap::open_queues("embersq0", 2).unwrap_err();
+        assert!(
+            matches!(err, Error::NotMultiQueue { queues: 2, .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("ip tuntap add embersq0 mode tap multi_queue"),
+            "{err}"
+        );
+        set_persistent("embersq0", IFF_TAP | IFF_NO_PI, false);
+        // Not a tap at all.
+        let err = Tap::open_queues("lo", 2).unwrap_err();
+        assert!(matches!(err, Error::NotTap { .. }), "{err}");
+
+        set_persistent("embermq0", mq, true);
+        let taps = Tap::open_queues("embermq0", 2).unwrap();
+        assert_eq!(taps.len(), 2);
+        for t in &taps {
+            assert_eq!(vnet_hdr_size(t), 12);
+        }
+        // One queue more, as a single-queue NIC would take it.
+        let third = Tap::open("embermq0").unwrap();
+        drop(third);
+        link_up("embermq0");
+        let index = if_index("embermq0").unwrap().unwrap();
+
+        // 64 flows: the kernel spreads them over both queues.
+        for port in 0..64 {
+            send_out_of(index, &udp_frame(1000 + port));
+        }
+        let got = udp_frames_per_queue(&[&taps[0], &taps[1]], 64);
+        assert_eq!(got.iter().sum::<usize>(), 64, "{got:?}");
+        assert!(got[0] > 0 && got[1] > 0, "flows per queue: {got:?}");
+
+        // The second queue detached: every flow comes to the first.
+        taps[1].set_queue_enabled(false).unwrap();
+        assert!(taps[1].set_queue_enabled(false).is_err());
+        for port in 0..64 {
+            send_out_of(index, &udp_frame(1000 + port));
+        }
+        assert_eq!(
+            udp_frames_per_queue(&taps.iter().collect::<Vec<_>>(), 64),
+            [64, 0]
+        );
+
+        // A detached queue handed over (a migration's) is attached again.
+        let mut taps = taps;
+        let second = taps.pop().unwrap();
+        let second = Tap::from_file(second.file, "embermq0").unwrap();
+        for port in 0..64 {
+            send_out_of(index, &udp_frame(1000 + port));
+        }
+        let got = udp_frames_per_queue(&[&taps[0], &second], 64);
+        assert!(got[0] > 0 && got[1] > 0, "flows per queue: {got:?}");
+
+        // More queues than Linux attaches to a tap (256, these two too).
+        let err = Tap::open_queues("embermq0", MAX_TAP_QUEUES).unwrap_err();
+        assert!(
+            matches!(err, Error::TapQueues { attached: 254, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("took 254 of the 256"), "{err}");
+        drop((taps, second));
+        set_persistent("embermq0", mq, false);
+        assert_eq!(if_index("embermq0").unwrap(), None);
     }
 
     #[test]
@@ -702,7 +910,10 @@ mod tests {
                 return;
             }
             match open_tun() {
-                Ok(_) => namespace_checks(),
+                Ok(_) => {
+                    namespace_checks();
+                    multi_queue_checks();
+                }
                 Err(e) => eprintln!("SKIPPED tap_open_in_fresh_namespace: {TUN_DEVICE}: {e}"),
             }
         })

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ember_memory::GuestMemoryMmap;
@@ -182,7 +182,7 @@ impl<'a> TestQueue<'a> {
 /// An interrupt that counts its triggers per queue.
 #[derive(Debug, Default)]
 pub struct CountingInterrupt {
-    counts: [AtomicUsize; 3],
+    counts: [AtomicUsize; 8],
     config: AtomicUsize,
 }
 
@@ -233,6 +233,11 @@ pub struct MemState {
     pub reads: AtomicUsize,
     /// Of those, reads straight into guest buffers (`read_vectored`).
     pub vectored_reads: AtomicUsize,
+    /// The queue was detached (`set_queue_enabled(false)`): reads and
+    /// writes fail with `EBADFD`, as a detached tap queue's do.
+    pub detached: AtomicBool,
+    /// Every `set_queue_enabled` argument.
+    pub queue_calls: Mutex<Vec<bool>>,
 }
 
 impl MemState {
@@ -273,6 +278,9 @@ impl MemBackend {
 impl NetBackend for MemBackend {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.0.reads.fetch_add(1, Ordering::SeqCst);
+        if self.0.detached.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::EBADFD));
+        }
         match self.0.incoming.lock().unwrap().pop_front() {
             None => Err(io::ErrorKind::WouldBlock.into()),
             Some(Incoming::Error(kind)) => Err(kind.into()),
@@ -299,6 +307,9 @@ impl NetBackend for MemBackend {
     }
 
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.0.detached.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::EBADFD));
+        }
         if let Some(kind) = *self.0.write_error.lock().unwrap() {
             return Err(kind.into());
         }
@@ -316,6 +327,15 @@ impl NetBackend for MemBackend {
 
     fn raw_fd(&self) -> Option<RawFd> {
         None
+    }
+
+    fn set_queue_enabled(&mut self, on: bool) -> io::Result<()> {
+        self.0.queue_calls.lock().unwrap().push(on);
+        if self.0.detached.load(Ordering::SeqCst) != on {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        self.0.detached.store(!on, Ordering::SeqCst);
+        Ok(())
     }
 }
 

@@ -197,6 +197,10 @@ impl NetBackend for VlanBackend {
         self.inner.raw_fd()
     }
 
+    fn set_queue_enabled(&mut self, on: bool) -> io::Result<()> {
+        self.inner.set_queue_enabled(on)
+    }
+
     fn rx_filtered(&self) -> u64 {
         self.dropped_rx.saturating_add(self.inner.rx_filtered())
     }

@@ -226,6 +226,7 @@ pub fn apply_net(cfg: &mut VmConfig, n: &NetworkInterface) -> Result<(), ConfigE
         offloads: true,
         iface_id: Some(n.iface_id.clone()),
         vlan: None,
+        queues: 1,
         rx_rate_limiter: n
             .rx_rate_limiter
             .as_ref()

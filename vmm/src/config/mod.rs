@@ -180,6 +180,17 @@ pub enum ConfigError {
         /// The id given.
         vid: u16,
     },
+    /// A NIC's queue pair count out of range.
+    #[error(
+        "net.queues = {queues} (tap {tap}) is out of range: 1 to {}",
+        net::MAX_NET_QUEUES
+    )]
+    NetQueues {
+        /// The NIC's tap.
+        tap: String,
+        /// The count given.
+        queues: u16,
+    },
     /// A MAC address that cannot be used.
     #[error("net.mac = {0:?} is not a unicast MAC address like 52:54:00:12:34:56")]
     Mac(String),

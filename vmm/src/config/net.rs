@@ -11,6 +11,8 @@ use super::ConfigError;
 
 /// Most NICs per VM.
 pub const MAX_NETS: usize = 8;
+/// Most queue pairs per NIC.
+pub const MAX_NET_QUEUES: u16 = ember_virtio_net::MAX_QUEUE_PAIRS;
 /// Longest interface name Linux accepts (IFNAMSIZ - 1).
 pub const MAX_TAP_NAME: usize = 15;
 
@@ -40,6 +42,11 @@ pub struct NetConfig {
     /// tagged with it, and only its frames reach the guest, untagged.
     #[serde(default)]
     pub vlan: Option<u16>,
+    /// Queue pairs (1 to 16): more than one needs a multi-queue tap
+    /// (`ip tuntap add NAME mode tap multi_queue`); the guest uses as
+    /// many as it has vCPUs, at most.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub queues: u16,
     /// What the guest receives: Firecracker's token buckets (bytes, frames).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rx_rate_limiter: Option<RateLimiterConfig>,
@@ -50,6 +57,15 @@ pub struct NetConfig {
 
 fn default_true() -> bool {
     true
+}
+
+fn one() -> u16 {
+    1
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_one(n: &u16) -> bool {
+    *n == 1
 }
 
 /// A user-mode NIC: passt gives the guest DHCP, DNS and NAT to the host's
@@ -179,7 +195,7 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 }
 
 impl NetConfig {
-    /// Parses `tap=NAME[,mac=MAC][,offloads=on|off][,vlan=ID]` or
+    /// Parses `tap=NAME[,mac=MAC][,offloads=on|off][,vlan=ID][,queues=N]` or
     /// `user[,hostfwd=tcp:[ADDR]:PORT-:PORT]...[,socket=PATH][,mac=MAC]`,
     /// either with `[,rx_bw=SIZE/TIME[+BURST]][,rx_ops=...][,tx_bw=...]
     /// [,tx_ops=...]` (bytes and frames the guest receives and sends).
@@ -189,6 +205,7 @@ impl NetConfig {
             why,
         };
         let (mut tap, mut mac, mut offloads, mut vlan) = (None, None, true, None);
+        let mut queues = 1;
         let mut user: Option<UserNet> = None;
         let (mut rx_limit, mut tx_limit): (Option<RateLimiterConfig>, Option<RateLimiterConfig>) =
             (None, None);
@@ -241,10 +258,17 @@ impl NetConfig {
                         bad(format!("vlan must be a VLAN id (1 to 4094), not `{v}`"))
                     })?);
                 }
+                "queues" => {
+                    queues = v.parse::<u16>().map_err(|_| {
+                        bad(format!(
+                            "queues must be a number of queue pairs (1 to {MAX_NET_QUEUES}), not `{v}`"
+                        ))
+                    })?;
+                }
                 _ => {
                     return Err(bad(format!(
-                        "unknown key `{k}` (tap, mac, offloads, vlan, rx_bw, rx_ops, tx_bw, \
-                         tx_ops; user, hostfwd, socket)"
+                        "unknown key `{k}` (tap, mac, offloads, vlan, queues, rx_bw, rx_ops, \
+                         tx_bw, tx_ops; user, hostfwd, socket)"
                     )))
                 }
             }
@@ -274,6 +298,7 @@ impl NetConfig {
             offloads,
             iface_id: None,
             vlan,
+            queues,
             rx_rate_limiter: rx_limit,
             tx_rate_limiter: tx_limit,
         })
@@ -286,6 +311,15 @@ impl NetConfig {
             (Some(t), _) => NetKind::Tap(t),
             (None, Some(u)) => NetKind::User(u),
             (None, None) => NetKind::Tap(""),
+        }
+    }
+
+    /// The descriptors a local migration hands over for this NIC: a
+    /// tap's queues, or the one socket to passt.
+    pub fn descriptors(&self) -> usize {
+        match self.kind() {
+            NetKind::Tap(_) => usize::from(self.queues),
+            NetKind::User(_) => 1,
         }
     }
 
@@ -336,6 +370,13 @@ impl NetConfig {
                         "vlan= is for a NIC on a tap (passt has no VLANs)".to_string(),
                     ));
                 }
+                if self.queues != 1 {
+                    return Err(user_net(
+                        "queues= is for a NIC on a multi-queue tap (passt's socket is one \
+                         stream)"
+                            .to_string(),
+                    ));
+                }
             }
             (None, None) => return Err(user_net("neither tap nor user is given".to_string())),
             (Some(_), Some(_)) => {
@@ -348,6 +389,12 @@ impl NetConfig {
             return Err(ConfigError::Vlan {
                 tap: self.label(),
                 vid,
+            });
+        }
+        if !(1..=MAX_NET_QUEUES).contains(&self.queues) {
+            return Err(ConfigError::NetQueues {
+                tap: self.label(),
+                queues: self.queues,
             });
         }
         match &self.mac {
@@ -402,10 +449,32 @@ mod tests {
             "",
             "mac=52:54:00:12:34:56",
             "tap=t,offloads=maybe",
-            "tap=t,queues=2",
+            "tap=t,queues=x",
+            "tap=t,queues=-2",
             "tap",
         ] {
             assert!(NetConfig::parse_flag(bad).is_err(), "{bad}");
+        }
+        let n = NetConfig::parse_flag("tap=tap1,queues=2").unwrap();
+        assert_eq!(n.queues, 2);
+        assert!(n.validate(0).is_ok());
+        assert_eq!(NetConfig::parse_flag("tap=tap1").unwrap().queues, 1);
+        for (flag, why) in [
+            (
+                "tap=t,queues=0",
+                "net.queues = 0 (tap t) is out of range: 1 to 16",
+            ),
+            (
+                "tap=t,queues=17",
+                "net.queues = 17 (tap t) is out of range: 1 to 16",
+            ),
+            ("user,queues=2", "passt's socket is one stream"),
+        ] {
+            let err = NetConfig::parse_flag(flag)
+                .unwrap()
+                .validate(0)
+                .unwrap_err();
+            assert!(err.to_string().contains(why), "{flag}: {err}");
         }
     }
 
@@ -491,6 +560,7 @@ mod tests {
             offloads: true,
             iface_id: None,
             vlan: None,
+            queues: 1,
             rx_rate_limiter: None,
             tx_rate_limiter: None,
         };
@@ -535,6 +605,7 @@ mod tests {
             offloads: true,
             iface_id: None,
             vlan: None,
+            queues: 1,
             rx_rate_limiter: None,
             tx_rate_limiter: None,
         };
@@ -545,6 +616,7 @@ mod tests {
             offloads: true,
             iface_id: None,
             vlan: None,
+            queues: 1,
             rx_rate_limiter: None,
             tx_rate_limiter: None,
         };

@@ -223,9 +223,10 @@ fn receive_on(
     }
     // A local migration's taps came with the release.
     let taps = probe.take_fds();
-    if local && taps.len() != cfg.nets.len() {
+    let want: usize = cfg.nets.iter().map(|(n, _)| n.descriptors()).sum();
+    if local && taps.len() != want {
         return Err(fail(format!(
-            "{} taps handed over for {} NICs",
+            "{} tap descriptors handed over for {} NICs, which have {want} queues",
             taps.len(),
             cfg.nets.len()
         )));

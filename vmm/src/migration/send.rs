@@ -695,19 +695,22 @@ fn memory_file(mem: &GuestMemoryMmap) -> Result<(RawFd, Vec<u64>), String> {
         .ok_or_else(|| "no guest memory".to_string())
 }
 
-/// Each NIC's tap descriptor, in order.
+/// Each NIC's tap descriptors (one per queue pair) or socket to passt, in
+/// order.
 fn tap_fds(ctx: &Context) -> Result<Vec<RawFd>, String> {
-    ctx.nets
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            n.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .device()
-                .backend_raw_fd()
-                .ok_or_else(|| format!("NIC {i} has no descriptor to hand over"))
-        })
-        .collect()
+    let mut fds = Vec::new();
+    for (i, n) in ctx.nets.iter().enumerate() {
+        let mine = n
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .device()
+            .backend_raw_fds();
+        if mine.is_empty() {
+            return Err(format!("NIC {i} has no descriptor to hand over"));
+        }
+        fds.extend(mine);
+    }
+    Ok(fds)
 }
 
 fn take_dirty(ctx: &Context) -> Result<Vec<Vec<u64>>, String> {

@@ -82,6 +82,8 @@ const KVM_RUN: u64 = 0xae80;
 const KVM_SET_GSI_ROUTING: u64 = 0x4008_ae6a;
 /// `_IOW('T', 208, unsigned int)`.
 const TUNSETOFFLOAD: u64 = 0x4004_54d0;
+/// `_IOW('T', 217, int)`: attach or detach a multi-queue tap's queue.
+const TUNSETQUEUE: u64 = 0x4004_54d9;
 /// `_IO(KVMIO, 0xad)`.
 const KVM_KVMCLOCK_CTRL: u64 = 0xaead;
 /// `_IOR(KVMIO, 0x7c, struct kvm_clock_data)` (48 bytes).
@@ -262,6 +264,10 @@ pub fn vmm() -> Vec<Rule> {
                     TUNSETOFFLOAD,
                     "apply the offloads the guest driver accepted",
                 ),
+                (
+                    TUNSETQUEUE,
+                    "the guest driver uses more or fewer of a multi-queue NIC's queue pairs",
+                ),
                 (KVM_GET_CLOCK, "save the guest clock when pausing"),
                 (KVM_SET_CLOCK, "restore the guest clock when resuming"),
                 (KVM_GET_IRQCHIP, "a snapshot saves the PIC and IOAPIC"),
@@ -329,6 +335,10 @@ pub fn vcpu() -> Vec<Rule> {
                 (KVM_RUN, "enter the guest"),
                 (KVM_SET_GSI_ROUTING, "the guest programs an MSI-X vector"),
                 (TUNSETOFFLOAD, "the guest driver accepts tap offloads"),
+                (
+                    TUNSETQUEUE,
+                    "a multi-queue NIC starts on its first queue pair",
+                ),
                 (
                     KVM_KVMCLOCK_CTRL,
                     "tell the guest it was paused (no soft-lockup report)",
@@ -500,4 +510,13 @@ pub fn to_map(rules: &[Rule]) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Error> 
         map.insert(rule.nr, compiled);
     }
     Ok(map)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tap_ioctl_numbers_are_the_kernels() {
+        assert_eq!(super::TUNSETOFFLOAD, libc::TUNSETOFFLOAD);
+        assert_eq!(super::TUNSETQUEUE, libc::TUNSETQUEUE);
+    }
 }

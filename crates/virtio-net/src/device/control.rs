@@ -8,7 +8,7 @@ use ember_memory::GuestMemoryMmap;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::{complete, notify, tun_offloads, Active, Fault, Net, CTRL, MAX_CHAIN_DESCS};
+use super::{complete, notify, tun_offloads, Active, Fault, Net, MAX_CHAIN_DESCS};
 use crate::ctrl::{parse, Command, CtrlError, MAX_COMMAND_LEN, VIRTIO_NET_ERR, VIRTIO_NET_OK};
 
 /// A control chain, read: the command bytes and where the status goes.
@@ -91,6 +91,7 @@ impl Net {
             return;
         };
         let mem = active.mem.clone();
+        let pairs_before = self.filter.queue_pairs();
         let mut used_any = false;
         let drained = ember_virtio::queue::drain(&mut queue, &mem, |queue, chain| {
             let head = chain.head_index();
@@ -125,9 +126,18 @@ impl Net {
         }
         active.ctrl = Some(queue);
         if used_any {
-            notify(&mut active, CTRL, &mut self.log);
+            let index = active.ctrl_index;
+            notify(&mut active, index, &mut self.log);
         }
         self.active = Some(active);
+        let pairs = self.filter.queue_pairs();
+        if pairs != pairs_before {
+            self.set_active_pairs(pairs);
+            // The pairs now in use are served (and their backends watched).
+            for p in 0..usize::from(pairs) {
+                self.rx_pass(p);
+            }
+        }
     }
 
     /// Applies one parsed command and what it changes outside the filter.
@@ -141,11 +151,7 @@ impl Net {
             }
             Command::GuestOffloads(mask) => {
                 let flags = tun_offloads(mask & active.acked);
-                if let Err(e) = self.backend.set_offload(flags) {
-                    self.log.report(
-                        Fault::Offload,
-                        format_args!("cannot set tap offloads {flags:#x}: {e}"),
-                    );
+                if !self.set_offloads(flags) {
                     return Err(CtrlError::Offloads(*mask));
                 }
                 active.guest_csum = mask & (1 << super::VIRTIO_NET_F_GUEST_CSUM) != 0;

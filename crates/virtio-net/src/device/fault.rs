@@ -20,20 +20,21 @@ pub(super) enum Fault {
     Offload,
     Ctrl,
     Link,
+    Queues,
 }
 
 /// Logs faults, naming the device.
 #[derive(Debug)]
 pub(super) struct FaultLog {
     pub(super) name: String,
-    seen: [bool; 11],
+    seen: [bool; 12],
 }
 
 impl FaultLog {
     pub(super) fn new(name: &str) -> Self {
         FaultLog {
             name: name.to_string(),
-            seen: [false; 11],
+            seen: [false; 12],
         }
     }
 

@@ -1,8 +1,8 @@
 //! Rate limits (Firecracker's token buckets: one limiter for what the
-//! guest receives, one for what it sends) and the device's own epoll, the
-//! one descriptor the event loop watches for it: the backend's fd while
-//! the guest has receive buffers and the receive limiter lets frames
-//! through, and both limiters' timers.
+//! guest receives, one for what it sends, shared by the queue pairs) and
+//! the device's own epoll, the one descriptor the event loop watches for
+//! it: each pair's backend fd while the guest has receive buffers there
+//! and the receive limiter lets frames through, and both limiters' timers.
 //!
 //! A frame the receive limiter refuses stays in the device (as one with
 //! no guest buffer does) and the backend is left unwatched until the
@@ -19,30 +19,41 @@ use ember_virtio::BackendInterest;
 use log::warn;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-/// The backend's token in the device's epoll.
-const TOKEN_BACKEND: u64 = 0;
 /// The receive limiter's timer.
 const TOKEN_RX_TIMER: u64 = 1;
 /// The transmit limiter's timer.
 const TOKEN_TX_TIMER: u64 = 2;
+/// Queue pair `p`'s backend is `TOKEN_BACKEND + p` in the device's epoll.
+const TOKEN_BACKEND: u64 = 16;
 
 /// What the device's epoll says is ready.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct Ready {
-    /// The backend has frames (or failed).
-    pub backend: bool,
+    /// The backends with frames (or failed), a bit per queue pair.
+    backends: u64,
     /// The receive limiter's timer fired.
     pub rx_timer: bool,
     /// The transmit limiter's timer fired.
     pub tx_timer: bool,
 }
 
+impl Ready {
+    /// Whether pair `p`'s backend has frames (or failed).
+    pub fn backend(&self, p: usize) -> bool {
+        u32::try_from(p)
+            .ok()
+            .and_then(|p| 1u64.checked_shl(p))
+            .is_some_and(|bit| self.backends & bit != 0)
+    }
+}
+
 /// The limiters and the epoll over the backend and their timers.
 pub(super) struct Limits {
     epoll: Epoll,
-    backend_fd: Option<RawFd>,
-    /// Whether the backend's fd is in the epoll's interest now.
-    watching: bool,
+    /// Each pair's backend fd (none: a backend without one).
+    backend_fds: Vec<Option<RawFd>>,
+    /// Whether each backend's fd is in the epoll now.
+    watching: Vec<bool>,
     pub rx: RateLimiter,
     pub tx: RateLimiter,
 }
@@ -58,8 +69,8 @@ impl std::fmt::Debug for Limits {
 }
 
 impl Limits {
-    /// Unlimited limiters and the epoll, watching `backend_fd`.
-    pub fn new(backend_fd: Option<RawFd>) -> std::io::Result<Limits> {
+    /// Unlimited limiters and the epoll, watching the pairs' `backend_fds`.
+    pub fn new(backend_fds: &[Option<RawFd>]) -> std::io::Result<Limits> {
         let rx = RateLimiter::new(&RateLimiterConfig::default()).map_err(std::io::Error::other)?;
         let tx = RateLimiter::new(&RateLimiterConfig::default()).map_err(std::io::Error::other)?;
         let epoll = Epoll::new()?;
@@ -73,17 +84,21 @@ impl Limits {
                 EpollEvent::new(EventSet::IN, token),
             )?;
         }
-        if let Some(fd) = backend_fd {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, TOKEN_BACKEND),
-            )?;
+        let mut watching = Vec::with_capacity(backend_fds.len());
+        for (p, fd) in backend_fds.iter().enumerate() {
+            if let Some(fd) = fd {
+                epoll.ctl(
+                    ControlOperation::Add,
+                    *fd,
+                    EpollEvent::new(EventSet::IN, token(p)),
+                )?;
+            }
+            watching.push(fd.is_some());
         }
         Ok(Limits {
             epoll,
-            backend_fd,
-            watching: backend_fd.is_some(),
+            backend_fds: backend_fds.to_vec(),
+            watching,
             rx,
             tx,
         })
@@ -94,40 +109,50 @@ impl Limits {
         self.epoll.as_raw_fd()
     }
 
-    /// Watches the backend's fd or stops (no guest buffers, or the
-    /// receive limiter said no).
-    pub fn watch_backend(&mut self, on: bool) {
-        let Some(fd) = self.backend_fd else {
+    /// Watches pair `p`'s backend fd or stops (no guest buffers, the
+    /// receive limiter said no, the backend failed or its queue was
+    /// detached). Stopping takes the fd out of the epoll: an fd in error
+    /// (a deleted tap, a detached queue) is reported whatever its events.
+    pub fn watch_backend(&mut self, p: usize, on: bool) {
+        let (Some(Some(fd)), Some(watching)) = (self.backend_fds.get(p), self.watching.get_mut(p))
+        else {
             return;
         };
-        if on == self.watching {
+        if on == *watching {
             return;
         }
-        let events = if on { EventSet::IN } else { EventSet::empty() };
-        match self.epoll.ctl(
-            ControlOperation::Modify,
-            fd,
-            EpollEvent::new(events, TOKEN_BACKEND),
-        ) {
-            Ok(()) => self.watching = on,
-            Err(e) => warn!("virtio-net: cannot change the backend's watch: {e}"),
+        let (op, events) = if on {
+            (ControlOperation::Add, EventSet::IN)
+        } else {
+            (ControlOperation::Delete, EventSet::empty())
+        };
+        match self.epoll.ctl(op, *fd, EpollEvent::new(events, token(p))) {
+            Ok(()) => *watching = on,
+            Err(e) => warn!("virtio-net: cannot change the watch of backend {p}: {e}"),
         }
     }
 
-    /// Whether the backend has a descriptor (is in the epoll at all).
+    /// Whether the backends have descriptors (are in the epoll at all).
     pub fn has_backend_fd(&self) -> bool {
-        self.backend_fd.is_some()
+        self.backend_fds.first().is_some_and(Option::is_some)
     }
 
     /// What is ready, without waiting; a timer that fired is read and its
     /// limiter unblocked.
     pub fn ready(&mut self) -> Ready {
-        let mut events = [EpollEvent::default(); 3];
+        let mut events = [EpollEvent::default(); 2 + super::MAX_QUEUE_PAIRS as usize];
         let n = self.epoll.wait(0, &mut events).unwrap_or(0);
         let mut ready = Ready::default();
         for e in &events[..n.min(events.len())] {
             match e.data() {
-                TOKEN_BACKEND => ready.backend = true,
+                t if t >= TOKEN_BACKEND => {
+                    if let Some(bit) = u32::try_from(t - TOKEN_BACKEND)
+                        .ok()
+                        .and_then(|p| 1u64.checked_shl(p))
+                    {
+                        ready.backends |= bit;
+                    }
+                }
                 TOKEN_RX_TIMER => {
                     // A spurious event leaves the limiter blocked.
                     ready.rx_timer = self.rx.event_handler().is_ok();
@@ -138,6 +163,11 @@ impl Limits {
         }
         ready
     }
+}
+
+/// Pair `p`'s backend's token.
+fn token(p: usize) -> u64 {
+    TOKEN_BACKEND.saturating_add(u64::try_from(p).unwrap_or(u64::MAX - TOKEN_BACKEND))
 }
 
 /// Takes one frame's tokens of `bytes` from `limiter`: one op and its
@@ -161,13 +191,14 @@ impl Limits {
 }
 
 impl super::Net {
-    /// A receive pass; with the device's epoll, the backend stays watched
-    /// only while the pass could go on (guest buffers, tokens).
-    pub(super) fn rx_pass(&mut self) -> BackendInterest {
-        let interest = self.process_rx();
+    /// A receive pass on pair `p`; with the device's epoll, its backend
+    /// stays watched only while the pass could go on (guest buffers,
+    /// tokens).
+    pub(super) fn rx_pass(&mut self, p: usize) -> BackendInterest {
+        let interest = self.process_rx(p);
         match self.limits.as_mut() {
             Some(l) if l.has_backend_fd() => {
-                l.watch_backend(interest == BackendInterest::Keep);
+                l.watch_backend(p, interest == BackendInterest::Keep);
                 BackendInterest::Keep
             }
             _ => interest,

@@ -11,8 +11,203 @@ use ember_virtio::queue::{ChainReader, UsedRing};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::{complete, Fault, FaultLog, MAX_CHAIN_DESCS, NUM_BUFFERS_AT, VNET_HDR_LEN};
+use ember_virtio::BackendInterest;
+
+use super::direct::{DirectOutcome, PassSlices};
+use super::{
+    average, complete, interrupt, limits, notify, payload_len, rearm, rx_index, Fault, FaultLog,
+    Net, DIRECT_MIN_AVG, MAX_CHAIN_DESCS, NUM_BUFFERS_AT, RX_BUDGET, VNET_HDR_LEN,
+};
 use crate::backend::NetBackend;
+
+impl Net {
+    /// Moves frames from the backend into the guest's receive buffers while
+    /// there are both, at most [`RX_BUDGET`] of them; a frame read when no
+    /// buffer is left waits in the device. Pair `p`'s queue and backend.
+    pub(super) fn process_rx(&mut self, p: usize) -> BackendInterest {
+        let (Some(active), Some(pair)) = (self.active.as_mut(), self.pairs.get_mut(p)) else {
+            return BackendInterest::Pause;
+        };
+        let Some(queues) = active.queues.get_mut(p) else {
+            return BackendInterest::Pause;
+        };
+        let used = UsedRing::new(&queues.rx, &active.mem);
+        let reader = ChainReader::new(&queues.rx, &active.mem);
+        let mut rx = RxQueue {
+            queue: &mut queues.rx,
+            mem: &active.mem,
+            mrg_rxbuf: active.mrg_rxbuf,
+            chains: &mut pair.rx_chains,
+            log: &mut self.log,
+            used_any: false,
+            used,
+            reader,
+        };
+        let mut interest = BackendInterest::Keep;
+        // The direct path (straight into guest buffers) until it cannot be
+        // used; then the copying path for the rest of this pass.
+        // A receive limit needs each frame's length before it reaches the
+        // guest: frames are copied then.
+        let limited = self.limits.as_ref().is_some_and(limits::Limits::rx_limited);
+        let mut direct = pair.rx_pending.is_none() && pair.rx_avg >= DIRECT_MIN_AVG && !limited;
+        let mut slices = PassSlices::default();
+        if !direct {
+            // The copying path takes chains in queue order from the first
+            // parked one on.
+            pair.rx_parked.give_back(&mut rx, &mut slices);
+        }
+        // Whether the driver was already asked for a notification of new
+        // buffers in this pass.
+        let mut rearmed = false;
+        // The backend failed or closed: the link goes down after this pass.
+        let mut gone = false;
+        for _ in 0..RX_BUDGET {
+            if direct {
+                match pair.rx_parked.receive(
+                    &mut rx,
+                    &mut slices,
+                    &mut *pair.backend,
+                    active.guest_csum,
+                    &self.filter,
+                    &mut pair.rx_buf,
+                ) {
+                    DirectOutcome::Delivered(len) => {
+                        let c = &mut self.counters;
+                        c.rx_packets = c.rx_packets.saturating_add(1);
+                        pair.rx_packets = pair.rx_packets.saturating_add(1);
+                        pair.rx_packets = pair.rx_packets.saturating_add(1);
+                        c.rx_bytes = c.rx_bytes.saturating_add(payload_len(len));
+                        pair.rx_avg = average(pair.rx_avg, len);
+                        if pair.rx_avg < DIRECT_MIN_AVG {
+                            pair.rx_parked.give_back(&mut rx, &mut slices);
+                            direct = false;
+                        }
+                        continue;
+                    }
+                    DirectOutcome::Pending(len) => {
+                        pair.rx_pending = Some(len);
+                        direct = false;
+                    }
+                    DirectOutcome::Filtered => {
+                        self.counters.rx_filtered = self.counters.rx_filtered.saturating_add(1);
+                        continue;
+                    }
+                    DirectOutcome::Short => {
+                        rx.log.report(
+                            Fault::RxShort,
+                            format_args!("dropped a frame shorter than its header"),
+                        );
+                        self.counters.rx_dropped = self.counters.rx_dropped.saturating_add(1);
+                        continue;
+                    }
+                    DirectOutcome::Retry => continue,
+                    DirectOutcome::Idle => break,
+                    DirectOutcome::Closed(e) => {
+                        match e {
+                            None => rx
+                                .log
+                                .report(Fault::RxBackend, format_args!("the backend is closed")),
+                            Some(e) => rx.log.report(
+                                Fault::RxBackend,
+                                format_args!(
+                                    "cannot read from the backend (was the tap deleted?): {e}"
+                                ),
+                            ),
+                        }
+                        pair.rx_parked.give_back(&mut rx, &mut slices);
+                        interest = BackendInterest::Pause;
+                        gone = true;
+                        break;
+                    }
+                    DirectOutcome::Unusable => direct = false,
+                }
+            }
+            let len = match pair.rx_pending.take() {
+                Some(len) => len,
+                None if !has_available(rx.queue, rx.mem) => {
+                    if !rearmed && rearm(&mut rx) {
+                        rearmed = true;
+                        continue;
+                    }
+                    interest = BackendInterest::Pause;
+                    break;
+                }
+                None => match read_frame(
+                    &mut *pair.backend,
+                    &mut pair.rx_buf,
+                    active.guest_csum,
+                    rx.log,
+                ) {
+                    ReadOutcome::Frame(len) => len,
+                    ReadOutcome::Short => {
+                        self.counters.rx_dropped = self.counters.rx_dropped.saturating_add(1);
+                        continue;
+                    }
+                    ReadOutcome::Retry => continue,
+                    // Keep watching: the tap is level-triggered, so the
+                    // event loop calls again once a frame is there.
+                    ReadOutcome::Idle => break,
+                    ReadOutcome::Stop => {
+                        interest = BackendInterest::Pause;
+                        gone = true;
+                        break;
+                    }
+                },
+            };
+            let frame = pair.rx_buf.get(..len).unwrap_or_default();
+            if !self
+                .filter
+                .accepts(frame.get(VNET_HDR_LEN..).unwrap_or_default())
+            {
+                self.counters.rx_filtered = self.counters.rx_filtered.saturating_add(1);
+                continue;
+            }
+            // Over the receive limit: the frame waits in the device and the
+            // backend is left alone until the limiter's timer fires.
+            if let Some(l) = self.limits.as_mut().filter(|_| limited) {
+                if !limits::admit(&mut l.rx, payload_len(len)) {
+                    pair.rx_pending = Some(len);
+                    interest = BackendInterest::Pause;
+                    break;
+                }
+            }
+            match rx.deliver(frame) {
+                Delivery::Delivered => {
+                    let c = &mut self.counters;
+                    c.rx_packets = c.rx_packets.saturating_add(1);
+                    pair.rx_packets = pair.rx_packets.saturating_add(1);
+                    c.rx_bytes = c.rx_bytes.saturating_add(payload_len(len));
+                    pair.rx_avg = average(pair.rx_avg, len);
+                    direct = pair.rx_avg >= DIRECT_MIN_AVG && !limited;
+                }
+                Delivery::Dropped => {
+                    self.counters.rx_dropped = self.counters.rx_dropped.saturating_add(1);
+                }
+                Delivery::NoBuffers => {
+                    pair.rx_pending = Some(len);
+                    if !rearmed && rearm(&mut rx) {
+                        rearmed = true;
+                        continue;
+                    }
+                    interest = BackendInterest::Pause;
+                    break;
+                }
+            }
+        }
+        let used_any = rx.used_any;
+        let index = rx_index(p);
+        match rx.finish() {
+            Some(true) => interrupt(active, index, &mut self.log),
+            Some(false) => {}
+            None if used_any => notify(active, index, &mut self.log),
+            None => {}
+        }
+        if gone {
+            self.link_down();
+        }
+        interest
+    }
+}
 
 /// What one read from the backend gave.
 pub(super) enum ReadOutcome {

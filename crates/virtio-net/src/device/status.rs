@@ -33,7 +33,7 @@ impl Net {
         if self.announcing {
             status |= VIRTIO_NET_S_ANNOUNCE;
         }
-        self.config = config_space(self.filter.mac(), status);
+        self.config = config_space(self.filter.mac(), status, self.queue_pairs());
     }
 
     /// The backend failed: the link goes down (once, logged) and the guest
@@ -62,10 +62,14 @@ impl Net {
     pub fn state(&self) -> NetState {
         NetState {
             mac: self.base_mac,
-            pending_frame: self
-                .rx_pending
-                .and_then(|len| self.rx_buf.get(..len))
-                .map(<[u8]>::to_vec),
+            pending_frame: self.pairs.first().and_then(pending),
+            pair_pending: self
+                .pairs
+                .iter()
+                .enumerate()
+                .skip(1)
+                .filter_map(|(i, p)| Some((u16::try_from(i).ok()?, pending(p)?)))
+                .collect(),
             filter: self.active.as_ref().map(|_| self.filter.state()),
             announcing: self.announcing,
         }
@@ -81,24 +85,38 @@ impl Net {
                 crate::mac_string(&self.base_mac)
             )));
         }
+        let frames = state
+            .pending_frame
+            .iter()
+            .map(|f| (0u16, f))
+            .chain(state.pair_pending.iter().map(|(p, f)| (*p, f)));
+        for (p, frame) in frames.clone() {
+            if usize::from(p) >= self.pairs.len() || frame.len() > MAX_FRAME {
+                return Err(Error::StateMismatch(format!(
+                    "a pending frame of {} bytes on queue pair {p} (the device has {} pairs, \
+                     frames of at most {MAX_FRAME} bytes)",
+                    frame.len(),
+                    self.pairs.len()
+                )));
+            }
+        }
+        let mut filter = self.filter.clone();
         if let Some(f) = &state.filter {
-            let mut filter = self.filter.clone();
             filter
                 .restore(f)
                 .map_err(|e| Error::StateMismatch(format!("receive filter: {e}")))?;
-            self.filter = filter;
         }
+        self.filter = filter;
         self.announcing = state.announcing;
         self.refresh_config();
-        if let Some(frame) = &state.pending_frame {
-            let Some(dst) = self.rx_buf.get_mut(..frame.len()) else {
-                return Err(Error::StateMismatch(format!(
-                    "a pending frame of {} bytes, more than {MAX_FRAME}",
-                    frame.len()
-                )));
-            };
-            dst.copy_from_slice(frame);
-            self.rx_pending = Some(frame.len());
+        self.set_active_pairs(self.filter.queue_pairs());
+        for (p, frame) in frames {
+            if let Some(pair) = self.pairs.get_mut(usize::from(p)) {
+                if let Some(dst) = pair.rx_buf.get_mut(..frame.len()) {
+                    dst.copy_from_slice(frame);
+                    pair.rx_pending = Some(frame.len());
+                }
+            }
         }
         Ok(())
     }
@@ -115,7 +133,9 @@ impl Net {
         let frame = rarp_announce(self.filter.mac());
         let mut out = vec![0u8; VNET_HDR_LEN];
         out.extend_from_slice(&frame);
-        self.backend.write(&out)?;
+        if let Some(p) = self.pairs.first_mut() {
+            p.backend.write(&out)?;
+        }
         if let Some(a) = self.active.as_ref() {
             if a.ctrl.is_some() && a.acked & (1 << VIRTIO_NET_F_GUEST_ANNOUNCE) != 0 {
                 self.announcing = true;
@@ -128,6 +148,13 @@ impl Net {
         }
         Ok(Announced::Rarp)
     }
+}
+
+/// The frame waiting in pair `p` for guest buffers.
+fn pending(p: &super::Pair) -> Option<Vec<u8>> {
+    p.rx_pending
+        .and_then(|len| p.rx_buf.get(..len))
+        .map(<[u8]>::to_vec)
 }
 
 /// A RARP "reverse request" for `mac`, padded to Ethernet's 60 bytes: what

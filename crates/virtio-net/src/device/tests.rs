@@ -135,7 +135,9 @@ fn net_config_space_has_mac_and_link_up() {
     net.read_config(0, &mut c);
     assert_eq!(c[..6], MAC);
     assert_eq!(c[6..8], [1, 0]);
-    assert!(c[8..].iter().all(|b| *b == 0));
+    // max_virtqueue_pairs: 1 (read only with VIRTIO_NET_F_MQ).
+    assert_eq!(c[8..10], [1, 0]);
+    assert!(c[10..].iter().all(|b| *b == 0));
     let mut status = [0xffu8; 2];
     net.read_config(6, &mut status);
     assert_eq!(u16::from_le_bytes(status), 1);
@@ -163,6 +165,7 @@ fn net_new_with_multicast_mac_is_refused() {
             mac,
             offloads: false,
             vlan: None,
+            queues: 1,
         })
         .unwrap_err();
         assert!(matches!(err, Error::InvalidMac { .. }), "{err}");
@@ -510,7 +513,7 @@ fn rx_direct_frames_go_straight_into_parked_mergeable_chains() {
     }
     let irq = activate(&mut net, &mem, &rxq, &txq, BASIC | MRG);
     // Large frames came before: the direct path is in use.
-    net.rx_avg = MAX_FRAME;
+    net.pairs[0].rx_avg = MAX_FRAME;
     let frames = [frame(9000, 1), frame(60, 2), frame(5000, 3)];
     for f in &frames {
         state.push_frame(f.clone());
@@ -553,7 +556,7 @@ fn rx_direct_path_takes_frames_that_fit_fewer_buffers_than_the_largest_frame_nee
         rxq.add(&[desc(DATA + i * 0x1000, 4096, W)]);
     }
     activate(&mut net, &mem, &rxq, &txq, BASIC | MRG);
-    net.rx_avg = MAX_FRAME;
+    net.pairs[0].rx_avg = MAX_FRAME;
     let (a, b, c) = (frame(60, 1), frame(70, 2), frame(5000, 3));
     for f in [&a, &b, &c] {
         state.push_frame(f.clone());
@@ -595,7 +598,7 @@ fn rx_direct_buffers_across_two_memory_regions_get_the_frame_whole() {
         rxq.add(&[desc(first + i * 0x1000, 4096, W)]);
     }
     activate(&mut net, &mem, &rxq, &txq, BASIC | MRG);
-    net.rx_avg = MAX_FRAME;
+    net.pairs[0].rx_avg = MAX_FRAME;
     let (a, b) = (frame(10_000, 1), frame(3000, 2));
     state.push_frame(a.clone());
     state.push_frame(b.clone());
@@ -626,7 +629,7 @@ fn rx_direct_frame_larger_than_the_posted_buffers_waits_whole_for_more() {
         rxq.add(&[desc(DATA + i * 0x1000, 4096, W)]);
     }
     let irq = activate(&mut net, &mem, &rxq, &txq, BASIC | MRG | EVENT_IDX);
-    net.rx_avg = MAX_FRAME;
+    net.pairs[0].rx_avg = MAX_FRAME;
     let (big, next) = (frame(9000, 4), frame(3000, 5));
     state.push_frame(big.clone());
     state.push_frame(next.clone());
@@ -740,7 +743,7 @@ fn rx_frame_read_without_room_waits_in_the_device() {
     state.push_frame(frame(50, 11));
     assert_eq!(net.process_backend(), PAUSE);
     // Read, but not delivered: nothing used, one frame still in the backend.
-    assert_eq!(net.rx_pending, Some(250));
+    assert_eq!(net.pairs[0].rx_pending, Some(250));
     assert!(rxq.used().is_empty());
     assert_eq!(state.waiting(), 1);
     assert_eq!(irq.count(0), 0);
@@ -755,7 +758,7 @@ fn rx_frame_read_without_room_waits_in_the_device() {
     let mut got = guest_bytes(&mem, DATA, 100);
     got.extend(guest_bytes(&mem, DATA + 0x1000, 150));
     assert_eq!(got, expected_rx(&f, 2, false));
-    assert_eq!(net.rx_pending, None);
+    assert_eq!(net.pairs[0].rx_pending, None);
     assert_eq!(irq.count(0), 1);
     // The second frame was not read: no buffer was left for it.
     assert_eq!(state.waiting(), 1);
@@ -785,7 +788,7 @@ fn rx_mergeable_frame_larger_than_the_ring_is_dropped() {
     // The buffers were given back and took the next frame.
     assert_eq!(rxq.used(), vec![(0, 100), (1, 50)]);
     assert_eq!(net.counters(), counters((1, 138, 1), (0, 0, 0)));
-    assert_eq!(net.rx_pending, None);
+    assert_eq!(net.pairs[0].rx_pending, None);
 }
 
 #[test]
@@ -848,7 +851,7 @@ fn event_idx_rx_interrupts_once_used_event_is_among_the_used_entries() {
         }
         let irq = activate(&mut net, &mem, &rxq, &txq, BASIC | MRG | EVENT_IDX);
         if direct {
-            net.rx_avg = MAX_FRAME;
+            net.pairs[0].rx_avg = MAX_FRAME;
         }
         // The driver wants to hear of entry 2: a pass using entries 0 and 1
         // does not interrupt, the pass using entries 2 to 4 does.
@@ -1051,11 +1054,11 @@ fn net_reset_drops_pending_frame_and_keeps_counters_and_backend() {
     state.push_frame(frame(50, 1));
     state.push_frame(frame(300, 2));
     assert_eq!(net.process_backend(), PAUSE);
-    assert_eq!(net.rx_pending, Some(300));
+    assert_eq!(net.pairs[0].rx_pending, Some(300));
     assert!(net.is_activated());
     net.reset();
     assert!(!net.is_activated());
-    assert_eq!(net.rx_pending, None);
+    assert_eq!(net.pairs[0].rx_pending, None);
     // Not activated: queues are not touched.
     net.process_queue(0);
     net.process_queue(1);
@@ -1237,7 +1240,7 @@ fn rx_random_descriptor_tables_do_not_panic() {
         // Every frame read is delivered, dropped, or waiting in the device
         // (until the reset of the next round drops it).
         let c = net.counters();
-        let pending = u64::from(net.rx_pending.is_some());
+        let pending = u64::from(net.pairs[0].rx_pending.is_some());
         let waiting = u64::try_from(state.waiting()).unwrap();
         let lost_in_resets = pushed - waiting - pending - c.rx_packets - c.rx_dropped;
         assert!(lost_in_resets < 2000);
