@@ -170,6 +170,9 @@ fn vm_inside(
         if net.queues > 1 {
             spec.push_str(&format!(",queues={}", net.queues));
         }
+        if net.vhost {
+            spec.push_str(",vhost=on");
+        }
         arg("--net");
         arg(&spec);
     }
@@ -194,6 +197,12 @@ pub fn spec(cfg: Option<&ValidConfig>, opts: &JailOptions) -> Result<JailSpec, E
     // A VM configured through the API may get NICs later.
     if cfg.is_none_or(|c| !c.nets.is_empty()) {
         spec.devices.push("/dev/net/tun".into());
+    }
+    // vhost=on NICs, where the host has vhost-net (else they fall back).
+    let vhost = cfg.is_some_and(|c| c.nets.iter().any(|(n, _)| n.vhost));
+    if vhost && std::path::Path::new(ember_virtio_net::vhost::VHOST_NET_PATH).exists() {
+        spec.devices
+            .push(ember_virtio_net::vhost::VHOST_NET_PATH.into());
     }
     if opts.api_sock.is_some() {
         spec.writable_dirs = vec![JAIL_RUN_DIR.into()];

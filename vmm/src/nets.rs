@@ -82,6 +82,16 @@ pub fn create_nets(
             }
         };
         let mut net = net;
+        if n.vhost {
+            match net.enable_vhost(ctx.mem) {
+                Ok(()) => log::info!("virtio-net{index}: vhost-net moves the frames"),
+                Err(e) => log::warn!(
+                    "virtio-net{index} ({}): vhost=on, but {e}; the NIC runs on ember's own \
+                     virtio-net",
+                    n.label()
+                ),
+            }
+        }
         if n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some() {
             net.update_rate_limits(n.rx_rate_limiter.as_ref(), n.tx_rate_limiter.as_ref())
                 .map_err(|source| Error::Net { index, source })?;

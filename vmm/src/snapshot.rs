@@ -512,6 +512,18 @@ impl Vmm {
         let clock = self.paused_clock.ok_or_else(|| {
             Error::Lifecycle("the microVM must be paused to save its state".into())
         })?;
+        let vhost = self.nets.iter().position(|n| {
+            n.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .device()
+                .uses_vhost()
+        });
+        if let Some(index) = vhost {
+            return Err(Error::Lifecycle(format!(
+                "NIC {index} runs on vhost-net, whose ring positions and the pages it writes \
+                 ember cannot save: snapshots and migration need vhost=off"
+            )));
+        }
         let vcpus = threads.save_states(crate::PAUSE_TIMEOUT)?;
         let kvm = self::save_kvm(&self.vm, clock)?;
         let mut disks = Vec::with_capacity(self.disks.len());

@@ -75,6 +75,13 @@ pub trait NetBackend: Send {
         Err(io::ErrorKind::Unsupported.into())
     }
 
+    /// A descriptor of the tap queue under the backend, for vhost-net to
+    /// move the frames itself; none by default (vhost-net takes only a
+    /// plain tap).
+    fn tap_file(&self) -> Option<io::Result<std::fs::File>> {
+        None
+    }
+
     /// Frames the backend read and dropped itself because they were not
     /// for this NIC (another VLAN's, say); none by default.
     fn rx_filtered(&self) -> u64 {

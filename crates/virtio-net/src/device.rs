@@ -56,6 +56,7 @@ mod pairs;
 mod rx;
 mod status;
 mod tx;
+mod vhost_mode;
 
 pub use status::rarp_announce;
 
@@ -245,6 +246,8 @@ pub struct Net {
     /// The rate limiters and the epoll the event loop watches (none if
     /// it could not be made: no limits then, the backend's fd watched).
     limits: Option<limits::Limits>,
+    /// vhost-net, when it moves the frames (`vhost_mode.rs`).
+    vhost: Option<crate::vhost::Vhost>,
     counters: NetCounters,
     log: FaultLog,
 }
@@ -393,6 +396,7 @@ impl Net {
             announcing: false,
             active: None,
             limits,
+            vhost: None,
             counters: NetCounters::default(),
             log: FaultLog::new("(custom backend)"),
         }
@@ -619,7 +623,7 @@ impl VirtioDevice for Net {
         // on the event loop: this runs on a vCPU thread, whose seccomp
         // filter has no epoll_ctl).
         self.set_active_pairs(1);
-        Ok(())
+        self.start_vhost(acked)
     }
 
     fn is_activated(&self) -> bool {
@@ -650,6 +654,8 @@ impl VirtioDevice for Net {
         };
         if index == usize::from(a.ctrl_index) {
             self.process_ctrl();
+        } else if let Some(v) = self.vhost.as_ref().filter(|v| v.running()) {
+            v.kick(index);
         } else if index % 2 == 0 {
             // New receive buffers: deliver the waiting frame and read on
             // (a pair the driver uses).
@@ -662,6 +668,9 @@ impl VirtioDevice for Net {
     }
 
     fn reset(&mut self) {
+        if let Some(v) = self.vhost.as_mut() {
+            v.stop();
+        }
         self.active = None;
         for p in &mut self.pairs {
             p.forget();
@@ -683,6 +692,10 @@ impl VirtioDevice for Net {
             return self.process_rx(0);
         };
         let ready = l.ready();
+        if self.vhost.is_some() {
+            self.vhost_calls(ready.calls);
+            return BackendInterest::Keep;
+        }
         let has_fd = l.has_backend_fd();
         if ready.tx_timer {
             for p in 0..self.pairs.len() {

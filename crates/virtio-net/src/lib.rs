@@ -87,6 +87,7 @@ pub mod device;
 pub mod state;
 pub mod stream;
 pub mod tap;
+pub mod vhost;
 pub mod vlan;
 
 #[cfg(test)]

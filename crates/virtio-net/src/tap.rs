@@ -350,6 +350,10 @@ impl NetBackend for Tap {
     fn set_queue_enabled(&mut self, on: bool) -> io::Result<()> {
         Tap::set_queue_enabled(self, on)
     }
+
+    fn tap_file(&self) -> Option<io::Result<File>> {
+        Some(self.file.try_clone())
+    }
 }
 
 fn missing(name: &str) -> Error {

@@ -227,6 +227,7 @@ pub fn apply_net(cfg: &mut VmConfig, n: &NetworkInterface) -> Result<(), ConfigE
         iface_id: Some(n.iface_id.clone()),
         vlan: None,
         queues: 1,
+        vhost: false,
         rx_rate_limiter: n
             .rx_rate_limiter
             .as_ref()

@@ -180,6 +180,14 @@ pub enum ConfigError {
         /// The id given.
         vid: u16,
     },
+    /// vhost-net asked for with something it cannot do.
+    #[error("net.vhost (tap {tap}) cannot go with {why}")]
+    NetVhost {
+        /// The NIC's tap.
+        tap: String,
+        /// What it cannot go with.
+        why: &'static str,
+    },
     /// A NIC's queue pair count out of range.
     #[error(
         "net.queues = {queues} (tap {tap}) is out of range: 1 to {}",

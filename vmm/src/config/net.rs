@@ -47,6 +47,11 @@ pub struct NetConfig {
     /// many as it has vCPUs, at most.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub queues: u16,
+    /// Move the frames with the host kernel's vhost-net
+    /// (`/dev/vhost-net`); without it, ember's own virtio-net does, and
+    /// says so. Not with a host-side VLAN or rate limits.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vhost: bool,
     /// What the guest receives: Firecracker's token buckets (bytes, frames).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rx_rate_limiter: Option<RateLimiterConfig>,
@@ -57,6 +62,15 @@ pub struct NetConfig {
 
 fn default_true() -> bool {
     true
+}
+
+/// `on`/`off` and their synonyms.
+fn on_off(v: &str) -> Option<bool> {
+    match v {
+        "on" | "true" | "yes" | "1" => Some(true),
+        "off" | "false" | "no" | "0" => Some(false),
+        _ => None,
+    }
 }
 
 fn one() -> u16 {
@@ -195,7 +209,7 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 }
 
 impl NetConfig {
-    /// Parses `tap=NAME[,mac=MAC][,offloads=on|off][,vlan=ID][,queues=N]` or
+    /// Parses `tap=NAME[,mac=MAC][,offloads=on|off][,vlan=ID][,queues=N][,vhost=on|off]` or
     /// `user[,hostfwd=tcp:[ADDR]:PORT-:PORT]...[,socket=PATH][,mac=MAC]`,
     /// either with `[,rx_bw=SIZE/TIME[+BURST]][,rx_ops=...][,tx_bw=...]
     /// [,tx_ops=...]` (bytes and frames the guest receives and sends).
@@ -206,6 +220,7 @@ impl NetConfig {
         };
         let (mut tap, mut mac, mut offloads, mut vlan) = (None, None, true, None);
         let mut queues = 1;
+        let mut vhost = false;
         let mut user: Option<UserNet> = None;
         let (mut rx_limit, mut tx_limit): (Option<RateLimiterConfig>, Option<RateLimiterConfig>) =
             (None, None);
@@ -247,11 +262,12 @@ impl NetConfig {
                 }
                 "mac" => mac = Some(v.to_string()),
                 "offloads" => {
-                    offloads = match v {
-                        "on" | "true" | "yes" | "1" => true,
-                        "off" | "false" | "no" | "0" => false,
-                        _ => return Err(bad(format!("offloads must be on or off, not `{v}`"))),
-                    }
+                    offloads = on_off(v)
+                        .ok_or_else(|| bad(format!("offloads must be on or off, not `{v}`")))?;
+                }
+                "vhost" => {
+                    vhost = on_off(v)
+                        .ok_or_else(|| bad(format!("vhost must be on or off, not `{v}`")))?;
                 }
                 "vlan" => {
                     vlan = Some(v.parse::<u16>().map_err(|_| {
@@ -267,8 +283,8 @@ impl NetConfig {
                 }
                 _ => {
                     return Err(bad(format!(
-                        "unknown key `{k}` (tap, mac, offloads, vlan, queues, rx_bw, rx_ops, \
-                         tx_bw, tx_ops; user, hostfwd, socket)"
+                        "unknown key `{k}` (tap, mac, offloads, vlan, queues, vhost, rx_bw, \
+                         rx_ops, tx_bw, tx_ops; user, hostfwd, socket)"
                     )))
                 }
             }
@@ -299,6 +315,7 @@ impl NetConfig {
             iface_id: None,
             vlan,
             queues,
+            vhost,
             rx_rate_limiter: rx_limit,
             tx_rate_limiter: tx_limit,
         })
@@ -370,6 +387,12 @@ impl NetConfig {
                         "vlan= is for a NIC on a tap (passt has no VLANs)".to_string(),
                     ));
                 }
+                if self.vhost {
+                    return Err(user_net(
+                        "vhost= is for a NIC on a tap (vhost-net moves frames to and from a tap)"
+                            .to_string(),
+                    ));
+                }
                 if self.queues != 1 {
                     return Err(user_net(
                         "queues= is for a NIC on a multi-queue tap (passt's socket is one \
@@ -389,6 +412,18 @@ impl NetConfig {
             return Err(ConfigError::Vlan {
                 tap: self.label(),
                 vid,
+            });
+        }
+        if self.vhost && self.vlan.is_some() {
+            return Err(ConfigError::NetVhost {
+                tap: self.label(),
+                why: "a host-side VLAN (ember tags the frames; vhost-net would not)",
+            });
+        }
+        if self.vhost && (self.rx_rate_limiter.is_some() || self.tx_rate_limiter.is_some()) {
+            return Err(ConfigError::NetVhost {
+                tap: self.label(),
+                why: "rate limits (ember does not see the frames vhost-net moves)",
             });
         }
         if !(1..=MAX_NET_QUEUES).contains(&self.queues) {
@@ -459,6 +494,9 @@ mod tests {
         assert_eq!(n.queues, 2);
         assert!(n.validate(0).is_ok());
         assert_eq!(NetConfig::parse_flag("tap=tap1").unwrap().queues, 1);
+        assert!(NetConfig::parse_flag("tap=tap1,vhost=on").unwrap().vhost);
+        assert!(!NetConfig::parse_flag("tap=tap1").unwrap().vhost);
+        assert!(NetConfig::parse_flag("tap=t,vhost=maybe").is_err());
         for (flag, why) in [
             (
                 "tap=t,queues=0",
@@ -469,6 +507,15 @@ mod tests {
                 "net.queues = 17 (tap t) is out of range: 1 to 16",
             ),
             ("user,queues=2", "passt's socket is one stream"),
+            ("user,vhost=on", "vhost= is for a NIC on a tap"),
+            (
+                "tap=t,vhost=on,vlan=5",
+                "net.vhost (tap t) cannot go with a host-side VLAN",
+            ),
+            (
+                "tap=t,vhost=on,tx_bw=1M/1s",
+                "net.vhost (tap t) cannot go with rate limits",
+            ),
         ] {
             let err = NetConfig::parse_flag(flag)
                 .unwrap()
@@ -561,6 +608,7 @@ mod tests {
             iface_id: None,
             vlan: None,
             queues: 1,
+            vhost: false,
             rx_rate_limiter: None,
             tx_rate_limiter: None,
         };
@@ -606,6 +654,7 @@ mod tests {
             iface_id: None,
             vlan: None,
             queues: 1,
+            vhost: false,
             rx_rate_limiter: None,
             tx_rate_limiter: None,
         };
@@ -617,6 +666,7 @@ mod tests {
             iface_id: None,
             vlan: None,
             queues: 1,
+            vhost: false,
             rx_rate_limiter: None,
             tx_rate_limiter: None,
         };

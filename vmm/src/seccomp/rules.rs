@@ -273,8 +273,11 @@ pub fn vmm() -> Vec<Rule> {
                 (KVM_GET_IRQCHIP, "a snapshot saves the PIC and IOAPIC"),
                 (KVM_GET_PIT2, "a snapshot saves the PIT"),
                 (KVM_GET_DIRTY_LOG, "a diff snapshot reads the dirty pages"),
-            ],
-            "terminal restore; tap offloads; the guest clock across a pause; snapshots",
+            ]
+            .into_iter()
+            .chain(ember_virtio_net::vhost::runtime_ioctls())
+            .collect::<Vec<_>>(),
+            "terminal restore; tap offloads; vhost-net of a restored NIC; the guest clock across a pause; snapshots",
         ),
         always(
             libc::SYS_ftruncate,
@@ -332,29 +335,24 @@ pub fn vcpu() -> Vec<Rule> {
         ),
         ioctls(
             &[
-                (KVM_RUN, "enter the guest"),
-                (KVM_SET_GSI_ROUTING, "the guest programs an MSI-X vector"),
-                (TUNSETOFFLOAD, "the guest driver accepts tap offloads"),
-                (
-                    TUNSETQUEUE,
-                    "a multi-queue NIC starts on its first queue pair",
-                ),
-                (
-                    KVM_KVMCLOCK_CTRL,
-                    "tell the guest it was paused (no soft-lockup report)",
-                ),
-                VCPU_SAVE[0],
-                VCPU_SAVE[1],
-                VCPU_SAVE[2],
-                VCPU_SAVE[3],
-                VCPU_SAVE[4],
-                VCPU_SAVE[5],
-                VCPU_SAVE[6],
-                VCPU_SAVE[7],
-                VCPU_SAVE[8],
-                VCPU_SAVE[9],
-            ],
-            "enter the guest; MSI-X routes; tap offloads at driver activation; pause; a paused vCPU saves its state for a snapshot",
+                &[
+                    (KVM_RUN, "enter the guest"),
+                    (KVM_SET_GSI_ROUTING, "the guest programs an MSI-X vector"),
+                    (TUNSETOFFLOAD, "the guest driver accepts tap offloads"),
+                    (
+                        TUNSETQUEUE,
+                        "a multi-queue NIC starts on its first queue pair",
+                    ),
+                    (
+                        KVM_KVMCLOCK_CTRL,
+                        "tell the guest it was paused (no soft-lockup report)",
+                    ),
+                ][..],
+                &VCPU_SAVE[..],
+                &ember_virtio_net::vhost::runtime_ioctls()[..],
+            ]
+            .concat(),
+            "enter the guest; MSI-X routes; tap offloads and vhost-net at driver activation; pause; a paused vCPU saves its state for a snapshot",
         ),
         always(libc::SYS_read, "eventfds"),
         always(

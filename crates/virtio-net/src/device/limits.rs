@@ -25,12 +25,16 @@ const TOKEN_RX_TIMER: u64 = 1;
 const TOKEN_TX_TIMER: u64 = 2;
 /// Queue pair `p`'s backend is `TOKEN_BACKEND + p` in the device's epoll.
 const TOKEN_BACKEND: u64 = 16;
+/// vhost-net's call eventfd of device queue `q` is `TOKEN_CALL + q`.
+const TOKEN_CALL: u64 = 64;
 
 /// What the device's epoll says is ready.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct Ready {
     /// The backends with frames (or failed), a bit per queue pair.
     backends: u64,
+    /// The device queues vhost-net signalled, a bit per queue.
+    pub calls: u64,
     /// The receive limiter's timer fired.
     pub rx_timer: bool,
     /// The transmit limiter's timer fired.
@@ -132,6 +136,24 @@ impl Limits {
         }
     }
 
+    /// Watches vhost-net's call eventfds instead of the backends: `calls`
+    /// are (fd, device queue index).
+    pub fn watch_calls(&mut self, calls: &[(RawFd, u16)]) -> std::io::Result<()> {
+        for p in 0..self.backend_fds.len() {
+            self.watch_backend(p, false);
+        }
+        for (fd, q) in calls {
+            self.epoll.ctl(
+                ControlOperation::Add,
+                *fd,
+                EpollEvent::new(EventSet::IN, TOKEN_CALL + u64::from(*q)),
+            )?;
+        }
+        // No backend is watched again: vhost-net reads the taps.
+        self.backend_fds.iter_mut().for_each(|fd| *fd = None);
+        Ok(())
+    }
+
     /// Whether the backends have descriptors (are in the epoll at all).
     pub fn has_backend_fd(&self) -> bool {
         self.backend_fds.first().is_some_and(Option::is_some)
@@ -140,11 +162,19 @@ impl Limits {
     /// What is ready, without waiting; a timer that fired is read and its
     /// limiter unblocked.
     pub fn ready(&mut self) -> Ready {
-        let mut events = [EpollEvent::default(); 2 + super::MAX_QUEUE_PAIRS as usize];
+        let mut events = [EpollEvent::default(); 2 + 3 * super::MAX_QUEUE_PAIRS as usize];
         let n = self.epoll.wait(0, &mut events).unwrap_or(0);
         let mut ready = Ready::default();
         for e in &events[..n.min(events.len())] {
             match e.data() {
+                t if t >= TOKEN_CALL => {
+                    if let Some(bit) = u32::try_from(t - TOKEN_CALL)
+                        .ok()
+                        .and_then(|q| 1u64.checked_shl(q))
+                    {
+                        ready.calls |= bit;
+                    }
+                }
                 t if t >= TOKEN_BACKEND => {
                     if let Some(bit) = u32::try_from(t - TOKEN_BACKEND)
                         .ok()
@@ -195,6 +225,9 @@ impl super::Net {
     /// stays watched only while the pass could go on (guest buffers,
     /// tokens).
     pub(super) fn rx_pass(&mut self, p: usize) -> BackendInterest {
+        if self.uses_vhost() {
+            return BackendInterest::Keep;
+        }
         let interest = self.process_rx(p);
         match self.limits.as_mut() {
             Some(l) if l.has_backend_fd() => {
@@ -215,6 +248,13 @@ impl super::Net {
         rx: Option<&RateLimiterConfig>,
         tx: Option<&RateLimiterConfig>,
     ) -> crate::Result<()> {
+        if self.vhost.is_some() && (rx.is_some() || tx.is_some()) {
+            return Err(crate::Error::RateLimiter(
+                "this NIC runs on vhost-net, which moves its frames without ember: no rate \
+                 limits"
+                    .into(),
+            ));
+        }
         let Some(l) = self.limits.as_mut() else {
             return Err(crate::Error::RateLimiter(
                 "this NIC has no rate limiter (its timers could not be made)".into(),
