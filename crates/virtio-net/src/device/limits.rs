@@ -195,6 +195,14 @@ impl Limits {
     }
 }
 
+/// Gives back the tokens [`admit`] took for a frame of `bytes`.
+pub(super) fn refund(limiter: &mut RateLimiter, bytes: u64) {
+    limiter.manual_replenish(1, TokenType::Ops);
+    if bytes > 0 {
+        limiter.manual_replenish(bytes, TokenType::Bytes);
+    }
+}
+
 /// Pair `p`'s backend's token.
 fn token(p: usize) -> u64 {
     TOKEN_BACKEND.saturating_add(u64::try_from(p).unwrap_or(u64::MAX - TOKEN_BACKEND))

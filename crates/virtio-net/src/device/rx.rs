@@ -185,6 +185,11 @@ impl Net {
                 }
                 Delivery::NoBuffers => {
                     pair.rx_pending = Some(len);
+                    // Let through but not delivered: its tokens go back
+                    // (it is charged when it is delivered).
+                    if let Some(l) = self.limits.as_mut().filter(|_| limited) {
+                        limits::refund(&mut l.rx, payload_len(len));
+                    }
                     if !rearmed && rearm(&mut rx) {
                         rearmed = true;
                         continue;

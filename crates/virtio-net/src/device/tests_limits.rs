@@ -159,3 +159,41 @@ fn a_nic_reports_no_limits_until_given_some() {
     assert!(rx.is_unlimited() && tx.is_unlimited());
     assert!(net.rate_limiter_counters().is_some());
 }
+
+#[test]
+fn rx_frame_admitted_then_short_of_buffers_is_not_charged_twice() {
+    let (backend, state) = MemBackend::new();
+    let mut net = Net::with_backend(Box::new(backend), MAC, false);
+    // One frame per 10 s: a second charge would hold the frame that long.
+    net.update_rate_limits(Some(&limit(None, Some((1, 10_000)))), None)
+        .unwrap();
+    let mem = guest_memory();
+    let mut rxq = TestQueue::new(&mem, RX_RING, 16);
+    let txq = TestQueue::new(&mem, TX_RING, 16);
+    net.activate(ActivateContext {
+        mem: mem.clone(),
+        interrupt: Arc::new(CountingInterrupt::default()),
+        queues: vec![rxq.queue(), txq.queue()],
+        acked_features: BASIC | (1 << VIRTIO_NET_F_MRG_RXBUF),
+    })
+    .unwrap();
+    // A 6000-byte frame and one 4 KiB buffer: read, let through, and left
+    // waiting for a second buffer.
+    let mut frame = vec![0u8; VNET_HDR_LEN];
+    frame.extend_from_slice(&MAC);
+    frame.resize(6000, 0x5a);
+    state.push_frame(frame.clone());
+    rxq.add(&[desc(DATA, 0x1000, W)]);
+    net.process_queue(0);
+    assert_eq!(net.pairs[0].rx_pending, Some(6000));
+    assert!(rxq.used().is_empty());
+    // The second buffer: the frame goes in at once, its token not taken
+    // again.
+    rxq.add(&[desc(DATA + 0x1000, 0x1000, W)]);
+    net.process_queue(0);
+    assert_eq!(net.pairs[0].rx_pending, None);
+    assert_eq!(rxq.used(), [(0, 0x1000), (1, 6000 - 0x1000)]);
+    let mut got = guest_bytes(&mem, DATA, 0x1000);
+    got.extend(guest_bytes(&mem, DATA + 0x1000, 6000 - 0x1000));
+    assert_eq!(got[VNET_HDR_LEN..], frame[VNET_HDR_LEN..]);
+}
