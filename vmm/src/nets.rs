@@ -193,7 +193,7 @@ pub fn log_counters(nets: &[NetDevice]) {
         };
         log::info!(
             "virtio-net{i}: rx {} packets {} bytes {} dropped, tx {} packets {} bytes {} dropped, \
-             filtered {}, control {} ok {} refused{per_pair}",
+             filtered {}, control {} ok {} refused, largest tx frame {} bytes{per_pair}",
             c.rx_packets,
             c.rx_bytes,
             c.rx_dropped,
@@ -202,7 +202,8 @@ pub fn log_counters(nets: &[NetDevice]) {
             c.tx_dropped,
             c.rx_filtered,
             c.ctrl_ok,
-            c.ctrl_err
+            c.ctrl_err,
+            dev.device().largest_tx_frame()
         );
     }
 }

@@ -248,6 +248,9 @@ pub struct Net {
     limits: Option<limits::Limits>,
     /// vhost-net, when it moves the frames (`vhost_mode.rs`).
     vhost: Option<crate::vhost::Vhost>,
+    /// The largest frame the guest sent (without its header): above the
+    /// MTU only with segmentation offload.
+    tx_largest: u64,
     counters: NetCounters,
     log: FaultLog,
 }
@@ -397,6 +400,7 @@ impl Net {
             active: None,
             limits,
             vhost: None,
+            tx_largest: 0,
             counters: NetCounters::default(),
             log: FaultLog::new("(custom backend)"),
         }
@@ -409,6 +413,12 @@ impl Net {
             c.rx_filtered = c.rx_filtered.saturating_add(p.backend.rx_filtered());
         }
         c
+    }
+
+    /// The largest frame the guest sent so far, without its header (above
+    /// the MTU only with segmentation offload).
+    pub fn largest_tx_frame(&self) -> u64 {
+        self.tx_largest
     }
 
     /// The tap's name (or "(custom backend)").
@@ -433,6 +443,7 @@ impl Net {
         let mut frame = Vec::new();
         let mem = &active.mem;
         let sent_before = self.counters.tx_packets;
+        let mut largest = self.tx_largest;
         let (backend, counters, log) = (&mut *pair.backend, &mut self.counters, &mut self.log);
         let mut limiter = self.limits.as_mut().map(|l| &mut l.tx);
         let drained = ember_virtio::queue::drain_while(&mut queues.tx, mem, |queue, chain| {
@@ -446,7 +457,11 @@ impl Net {
                             return Flow::PutBack;
                         }
                     }
+                    let before = counters.tx_packets;
                     send(backend, &frame, len, counters, log);
+                    if counters.tx_packets > before {
+                        largest = largest.max(payload_len(len));
+                    }
                 }
                 Err(e) => {
                     counters.tx_dropped = counters.tx_dropped.saturating_add(1);
@@ -468,6 +483,7 @@ impl Net {
         pair.tx_packets = pair
             .tx_packets
             .saturating_add(self.counters.tx_packets - sent_before);
+        self.tx_largest = largest;
         if used_any {
             notify(active, tx_index(p), &mut self.log);
         }

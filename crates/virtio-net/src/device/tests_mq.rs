@@ -265,6 +265,7 @@ fn mq_the_driver_starts_on_one_pair_and_vq_pairs_set_brings_the_second() {
     let c = mq.net.counters();
     assert_eq!((c.rx_packets, c.tx_packets), (4, 3));
     assert_eq!(mq.net.pair_packets(), [(2, 1), (2, 2)]);
+    assert_eq!(mq.net.largest_tx_frame(), 60);
 
     // Back to one: the second queue is detached; a frame it had waiting
     // for guest buffers is dropped and its queue is read no more.
