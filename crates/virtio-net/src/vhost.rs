@@ -128,16 +128,17 @@ struct VhostPair {
 /// vhost-net for every queue pair of a NIC.
 pub struct Vhost {
     pairs: Vec<VhostPair>,
-    /// The workers are running (between [`Vhost::start`] and
-    /// [`Vhost::stop`]).
-    running: bool,
+    /// The pairs whose workers run (between [`Vhost::start`] and
+    /// [`Vhost::stop`]): all, or the first when the driver did not
+    /// negotiate several.
+    started: usize,
 }
 
 impl std::fmt::Debug for Vhost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vhost")
             .field("pairs", &self.pairs.len())
-            .field("running", &self.running)
+            .field("started", &self.started)
             .finish_non_exhaustive()
     }
 }
@@ -180,10 +181,7 @@ impl Vhost {
                 call: [efd()?, efd()?],
             });
         }
-        Ok(Vhost {
-            pairs,
-            running: false,
-        })
+        Ok(Vhost { pairs, started: 0 })
     }
 
     /// The call eventfds to watch, with the index of the device queue each
@@ -201,12 +199,13 @@ impl Vhost {
 
     /// Whether the workers run.
     pub fn running(&self) -> bool {
-        self.running
+        self.started > 0
     }
 
-    /// Hands the activated queues (receive and transmit, pair after pair)
-    /// to the workers: the features, each ring's size, addresses and next
-    /// available index, its eventfds, and the tap queue.
+    /// Hands the activated queues (receive and transmit, pair after pair;
+    /// the pairs the driver set up) to their workers: the features, each
+    /// ring's size, addresses and next available index, its eventfds, and
+    /// the tap queue.
     pub fn start(&mut self, acked: u64, queues: &[(&Queue, &Queue)]) -> Result<(), VhostError> {
         let features = acked & VHOST_FEATURES;
         for (pair, (rx, tx)) in self.pairs.iter().zip(queues) {
@@ -238,34 +237,35 @@ impl Vhost {
                     .map_err(ioctl("SET_VRING_KICK"))?;
             }
         }
-        for pair in &self.pairs {
+        let started = queues.len().min(self.pairs.len());
+        for (i, pair) in self.pairs.iter().take(started).enumerate() {
             for ring in 0..2 {
-                pair.handle
-                    .set_backend(ring, Some(&pair.tap))
-                    .map_err(ioctl("NET_SET_BACKEND"))?;
+                if let Err(e) = pair.handle.set_backend(ring, Some(&pair.tap)) {
+                    // Let go of what the earlier pairs took.
+                    self.started = i + usize::from(ring == 1);
+                    self.stop();
+                    return Err(ioctl("NET_SET_BACKEND")(e));
+                }
             }
         }
-        self.running = true;
+        self.started = started;
         // Buffers the driver posted before the workers started.
-        for p in 0..self.pairs.len() * 2 {
-            self.kick(p);
+        for q in 0..started * 2 {
+            self.kick(q);
         }
         Ok(())
     }
 
     /// Stops the workers (a device reset): they let go of the taps.
     pub fn stop(&mut self) {
-        if !self.running {
-            return;
-        }
-        for pair in &self.pairs {
+        for pair in self.pairs.iter().take(self.started) {
             for ring in 0..2 {
                 if let Err(e) = pair.handle.set_backend(ring, None) {
                     log::warn!("vhost-net: cannot detach the tap from ring {ring}: {e}");
                 }
             }
         }
-        self.running = false;
+        self.started = 0;
     }
 
     /// Passes the guest's notification of device queue `index` on to its

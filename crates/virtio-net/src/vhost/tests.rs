@@ -246,3 +246,43 @@ fn vhost_without_a_negotiated_feature_fails_activation_clearly() {
     assert!(err.to_string().contains("lacks features 0x8000"), "{err}");
     assert!(!net.is_activated());
 }
+
+#[test]
+fn vhost_starts_only_the_pairs_the_driver_set_up() {
+    let mem = guest_memory();
+    let (r0, calls0, _) = Recorder::new(VHOST_FEATURES);
+    let (r1, calls1, _) = Recorder::new(VHOST_FEATURES);
+    let taps = vec![
+        File::open("/dev/null").unwrap(),
+        File::open("/dev/null").unwrap(),
+    ];
+    let vhost = Vhost::with_handles(vec![Box::new(r0), Box::new(r1)], taps, &mem).unwrap();
+    let (b0, _) = MemBackend::new();
+    let (b1, _) = MemBackend::new();
+    let mut net = Net::with_backends(vec![Box::new(b0), Box::new(b1)], MAC, false).unwrap();
+    net.use_vhost(vhost).unwrap();
+    // A driver without VIRTIO_NET_F_MQ: one pair and the control queue.
+    let rxq = TestQueue::new(&mem, 0, 16);
+    let txq = TestQueue::new(&mem, 0x4000, 16);
+    let ctrlq = TestQueue::new(&mem, 0x8000, 16);
+    net.activate(ActivateContext {
+        mem: mem.clone(),
+        interrupt: Arc::new(CountingInterrupt::default()),
+        queues: vec![rxq.queue(), txq.queue(), ctrlq.queue()],
+        acked_features: (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_CTRL_VQ),
+    })
+    .unwrap();
+    let backend_calls = |c: &Arc<Mutex<Vec<Asked>>>| {
+        c.lock()
+            .unwrap()
+            .iter()
+            .filter(|a| matches!(a, Asked::Backend(..)))
+            .count()
+    };
+    assert_eq!(backend_calls(&calls0), 2);
+    // The second instance got its memory table and nothing else.
+    assert_eq!(calls1.lock().unwrap().len(), 2);
+    net.reset();
+    assert_eq!(backend_calls(&calls0), 4);
+    assert_eq!(calls1.lock().unwrap().len(), 2);
+}
