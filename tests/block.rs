@@ -2,7 +2,8 @@
 //! stresses disks through the kernel's block layer, and the host checks the
 //! image files' bytes. The four-disk boot serves the written disk with
 //! `io=io_uring` and a read one with `io=io_uring,cache=none` (O_DIRECT);
-//! its second boot reads the written blocks back with `io=sync`.
+//! its second boot reads the written blocks back with `io=sync`. The first
+//! two disks are served by I/O threads of their own.
 // Host-side test code on 64-bit hosts: sizes and offsets fit in usize.
 #![allow(clippy::cast_possible_truncation)]
 
@@ -149,10 +150,11 @@ fn block_four_disks_read_write_discard_stress_read_only_then_reboot_and_verify()
         kib(STRESS_LEN)
     );
     let disks = [
-        disk_arg(&vda, ",id=alpha"),
+        // vda and vdb on I/O threads of their own (sync and io_uring).
+        disk_arg(&vda, ",id=alpha,iothread=on"),
         // The written, discarded and stressed disk on io_uring (the second
         // boot reads it back on io=sync); the read one also O_DIRECT.
-        disk_arg(&vdb, ",id=bravo,io=io_uring"),
+        disk_arg(&vdb, ",id=bravo,io=io_uring,iothread=on"),
         disk_arg(&vdc, ",read_only=on,id=charlie"),
         disk_arg(&vdd, ",id=delta,io=io_uring,cache=none"),
     ];
@@ -186,6 +188,19 @@ fn block_four_disks_read_write_discard_stress_read_only_then_reboot_and_verify()
         run.check(
             eligible > 10 && n == eligible,
             &format!("virtio-blk{i}: every read, write and flush went through io_uring: {line}"),
+        );
+    }
+
+    // vda and vdb were served by their own threads, the others were not.
+    for (i, own) in [(0, true), (1, true), (2, false), (3, false)] {
+        let served = ember_tests::io_thread_served(&run.stderr, &format!("virtio-blk{i}"));
+        run.check(
+            if own {
+                served.is_some_and(|n| n > 10)
+            } else {
+                served.is_none()
+            },
+            &format!("virtio-blk{i}: I/O thread {own}, it served {served:?} events"),
         );
     }
 

@@ -135,7 +135,8 @@ fn jail_boots_the_guest_with_disk_and_net_unprivileged_and_leaves_nothing_behind
         "--cmdline",
         &cmdline,
         "--disk",
-        &format!("path={}", disk.display()),
+        // On its own I/O thread: that thread is filtered too.
+        &format!("path={},iothread=on", disk.display()),
         "--net",
         "tap=tap0",
         "--log-level",
@@ -188,10 +189,14 @@ fn jail_boots_the_guest_with_disk_and_net_unprivileged_and_leaves_nothing_behind
             cgroup.contains(&format!("/ember/{id}")),
         ));
         seen.push(("its cgroup exists", !cgroup_dirs(&id).is_empty()));
-        // The event loop, the migration thread, the vCPU.
-        let (filtered, threads) = wait_all_threads_filtered(pid, 3, Duration::from_secs(5));
+        // The event loop, the migration thread, the vCPU, the disk's.
+        let (filtered, threads) = wait_all_threads_filtered(pid, 4, Duration::from_secs(5));
         eprintln!("jailed ember threads: {threads:?}");
         seen.push(("every thread under seccomp", filtered));
+        seen.push((
+            "the disk's I/O thread runs",
+            threads.iter().any(|(n, _)| n == "ember-blk0"),
+        ));
     }
     let ping = ns
         .exec(&["ping", "-c", "3", "-i", "0.5", "-W", "10", "10.201.0.2"])
@@ -207,6 +212,11 @@ fn jail_boots_the_guest_with_disk_and_net_unprivileged_and_leaves_nothing_behind
         &format!("the host pings the jailed guest through the tap:\n{ping}"),
     );
     run.check(run.code() == 0, "the jailed guest restarts: exit 0");
+    let served = ember_tests::io_thread_served(&run.stderr, "virtio-blk0");
+    run.check(
+        served.is_some_and(|n| n > 0),
+        &format!("the disk's requests went through its I/O thread: {served:?} events"),
+    );
     let agent = agent_lines(&run.stdout);
     run.check(
         agent

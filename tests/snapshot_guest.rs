@@ -16,7 +16,8 @@
 //!    overrides), all run; their memory (PSS) is reported.
 //!
 //! The host reads the disk images afterwards and checks every block the
-//! guest wrote, byte for byte.
+//! guest wrote, byte for byte. The disk is served by an I/O thread of its
+//! own (`iothread=on`), paused with the VM.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -72,7 +73,9 @@ fn snapshot_real_guest_restores_and_clones_keep_memory_disk_and_network() {
     let sock = dir.path("api.sock");
     let host_addr = format!("{HOST}/24");
     let ns = NetNs::new("snap", &[("tap0", &host_addr)]).expect("netns");
-    let disk_flag = format!("path={}", disk.display());
+    // The disk on its own I/O thread: it pauses for the snapshot, and the
+    // restored guest and its clones get one too (the saved configuration).
+    let disk_flag = format!("path={},iothread=on", disk.display());
     let cmd = cmdline();
     let mut source = spawn_ember_in_netns(
         &ns.name,
@@ -166,6 +169,11 @@ fn snapshot_real_guest_restores_and_clones_keep_memory_disk_and_network() {
     assert!(
         pinged.contains(" 0% packet loss"),
         "the restored guest answers ping on its tap:\n{pinged}"
+    );
+    let threads = ember_tests::thread_seccomp_modes(restored.pid());
+    assert!(
+        threads.iter().any(|(n, _)| n == "ember-blk0"),
+        "the restored disk has its I/O thread: {threads:?}"
     );
     let mut api = Api::connect(&sock_r);
     let diff = |api: &mut Api, name: &str| {

@@ -129,6 +129,139 @@ fn tiny_serial_input_reaches_the_guest_and_comes_back() {
 }
 
 #[test]
+fn tiny_serial_goes_to_a_file_to_null_and_to_a_socket_client_and_bad_specs_fail_cleanly() {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixStream;
+    if !kvm_available(
+        "tiny_serial_goes_to_a_file_to_null_and_to_a_socket_client_and_bad_specs_fail_cleanly",
+    ) {
+        return;
+    }
+    let dir = TempDir::new("serial");
+    let hello_k = guest(&dir, "hello.elf", &hello());
+    let hello_args = |serial: &str| -> Vec<String> {
+        ["--kernel", &hello_k, "--memory", "16", "--serial", serial]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let run_with = |args: &[String]| {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_ember(&a, b"", TIMEOUT)
+    };
+
+    // file=: appended to what is there; a new file is the owner's alone.
+    let log = dir.path("console.log");
+    std::fs::write(&log, b"earlier\n").unwrap();
+    let run = run_with(&hello_args(&format!("file={}", log.display())));
+    run.check(run.code() == 0, "file=: the guest resets");
+    run.check(run.stdout.is_empty(), "file=: nothing on stdout");
+    let text = std::fs::read_to_string(&log).unwrap();
+    run.check(
+        text == "earlier\nHello from a tiny guest\n",
+        &format!("file=: the output appended: {text:?}"),
+    );
+    let fresh = dir.path("fresh.log");
+    let run = run_with(&hello_args(&format!("file={}", fresh.display())));
+    let mode = std::fs::metadata(&fresh)
+        .ok()
+        .map(|m| m.permissions().mode() & 0o777);
+    run.check(
+        mode == Some(0o600),
+        &format!("file=: created 0600: {mode:?}"),
+    );
+
+    // null: no output anywhere.
+    let run = run_with(&hello_args("null"));
+    run.check(
+        run.code() == 0 && run.stdout.is_empty(),
+        "null: the guest runs, nothing printed",
+    );
+
+    // socket=: a client types into the echo guest and reads it all back.
+    let sock = dir.path("console.sock");
+    let echo_k = guest(&dir, "echo.elf", &ECHO);
+    let serial = format!("socket={}", sock.display());
+    let vm = spawn_ember(
+        &["--kernel", &echo_k, "--memory", "16", "--serial", &serial],
+        b"",
+    );
+    let start = std::time::Instant::now();
+    let mut client = loop {
+        match UnixStream::connect(&sock) {
+            Ok(c) => break Some(c),
+            Err(_) if start.elapsed() < TIMEOUT => std::thread::sleep(Duration::from_millis(10)),
+            Err(_) => break None,
+        }
+    };
+    // More than the UART's FIFO: the client's input waits for the guest.
+    // Capitals: a 'q' ends the guest.
+    let mut input: Vec<u8> = (0..300).map(|i| b'A' + (i % 26) as u8).collect();
+    input.extend(b"\nq");
+    let mut echoed = Vec::new();
+    if let Some(c) = client.as_mut() {
+        c.set_read_timeout(Some(TIMEOUT)).unwrap();
+        c.write_all(&input).unwrap();
+        let mut buf = [0u8; 512];
+        while echoed.len() < input.len() {
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => echoed.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+    let run = vm.finish(TIMEOUT);
+    run.check(client.is_some(), "socket=: a client connects");
+    run.check(run.code() == 0, "socket=: the guest resets after 'q'");
+    run.check(
+        echoed == input,
+        &format!(
+            "socket=: every byte typed comes back in order ({} of {})",
+            echoed.len(),
+            input.len()
+        ),
+    );
+    run.check(run.stdout.is_empty(), "socket=: nothing on stdout");
+    run.check(
+        !sock.exists(),
+        "socket=: the socket file is removed at exit",
+    );
+
+    // Bad specs: one clear error each, nothing created, the taken path kept.
+    let taken = dir.write("taken", b"mine");
+    let cases = [
+        (
+            "tty".to_string(),
+            "--serial must be stdio, null, file=PATH or socket=PATH",
+        ),
+        (format!("socket={}", taken.display()), "the path exists"),
+        (
+            format!("file={}", dir.path("no/such/dir/c.log").display()),
+            "--serial file=",
+        ),
+        ("socket=".to_string(), "--serial socket= needs a path"),
+    ];
+    for (spec, says) in cases {
+        let run = run_with(&hello_args(&spec));
+        run.check(run.code() != 0, &format!("{spec}: refused"));
+        run.check(
+            run.stderr.contains(says) && !run.stderr.contains("panicked"),
+            &format!("{spec}: the error says {says:?}"),
+        );
+        run.check(
+            run.stdout.is_empty(),
+            &format!("{spec}: the guest did not run"),
+        );
+    }
+    assert_eq!(
+        std::fs::read(&taken).unwrap(),
+        b"mine",
+        "the taken path is kept"
+    );
+}
+
+#[test]
 fn tiny_unhandled_port_and_mmio_accesses_are_logged_and_ignored() {
     if !kvm_available("tiny_unhandled_port_and_mmio_accesses_are_logged_and_ignored") {
         return;

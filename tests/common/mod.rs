@@ -861,6 +861,20 @@ pub fn wait_all_threads_filtered(
     }
 }
 
+/// How many device events ember's I/O thread `name` served, from its exit
+/// line (`I/O thread virtio-blk0: served N device events`).
+pub fn io_thread_served(stderr: &str, name: &str) -> Option<u64> {
+    let key = format!("I/O thread {name}: served ");
+    stderr.lines().find_map(|l| {
+        l.split_once(&key)?
+            .1
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
 /// A `Field:  N kB` line of a /proc file (`status`, `smaps_rollup`), in KiB.
 pub fn proc_kib(path: &str, field: &str) -> Option<u64> {
     std::fs::read_to_string(path).ok().and_then(|s| {

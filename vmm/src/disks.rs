@@ -6,7 +6,7 @@ use ember_virtio::VirtioPciDevice;
 use ember_virtio_blk::{Block, BlockConfig};
 
 use crate::config::DiskConfig;
-use crate::virtio_devices::{attach, AttachContext};
+use crate::virtio_devices::{attach_on, AttachContext};
 use crate::Error;
 
 /// A disk as the VM holds it.
@@ -39,7 +39,7 @@ pub fn create_disks(
                 .map_err(|source| Error::Disk { index, source })?;
         }
         let name = format!("virtio-blk{index}");
-        let dev = attach(ctx, &name, block)?;
+        let dev = attach_on(ctx, &name, block, d.iothread)?;
         log::info!(
             "{name}: {} ({}, {} queues){}",
             d.path.display(),

@@ -11,7 +11,10 @@ use ember_vcpu::VcpuEnd;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::console::SocketConsole;
 use crate::devices::Serial;
+use crate::iothread::IoThread;
+use crate::seccomp::Filters;
 use crate::signals::StopSignals;
 use crate::vcpus::VcpuExitReport;
 use crate::Error;
@@ -43,6 +46,8 @@ struct ConsoleInput {
     serial: Arc<Mutex<Serial>>,
     drained: EventFd,
     paused: bool,
+    /// A socket console: its clients come and go, each one the input.
+    socket: Option<SocketConsole>,
 }
 
 impl ConsoleInput {
@@ -67,17 +72,41 @@ impl ConsoleInput {
                 log::debug!("console: input closed");
                 let _ = ops.remove(Events::new(input, EventSet::IN));
                 self.input = None;
+                if let Some(socket) = &self.socket {
+                    socket.disconnect();
+                }
             }
             Ok(n) => {
                 serial.enqueue_input(&buf[..n]);
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => {
                 log::warn!("console: cannot read input, ignoring it from now on: {e}");
                 let _ = ops.remove(Events::new(input, EventSet::IN));
                 self.input = None;
+                if let Some(socket) = &self.socket {
+                    socket.disconnect();
+                }
             }
         }
+    }
+
+    /// A client connected to the socket console: it becomes the input.
+    fn accept(&mut self, ops: &mut EventOps) {
+        let Some(client) = self.socket.as_ref().and_then(SocketConsole::accept) else {
+            return;
+        };
+        if let Some(old) = self.input.take() {
+            let _ = ops.remove(Events::new(&old, EventSet::IN));
+        }
+        // While the FIFO is full the drained event adds it.
+        if !self.paused {
+            if let Err(e) = ops.add(Events::new(&client, EventSet::IN)) {
+                log::warn!("console: cannot watch the client's input: {e:?}");
+            }
+        }
+        self.input = Some(client);
     }
 }
 
@@ -95,6 +124,10 @@ impl MutEventSubscriber for ConsoleInput {
             }
             return;
         }
+        if self.socket.as_ref().map(|s| s.listener().as_raw_fd()) == Some(events.fd()) {
+            self.accept(ops);
+            return;
+        }
         if self.input.as_ref().map(|i| i.as_raw_fd()) == Some(events.fd()) {
             self.forward(ops);
         }
@@ -105,6 +138,11 @@ impl MutEventSubscriber for ConsoleInput {
         self.paused = false;
         if let Err(e) = ops.add(Events::new(&self.drained, EventSet::IN)) {
             log::error!("console: cannot watch the UART: {e:?}");
+        }
+        if let Some(socket) = &self.socket {
+            if let Err(e) = ops.add(Events::new(socket.listener(), EventSet::IN)) {
+                log::error!("console: cannot watch the console socket: {e:?}");
+            }
         }
         if let Some(input) = &self.input {
             // A regular file cannot be polled (EPERM): console input is then ignored.
@@ -196,6 +234,8 @@ impl std::fmt::Debug for EventLoop {
 pub struct VmInputs {
     /// Console input (stdin), if any.
     pub console_in: Option<File>,
+    /// A socket console's listener, if the console is one.
+    pub console_socket: Option<SocketConsole>,
     /// The console UART.
     pub serial: Arc<Mutex<Serial>>,
     /// The UART's "receive FIFO drained" event.
@@ -210,14 +250,28 @@ pub struct VmInputs {
     pub report: Arc<VcpuExitReport>,
     /// Device subscribers (virtio queues).
     pub devices: Vec<Subscriber>,
+    /// Device subscribers served on I/O threads of their own, with the
+    /// threads' names.
+    pub io_threads: Vec<(String, Subscriber)>,
 }
 
 /// The parts of a VM's inputs that stop while it is paused: console
 /// input and device queues (they touch guest memory and inject
-/// interrupts), as subscribers to take out of the loop and put back.
+/// interrupts), as subscribers to take out of the loop and put back, and
+/// the I/O threads, paused and resumed with them.
 pub struct Pausable {
     subscribers: Vec<Subscriber>,
     ids: Vec<SubscriberId>,
+    io_threads: Vec<IoThread>,
+}
+
+impl Pausable {
+    /// Ends the I/O threads (at exit: nothing is served afterwards).
+    pub fn stop_io_threads(&mut self) {
+        for t in &mut self.io_threads {
+            t.stop();
+        }
+    }
 }
 
 impl std::fmt::Debug for Pausable {
@@ -225,6 +279,7 @@ impl std::fmt::Debug for Pausable {
         f.debug_struct("Pausable")
             .field("subscribers", &self.subscribers.len())
             .field("attached", &!self.ids.is_empty())
+            .field("io_threads", &self.io_threads.len())
             .finish()
     }
 }
@@ -266,8 +321,19 @@ impl EventLoop {
 
     /// Adds a built VM's events: the ones that end it stay for good; the
     /// console input and devices come back as a [`Pausable`] that is
-    /// attached (see [`EventLoop::resume`]).
-    pub fn add_vm(&mut self, inputs: VmInputs) -> Result<Pausable, Error> {
+    /// attached (see [`EventLoop::resume`]). The devices that want one get
+    /// an I/O thread, under `filters`' event-loop filter.
+    pub fn add_vm(
+        &mut self,
+        inputs: VmInputs,
+        filters: Option<&Filters>,
+    ) -> Result<Pausable, Error> {
+        // The threads first: a failure leaves the loop as it was.
+        let io_threads = inputs
+            .io_threads
+            .into_iter()
+            .map(|(name, s)| IoThread::spawn(&name, s, filters))
+            .collect::<Result<Vec<_>, Error>>()?;
         let fds = vec![
             inputs.reset.as_raw_fd(),
             inputs.power_off.as_raw_fd(),
@@ -285,6 +351,7 @@ impl EventLoop {
             })));
         let mut subscribers: Vec<Subscriber> = vec![Arc::new(Mutex::new(ConsoleInput {
             input: inputs.console_in,
+            socket: inputs.console_socket,
             serial: inputs.serial,
             drained: inputs.serial_drained,
             paused: false,
@@ -293,6 +360,7 @@ impl EventLoop {
         let mut p = Pausable {
             subscribers,
             ids: Vec::new(),
+            io_threads,
         };
         self.resume(&mut p);
         Ok(p)
@@ -309,6 +377,11 @@ impl EventLoop {
                 result = Err(loop_error(e));
             }
         }
+        for t in &p.io_threads {
+            if let Err(e) = t.pause() {
+                result = Err(e);
+            }
+        }
         result
     }
 
@@ -317,6 +390,11 @@ impl EventLoop {
         if p.ids.is_empty() {
             for s in &p.subscribers {
                 p.ids.push(self.manager.add_subscriber(s.clone()));
+            }
+        }
+        for t in &p.io_threads {
+            if let Err(e) = t.resume() {
+                log::error!("{e}");
             }
         }
     }

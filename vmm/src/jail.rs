@@ -18,6 +18,7 @@ use ember_jail::{current_exe_files, CgroupVersion, JailFile, JailSpec};
 use crate::config::ValidConfig;
 use crate::seccomp;
 use crate::Error;
+use ember_rate_limiter::RateLimiterConfig;
 
 /// Where the jailed ember finds itself.
 const EMBER_INSIDE: &str = "/ember";
@@ -94,6 +95,17 @@ fn flag_safe(what: &str, value: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Appends a rate limiter's buckets as `--disk`/`--net` keys
+/// (`,{prefix}bw=SIZE/TIME[+BURST]`, `,{prefix}ops=...`).
+fn limits(spec: &mut String, prefix: &str, limiter: Option<&RateLimiterConfig>) {
+    let Some(l) = limiter else { return };
+    for (key, bucket) in [("bw", &l.bandwidth), ("ops", &l.ops)] {
+        if let Some(b) = bucket.as_ref().filter(|b| b.is_limit()) {
+            spec.push_str(&format!(",{prefix}{key}={b}"));
+        }
+    }
+}
+
 /// The files, devices and command line of the jailed ember for `cfg`.
 fn vm_inside(
     cfg: Option<&ValidConfig>,
@@ -140,10 +152,23 @@ fn vm_inside(
             inside: PathBuf::from(&inside),
             writable: !disk.read_only,
         });
-        let mut spec = format!("path={inside}");
+        let mut spec = format!(
+            "path={inside},format={},io={},cache={}",
+            disk.format, disk.io, disk.cache
+        );
         if disk.read_only {
             spec.push_str(",read_only=on");
         }
+        if let Some(n) = disk.num_queues {
+            spec.push_str(&format!(",num_queues={n}"));
+        }
+        if let Some(n) = disk.queue_size {
+            spec.push_str(&format!(",queue_size={n}"));
+        }
+        if disk.iothread {
+            spec.push_str(",iothread=on");
+        }
+        limits(&mut spec, "", disk.rate_limiter.as_ref());
         if let Some(id) = &disk.id {
             flag_safe("disk id", id)?;
             spec.push_str(&format!(",id={id}"));
@@ -173,6 +198,8 @@ fn vm_inside(
         if net.vhost {
             spec.push_str(",vhost=on");
         }
+        limits(&mut spec, "rx_", net.rx_rate_limiter.as_ref());
+        limits(&mut spec, "tx_", net.tx_rate_limiter.as_ref());
         arg("--net");
         arg(&spec);
     }
@@ -265,6 +292,68 @@ mod tests {
             .contains("KEY=VALUE"));
         assert!(parse_cgroup_flag("=1").is_err());
         assert!(parse_cgroup_flag("memory.max=").is_err());
+    }
+
+    #[test]
+    fn the_jailed_ember_gets_every_disk_and_nic_option_that_fits_a_flag() {
+        let exe = std::env::current_exe().unwrap();
+        let toml = format!(
+            r#"
+[boot]
+kernel = "{exe}"
+[[disk]]
+path = "{exe}"
+format = "qcow2"
+io = "io_uring"
+num_queues = 2
+queue_size = 128
+iothread = true
+rate_limiter = {{ bandwidth = {{ size = 10485760, refill_time = 1000 }}, ops = {{ size = 100, refill_time = 100, one_time_burst = 50 }} }}
+[[net]]
+tap = "tap0"
+rx_rate_limiter = {{ bandwidth = {{ size = 1048576, refill_time = 1000 }} }}
+tx_rate_limiter = {{ ops = {{ size = 1000, refill_time = 1000 }} }}
+"#,
+            exe = exe.display()
+        );
+        let cfg = crate::config::VmConfig::from_toml(&toml, &exe, Path::new("/"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        let opts = JailOptions {
+            dir: PathBuf::from("/nonexistent"),
+            uid: 65534,
+            gid: 65534,
+            id: None,
+            allow_root: false,
+            netns: None,
+            new_pid_ns: false,
+            cgroup: Vec::new(),
+            cgroup_version: None,
+            max_open_files: 1024,
+            max_file_size: None,
+            seccomp: seccomp::Mode::On,
+            log_level: log::LevelFilter::Info,
+            api_sock: None,
+        };
+        let (_, args) = vm_inside(Some(&cfg), &opts).unwrap();
+        let after = |flag: &str| {
+            let i = args.iter().position(|a| a == flag).unwrap();
+            args[i + 1].to_string_lossy().into_owned()
+        };
+        let disk = crate::config::DiskConfig::parse_flag(&after("--disk")).unwrap();
+        let want = &cfg.disks[0];
+        assert_eq!(disk.path, Path::new("/vm/disk0"));
+        assert_eq!(
+            (disk.format, disk.io, disk.cache, disk.iothread),
+            (want.format, want.io, want.cache, true)
+        );
+        assert_eq!((disk.num_queues, disk.queue_size), (Some(2), Some(128)));
+        assert_eq!(disk.rate_limiter, want.rate_limiter);
+        let net = crate::config::NetConfig::parse_flag(&after("--net")).unwrap();
+        let (want, _) = &cfg.nets[0];
+        assert_eq!(net.rx_rate_limiter, want.rx_rate_limiter);
+        assert_eq!(net.tx_rate_limiter, want.tx_rate_limiter);
     }
 
     #[test]

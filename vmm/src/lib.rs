@@ -30,12 +30,14 @@ pub mod acpi;
 pub mod api;
 pub mod balloon;
 pub mod config;
+pub mod console;
 pub mod cpu;
 pub mod devices;
 pub mod disks;
 pub mod event_loop;
 pub mod img;
 pub mod instance;
+pub mod iothread;
 pub mod jail;
 pub mod logger;
 pub mod memory;
@@ -164,6 +166,12 @@ pub enum Error {
     /// The API socket cannot be set up.
     #[error("API socket")]
     Api(#[from] ember_api::Error),
+    /// A device's I/O thread cannot be started or commanded.
+    #[error("I/O thread {0}")]
+    Thread(String),
+    /// The console cannot be set up (`--serial`).
+    #[error("{0}")]
+    Serial(String),
     /// The API thread cannot be started.
     #[error("cannot start the API thread")]
     SpawnApi(#[source] std::io::Error),
@@ -259,6 +267,9 @@ pub struct Console {
     pub output: ConsoleOut,
     /// Serial input, if any.
     pub input: Option<File>,
+    /// A socket console's listener (`--serial socket=PATH`): its clients
+    /// give the input.
+    pub socket: Option<console::SocketConsole>,
 }
 
 impl std::fmt::Debug for Console {
@@ -279,7 +290,43 @@ impl Console {
         Ok(Console {
             output: Box::new(std::io::stdout()),
             input: Some(File::from(input)),
+            socket: None,
         })
+    }
+
+    /// The console `spec` names (`--serial`).
+    pub fn open(spec: &console::SerialSpec) -> Result<Self> {
+        use console::SerialSpec;
+        match spec {
+            SerialSpec::Stdio => Self::stdio(),
+            SerialSpec::Null => Ok(Console {
+                output: Box::new(std::io::sink()),
+                input: None,
+                socket: None,
+            }),
+            SerialSpec::File(path) => {
+                use std::os::unix::fs::OpenOptionsExt;
+                let file = std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .mode(0o600)
+                    .open(path)
+                    .map_err(|e| Error::Serial(format!("--serial file={}: {e}", path.display())))?;
+                Ok(Console {
+                    output: Box::new(file),
+                    input: None,
+                    socket: None,
+                })
+            }
+            SerialSpec::Socket(path) => {
+                let (socket, output) = console::SocketConsole::bind(path).map_err(Error::Serial)?;
+                Ok(Console {
+                    output: Box::new(output),
+                    input: None,
+                    socket: Some(socket),
+                })
+            }
+        }
     }
 }
 
@@ -458,6 +505,7 @@ impl Vmm {
             bars: &mut bars,
             routes: &routes,
             subscribers: Vec::new(),
+            io_threads: Vec::new(),
         };
         let disks = disks::create_disks(&mut attach, &cfg.disks)?;
         let taps = match boot {
@@ -470,6 +518,7 @@ impl Vmm {
             .map(|b| balloon::create(&mut attach, b))
             .transpose()?;
         let device_events = attach.subscribers;
+        let io_threads = attach.io_threads;
         let acpi = acpi::guest_uses_acpi(&cfg.cmdline);
         pci::attach_config_ports(&mut io, &bus, acpi)?;
         let io = Arc::new(io);
@@ -587,6 +636,7 @@ impl Vmm {
         };
         let inputs = VmInputs {
             console_in: console.input,
+            console_socket: console.socket,
             serial: legacy.serial,
             serial_drained: legacy.serial_input_drained,
             reset: legacy.reset,
@@ -594,6 +644,7 @@ impl Vmm {
             vcpu_evt,
             report: report.clone(),
             devices: device_events,
+            io_threads,
         };
         Ok(Vmm {
             vcpus,
@@ -635,7 +686,7 @@ impl Vmm {
             .inputs
             .take()
             .ok_or_else(|| Error::Guest("the VM was started twice".into()))?;
-        let mut pausable = event_loop.add_vm(inputs)?;
+        let mut pausable = event_loop.add_vm(inputs, Some(filters))?;
         if self.start_paused {
             event_loop.pause(&mut pausable)?;
         }
@@ -987,6 +1038,11 @@ impl Vmm {
     pub fn shutdown(&mut self) {
         if let Some(mut threads) = self.threads.take() {
             threads.stop(Duration::from_millis(500));
+        }
+        // The disks' own threads end first: the flush below is the last
+        // thing done to a disk.
+        if let Some(p) = self.pausable.as_mut() {
+            p.stop_io_threads();
         }
         disks::flush_all(&self.disks);
         disks::log_counters(&self.disks);

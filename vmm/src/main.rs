@@ -365,6 +365,11 @@ struct VmArgs {
     /// replaces the config file's NICs.
     #[arg(long, value_name = "SPEC")]
     net: Vec<String>,
+    /// Where the guest's console (COM1) goes: stdio (default), null,
+    /// file=PATH (output appended) or socket=PATH (a Unix socket: one
+    /// client at a time reads the output and types the input).
+    #[arg(long, value_name = "SPEC", default_value = "stdio")]
+    serial: ember_vmm::console::SerialSpec,
     /// Seccomp filters: on (a forbidden syscall kills ember after one line
     /// naming it), log (allowed and logged by the kernel, to build the
     /// lists) or off.
@@ -455,6 +460,12 @@ fn vm_config_unchecked(cli: VmArgs) -> ember_vmm::Result<VmConfig> {
 }
 
 fn run_jailed(args: JailArgs) -> ember_vmm::Result<i32> {
+    if args.vm.serial != ember_vmm::console::SerialSpec::Stdio {
+        return Err(ember_vmm::Error::Serial(format!(
+            "ember jail: --serial {} is not passed into the jail; the jailed guest's console is ember jail's own stdin and stdout (redirect them)",
+            args.vm.serial
+        )));
+    }
     let opts = JailOptions {
         dir: args.dir,
         uid: args.uid,
@@ -503,6 +514,7 @@ fn run(
     started: Instant,
 ) -> ember_vmm::Result<i32> {
     let mode = cli.seccomp;
+    let serial = cli.serial.clone();
     let load = restore.params()?;
     if load.is_some() && !restore.resume && fc.api_sock.is_none() {
         return Err(ember_vmm::Error::Restore(
@@ -534,10 +546,12 @@ fn run(
         Some(path) => Some(ember_api::Server::bind(path)?),
         None => None,
     };
-    let console = Console::stdio()?;
+    let console = Console::open(&serial)?;
     let stdin = std::io::stdin();
-    // Restored when this function returns, whichever way.
-    let _raw = RawTerminal::enter(stdin.as_fd());
+    // Restored when this function returns, whichever way (stdin is the
+    // console's input only with --serial stdio).
+    let _raw = (serial == ember_vmm::console::SerialSpec::Stdio)
+        .then(|| RawTerminal::enter(stdin.as_fd()));
     let opts = InstanceOptions {
         id: fc.id.clone(),
         filters,

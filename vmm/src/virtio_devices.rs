@@ -30,6 +30,9 @@ pub struct AttachContext<'a> {
     pub routes: &'a Arc<MsiRoutes>,
     /// Event-loop subscribers of the attached devices.
     pub subscribers: Vec<Subscriber>,
+    /// Subscribers of devices served on I/O threads of their own, with
+    /// the thread's name.
+    pub io_threads: Vec<(String, Subscriber)>,
 }
 
 /// A virtio device on the PCI bus, shared by the buses and the event loop.
@@ -41,6 +44,17 @@ pub fn attach<D: VirtioDevice + 'static>(
     ctx: &mut AttachContext<'_>,
     name: &str,
     device: D,
+) -> Result<Attached<D>, Error> {
+    attach_on(ctx, name, device, false)
+}
+
+/// [`attach`], with the device's events served on an I/O thread of its own
+/// (named `name`) when `own_thread`.
+pub fn attach_on<D: VirtioDevice + 'static>(
+    ctx: &mut AttachContext<'_>,
+    name: &str,
+    device: D,
+    own_thread: bool,
 ) -> Result<Attached<D>, Error> {
     let vectors = u16::try_from(device.queue_max_sizes().len() + 1).unwrap_or(u16::MAX);
     let msi = Arc::new(DeviceMsi::new(ctx.routes, vectors)?);
@@ -65,7 +79,19 @@ pub fn attach<D: VirtioDevice + 'static>(
         .register_mmio(range, dev.clone())
         .map_err(|e| Error::Bus(format!("{name}: {e:?}")))?;
     let events = QueueEvents::new(dev.clone()).map_err(|e| Error::EventFd("virtio queue", e))?;
-    ctx.subscribers.push(Arc::new(Mutex::new(events)));
-    log::info!("{name}: at 00:{slot:02x}.0, BAR {bar:#x}");
+    let events: Subscriber = Arc::new(Mutex::new(events));
+    if own_thread {
+        ctx.io_threads.push((name.to_string(), events));
+    } else {
+        ctx.subscribers.push(events);
+    }
+    log::info!(
+        "{name}: at 00:{slot:02x}.0, BAR {bar:#x}{}",
+        if own_thread {
+            ", on its own I/O thread"
+        } else {
+            ""
+        }
+    );
     Ok(dev)
 }

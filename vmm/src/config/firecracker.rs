@@ -151,6 +151,7 @@ pub fn apply_drive(cfg: &mut VmConfig, d: &Drive) -> Result<(), ConfigError> {
         // Both of Firecracker's cache types go through the page cache;
         // ember honours the guest's flushes in both (Unsafe included).
         cache: super::disk::CacheMode::Writeback,
+        iothread: false,
     };
     let mut disks = cfg.disk.clone();
     let index = disks

@@ -851,6 +851,7 @@ mod tests {
             rate_limiter: None,
             io: Default::default(),
             cache: Default::default(),
+            iothread: false,
         };
         let mut c = VmConfig::default();
         c.boot.kernel = Some(exe.clone());

@@ -260,6 +260,7 @@ pub fn vmm() -> Vec<Rule> {
             &[
                 (TCGETS, "read terminal settings"),
                 (TCSETS, "restore the terminal at exit"),
+                (FIONBIO, "a console socket's client made nonblocking"),
                 (
                     TUNSETOFFLOAD,
                     "apply the offloads the guest driver accepted",
@@ -277,7 +278,7 @@ pub fn vmm() -> Vec<Rule> {
             .into_iter()
             .chain(ember_virtio_net::vhost::runtime_ioctls())
             .collect::<Vec<_>>(),
-            "terminal restore; tap offloads; vhost-net of a restored NIC; the guest clock across a pause; snapshots",
+            "terminal restore; console clients; tap offloads; vhost-net of a restored NIC; the guest clock across a pause; snapshots",
         ),
         always(
             libc::SYS_ftruncate,
@@ -312,6 +313,15 @@ pub fn vmm() -> Vec<Rule> {
         always(
             libc::SYS_shutdown,
             "a migration's cancel ends its connection (the worker's blocked I/O returns)",
+        ),
+        always(
+            libc::SYS_accept4,
+            "a client on the console socket (--serial socket=PATH)",
+        ),
+        only(
+            libc::SYS_fcntl,
+            vec![vec![eq(1, libc::F_DUPFD_CLOEXEC as u64)]],
+            "a console socket's client is kept twice (output and input)",
         ),
         always(libc::SYS_getpid, "pthread_kill (kicking a vCPU thread)"),
         always(libc::SYS_gettid, "pthread_kill (kicking a vCPU thread)"),
