@@ -89,6 +89,10 @@ pub fn uptime_at(console: &str, n: u32) -> Option<u64> {
 /// where it was (restored kvmclock: no reset, no jump).
 pub fn check_continued(console: &str, before: &str, who: &str) -> u32 {
     let last = beats(before).iter().map(|b| b.0).max().unwrap();
+    // A line the guest was printing when it was paused is split: its start
+    // is the end of `before`, its rest the start of `console`.
+    let unfinished = before.rfind('\n').map_or(before, |i| &before[i + 1..]);
+    let console = &format!("{unfinished}{console}");
     let b = beats(console);
     assert!(
         !b.is_empty(),

@@ -16,7 +16,12 @@ pub fn guest_uses_acpi(cmdline: &str) -> bool {
 }
 
 /// The machine the tables describe.
-pub fn machine(ml: &MemoryLayout, vcpus: u8, numa: Vec<Node>) -> Machine {
+pub fn machine(
+    ml: &MemoryLayout,
+    vcpus: u8,
+    numa: Vec<Node>,
+    mmio: &[crate::virtio_devices::MmioPlacement],
+) -> Machine {
     Machine {
         cpus: vcpus,
         lapic_addr: u32::try_from(layout::APIC_START).unwrap_or(0),
@@ -36,6 +41,16 @@ pub fn machine(ml: &MemoryLayout, vcpus: u8, numa: Vec<Node>) -> Machine {
         sleep_port: layout::ACPI_SLEEP_PORT,
         power_button_gsi: layout::POWER_BUTTON_IRQ,
         numa,
+        virtio_mmio: mmio
+            .iter()
+            .map(|p| ember_acpi::VirtioMmio {
+                window: Window {
+                    base: p.base,
+                    size: layout::VIRTIO_MMIO_WINDOW,
+                },
+                gsi: p.irq,
+            })
+            .collect(),
     }
 }
 
@@ -107,7 +122,7 @@ mod tests {
     fn tables_land_in_guest_memory_at_the_rsdp() {
         let ml = MemoryLayout::new(128).unwrap();
         let mem = ml.create_guest_memory().unwrap();
-        let rsdp = write_tables(&mem, &machine(&ml, 2, Vec::new())).unwrap();
+        let rsdp = write_tables(&mem, &machine(&ml, 2, Vec::new(), &[])).unwrap();
         assert_eq!(rsdp, layout::ACPI_START);
         let mut sig = [0u8; 8];
         mem.read_slice(&mut sig, GuestAddress(rsdp)).unwrap();

@@ -145,6 +145,8 @@ fn vm_inside(
     arg(&cfg.vcpus.to_string());
     arg("--memory");
     arg(&cfg.memory_mib.to_string());
+    arg("--transport");
+    arg(&cfg.transport.to_string());
     for (i, disk) in cfg.disks.iter().enumerate() {
         let inside = format!("/vm/disk{i}");
         files.push(JailFile {

@@ -341,7 +341,10 @@ fn guest_cmdline(user: &str, forced: &[&'static ember_vcpu::cpuid::MaskedFeature
                 "the host keeps CPUID features visible that ember masks ({}); hiding them with: {params}",
                 names.join(",")
             );
-            format!("{user} {params}")
+            // Kernel parameters: before any `--` (what follows is init's).
+            let mut cmdline = user.to_string();
+            config::insert_kernel_args(&mut cmdline, &format!(" {params}"));
+            cmdline
         }
         None => user.to_string(),
     }
@@ -497,6 +500,7 @@ impl Vmm {
         let bus = pci::create_bus();
         let routes = Arc::new(pci::MsiRoutes::new(vm.clone()));
         let mut bars = pci::BarAllocator::new(ml)?;
+        let acpi = acpi::guest_uses_acpi(&cfg.cmdline);
         let mut attach = virtio_devices::AttachContext {
             vm: &vm,
             mem: &mem,
@@ -506,6 +510,8 @@ impl Vmm {
             routes: &routes,
             subscribers: Vec::new(),
             io_threads: Vec::new(),
+            mmio: (cfg.transport == config::Transport::Mmio)
+                .then(|| virtio_devices::MmioSlots::new(acpi)),
         };
         let disks = disks::create_disks(&mut attach, &cfg.disks)?;
         let taps = match boot {
@@ -519,7 +525,7 @@ impl Vmm {
             .transpose()?;
         let device_events = attach.subscribers;
         let io_threads = attach.io_threads;
-        let acpi = acpi::guest_uses_acpi(&cfg.cmdline);
+        let mmio = attach.mmio;
         pci::attach_config_ports(&mut io, &bus, acpi)?;
         let io = Arc::new(io);
         log::debug!("assemble: devices built at {:?}", t.elapsed());
@@ -571,9 +577,22 @@ impl Vmm {
                 cfg.cmdline.clone()
             }
             None => {
-                let cmdline = guest_cmdline(&cfg.cmdline, &forced);
+                let mut cmdline = guest_cmdline(&cfg.cmdline, &forced);
+                let placed = mmio.as_ref().map_or(&[][..], |m| m.placements());
+                if !acpi && !placed.is_empty() {
+                    // Without ACPI the command line announces the
+                    // virtio-mmio devices (with it, the DSDT does).
+                    let params = mmio
+                        .as_ref()
+                        .map(|m| m.cmdline_params())
+                        .unwrap_or_default();
+                    config::insert_kernel_args(&mut cmdline, &params);
+                    if cmdline.len() >= ember_memory::layout::CMDLINE_MAX_SIZE {
+                        return Err(config::ConfigError::CmdlineTooLong(cmdline.len()).into());
+                    }
+                }
                 let acpi_rsdp = if acpi {
-                    let machine = acpi::machine(ml, cfg.vcpus, acpi::nodes(ml, &cfg.numa));
+                    let machine = acpi::machine(ml, cfg.vcpus, acpi::nodes(ml, &cfg.numa), placed);
                     Some(acpi::write_tables(&mem, &machine)?)
                 } else {
                     None
@@ -627,6 +646,7 @@ impl Vmm {
                 memory_backend: cfg.memory_backend,
                 numa: cfg.numa.clone(),
                 vcpu_affinity: cfg.vcpu_affinity.clone(),
+                transport: cfg.transport,
             },
             disks: cfg.disks.clone(),
             nets: cfg.nets.iter().map(|(n, _)| n.clone()).collect(),
@@ -792,6 +812,7 @@ impl Vmm {
             kernel: std::path::PathBuf::new(),
             initrd: None,
             cmdline: self.saved.machine.cmdline.clone(),
+            transport: self.saved.machine.transport,
             disks: self.saved.disks.clone(),
             nets: self
                 .saved

@@ -365,6 +365,10 @@ struct VmArgs {
     /// replaces the config file's NICs.
     #[arg(long, value_name = "SPEC")]
     net: Vec<String>,
+    /// How the virtio devices reach the guest: pci or mmio (default: mmio
+    /// when the command line says pci=off, else pci).
+    #[arg(long, value_name = "pci|mmio")]
+    transport: Option<String>,
     /// Where the guest's console (COM1) goes: stdio (default), null,
     /// file=PATH (output appended) or socket=PATH (a Unix socket: one
     /// client at a time reads the output and types the input).
@@ -406,6 +410,7 @@ fn has_vm_config(cli: &VmArgs) -> bool {
         || cli.memory.is_some()
         || !cli.disk.is_empty()
         || !cli.net.is_empty()
+        || cli.transport.is_some()
 }
 
 /// The validated VM config from the config file and flags.
@@ -456,6 +461,9 @@ fn vm_config_unchecked(cli: VmArgs) -> ember_vmm::Result<VmConfig> {
         vcpu_affinity: cli.vcpu_affinity,
         balloon,
     });
+    if let Some(t) = &cli.transport {
+        cfg.machine.transport = Some(t.parse()?);
+    }
     Ok(cfg)
 }
 

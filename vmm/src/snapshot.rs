@@ -76,6 +76,10 @@ pub struct Machine {
     /// Host CPUs each vCPU thread is pinned to (empty lists: not pinned).
     #[serde(default)]
     pub vcpu_affinity: Vec<Vec<usize>>,
+    /// The bus of the virtio devices (the restored VM puts them at the
+    /// same places on the same bus).
+    #[serde(default)]
+    pub transport: crate::config::Transport,
 }
 
 impl Machine {
@@ -343,6 +347,7 @@ pub fn config_for(state: &VmState, load: &LoadParams) -> Result<ValidConfig> {
         kernel: PathBuf::new(),
         initrd: None,
         cmdline: state.machine.cmdline.clone(),
+        transport: state.machine.transport,
         disks,
         nets,
     })

@@ -11,6 +11,8 @@
 //!   a Generic Event Device with one edge-triggered interrupt whose `_EVT`
 //!   notifies the button (0x80, "pressed"): the one event the GED carries,
 //!   so it needs no status register.
+//! - `\_SB.VRnn` (LNRO0005): the virtio-mmio devices, each with its
+//!   register window and interrupt.
 //! - `\_S5_`: the sleep type of soft-off, for power-off through the FADT's
 //!   sleep control register.
 
@@ -148,6 +150,35 @@ fn power_button(m: &Machine) -> Vec<u8> {
     out
 }
 
+/// `\_SB.VRnn` (LNRO0005, Linux's virtio_mmio ACPI id): the register
+/// window and the interrupt of each virtio-mmio device.
+fn virtio_mmio(m: &Machine) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, d) in m.virtio_mmio.iter().enumerate() {
+        // check() made sure the windows lie below 4 GiB and there are at
+        // most 256 of them.
+        let uid = u8::try_from(i).unwrap_or(u8::MAX);
+        let window = Memory32Fixed::new(
+            true,
+            u32::try_from(d.window.base).unwrap_or(0),
+            u32::try_from(d.window.size).unwrap_or(0),
+        );
+        // Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { gsi }
+        let int = Interrupt::new(true, true, false, false, d.gsi);
+        let crs = ResourceTemplate::new(vec![&window, &int]);
+        Device::new(
+            Path::new(&format!("VR{uid:02X}")),
+            vec![
+                &Name::new("_HID".into(), &"LNRO0005"),
+                &Name::new("_UID".into(), &uid),
+                &Name::new("_CRS".into(), &crs),
+            ],
+        )
+        .to_aml_bytes(&mut out);
+    }
+    out
+}
+
 /// Raw AML bytes as an `Aml` object (for a scope's children).
 struct Raw(Vec<u8>);
 
@@ -166,6 +197,7 @@ pub(crate) fn build(m: &Machine) -> Vec<u8> {
         Raw(legacy("PS2K", "PNP0303", &[(0x60, 1), (0x64, 1)], Some(1))),
         Raw(legacy("RTC_", "PNP0B00", &[(0x70, 2)], None)),
         Raw(power_button(m)),
+        Raw(virtio_mmio(m)),
     ];
     let children: Vec<&dyn Aml> = devices.iter().map(|d| d as &dyn Aml).collect();
     let mut aml = Vec::new();

@@ -28,6 +28,7 @@
 //!     sleep_port: 0x600,
 //!     power_button_gsi: 23,
 //!     numa: Vec::new(),
+//!     virtio_mmio: Vec::new(),
 //! };
 //! let tables = build(&m, 0xe_0000, 0x1_0000).unwrap();
 //! assert_eq!(tables.rsdp, 0xe_0000);
@@ -119,6 +120,18 @@ pub struct Machine {
     /// NUMA nodes: none for a machine without a NUMA layout (no SRAT or
     /// SLIT), else every vCPU and every byte of RAM in exactly one node.
     pub numa: Vec<Node>,
+    /// virtio-mmio devices (`LNRO0005` in the DSDT), each a register
+    /// window below 4 GiB and an edge-triggered IOAPIC pin.
+    pub virtio_mmio: Vec<VirtioMmio>,
+}
+
+/// One virtio-mmio device as the DSDT describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioMmio {
+    /// Its register window.
+    pub window: Window,
+    /// Its IOAPIC pin (edge, active high).
+    pub gsi: u32,
 }
 
 /// One table of the image.
@@ -198,6 +211,17 @@ fn check(m: &Machine) -> Result<(), Error> {
     }
     if m.power_button_gsi >= IOAPIC_PINS {
         return Err(Error::Gsi(m.power_button_gsi));
+    }
+    for d in &m.virtio_mmio {
+        if !fits32(&d.window) || d.window.size == 0 {
+            return Err(Error::Window("virtio-mmio", d.window.base, d.window.size));
+        }
+        if d.gsi >= IOAPIC_PINS || d.gsi == m.power_button_gsi {
+            return Err(Error::Gsi(d.gsi));
+        }
+    }
+    if m.virtio_mmio.len() > 256 {
+        return Err(Error::Window("virtio-mmio", 0, m.virtio_mmio.len() as u64));
     }
     srat::check_nodes(m)
 }

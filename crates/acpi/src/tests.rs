@@ -20,6 +20,7 @@ fn machine(cpus: u8, numa: Vec<Node>) -> Machine {
         sleep_port: 0x600,
         power_button_gsi: 23,
         numa,
+        virtio_mmio: Vec::new(),
     }
 }
 
@@ -277,6 +278,50 @@ fn dsdt_has_a_power_button_pressed_by_a_generic_event_device() {
     assert!(has(&[0x89, 0x06, 0x00, 0x03, 0x01, 23, 0, 0, 0]));
     // Notify (\_SB_.PWRB, 0x80).
     assert!(has(b"\x86\\\x2e_SB_PWRB\x0a\x80"));
+}
+
+#[test]
+fn dsdt_describes_each_virtio_mmio_device_with_its_window_and_interrupt() {
+    let mut m = machine(1, Vec::new());
+    m.virtio_mmio = vec![
+        VirtioMmio {
+            window: Window {
+                base: 0xd000_0000,
+                size: 0x1000,
+            },
+            gsi: 5,
+        },
+        VirtioMmio {
+            window: Window {
+                base: 0xd000_1000,
+                size: 0x1000,
+            },
+            gsi: 16,
+        },
+    ];
+    let t = build(&m, BASE, 0x1_0000).unwrap();
+    let dsdt = table(&t, b"DSDT");
+    let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+    assert!(has(b"VR00") && has(b"VR01"));
+    assert!(has(b"\x0dLNRO0005\0"));
+    // Memory32Fixed (ReadWrite, 0xd0001000, 0x1000).
+    assert!(has(&[
+        0x86, 0x09, 0x00, 0x01, 0x00, 0x10, 0x00, 0xd0, 0x00, 0x10, 0x00, 0x00
+    ]));
+    // Extended interrupts on pins 5 and 16, edge, active high.
+    assert!(has(&[0x89, 0x06, 0x00, 0x03, 0x01, 5, 0, 0, 0]));
+    assert!(has(&[0x89, 0x06, 0x00, 0x03, 0x01, 16, 0, 0, 0]));
+    // A pin the IOAPIC lacks, or the power button's, is refused.
+    m.virtio_mmio[1].gsi = 23;
+    assert_eq!(build(&m, BASE, 0x1_0000).unwrap_err(), Error::Gsi(23));
+    m.virtio_mmio[1].gsi = 30;
+    assert_eq!(build(&m, BASE, 0x1_0000).unwrap_err(), Error::Gsi(30));
+    m.virtio_mmio[1].gsi = 16;
+    m.virtio_mmio[1].window.base = 0xffff_ffff;
+    assert!(matches!(
+        build(&m, BASE, 0x1_0000).unwrap_err(),
+        Error::Window("virtio-mmio", ..)
+    ));
 }
 
 #[test]

@@ -56,10 +56,23 @@ pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 /// Size of the 32-bit MMIO hole.
 pub const MMIO_HOLE_SIZE: u64 = MMIO_HOLE_END - MMIO_HOLE_START;
 /// Where 32-bit PCI BARs are allocated: from the hole's start up to the
-/// MMCONFIG area.
+/// virtio-mmio windows.
 pub const MMIO32_BAR_START: u64 = MMIO_HOLE_START;
 /// End (exclusive) of the 32-bit BAR window.
-pub const MMIO32_BAR_END: u64 = PCI_MMCONFIG_START;
+pub const MMIO32_BAR_END: u64 = VIRTIO_MMIO_START;
+/// virtio-mmio register windows, one page each, from here up to the
+/// MMCONFIG area (outside the PCI host bridge's windows).
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// The size of one virtio-mmio window.
+pub const VIRTIO_MMIO_WINDOW: u64 = 0x1000;
+/// The IOAPIC pins virtio-mmio devices take, in order: the free ISA IRQs
+/// first (a guest without ACPI reaches those through the MP table), then
+/// the pins above 15 (described in the DSDT).
+pub const VIRTIO_MMIO_IRQS: [u32; 17] = [
+    5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22,
+];
+/// How many of [`VIRTIO_MMIO_IRQS`] a guest without ACPI can use.
+pub const VIRTIO_MMIO_ISA_IRQS: usize = 10;
 /// The PCI MMCONFIG (ECAM) area: configuration space by MMIO.
 pub const PCI_MMCONFIG_START: u64 = 0xe000_0000;
 /// Its size: bus 0 only (1 MiB per bus).
@@ -97,7 +110,11 @@ const _: () = {
     assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
     assert!(EBDA_START < LOW_RAM_END && LOW_RAM_END <= HIMEM_START);
     assert!(ACPI_START >= LOW_RAM_END && ACPI_END <= HIMEM_START);
-    assert!(MMIO32_BAR_END <= PCI_MMCONFIG_START);
+    assert!(MMIO32_BAR_END <= VIRTIO_MMIO_START);
+    assert!(
+        VIRTIO_MMIO_START + VIRTIO_MMIO_IRQS.len() as u64 * VIRTIO_MMIO_WINDOW
+            <= PCI_MMCONFIG_START
+    );
     assert!(PCI_MMCONFIG_START + PCI_MMCONFIG_SIZE <= IOAPIC_START);
     assert!(MMIO32_BAR_END <= IOAPIC_START && IOAPIC_START < APIC_START);
     assert!(KVM_IDENTITY_MAP_ADDRESS + 4096 <= KVM_TSS_ADDRESS);

@@ -1,10 +1,11 @@
 //! What every Ember virtio device shares: the [`VirtioDevice`] trait a
-//! device implements, and the modern virtio-pci transport that puts it on a
-//! PCI bus.
+//! device implements, and the transports that put it before the guest:
+//! modern virtio-pci on a PCI bus, and virtio-mmio.
 #![forbid(unsafe_code)]
 
 pub mod device;
 pub mod event_handler;
+pub mod mmio;
 pub mod queue;
 pub mod state;
 pub mod transport;

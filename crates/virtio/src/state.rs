@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 
 use crate::device::{InterruptKind, VirtioDevice, VirtioInterrupt};
-use crate::transport::{PciInterrupt, VirtioPciDevice};
+use crate::transport::VirtioPciDevice;
 
 /// The version of [`TransportState`]'s layout.
 pub const TRANSPORT_STATE_VERSION: u32 = 1;
@@ -242,12 +242,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         for i in 0..self.queues.len() {
             self.device.process_queue(i);
         }
-        let interrupt = PciInterrupt {
-            msix: self.msix.clone(),
-            isr: self.isr.clone(),
-            config_vector: self.config_vector.clone(),
-            queue_vectors: self.queue_vectors.clone(),
-        };
+        let interrupt = self.interrupt(self.queue_vectors.clone());
         for i in 0..self.queues.len() {
             let q = u16::try_from(i).unwrap_or(u16::MAX);
             if let Err(e) = interrupt.trigger(InterruptKind::Queue(q)) {

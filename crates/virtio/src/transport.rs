@@ -1,7 +1,9 @@
 //! The modern virtio-pci transport (virtio 1.2, section 4.1): one 64-bit
 //! memory BAR holding the common configuration, ISR, device configuration,
 //! notification and MSI-X regions, described by vendor capabilities in PCI
-//! config space.
+//! config space. The same type serves virtio-mmio (see [`crate::mmio`]):
+//! the feature negotiation, status machine, queues, activation and reset
+//! here are the transports' common part.
 //!
 //! BAR 0 layout:
 //!
@@ -75,7 +77,7 @@ const fn status_bit(b: u32) -> u8 {
     (b & 0xff) as u8
 }
 const S_DRIVER: u8 = status_bit(VIRTIO_CONFIG_S_DRIVER);
-const S_DRIVER_OK: u8 = status_bit(VIRTIO_CONFIG_S_DRIVER_OK);
+pub(crate) const S_DRIVER_OK: u8 = status_bit(VIRTIO_CONFIG_S_DRIVER_OK);
 const S_FEATURES_OK: u8 = status_bit(VIRTIO_CONFIG_S_FEATURES_OK);
 const S_NEEDS_RESET: u8 = status_bit(VIRTIO_CONFIG_S_NEEDS_RESET);
 
@@ -97,16 +99,27 @@ fn pci_class(device_type: u32) -> (u8, u8) {
     }
 }
 
-/// Interrupts of one virtio-pci device: the ISR byte and MSI-X vectors.
-pub(crate) struct PciInterrupt {
+/// Interrupts of one virtio device: the ISR byte (virtio-mmio's
+/// InterruptStatus) and MSI-X vectors on PCI, or one interrupt line (an
+/// irqfd) on virtio-mmio.
+pub(crate) struct TransportInterrupt {
     pub(crate) msix: Arc<Mutex<MsixConfig>>,
     pub(crate) isr: Arc<AtomicU8>,
     pub(crate) config_vector: Arc<AtomicU16>,
     pub(crate) queue_vectors: Vec<u16>,
+    pub(crate) irq: Option<Arc<EventFd>>,
 }
 
-impl VirtioInterrupt for PciInterrupt {
+impl VirtioInterrupt for TransportInterrupt {
     fn trigger(&self, kind: InterruptKind) -> std::io::Result<()> {
+        if let Some(irq) = &self.irq {
+            let bit = match kind {
+                InterruptKind::Queue(_) => ISR_QUEUE,
+                InterruptKind::Config => ISR_CONFIG,
+            };
+            self.isr.fetch_or(bit, Ordering::SeqCst);
+            return irq.write(1);
+        }
         let vector = match kind {
             InterruptKind::Queue(q) => {
                 self.isr.fetch_or(ISR_QUEUE, Ordering::SeqCst);
@@ -150,6 +163,9 @@ pub struct VirtioPciDevice<D: VirtioDevice> {
     pub(crate) queue_select: u16,
     pub(crate) misuse_logged: bool,
     pub(crate) name: String,
+    /// virtio-mmio: the register file's guest address and the interrupt
+    /// line (see [`VirtioPciDevice::new_mmio`]); `None` on PCI.
+    pub(crate) mmio: Option<(u64, Arc<EventFd>)>,
 }
 
 impl<D: VirtioDevice> std::fmt::Debug for VirtioPciDevice<D> {
@@ -199,6 +215,17 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         mem: GuestMemoryMmap,
         bar_addr: u64,
         msi: Arc<dyn MsiSink>,
+    ) -> Result<Self, TransportError> {
+        Self::build(name, device, mem, bar_addr, msi, None)
+    }
+
+    pub(crate) fn build(
+        name: &str,
+        device: D,
+        mem: GuestMemoryMmap,
+        bar_addr: u64,
+        msi: Arc<dyn MsiSink>,
+        mmio: Option<(u64, Arc<EventFd>)>,
     ) -> Result<Self, TransportError> {
         let device_type = device.device_type();
         let (class, subclass) = pci_class(device_type);
@@ -286,6 +313,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             queue_select: 0,
             misuse_logged: false,
             name: name.to_string(),
+            mmio,
         })
     }
 
@@ -305,17 +333,51 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         &self.queue_evts
     }
 
-    /// The guest address where queue `index` is notified.
+    /// The guest address where queue `index` is notified (on virtio-mmio
+    /// every queue is notified at the same address, with its index as the
+    /// value: see [`Self::notify_datamatch`]).
     pub fn notify_addr(&self, index: usize) -> u64 {
-        self.bar_addr() + NOTIFY_OFFSET + index as u64 * u64::from(NOTIFY_OFF_MULTIPLIER)
+        match &self.mmio {
+            Some((base, _)) => base + crate::mmio::QUEUE_NOTIFY,
+            None => {
+                self.bar_addr() + NOTIFY_OFFSET + index as u64 * u64::from(NOTIFY_OFF_MULTIPLIER)
+            }
+        }
     }
 
-    /// BAR 0's current address.
+    /// The value the driver writes to notify queue `index`, when the
+    /// ioeventfd must match it (virtio-mmio); `None`: any value (PCI).
+    pub fn notify_datamatch(&self, index: usize) -> Option<u32> {
+        self.mmio
+            .as_ref()
+            .map(|_| u32::try_from(index).unwrap_or(u32::MAX))
+    }
+
+    /// BAR 0's current address (virtio-mmio: the register file's address).
     pub fn bar_addr(&self) -> u64 {
+        if let Some((base, _)) = &self.mmio {
+            return *base;
+        }
         self.config
             .bar(VIRTIO_BAR_INDEX)
             .map(|b| b.addr)
             .unwrap_or(0)
+    }
+
+    /// Whether the device is on virtio-mmio (else PCI).
+    pub fn is_mmio(&self) -> bool {
+        self.mmio.is_some()
+    }
+
+    /// The device's interrupts, with `queue_vectors` for its queues.
+    pub(crate) fn interrupt(&self, queue_vectors: Vec<u16>) -> TransportInterrupt {
+        TransportInterrupt {
+            msix: self.msix.clone(),
+            isr: self.isr.clone(),
+            config_vector: self.config_vector.clone(),
+            queue_vectors,
+            irq: self.mmio.as_ref().map(|(_, irq)| irq.clone()),
+        }
     }
 
     /// The device status register.
@@ -348,7 +410,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         }
     }
 
-    fn log_misuse(&mut self, what: &str) {
+    pub(crate) fn log_misuse(&mut self, what: &str) {
         if !self.misuse_logged {
             self.misuse_logged = true;
             log::warn!(
@@ -360,7 +422,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         }
     }
 
-    fn selected_queue(&self) -> Option<&Queue> {
+    pub(crate) fn selected_queue(&self) -> Option<&Queue> {
         self.queues.get(usize::from(self.queue_select))
     }
 
@@ -475,7 +537,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         }
     }
 
-    fn write_driver_features(&mut self, v: u32) {
+    pub(crate) fn write_driver_features(&mut self, v: u32) {
         if self.status & S_DRIVER == 0 || self.status & S_FEATURES_OK != 0 {
             self.log_misuse("driver features written outside feature negotiation");
             return;
@@ -528,7 +590,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         }
     }
 
-    fn write_status(&mut self, new: u8) {
+    pub(crate) fn write_status(&mut self, new: u8) {
         if new == 0 {
             self.reset();
             return;
@@ -585,12 +647,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             }
             vectors.push(self.queue_vectors[i]);
         }
-        let interrupt = Arc::new(PciInterrupt {
-            msix: self.msix.clone(),
-            isr: self.isr.clone(),
-            config_vector: self.config_vector.clone(),
-            queue_vectors: vectors,
-        });
+        let interrupt = Arc::new(self.interrupt(vectors));
         let ctx = ActivateContext {
             mem: self.mem.clone(),
             interrupt,
@@ -616,16 +673,10 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     /// configuration-change interrupt is raised.
     pub fn signal_config_change(&mut self) -> std::io::Result<()> {
         self.config_generation = self.config_generation.wrapping_add(1);
-        let interrupt = PciInterrupt {
-            msix: self.msix.clone(),
-            isr: self.isr.clone(),
-            config_vector: self.config_vector.clone(),
-            queue_vectors: Vec::new(),
-        };
-        interrupt.trigger(InterruptKind::Config)
+        self.interrupt(Vec::new()).trigger(InterruptKind::Config)
     }
 
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.device.reset();
         for q in &mut self.queues {
             q.reset();
@@ -721,11 +772,19 @@ impl<D: VirtioDevice> PciDevice for VirtioPciDevice<D> {
 
 impl<D: VirtioDevice> MutDeviceMmio for VirtioPciDevice<D> {
     fn mmio_read(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
-        self.bar_read(offset, data);
+        if self.mmio.is_some() {
+            self.mmio_reg_read(offset, data);
+        } else {
+            self.bar_read(offset, data);
+        }
     }
 
     fn mmio_write(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
-        self.bar_write(offset, data);
+        if self.mmio.is_some() {
+            self.mmio_reg_write(offset, data);
+        } else {
+            self.bar_write(offset, data);
+        }
     }
 }
 

@@ -35,6 +35,7 @@ pub mod input;
 pub mod legacy;
 pub mod loader;
 pub mod migration;
+pub mod mmio;
 pub mod net;
 pub mod net_ctrl;
 pub mod net_stream;
@@ -54,6 +55,7 @@ pub use cpu::cpu_model;
 pub use legacy::legacy_ports;
 pub use loader::{loader_bzimage, loader_elf};
 pub use migration::migration_stream;
+pub use mmio::virtio_mmio_transport;
 pub use net::{virtio_net_rx, virtio_net_tx};
 pub use net_ctrl::virtio_net_ctrl;
 pub use net_stream::virtio_net_stream;
@@ -79,6 +81,7 @@ pub const TARGETS: &[Target] = &[
     ("virtio_net_stream", virtio_net_stream),
     ("virtio_queue_chain", virtio_queue_chain),
     ("virtio_pci_transport", virtio_pci_transport),
+    ("virtio_mmio_transport", virtio_mmio_transport),
     ("pci_config_space", pci_config_space),
     ("legacy_ports", legacy_ports),
     ("loader_bzimage", loader_bzimage),

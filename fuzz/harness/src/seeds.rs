@@ -743,6 +743,95 @@ fn transport_seeds() -> Vec<NamedSeed> {
     v
 }
 
+// --------------------------------------------------------------- mmio ---
+
+fn mmio_seeds() -> Vec<NamedSeed> {
+    use crate::mmio::{op, reg, FLAG_NET};
+    let w = |ops: &mut Seed, offset: u64, width: u8, value: u64| {
+        ops.u8(op::WRITE)
+            .u16(u16::try_from(offset).unwrap_or(0))
+            .u8(width)
+            .u64(value);
+    };
+    let mut v = Vec::new();
+
+    // virtio-blk: the driver's setup, a read notified, the interrupt, a
+    // reset, again.
+    let mut ops = Seed::new();
+    let init = |ops: &mut Seed| {
+        ops.u8(op::DRIVER_INIT).u64(VERSION_1);
+        queue_setup(ops, 16, DESC, AVAIL, USED);
+    };
+    init(&mut ops);
+    w(&mut ops, reg::QUEUE_NOTIFY, W4, 0);
+    ops.u8(op::EVENT_LOOP);
+    ops.u8(op::RESET);
+    init(&mut ops);
+    w(&mut ops, reg::QUEUE_NOTIFY, W4, 0);
+    ops.u8(op::EVENT_LOOP);
+    let mut s = Seed::new();
+    s.u8(0).section(&ops);
+    let mut img = blk_one(VIRTIO_BLK_T_IN, 0, &[(DATA, 512, WRITE)]);
+    s.raw(img.reach(USED + 0x100).bytes());
+    v.push(("blk_setup_read_reset", s.into_bytes()));
+
+    // Every register and the start of the configuration at every width.
+    let mut ops = Seed::new();
+    for offset in (0..0x140u16).step_by(2) {
+        ops.u8(op::READ)
+            .u16(offset)
+            .u8([W1, W2, W4, W8][usize::from(offset / 2 % 4)]);
+    }
+    let mut s = Seed::new();
+    s.u8(0).section(&ops);
+    v.push(("blk_read_everything", s.into_bytes()));
+
+    // A driver that breaks the rules: DRIVER_OK first, no VERSION_1, a
+    // queue outside memory, changes after DRIVER_OK, odd widths, a notify
+    // of a queue that does not exist, a status above 8 bits.
+    let mut ops = Seed::new();
+    w(&mut ops, reg::STATUS, W4, 4);
+    w(&mut ops, reg::STATUS, W4, 3);
+    w(&mut ops, reg::DRIVER_FEATURES, W4, 1 << 5);
+    w(&mut ops, reg::STATUS, W4, 11);
+    ops.u8(op::RESET);
+    ops.u8(op::DRIVER_INIT).u64(VERSION_1);
+    queue_setup(&mut ops, 16, DESC, AVAIL, 0x10_0000_0000);
+    w(&mut ops, reg::QUEUE_NUM, W4, 8);
+    w(&mut ops, reg::QUEUE_DESC_LOW, W1, 0x1234);
+    w(&mut ops, reg::QUEUE_NOTIFY, W4, 7);
+    w(&mut ops, reg::STATUS, W4, 0x1ff);
+    w(&mut ops, 0x102, W8, u64::MAX);
+    ops.u8(op::EVENT_LOOP);
+    let mut s = Seed::new();
+    s.u8(0).section(&ops);
+    v.push(("blk_misbehaving_driver", s.into_bytes()));
+
+    // virtio-net: setup with all three queues, send a frame, receive one.
+    let mut ops = Seed::new();
+    ops.u8(op::DRIVER_INIT)
+        .u64(VERSION_1 | MRG | (1 << VIRTIO_NET_F_CTRL_VQ));
+    queue_setup(&mut ops, 16, DESC, AVAIL, USED);
+    queue_setup(&mut ops, 16, TX_DESC, TX_AVAIL, TX_USED);
+    queue_setup(&mut ops, 16, 0x800, 0x900, 0xa00);
+    w(&mut ops, reg::QUEUE_NOTIFY, W4, 1);
+    ops.u8(op::EVENT_LOOP);
+    ops.u8(op::FRAME).u16(80).u8(0);
+    ops.u8(op::EVENT_LOOP);
+    w(&mut ops, reg::QUEUE_NOTIFY, W4, 0);
+    ops.u8(op::EVENT_LOOP);
+    let mut img = Image::new();
+    rx_buffers(&mut img, 4, 2048);
+    tx_frame(&mut img, 0x1000, 60);
+    img.desc(TX_DESC, 0, 0x1000, 72, 0, 0);
+    img.avail(TX_AVAIL, &[0]);
+    let mut s = Seed::new();
+    s.u8(FLAG_NET).section(&ops);
+    s.raw(img.reach(TX_USED + 0x100).bytes());
+    v.push(("net_setup_tx_rx", s.into_bytes()));
+    v
+}
+
 // ---------------------------------------------------------------- pci ---
 
 fn pci_select(ops: &mut Seed, device: u8, register: u8) {
@@ -1124,6 +1213,7 @@ pub fn all() -> Vec<(&'static str, Vec<NamedSeed>)> {
         ("virtio_net_stream", crate::net_stream::seeds()),
         ("virtio_queue_chain", queue_seeds()),
         ("virtio_pci_transport", transport_seeds()),
+        ("virtio_mmio_transport", mmio_seeds()),
         ("pci_config_space", pci_seeds()),
         ("legacy_ports", legacy_seeds()),
         ("loader_bzimage", bzimage_seeds()),
@@ -1259,6 +1349,26 @@ mod tests {
         let rig = crate::transport::run(&data).unwrap();
         assert_eq!(used_idx(&rig.mem, TX_USED), 1, "the frame was sent");
         assert_eq!(used_idx(&rig.mem, USED), 1, "a frame was received");
+    }
+
+    #[test]
+    fn seeds_mmio_transport_drive_the_device() {
+        let data = seed(&mmio_seeds(), "blk_setup_read_reset");
+        let rig = crate::mmio::run(&data).unwrap();
+        assert_eq!(byte(&rig.mem, STATUS), 0, "the read completed OK");
+        assert_eq!(byte(&rig.mem, DATA), 0x5a);
+        assert_eq!(used_idx(&rig.mem, USED), 1, "one read after the reset");
+        let data = seed(&mmio_seeds(), "net_setup_tx_rx");
+        let rig = crate::mmio::run(&data).unwrap();
+        assert_eq!(used_idx(&rig.mem, TX_USED), 1, "the frame was sent");
+        assert_eq!(used_idx(&rig.mem, USED), 1, "a frame was received");
+        let data = seed(&mmio_seeds(), "blk_misbehaving_driver");
+        let rig = crate::mmio::run(&data).unwrap();
+        assert_eq!(
+            used_idx(&rig.mem, USED),
+            0,
+            "nothing ran on a refused queue"
+        );
     }
 
     #[test]

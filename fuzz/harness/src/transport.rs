@@ -140,24 +140,59 @@ pub(crate) struct Rig {
     frame: Vec<u8>,
 }
 
+/// The fuzzed NIC: virtio-net on a socketpair tap, and the host's end.
+pub(crate) fn fuzz_net() -> Option<(Net, UnixDatagram)> {
+    let (dev_end, peer) = UnixDatagram::pair().ok()?;
+    dev_end.set_nonblocking(true).ok()?;
+    peer.set_nonblocking(true).ok()?;
+    let tap = SocketTap::new(dev_end, false);
+    let net = Net::with_backend(Box::new(tap), [0x52, 0x54, 0, 1, 2, 3], true);
+    Some((net, peer))
+}
+
+/// The fuzzed disk: virtio-blk on 64 KiB in memory.
+pub(crate) fn fuzz_blk() -> Block {
+    let disk = CheckedDisk::in_memory(0x1_0000, false);
+    Block::with_backend(Box::new(disk), false, Some("fuzz".into()))
+}
+
+/// The operations both transports' targets share: POKE (u32 address, u8
+/// length up to 16, bytes) and FRAME (u16 length, u8 seed: a frame
+/// arrives on the tap).
+pub(crate) fn shared_op(
+    code: u8,
+    ops: &mut Input<'_>,
+    mem: &GuestMemoryMmap,
+    peer: Option<&UnixDatagram>,
+    frame: &mut [u8],
+) {
+    if code == op::POKE {
+        let addr = u64::from(ops.u32());
+        let len = usize::from(ops.u8() % 17);
+        poke(mem, addr, ops.bytes(len));
+    } else {
+        let len = usize::from(ops.u16());
+        let seed = ops.u8();
+        let frame = &mut frame[..len];
+        frame.fill(seed);
+        if let Some(peer) = peer {
+            let _ = peer.send(frame);
+        }
+    }
+}
+
 impl Rig {
     fn new(flags: u8, mem: GuestMemoryMmap) -> Option<Rig> {
         let msi = Arc::new(Msi::default());
         msi.fail
             .store(flags & FLAG_MSI_FAILS != 0, Ordering::Relaxed);
         if flags & FLAG_NET != 0 {
-            let (dev_end, peer) = UnixDatagram::pair().ok()?;
-            dev_end.set_nonblocking(true).ok()?;
-            peer.set_nonblocking(true).ok()?;
-            let tap = SocketTap::new(dev_end, false);
-            let net = Net::with_backend(Box::new(tap), [0x52, 0x54, 0, 1, 2, 3], true);
+            let (net, peer) = fuzz_net()?;
             let mut rig = Rig::with_device(net, mem, msi)?;
             rig.peer = Some(peer);
             Some(rig)
         } else {
-            let disk = CheckedDisk::in_memory(0x1_0000, false);
-            let block = Block::with_backend(Box::new(disk), false, Some("fuzz".into()));
-            Rig::with_device(block, mem, msi)
+            Rig::with_device(fuzz_blk(), mem, msi)
         }
     }
 
@@ -305,19 +340,8 @@ impl Rig {
                 let _ = self.events.run_with_timeout(0);
             }
             op::RESET => self.mmio_write(common::STATUS, &[0]),
-            op::POKE => {
-                let addr = u64::from(ops.u32());
-                let len = usize::from(ops.u8() % 17);
-                poke(&self.mem, addr, ops.bytes(len));
-            }
-            op::FRAME => {
-                let len = usize::from(ops.u16());
-                let seed = ops.u8();
-                let frame = &mut self.frame[..len];
-                frame.fill(seed);
-                if let Some(peer) = &self.peer {
-                    let _ = peer.send(frame);
-                }
+            code @ (op::POKE | op::FRAME) => {
+                shared_op(code, ops, &self.mem, self.peer.as_ref(), &mut self.frame)
             }
             _ => self.driver_init(ops),
         }

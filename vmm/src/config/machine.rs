@@ -58,6 +58,68 @@ pub struct MachineConfig {
     /// vCPU threads pinned to host CPUs: `0=2,1=3`.
     #[serde(default)]
     pub vcpu_affinity: Option<String>,
+    /// How the virtio devices reach the guest: `pci` or `mmio`; when
+    /// absent, `mmio` if the command line says `pci=off` (as Firecracker's
+    /// and Kata's guests do), else `pci`.
+    #[serde(default)]
+    pub transport: Option<Transport>,
+}
+
+/// The bus every virtio device of a VM is on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// Modern virtio-pci functions on the PCI bus (MSI-X interrupts).
+    #[default]
+    Pci,
+    /// virtio-mmio register windows announced on the command line or in
+    /// the DSDT (one IOAPIC line each).
+    Mmio,
+}
+
+impl std::str::FromStr for Transport {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "pci" => Ok(Transport::Pci),
+            "mmio" => Ok(Transport::Mmio),
+            _ => Err(ConfigError::Transport(format!(
+                "`{s}` is not a transport (pci or mmio)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Pci => "pci",
+            Transport::Mmio => "mmio",
+        })
+    }
+}
+
+/// Whether `cmdline` turns the guest's PCI off (`pci=off`).
+pub fn pci_off(cmdline: &str) -> bool {
+    cmdline
+        .split_whitespace()
+        .take_while(|w| *w != "--")
+        .any(|w| w == "pci=off")
+}
+
+impl MachineConfig {
+    /// The transport for a guest booted with `cmdline` (see
+    /// [`MachineConfig::transport`]); `pci` with `pci=off` is refused.
+    pub fn resolve_transport(&self, cmdline: &str) -> Result<Transport, ConfigError> {
+        match (self.transport, pci_off(cmdline)) {
+            (None, off) => Ok(if off { Transport::Mmio } else { Transport::Pci }),
+            (Some(Transport::Pci), true) => Err(ConfigError::Transport(
+                "transport = pci, but the command line's pci=off hides every PCI device from the guest (use transport = mmio, or drop pci=off)".into(),
+            )),
+            (Some(t), _) => Ok(t),
+        }
+    }
 }
 
 /// A huge page size for `hugepages=on`.
@@ -224,6 +286,7 @@ impl Default for MachineConfig {
             prefault: false,
             mergeable: false,
             vcpu_affinity: None,
+            transport: None,
         }
     }
 }

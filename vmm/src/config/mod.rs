@@ -29,7 +29,7 @@ use serde::Deserialize;
 
 pub use boot::BootConfig;
 pub use disk::DiskConfig;
-pub use machine::{CpuChoice, HugePageSize, MachineConfig, MemoryBackend, MemoryFlag};
+pub use machine::{CpuChoice, HugePageSize, MachineConfig, MemoryBackend, MemoryFlag, Transport};
 pub use net::NetConfig;
 pub use numa::{NumaConfig, NumaNode, NumaPolicy};
 
@@ -239,6 +239,9 @@ pub enum ConfigError {
     /// The command line is too long.
     #[error("boot.cmdline is {0} bytes long; the limit is {max} bytes", max = ember_memory::layout::CMDLINE_MAX_SIZE - 1)]
     CmdlineTooLong(usize),
+    /// The virtio transport cannot be used as asked.
+    #[error("machine.transport: {0}")]
+    Transport(String),
 }
 
 /// The configuration file's contents.
@@ -323,6 +326,8 @@ pub struct ValidConfig {
     pub disks: Vec<DiskConfig>,
     /// NICs, in order, with the MAC each gets.
     pub nets: Vec<(NetConfig, [u8; 6])>,
+    /// The bus of every virtio device.
+    pub transport: Transport,
 }
 
 /// Formats a TOML error as "line L, column C: message" on one line.
@@ -504,6 +509,7 @@ impl VmConfig {
             cpu: self.machine.cpu_choice(),
             kernel: self.boot.kernel()?.to_owned(),
             initrd: self.boot.initrd.clone(),
+            transport: self.machine.resolve_transport(&cmdline)?,
             cmdline,
             disks,
             nets,
@@ -531,19 +537,24 @@ impl VmConfig {
                     Some(p) => format!(" root=PARTUUID={p} {mode}"),
                     None => format!(" root=/dev/vda {mode}"),
                 };
-                // Before `--`: what follows it is init's.
-                match cmdline
-                    .find(" -- ")
-                    .or(cmdline.starts_with("-- ").then_some(0))
-                {
-                    Some(at) => cmdline.insert_str(at, &arg),
-                    None => cmdline.push_str(&arg),
-                }
+                insert_kernel_args(&mut cmdline, &arg);
                 disks.insert(0, root);
             }
             [a, b, ..] => return Err(ConfigError::TwoRoots(*a, *b)),
         }
         Ok((disks, cmdline))
+    }
+}
+
+/// Adds `args` (starting with a space) to the kernel's part of
+/// `cmdline`: before `--`, since what follows it is init's.
+pub fn insert_kernel_args(cmdline: &mut String, args: &str) {
+    match cmdline
+        .find(" -- ")
+        .or(cmdline.starts_with("-- ").then_some(0))
+    {
+        Some(at) => cmdline.insert_str(at, args),
+        None => cmdline.push_str(args),
     }
 }
 
