@@ -71,6 +71,38 @@ fn bad_truncated_bzimage() {
 }
 
 #[test]
+fn bad_boot_protocol_and_transport() {
+    let dir = TempDir::new("protocol");
+    let k = good_kernel(&dir);
+    let run = run_ember(&["--kernel", &k, "--boot-protocol", "bios"], b"", TIMEOUT);
+    assert_clean_error(&run, &["boot.protocol", "`bios`", "auto, linux64 or pvh"]);
+    let run = run_ember(&["--kernel", &k, "--transport", "isa"], b"", TIMEOUT);
+    assert_clean_error(&run, &["machine.transport", "`isa`", "pci or mmio"]);
+    let run = run_ember(
+        &[
+            "--kernel",
+            &k,
+            "--transport",
+            "pci",
+            "--cmdline",
+            "console=ttyS0 pci=off",
+        ],
+        b"",
+        TIMEOUT,
+    );
+    assert_clean_error(
+        &run,
+        &["machine.transport", "pci=off hides every PCI device"],
+    );
+    if !kvm_available("bad_boot_protocol_and_transport") {
+        return;
+    }
+    // PVH asked of a kernel without the note (this ELF has none).
+    let run = run_ember(&["--kernel", &k, "--boot-protocol", "pvh"], b"", TIMEOUT);
+    assert_clean_error(&run, &["k.elf", "has no PVH entry"]);
+}
+
+#[test]
 fn bad_zero_vcpus() {
     let dir = TempDir::new("vcpus0");
     let k = good_kernel(&dir);

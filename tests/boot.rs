@@ -87,8 +87,15 @@ fn boot_vmlinux_1_vcpu_128_mib_with_initrd_reaches_the_agent() {
         &format!("{AGENT_CMDLINE} ember.read_file=/marker"),
     );
     a.extend(["--initrd".into(), initrd.to_string_lossy().into_owned()]);
+    a.extend(["--log-level".into(), "info".into()]);
     let run = run_args(&a);
     run.check(run.code() == 0, "the agent restarts the machine: exit 0");
+    // The vmlinux has the PVH note: entered there by default, the initrd
+    // handed over as the start info's module.
+    run.check(
+        run.stderr.contains("PVH entry"),
+        &format!("booted through the PVH entry:\n{}", run.stderr),
+    );
     let agent = check_agent(&run, 1, 128);
     run.check(
         agent["hello"]
@@ -115,12 +122,14 @@ fn boot_vmlinux_2_vcpus_1_gib_then_sigterm_ends_ember_within_a_second() {
     if !kvm_available("boot_vmlinux_2_vcpus_1_gib_then_sigterm_ends_ember_within_a_second") {
         return;
     }
-    let a = args(
+    let mut a = args(
         &guest_kernel_dir().join("vmlinux"),
         2,
         1024,
         &format!("{AGENT_CMDLINE} ember.after=halt"),
     );
+    // The same vmlinux through its 64-bit entry (the others take PVH).
+    a.extend(["--boot-protocol", "linux64", "--log-level", "info"].map(String::from));
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
     let mut ember = spawn_ember(&a, b"");
     let done = ember.wait_for_output("EMBER-AGENT done", BOOT_TIMEOUT);
@@ -131,6 +140,10 @@ fn boot_vmlinux_2_vcpus_1_gib_then_sigterm_ends_ember_within_a_second() {
     let run = ember.finish(BOOT_TIMEOUT);
     let took = sent.elapsed();
     run.check(done, "the agent finished");
+    run.check(
+        run.stderr.contains("64-bit entry"),
+        "booted through the 64-bit entry when asked",
+    );
     check_agent(&run, 2, 1024);
     run.check(run.code() == 143, "SIGTERM exits 143");
     run.check(

@@ -147,6 +147,8 @@ fn vm_inside(
     arg(&cfg.memory_mib.to_string());
     arg("--transport");
     arg(&cfg.transport.to_string());
+    arg("--boot-protocol");
+    arg(&cfg.boot_protocol.to_string());
     for (i, disk) in cfg.disks.iter().enumerate() {
         let inside = format!("/vm/disk{i}");
         files.push(JailFile {

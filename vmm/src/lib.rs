@@ -603,16 +603,26 @@ impl Vmm {
                     cmdline: &cmdline,
                     vcpus: cfg.vcpus,
                     acpi_rsdp,
+                    protocol: cfg.boot_protocol,
                 };
                 let loaded = ember_loader::load(&mem, ml, &spec)?;
                 log::info!(
-                    "loaded {:?} kernel {}, entry {:#x}",
+                    "loaded {:?} kernel {}, {} entry {:#x}",
                     loaded.kernel.format,
                     cfg.kernel.display(),
+                    if loaded.pvh_start_info.is_some() {
+                        "PVH"
+                    } else {
+                        "64-bit"
+                    },
                     loaded.entry
                 );
                 for (index, vcpu) in (0u8..).zip(vcpus.iter_mut()) {
-                    vcpu.setup_boot(&mem, loaded.entry).map_err(Error::Vcpu)?;
+                    match loaded.pvh_start_info {
+                        Some(info) => vcpu.setup_boot_pvh(&mem, loaded.entry, info),
+                        None => vcpu.setup_boot(&mem, loaded.entry),
+                    }
+                    .map_err(Error::Vcpu)?;
                     if let Boot::Fresh(c) = boot {
                         c.apply_msrs(vcpu, index)?;
                     }
@@ -813,6 +823,7 @@ impl Vmm {
             initrd: None,
             cmdline: self.saved.machine.cmdline.clone(),
             transport: self.saved.machine.transport,
+            boot_protocol: ember_loader::BootProtocol::Auto,
             disks: self.saved.disks.clone(),
             nets: self
                 .saved

@@ -365,6 +365,10 @@ struct VmArgs {
     /// replaces the config file's NICs.
     #[arg(long, value_name = "SPEC")]
     net: Vec<String>,
+    /// How the kernel is entered: auto (default: PVH when the ELF kernel
+    /// has the PVH note, else the 64-bit entry), linux64 or pvh.
+    #[arg(long, value_name = "auto|linux64|pvh")]
+    boot_protocol: Option<String>,
     /// How the virtio devices reach the guest: pci or mmio (default: mmio
     /// when the command line says pci=off, else pci).
     #[arg(long, value_name = "pci|mmio")]
@@ -411,6 +415,7 @@ fn has_vm_config(cli: &VmArgs) -> bool {
         || !cli.disk.is_empty()
         || !cli.net.is_empty()
         || cli.transport.is_some()
+        || cli.boot_protocol.is_some()
 }
 
 /// The validated VM config from the config file and flags.
@@ -463,6 +468,9 @@ fn vm_config_unchecked(cli: VmArgs) -> ember_vmm::Result<VmConfig> {
     });
     if let Some(t) = &cli.transport {
         cfg.machine.transport = Some(t.parse()?);
+    }
+    if let Some(p) = &cli.boot_protocol {
+        cfg.boot.protocol = Some(p.clone());
     }
     Ok(cfg)
 }

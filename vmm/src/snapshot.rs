@@ -348,6 +348,8 @@ pub fn config_for(state: &VmState, load: &LoadParams) -> Result<ValidConfig> {
         initrd: None,
         cmdline: state.machine.cmdline.clone(),
         transport: state.machine.transport,
+        // The kernel is in guest memory, booted already.
+        boot_protocol: ember_loader::BootProtocol::Auto,
         disks,
         nets,
     })

@@ -164,6 +164,7 @@ mod tests {
             entry: 0x100_0000,
             end: 0x200_0000,
             setup_header: None,
+            pvh_entry: None,
         }
     }
 
@@ -247,6 +248,7 @@ mod tests {
             entry: 0x10_0200,
             end: 0x40_0000,
             setup_header: Some(hdr),
+            pvh_entry: None,
         };
         let ml = MemoryLayout::new(64).unwrap();
         let p = build_boot_params(&ml, &k, 1, None).unwrap();

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use ember_memory::{layout, GuestMemoryMmap};
 use linux_loader::loader::bootparam::setup_header;
+use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use vm_memory::GuestAddress;
 
@@ -42,6 +43,9 @@ pub struct LoadedKernel {
     pub end: u64,
     /// The bzImage's setup header, for boot_params.
     pub setup_header: Option<setup_header>,
+    /// The PVH entry point (an ELF kernel with the
+    /// `XEN_ELFNOTE_PHYS32_ENTRY` note, Linux's `CONFIG_PVH`).
+    pub pvh_entry: Option<u64>,
 }
 
 /// Reads the first bytes of `file` and says what kind of kernel it is.
@@ -133,11 +137,16 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
     match format {
         KernelFormat::Elf => {
             let r = Elf::load(mem, None, &mut file, himem).map_err(load)?;
+            let pvh_entry = match r.pvh_boot_cap {
+                PvhBootCapability::PvhEntryPresent(at) => Some(at.0),
+                _ => None,
+            };
             Ok(LoadedKernel {
                 format,
                 entry: r.kernel_load.0,
                 end: r.kernel_end,
                 setup_header: None,
+                pvh_entry,
             })
         }
         KernelFormat::BzImage => {
@@ -147,6 +156,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
                 entry: r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
                 end: r.kernel_end,
                 setup_header: r.setup_header,
+                pvh_entry: None,
             })
         }
     }

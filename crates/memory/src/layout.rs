@@ -24,6 +24,8 @@ pub const BOOT_IDT_START: u64 = 0x520;
 pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
 /// The zero page: Linux `boot_params`.
 pub const ZERO_PAGE_START: u64 = 0x7000;
+/// The PVH boot's `hvm_start_info`, memory map and module list (one page).
+pub const PVH_INFO_START: u64 = 0x6000;
 /// Identity page tables: PML4.
 pub const PML4_START: u64 = 0x9000;
 /// Identity page tables: the one PDPT.
@@ -103,6 +105,7 @@ pub const IOAPIC_PINS: u32 = 24;
 const _: () = {
     assert!(BOOT_GDT_START + 8 * BOOT_GDT_ENTRIES as u64 <= BOOT_IDT_START);
     assert!(ZERO_PAGE_START + 4096 <= PML4_START);
+    assert!(BOOT_IDT_START + 8 <= PVH_INFO_START && PVH_INFO_START + 4096 <= ZERO_PAGE_START);
     assert!(BOOT_STACK_POINTER < PML4_START);
     assert!(PML4_START + 4096 <= PDPTE_START);
     assert!(PDPTE_START + 4096 <= PDE_START);

@@ -52,6 +52,15 @@ pub const BOOT_GDT: [u64; layout::BOOT_GDT_ENTRIES] = [
     gdt_entry(0x808b, 0, 0xfffff),
 ];
 
+/// The PVH boot GDT: null, 32-bit code, data, TSS (the kernel loads its
+/// own GDT first thing; these are the segments it starts in).
+pub const PVH_GDT: [u64; layout::BOOT_GDT_ENTRIES] = [
+    gdt_entry(0, 0, 0),
+    gdt_entry(0xc09b, 0, 0xfffff),
+    gdt_entry(0xc093, 0, 0xfffff),
+    gdt_entry(0x008b, 0, 0x67),
+];
+
 /// Decodes a GDT entry into the segment KVM wants.
 pub fn segment_from_gdt(entry: u64, table_index: u8) -> kvm_segment {
     let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
@@ -93,6 +102,49 @@ pub fn boot_regs(entry: u64) -> kvm_regs {
     }
 }
 
+/// General-purpose registers at a PVH entry point: EBX holds the
+/// `hvm_start_info` address (the PVH ABI), everything else starts clear.
+pub fn pvh_regs(entry: u64, start_info: u64) -> kvm_regs {
+    kvm_regs {
+        rflags: 0x2,
+        rip: entry,
+        rbx: start_info,
+        ..Default::default()
+    }
+}
+
+/// Writes the PVH GDT and IDT into guest memory and returns `sregs` for
+/// the PVH entry: 32-bit protected mode, flat segments, paging off, CR4
+/// and EFER clear.
+pub fn pvh_sregs<M: GuestMemoryBackend>(mem: &M, mut sregs: kvm_sregs) -> Result<kvm_sregs, Error> {
+    write_gdt(mem, &PVH_GDT)?;
+    let code = segment_from_gdt(PVH_GDT[1], 1);
+    let data = segment_from_gdt(PVH_GDT[2], 2);
+    let tss = segment_from_gdt(PVH_GDT[3], 3);
+    sregs.gdt = kvm_dtable {
+        base: layout::BOOT_GDT_START,
+        limit: u16::try_from(std::mem::size_of_val(&PVH_GDT) - 1).unwrap_or(u16::MAX),
+        padding: [0; 3],
+    };
+    sregs.idt = kvm_dtable {
+        base: layout::BOOT_IDT_START,
+        limit: u16::try_from(std::mem::size_of::<u64>() - 1).unwrap_or(u16::MAX),
+        padding: [0; 3],
+    };
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = tss;
+    sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    Ok(sregs)
+}
+
 /// Writes the GDT, IDT and identity page tables into guest memory and
 /// returns `sregs` changed for 64-bit long mode.
 pub fn boot_sregs<M: GuestMemoryBackend>(
@@ -131,7 +183,12 @@ pub fn boot_sregs<M: GuestMemoryBackend>(
 }
 
 fn write_descriptor_tables<M: GuestMemoryBackend>(mem: &M) -> Result<(), Error> {
-    for (i, entry) in BOOT_GDT.iter().enumerate() {
+    write_gdt(mem, &BOOT_GDT)
+}
+
+/// Writes `gdt` at [`layout::BOOT_GDT_START`] and an empty IDT.
+fn write_gdt<M: GuestMemoryBackend>(mem: &M, gdt: &[u64]) -> Result<(), Error> {
+    for (i, entry) in gdt.iter().enumerate() {
         mem.write_obj(*entry, GuestAddress(layout::BOOT_GDT_START + 8 * i as u64))
             .map_err(Error::WriteDescriptorTables)?;
     }
@@ -228,6 +285,36 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
 mod tests {
     use super::*;
     use ember_memory::MemoryLayout;
+
+    #[test]
+    fn pvh_sregs_enter_flat_32_bit_protected_mode_without_paging() {
+        let mem =
+            vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let sregs = pvh_sregs(&mem, kvm_sregs::default()).unwrap();
+        assert_eq!(
+            sregs.cr0,
+            X86_CR0_PE | X86_CR0_ET,
+            "protected mode, no paging"
+        );
+        assert_eq!((sregs.cr4, sregs.efer, sregs.cr3), (0, 0, 0));
+        assert_eq!(
+            (sregs.cs.db, sregs.cs.l, sregs.cs.g, sregs.cs.type_),
+            (1, 0, 1, 0xb),
+            "32-bit code"
+        );
+        assert_eq!((sregs.cs.base, sregs.cs.limit), (0, 0xffff_ffff));
+        assert_eq!(
+            (sregs.ds.db, sregs.ds.type_, sregs.ss.limit),
+            (1, 0x3, 0xffff_ffff)
+        );
+        assert_eq!(sregs.tr.type_, 0xb, "a busy TSS");
+        let code: u64 = mem
+            .read_obj(GuestAddress(layout::BOOT_GDT_START + 8))
+            .unwrap();
+        assert_eq!(code, 0x00cf_9b00_0000_ffff);
+        let r = pvh_regs(0x100_0abc, 0x6000);
+        assert_eq!((r.rip, r.rbx, r.rflags, r.rsi), (0x100_0abc, 0x6000, 2, 0));
+    }
 
     #[test]
     fn gdt_entry_encodes_flat_code_segment() {

@@ -382,6 +382,26 @@ impl Vcpu {
     /// Sets MSRs, registers for a 64-bit entry at `entry` (page tables and
     /// GDT written into `mem`), the FPU, and LAPIC LINT0/LINT1.
     pub fn setup_boot<M: GuestMemoryBackend>(&mut self, mem: &M, entry: u64) -> Result<()> {
+        self.setup_entry(mem, entry, None)
+    }
+
+    /// [`setup_boot`](Self::setup_boot) for a PVH entry: 32-bit protected
+    /// mode at `entry`, EBX = `start_info` (the `hvm_start_info`).
+    pub fn setup_boot_pvh<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        entry: u64,
+        start_info: u64,
+    ) -> Result<()> {
+        self.setup_entry(mem, entry, Some(start_info))
+    }
+
+    fn setup_entry<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        entry: u64,
+        pvh_start_info: Option<u64>,
+    ) -> Result<()> {
         let msrs = Msrs::from_entries(&regs::boot_msrs()).map_err(|_| Error::CpuidTooLarge)?;
         let written = self
             .fd
@@ -392,14 +412,21 @@ impl Vcpu {
             return Err(Error::MsrRejected(failed));
         }
 
+        let regs = match pvh_start_info {
+            Some(info) => regs::pvh_regs(entry, info),
+            None => regs::boot_regs(entry),
+        };
         self.fd
-            .set_regs(&regs::boot_regs(entry))
+            .set_regs(&regs)
             .map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
         let sregs = self
             .fd
             .get_sregs()
             .map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?;
-        let sregs = regs::boot_sregs(mem, sregs)?;
+        let sregs = match pvh_start_info {
+            Some(_) => regs::pvh_sregs(mem, sregs)?,
+            None => regs::boot_sregs(mem, sregs)?,
+        };
         self.fd
             .set_sregs(&sregs)
             .map_err(|e| Error::Kvm("KVM_SET_SREGS", e))?;

@@ -54,6 +54,7 @@ pub(crate) fn run(kernel: &[u8]) -> Option<ember_loader::Result<BootInfo>> {
         cmdline: "console=ttyS0 reboot=k panic=1",
         vcpus: 2,
         acpi_rsdp: None,
+        protocol: ember_loader::BootProtocol::Auto,
     };
     let result = load(&mem, &ml, &spec);
     match &result {

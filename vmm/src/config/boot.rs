@@ -20,6 +20,11 @@ pub struct BootConfig {
     pub initrd: Option<PathBuf>,
     /// Kernel command line.
     pub cmdline: Option<String>,
+    /// How the kernel is entered: `auto` (the default: PVH when the ELF
+    /// kernel has the PVH note, as Firecracker and Cloud Hypervisor do,
+    /// else the 64-bit entry), `linux64` or `pvh`.
+    #[serde(default)]
+    pub protocol: Option<String>,
 }
 
 impl BootConfig {
@@ -52,7 +57,17 @@ impl BootConfig {
         if self.cmdline().len() >= ember_memory::layout::CMDLINE_MAX_SIZE {
             return Err(ConfigError::CmdlineTooLong(self.cmdline().len()));
         }
+        self.protocol()?;
         Ok(())
+    }
+
+    /// The boot protocol (`auto` when not given).
+    pub fn protocol(&self) -> Result<ember_loader::BootProtocol, ConfigError> {
+        self.protocol
+            .as_deref()
+            .map_or(Ok(ember_loader::BootProtocol::Auto), |p| {
+                p.parse().map_err(ConfigError::BootProtocol)
+            })
     }
 }
 

@@ -118,6 +118,7 @@ pub fn apply_boot_source(cfg: &mut VmConfig, b: &BootSource) -> Result<(), Confi
         kernel: Some(PathBuf::from(&b.kernel_image_path)),
         initrd: b.initrd_path.as_ref().map(PathBuf::from),
         cmdline: b.boot_args.clone(),
+        protocol: cfg.boot.protocol.clone(),
     };
     boot.validate()?;
     cfg.boot = boot;

@@ -242,6 +242,9 @@ pub enum ConfigError {
     /// The virtio transport cannot be used as asked.
     #[error("machine.transport: {0}")]
     Transport(String),
+    /// The boot protocol is not one ember has.
+    #[error("boot.protocol: {0}")]
+    BootProtocol(String),
 }
 
 /// The configuration file's contents.
@@ -328,6 +331,8 @@ pub struct ValidConfig {
     pub nets: Vec<(NetConfig, [u8; 6])>,
     /// The bus of every virtio device.
     pub transport: Transport,
+    /// How the kernel is entered.
+    pub boot_protocol: ember_loader::BootProtocol,
 }
 
 /// Formats a TOML error as "line L, column C: message" on one line.
@@ -510,6 +515,7 @@ impl VmConfig {
             kernel: self.boot.kernel()?.to_owned(),
             initrd: self.boot.initrd.clone(),
             transport: self.machine.resolve_transport(&cmdline)?,
+            boot_protocol: self.boot.protocol()?,
             cmdline,
             disks,
             nets,
