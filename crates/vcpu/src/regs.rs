@@ -102,6 +102,30 @@ pub fn boot_regs(entry: u64) -> kvm_regs {
     }
 }
 
+/// Points `sregs` at the GDT `gdt` (written at [`layout::BOOT_GDT_START`])
+/// and the empty IDT, with CS from entry 1, every data segment from entry
+/// 2 and TR from entry 3.
+fn flat_segments(sregs: &mut kvm_sregs, gdt: &[u64; layout::BOOT_GDT_ENTRIES]) {
+    sregs.gdt = kvm_dtable {
+        base: layout::BOOT_GDT_START,
+        limit: u16::try_from(std::mem::size_of_val(gdt) - 1).unwrap_or(u16::MAX),
+        padding: [0; 3],
+    };
+    sregs.idt = kvm_dtable {
+        base: layout::BOOT_IDT_START,
+        limit: u16::try_from(std::mem::size_of::<u64>() - 1).unwrap_or(u16::MAX),
+        padding: [0; 3],
+    };
+    let data = segment_from_gdt(gdt[2], 2);
+    sregs.cs = segment_from_gdt(gdt[1], 1);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = segment_from_gdt(gdt[3], 3);
+}
+
 /// General-purpose registers at a PVH entry point: EBX holds the
 /// `hvm_start_info` address (the PVH ABI), everything else starts clear.
 pub fn pvh_regs(entry: u64, start_info: u64) -> kvm_regs {
@@ -118,26 +142,7 @@ pub fn pvh_regs(entry: u64, start_info: u64) -> kvm_regs {
 /// and EFER clear.
 pub fn pvh_sregs<M: GuestMemoryBackend>(mem: &M, mut sregs: kvm_sregs) -> Result<kvm_sregs, Error> {
     write_gdt(mem, &PVH_GDT)?;
-    let code = segment_from_gdt(PVH_GDT[1], 1);
-    let data = segment_from_gdt(PVH_GDT[2], 2);
-    let tss = segment_from_gdt(PVH_GDT[3], 3);
-    sregs.gdt = kvm_dtable {
-        base: layout::BOOT_GDT_START,
-        limit: u16::try_from(std::mem::size_of_val(&PVH_GDT) - 1).unwrap_or(u16::MAX),
-        padding: [0; 3],
-    };
-    sregs.idt = kvm_dtable {
-        base: layout::BOOT_IDT_START,
-        limit: u16::try_from(std::mem::size_of::<u64>() - 1).unwrap_or(u16::MAX),
-        padding: [0; 3],
-    };
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = tss;
+    flat_segments(&mut sregs, &PVH_GDT);
     sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
     sregs.cr3 = 0;
     sregs.cr4 = 0;
@@ -154,26 +159,7 @@ pub fn boot_sregs<M: GuestMemoryBackend>(
     write_descriptor_tables(mem)?;
     write_page_tables(mem)?;
 
-    let code = segment_from_gdt(BOOT_GDT[1], 1);
-    let data = segment_from_gdt(BOOT_GDT[2], 2);
-    let tss = segment_from_gdt(BOOT_GDT[3], 3);
-    sregs.gdt = kvm_dtable {
-        base: layout::BOOT_GDT_START,
-        limit: u16::try_from(std::mem::size_of_val(&BOOT_GDT) - 1).unwrap_or(u16::MAX),
-        padding: [0; 3],
-    };
-    sregs.idt = kvm_dtable {
-        base: layout::BOOT_IDT_START,
-        limit: u16::try_from(std::mem::size_of::<u64>() - 1).unwrap_or(u16::MAX),
-        padding: [0; 3],
-    };
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = tss;
+    flat_segments(&mut sregs, &BOOT_GDT);
 
     sregs.cr0 |= X86_CR0_PE | X86_CR0_ET | X86_CR0_PG;
     sregs.cr3 = layout::PML4_START;
