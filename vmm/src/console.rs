@@ -20,6 +20,11 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
+use std::os::fd::AsFd;
+
+use crate::devices::ConsoleOut;
+use crate::Error;
+
 /// The most console output kept for a socket client that is not there or
 /// not reading.
 pub const BACKLOG: usize = 64 << 10;
@@ -237,6 +242,75 @@ impl SocketConsole {
 impl Drop for SocketConsole {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The console: where the guest's serial output goes and where its input
+/// comes from.
+pub struct Console {
+    /// Serial output.
+    pub output: ConsoleOut,
+    /// Serial input, if any.
+    pub input: Option<File>,
+    /// A socket console's listener (`--serial socket=PATH`): its clients
+    /// give the input.
+    pub socket: Option<SocketConsole>,
+}
+
+impl std::fmt::Debug for Console {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Console")
+            .field("input", &self.input)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Console {
+    /// stdout and stdin.
+    pub fn stdio() -> crate::Result<Self> {
+        let input = std::io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(Error::Console)?;
+        Ok(Console {
+            output: Box::new(std::io::stdout()),
+            input: Some(File::from(input)),
+            socket: None,
+        })
+    }
+
+    /// The console `spec` names (`--serial`).
+    pub fn open(spec: &SerialSpec) -> crate::Result<Self> {
+        match spec {
+            SerialSpec::Stdio => Self::stdio(),
+            SerialSpec::Null => Ok(Console {
+                output: Box::new(std::io::sink()),
+                input: None,
+                socket: None,
+            }),
+            SerialSpec::File(path) => {
+                use std::os::unix::fs::OpenOptionsExt;
+                let file = std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .mode(0o600)
+                    .open(path)
+                    .map_err(|e| Error::Serial(format!("--serial file={}: {e}", path.display())))?;
+                Ok(Console {
+                    output: Box::new(file),
+                    input: None,
+                    socket: None,
+                })
+            }
+            SerialSpec::Socket(path) => {
+                let (socket, output) = SocketConsole::bind(path).map_err(Error::Serial)?;
+                Ok(Console {
+                    output: Box::new(output),
+                    input: None,
+                    socket: Some(socket),
+                })
+            }
+        }
     }
 }
 

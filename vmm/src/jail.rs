@@ -207,6 +207,45 @@ fn vm_inside(
         arg("--net");
         arg(&spec);
     }
+    if let Some(b) = &cfg.balloon {
+        let on = |v: bool| if v { "on" } else { "off" };
+        arg("--balloon");
+        arg(&format!(
+            "amount_mib={},deflate_on_oom={},stats_polling_interval_s={},free_page_reporting={}",
+            b.amount_mib,
+            on(b.deflate_on_oom),
+            b.stats_polling_interval_s,
+            on(b.free_page_reporting)
+        ));
+    }
+    if let Some(v) = &cfg.vsock {
+        // The socket goes in the jail's run directory, as the API's: the
+        // host reaches it (and listens for the guest's connections, at
+        // `<name>_<port>`) in `<jail dir>/run/`.
+        let name = v
+            .uds_path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| {
+                Error::JailConfig(format!(
+                    "vsock uds_path {} has no file name",
+                    v.uds_path.display()
+                ))
+            })?;
+        flag_safe("vsock uds_path", name)?;
+        arg("--vsock");
+        arg(&format!(
+            "cid={},uds_path={JAIL_RUN_DIR}/{name}",
+            v.guest_cid
+        ));
+    }
+    if let Some(e) = &cfg.entropy {
+        let mut spec = String::new();
+        limits(&mut spec, "", e.rate_limiter.as_ref());
+        arg("--entropy");
+        let spec = spec.trim_start_matches(',');
+        arg(if spec.is_empty() { "on" } else { spec });
+    }
     arg("--seccomp");
     arg(&opts.seccomp.to_string());
     arg("--log-level");
@@ -235,7 +274,7 @@ pub fn spec(cfg: Option<&ValidConfig>, opts: &JailOptions) -> Result<JailSpec, E
         spec.devices
             .push(ember_virtio_net::vhost::VHOST_NET_PATH.into());
     }
-    if opts.api_sock.is_some() {
+    if opts.api_sock.is_some() || cfg.is_some_and(|c| c.vsock.is_some()) {
         spec.writable_dirs = vec![JAIL_RUN_DIR.into()];
     }
     spec.uid = opts.uid;

@@ -34,7 +34,9 @@ pub mod console;
 pub mod cpu;
 pub mod devices;
 pub mod disks;
+mod error;
 pub mod event_loop;
+mod exit;
 pub mod img;
 pub mod instance;
 pub mod iothread;
@@ -54,281 +56,27 @@ pub mod uffd;
 pub mod vcpus;
 pub mod virtio_devices;
 pub mod vm;
+pub mod vsock;
 
 use std::fs::File;
-use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ember_loader::BootSpec;
 use ember_memory::{GuestMemoryMmap, MemoryLayout};
-use ember_vcpu::{GuestStop, Vcpu, VcpuEnd};
+use ember_vcpu::Vcpu;
 use kvm_ioctls::VmFd;
 use vm_device::device_manager::IoManager;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use config::ValidConfig;
-use devices::{ConsoleOut, LegacyDevices};
-use event_loop::{EventLoop, Pausable, Stop, VmInputs};
+pub use console::Console;
+use devices::LegacyDevices;
+pub use error::{error_chain, Error, Result};
+use event_loop::{EventLoop, Pausable, VmInputs};
+pub use exit::ExitReason;
 use vcpus::{VcpuExitReport, VcpuThreads};
 use vm::Hypervisor;
-
-/// Everything that can go wrong building or running a VM. Messages name
-/// what failed; the source (if any) says why.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// Invalid configuration.
-    #[error(transparent)]
-    Config(#[from] config::ConfigError),
-    /// `/dev/kvm` cannot be opened.
-    #[error("cannot open /dev/kvm (is KVM available and accessible?)")]
-    OpenKvm(#[source] kvm_ioctls::Error),
-    /// A KVM ioctl failed.
-    #[error("{0} failed")]
-    Kvm(&'static str, #[source] kvm_ioctls::Error),
-    /// More vCPUs than KVM allows.
-    #[error("machine.vcpus = {asked} is more than KVM allows on this host ({max})")]
-    TooManyVcpus {
-        /// Asked for.
-        asked: u8,
-        /// KVM_CAP_MAX_VCPUS.
-        max: usize,
-    },
-    /// Guest memory cannot be laid out or mapped.
-    #[error(transparent)]
-    Memory(#[from] ember_memory::Error),
-    /// More memory regions than KVM slots.
-    #[error("too many guest memory regions")]
-    TooManyRegions,
-    /// The kernel, initrd or command line cannot be loaded.
-    #[error(transparent)]
-    Load(#[from] ember_loader::Error),
-    /// A vCPU cannot be created or configured.
-    #[error("cannot set up a vCPU")]
-    Vcpu(#[source] ember_vcpu::Error),
-    /// A vCPU thread cannot be started.
-    #[error("cannot start the thread of vcpu{0}")]
-    SpawnVcpu(u8, #[source] std::io::Error),
-    /// An eventfd cannot be created.
-    #[error("cannot create the {0} eventfd")]
-    EventFd(&'static str, #[source] std::io::Error),
-    /// A device cannot be placed on a bus.
-    #[error("cannot place a device on the bus: {0}")]
-    Bus(String),
-    /// The event loop failed.
-    #[error("event loop: {0}")]
-    EventLoop(String),
-    /// The stop signals cannot be set up.
-    #[error("cannot set up SIGINT/SIGTERM handling")]
-    Signals(#[source] std::io::Error),
-    /// Console input cannot be set up.
-    #[error("cannot use stdin as console input")]
-    Console(#[source] std::io::Error),
-    /// A disk cannot be opened or set up.
-    #[error("disk {index}")]
-    Disk {
-        /// Which disk, in config order.
-        index: usize,
-        /// Why.
-        #[source]
-        source: ember_virtio_blk::Error,
-    },
-    /// A NIC cannot be opened or set up.
-    #[error("NIC {index}")]
-    Net {
-        /// Which NIC, in config order.
-        index: usize,
-        /// Why.
-        #[source]
-        source: ember_virtio_net::Error,
-    },
-    /// A user-mode NIC's passt cannot be started or reached.
-    #[error("NIC {index} (user-mode)")]
-    UserNet {
-        /// Which NIC, in config order.
-        index: usize,
-        /// Why.
-        #[source]
-        source: passt::PasstError,
-    },
-    /// The jail cannot be set up, or the jailed VM cannot start.
-    #[error("jail")]
-    Jail(#[from] ember_jail::Error),
-    /// The VM config cannot be passed into a jail.
-    #[error("jail: {0}")]
-    JailConfig(String),
-    /// A seccomp filter cannot be compiled or installed.
-    #[error(transparent)]
-    Seccomp(#[from] seccomp::Error),
-    /// The operation does not fit the VM's state.
-    #[error("{0}")]
-    Lifecycle(String),
-    /// The API socket cannot be set up.
-    #[error("API socket")]
-    Api(#[from] ember_api::Error),
-    /// A device's I/O thread cannot be started or commanded.
-    #[error("I/O thread {0}")]
-    Thread(String),
-    /// The console cannot be set up (`--serial`).
-    #[error("{0}")]
-    Serial(String),
-    /// The API thread cannot be started.
-    #[error("cannot start the API thread")]
-    SpawnApi(#[source] std::io::Error),
-    /// The CPU model cannot be given to a guest on this host.
-    #[error("CPU model: {0}")]
-    Cpu(#[source] ember_vcpu::model::ModelError),
-    /// A saved guest's CPU cannot run on this host.
-    #[error("cannot restore the snapshot: {0}")]
-    CpuMismatch(#[source] ember_vcpu::model::fingerprint::FingerprintError),
-    /// A snapshot cannot be restored.
-    #[error("cannot restore the snapshot: {0}")]
-    Restore(String),
-    /// A snapshot file cannot be read or written.
-    #[error(transparent)]
-    Snapshot(#[from] ember_snapshot::Error),
-    /// The guest or KVM failed while running.
-    #[error("the VM failed: {0}")]
-    Guest(String),
-    /// A live migration failed.
-    #[error("migration: {0}")]
-    Migration(String),
-    /// A stop signal came while waiting (for a migration's source); the
-    /// event loop reads it next.
-    #[error("interrupted by a stop signal")]
-    Interrupted,
-    /// Shared guest memory cannot be made or mapped.
-    #[error("shared guest memory: {0}")]
-    SharedMemory(String),
-    /// The ACPI tables cannot be built or written.
-    #[error("ACPI tables: {0}")]
-    Acpi(String),
-    /// The balloon cannot be made or driven.
-    #[error("balloon: {0}")]
-    Balloon(String),
-    /// Guest memory cannot be backed, advised, bound or prefaulted as the
-    /// configuration asks.
-    #[error("guest memory: {0}")]
-    MemoryBackend(String),
-}
-
-/// The error and its sources on one line (a source whose text an outer
-/// message already quotes is not repeated).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = s.source();
-    }
-    line.replace('\n', " ")
-}
-
-/// Result type of this crate.
-pub type Result<T> = std::result::Result<T, Error>;
-
-/// Why ember ended, and the exit status that says so.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExitReason {
-    /// The guest rebooted (i8042 reset, triple fault, reset event).
-    GuestReset,
-    /// The guest powered off.
-    GuestPowerOff,
-    /// The guest halted with nothing to wake it.
-    GuestHalted,
-    /// A signal (SIGINT, SIGTERM) ended the VM.
-    Signal(libc::c_int),
-    /// The guest was migrated away: it runs on the destination.
-    Migrated,
-}
-
-impl ExitReason {
-    /// The process exit status: 0 for a guest that ended by itself,
-    /// 128 + the signal number for a signal (130 SIGINT, 143 SIGTERM).
-    pub fn code(self) -> i32 {
-        match self {
-            ExitReason::GuestReset
-            | ExitReason::GuestPowerOff
-            | ExitReason::GuestHalted
-            | ExitReason::Migrated => 0,
-            ExitReason::Signal(n) => 128 + n,
-        }
-    }
-}
-
-/// The console: where the guest's serial output goes and where its input
-/// comes from.
-pub struct Console {
-    /// Serial output.
-    pub output: ConsoleOut,
-    /// Serial input, if any.
-    pub input: Option<File>,
-    /// A socket console's listener (`--serial socket=PATH`): its clients
-    /// give the input.
-    pub socket: Option<console::SocketConsole>,
-}
-
-impl std::fmt::Debug for Console {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Console")
-            .field("input", &self.input)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Console {
-    /// stdout and stdin.
-    pub fn stdio() -> Result<Self> {
-        let input = std::io::stdin()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(Error::Console)?;
-        Ok(Console {
-            output: Box::new(std::io::stdout()),
-            input: Some(File::from(input)),
-            socket: None,
-        })
-    }
-
-    /// The console `spec` names (`--serial`).
-    pub fn open(spec: &console::SerialSpec) -> Result<Self> {
-        use console::SerialSpec;
-        match spec {
-            SerialSpec::Stdio => Self::stdio(),
-            SerialSpec::Null => Ok(Console {
-                output: Box::new(std::io::sink()),
-                input: None,
-                socket: None,
-            }),
-            SerialSpec::File(path) => {
-                use std::os::unix::fs::OpenOptionsExt;
-                let file = std::fs::OpenOptions::new()
-                    .append(true)
-                    .create(true)
-                    .mode(0o600)
-                    .open(path)
-                    .map_err(|e| Error::Serial(format!("--serial file={}: {e}", path.display())))?;
-                Ok(Console {
-                    output: Box::new(file),
-                    input: None,
-                    socket: None,
-                })
-            }
-            SerialSpec::Socket(path) => {
-                let (socket, output) = console::SocketConsole::bind(path).map_err(Error::Serial)?;
-                Ok(Console {
-                    output: Box::new(output),
-                    input: None,
-                    socket: Some(socket),
-                })
-            }
-        }
-    }
-}
 
 /// The kernel command line: the user's, plus the parameters that hide CPUID
 /// features the host forces on (only on hosts that override CPUID, such as
@@ -406,6 +154,8 @@ pub struct Vmm {
     disks: Vec<disks::DiskDevice>,
     nets: Vec<nets::NetDevice>,
     balloon: Option<balloon::BalloonDevice>,
+    vsock: Option<vsock::VsockDevice>,
+    entropy: Option<vsock::EntropyDevice>,
     vm: Arc<VmFd>,
     inputs: Option<VmInputs>,
     pausable: Option<Pausable>,
@@ -523,6 +273,16 @@ impl Vmm {
             .balloon
             .map(|b| balloon::create(&mut attach, b))
             .transpose()?;
+        let vsock = cfg
+            .vsock
+            .as_ref()
+            .map(|v| vsock::create_vsock(&mut attach, v))
+            .transpose()?;
+        let entropy = cfg
+            .entropy
+            .as_ref()
+            .map(|e| vsock::create_entropy(&mut attach, e))
+            .transpose()?;
         let device_events = attach.subscribers;
         let io_threads = attach.io_threads;
         let mmio = attach.mmio;
@@ -573,6 +333,7 @@ impl Vmm {
             Some(s) => {
                 snapshot::restore_kvm(&vm, &s.kvm)?;
                 snapshot::restore_devices(&disks, &nets, balloon.as_ref(), s)?;
+                snapshot::restore_vsock_entropy(vsock.as_ref(), entropy.as_ref(), s)?;
                 paused_clock = Some(s.kvm.clock);
                 cfg.cmdline.clone()
             }
@@ -682,6 +443,8 @@ impl Vmm {
             disks,
             nets,
             balloon,
+            vsock,
+            entropy,
             vm,
             inputs: Some(inputs),
             pausable: None,
@@ -804,41 +567,6 @@ impl Vmm {
         }
         threads.resume();
         Ok(())
-    }
-
-    /// The configuration this VM was built with (a restored VM's kernel
-    /// path is empty: the kernel is in guest memory).
-    pub fn config(&self) -> ValidConfig {
-        ValidConfig {
-            vcpus: self.saved.machine.vcpus,
-            memory_mib: self.saved.machine.memory_mib,
-            memory_shared: self.saved.machine.shared_memory,
-            memory_backend: self.saved.machine.memory_backend,
-            numa: self.saved.machine.numa.clone(),
-            vcpu_affinity: self.saved.machine.vcpu_affinity.clone(),
-            balloon: self.balloon_config().ok(),
-            track_dirty_pages: self.track_dirty_pages,
-            cpu: self.saved.cpu_choice.clone(),
-            kernel: std::path::PathBuf::new(),
-            initrd: None,
-            cmdline: self.saved.machine.cmdline.clone(),
-            transport: self.saved.machine.transport,
-            boot_protocol: ember_loader::BootProtocol::Auto,
-            disks: self.saved.disks.clone(),
-            nets: self
-                .saved
-                .nets
-                .iter()
-                .cloned()
-                .zip(self.nets.iter().map(|n| {
-                    n.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .device()
-                        .state()
-                        .mac
-                }))
-                .collect(),
-        }
     }
 
     /// Whether guest memory is a shared memfd (a local migration hands it
@@ -988,84 +716,6 @@ impl Vmm {
             .map_err(|e| Error::Guest(format!("Ctrl-Alt-Del: {e}")))
     }
 
-    /// The running VM's counters in Firecracker's metric groups, summed
-    /// over devices of a kind: `block`, `net`, `vcpu`.
-    pub fn device_metrics(&self) -> Vec<(&'static str, metrics::Counters)> {
-        fn add(group: &mut metrics::Counters, values: &[(&'static str, u64)]) {
-            for (k, v) in values {
-                *group.entry(k).or_default() += v;
-            }
-        }
-        let (mut block, mut net, mut vcpu) = Default::default();
-        for d in &self.disks {
-            let c = d
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .device()
-                .counters();
-            add(
-                &mut block,
-                &[
-                    ("read_count", c.reads),
-                    ("read_bytes", c.read_bytes),
-                    ("write_count", c.writes),
-                    ("write_bytes", c.write_bytes),
-                    ("flush_count", c.flushes),
-                    ("invalid_reqs_count", c.errors),
-                ],
-            );
-        }
-        for n in &self.nets {
-            let c = n
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .device()
-                .counters();
-            add(
-                &mut net,
-                &[
-                    ("rx_packets_count", c.rx_packets),
-                    ("rx_bytes_count", c.rx_bytes),
-                    ("rx_dropped", c.rx_dropped),
-                    ("tx_packets_count", c.tx_packets),
-                    ("tx_bytes_count", c.tx_bytes),
-                    ("tx_dropped", c.tx_dropped),
-                ],
-            );
-        }
-        for c in &self.exit_counters {
-            let c = c.snapshot();
-            add(
-                &mut vcpu,
-                &[
-                    ("exit_io_in", c.io_in),
-                    ("exit_io_out", c.io_out),
-                    ("exit_mmio_read", c.mmio_read),
-                    ("exit_mmio_write", c.mmio_write),
-                    ("exit_interrupted", c.interrupted),
-                    ("exit_other", c.other),
-                ],
-            );
-        }
-        let mut groups = vec![("block", block), ("net", net), ("vcpu", vcpu)];
-        if let Some(c) = self.balloon_counters() {
-            let mut balloon = metrics::Counters::default();
-            add(
-                &mut balloon,
-                &[
-                    ("inflate_count", c.inflated_pages),
-                    ("deflate_count", c.deflated_pages),
-                    ("stats_updates_count", c.stats_updates),
-                    ("free_page_report_count", c.reported_bytes >> 12),
-                    ("discarded_bytes", c.discarded_bytes),
-                    ("event_fails", c.refused),
-                ],
-            );
-            groups.push(("balloon", balloon));
-        }
-        groups
-    }
-
     /// Stops the vCPUs, flushes the disks and logs the device counters.
     pub fn shutdown(&mut self) {
         if let Some(mut threads) = self.threads.take() {
@@ -1079,27 +729,33 @@ impl Vmm {
         disks::flush_all(&self.disks);
         disks::log_counters(&self.disks);
         nets::log_counters(&self.nets);
+        if let Some(v) = &self.vsock {
+            let c = v
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .device()
+                .counters();
+            log::info!(
+                "vsock: {} host and {} guest connections, {} bytes to the guest, {} from it, {} host connections refused",
+                c.host_connections, c.guest_connections, c.rx_bytes, c.tx_bytes, c.refused_host
+            );
+        }
+        if let Some(e) = &self.entropy {
+            let c = e
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .device()
+                .counters();
+            log::info!(
+                "entropy: {} requests, {} bytes given, {} held back by the rate limiter",
+                c.requests,
+                c.bytes,
+                c.throttled
+            );
+        }
     }
 }
 
 fn not_started() -> Error {
     Error::Guest("the VM has not been started".into())
-}
-
-impl ExitReason {
-    /// What a [`Stop`] of the event loop means for the process.
-    pub fn from_stop(stop: Stop) -> Result<ExitReason> {
-        match stop {
-            Stop::I8042Reset => Ok(ExitReason::GuestReset),
-            Stop::AcpiPowerOff => Ok(ExitReason::GuestPowerOff),
-            Stop::Signal(n) => Ok(ExitReason::Signal(n)),
-            Stop::Migrated => Ok(ExitReason::Migrated),
-            Stop::MigrationFailed(msg) => Err(Error::Migration(msg)),
-            Stop::Vcpu(VcpuEnd::Guest(GuestStop::Reset)) => Ok(ExitReason::GuestReset),
-            Stop::Vcpu(VcpuEnd::Guest(GuestStop::PowerOff)) => Ok(ExitReason::GuestPowerOff),
-            Stop::Vcpu(VcpuEnd::Guest(GuestStop::Halted)) => Ok(ExitReason::GuestHalted),
-            Stop::Vcpu(VcpuEnd::Failed(msg)) => Err(Error::Guest(msg)),
-            Stop::Vcpu(VcpuEnd::Stopped) => Err(Error::Guest("a vCPU stopped unexpectedly".into())),
-        }
-    }
 }

@@ -102,6 +102,7 @@ impl RestoreArgs {
                 .map(|v| pair("--restore-disk", v).map(|(k, p)| (k, PathBuf::from(p))))
                 .collect::<Result<_, _>>()?,
             track_dirty_pages: self.restore_track_dirty_pages,
+            vsock_override: None,
         }))
     }
 }
@@ -145,6 +146,11 @@ struct FirecrackerArgs {
     /// Print the version (`ember v<semver>`) and exit.
     #[arg(long)]
     version: bool,
+    /// Firecracker's `--enable-pci`: the virtio devices on PCI (as
+    /// `--transport pci`; without it a Firecracker guest's `pci=off` picks
+    /// virtio-mmio).
+    #[arg(long, conflicts_with = "transport")]
+    enable_pci: bool,
 }
 
 /// Firecracker's level names (any case), and ember's.
@@ -348,6 +354,15 @@ struct VmArgs {
     /// A virtio-balloon: `amount_mib=MIB[,deflate_on_oom=on][,stats_polling_interval_s=S][,free_page_reporting=on]`.
     #[arg(long, value_name = "SPEC")]
     balloon: Option<String>,
+    /// A virtio-vsock with Firecracker's host side: `cid=CID,uds_path=PATH`
+    /// (host programs connect to PATH and write `CONNECT <port>`; the
+    /// guest's connections to host port P reach `PATH_P`).
+    #[arg(long, value_name = "SPEC")]
+    vsock: Option<String>,
+    /// A virtio-rng fed from the host's getrandom(2): `on`, or a rate
+    /// limit `bw=SIZE/TIME[,ops=SIZE/TIME]`.
+    #[arg(long, value_name = "SPEC", num_args = 0..=1, default_missing_value = "on")]
+    entropy: Option<String>,
     /// The guest's CPU model, as QEMU's -cpu:
     /// `MODEL[,+FEATURE][,-FEATURE][,enforce|,check]` (default `host`;
     /// `ember cpu list` lists the models). A `.json` file is a Firecracker
@@ -448,6 +463,16 @@ fn vm_config_unchecked(cli: VmArgs) -> ember_vmm::Result<VmConfig> {
         .as_deref()
         .map(ember_vmm::config::balloon::parse_flag)
         .transpose()?;
+    let vsock = cli
+        .vsock
+        .as_deref()
+        .map(ember_vmm::config::vsock::parse_vsock)
+        .transpose()?;
+    let entropy = cli
+        .entropy
+        .as_deref()
+        .map(ember_vmm::config::vsock::parse_entropy)
+        .transpose()?;
     let numa = cli
         .numa
         .iter()
@@ -465,6 +490,8 @@ fn vm_config_unchecked(cli: VmArgs) -> ember_vmm::Result<VmConfig> {
         numa,
         vcpu_affinity: cli.vcpu_affinity,
         balloon,
+        vsock,
+        entropy,
     });
     if let Some(t) = &cli.transport {
         cfg.machine.transport = Some(t.parse()?);
@@ -538,10 +565,13 @@ fn run(
         ));
     }
     let configured = has_vm_config(&cli) || fc.config_file.is_some();
-    let cfg = match &fc.config_file {
+    let mut cfg = match &fc.config_file {
         Some(path) => fc_config_file(path)?,
         None => vm_config_unchecked(cli)?,
     };
+    if fc.enable_pci {
+        cfg.machine.transport = Some(ember_vmm::config::Transport::Pci);
+    }
     if configured {
         // Checked in full before anything is created.
         cfg.validate()?;
@@ -592,6 +622,9 @@ fn run(
     } else if configured {
         instance.configure(cfg)?;
         instance.start()?;
+    } else if fc.enable_pci {
+        // Configured through the API on top of this.
+        instance.configure(cfg)?;
     }
     let reason = instance.run()?;
     log::info!("guest ended: {reason:?}");

@@ -2,7 +2,8 @@
 //! metrics file (or named pipe) on `FlushMetrics` and every 60 s. The
 //! groups and names are Firecracker's where ember has the same counter
 //! (`api_server`, `get_api_requests`, `put_api_requests`,
-//! `patch_api_requests`, `block`, `net`, `vcpu`, `latencies_us`).
+//! `patch_api_requests`, `block`, `net`, `vcpu`, `balloon`, `vsock`,
+//! `entropy`, `latencies_us`).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -158,6 +159,104 @@ fn fails_name(name: &'static str) -> &'static str {
         "migration_cancel_count" => "migration_cancel_fails",
         "power_button_count" => "power_button_fails",
         _ => "other_fails",
+    }
+}
+
+impl crate::Vmm {
+    /// The running VM's counters in Firecracker's metric groups, summed
+    /// over devices of a kind: `block`, `net`, `vcpu`.
+    pub fn device_metrics(&self) -> Vec<(&'static str, Counters)> {
+        fn add(group: &mut Counters, values: &[(&'static str, u64)]) {
+            for (k, v) in values {
+                *group.entry(k).or_default() += v;
+            }
+        }
+        let (mut block, mut net, mut vcpu) = Default::default();
+        for d in &self.disks {
+            let c = d
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .device()
+                .counters();
+            add(
+                &mut block,
+                &[
+                    ("read_count", c.reads),
+                    ("read_bytes", c.read_bytes),
+                    ("write_count", c.writes),
+                    ("write_bytes", c.write_bytes),
+                    ("flush_count", c.flushes),
+                    ("invalid_reqs_count", c.errors),
+                ],
+            );
+        }
+        for n in &self.nets {
+            let c = n
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .device()
+                .counters();
+            add(
+                &mut net,
+                &[
+                    ("rx_packets_count", c.rx_packets),
+                    ("rx_bytes_count", c.rx_bytes),
+                    ("rx_dropped", c.rx_dropped),
+                    ("tx_packets_count", c.tx_packets),
+                    ("tx_bytes_count", c.tx_bytes),
+                    ("tx_dropped", c.tx_dropped),
+                ],
+            );
+        }
+        for c in &self.exit_counters {
+            let c = c.snapshot();
+            add(
+                &mut vcpu,
+                &[
+                    ("exit_io_in", c.io_in),
+                    ("exit_io_out", c.io_out),
+                    ("exit_mmio_read", c.mmio_read),
+                    ("exit_mmio_write", c.mmio_write),
+                    ("exit_interrupted", c.interrupted),
+                    ("exit_other", c.other),
+                ],
+            );
+        }
+        let mut groups = vec![("block", block), ("net", net), ("vcpu", vcpu)];
+        if let Some(c) = self.balloon_counters() {
+            let mut balloon = Counters::default();
+            add(
+                &mut balloon,
+                &[
+                    ("inflate_count", c.inflated_pages),
+                    ("deflate_count", c.deflated_pages),
+                    ("stats_updates_count", c.stats_updates),
+                    ("free_page_report_count", c.reported_bytes >> 12),
+                    ("discarded_bytes", c.discarded_bytes),
+                    ("event_fails", c.refused),
+                ],
+            );
+            groups.push(("balloon", balloon));
+        }
+        if let Some(v) = &self.vsock {
+            let v = v.lock().unwrap_or_else(|e| e.into_inner());
+            let mut group = Counters::default();
+            add(
+                &mut group,
+                &crate::vsock::vsock_metrics(&v.device().counters(), v.device().connections()),
+            );
+            groups.push(("vsock", group));
+        }
+        if let Some(e) = &self.entropy {
+            let e = e.lock().unwrap_or_else(|e| e.into_inner());
+            let mut group = Counters::default();
+            add(
+                &mut group,
+                &crate::vsock::entropy_metrics(&e.device().counters()),
+            );
+            groups.push(("entropy", group));
+        }
+        groups
     }
 }
 

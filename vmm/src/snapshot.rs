@@ -133,6 +133,32 @@ pub struct BalloonSnapshot {
     pub balloon: ember_virtio_balloon::BalloonState,
 }
 
+/// The vsock device: its configuration (the socket it binds again) and
+/// its virtio function. Its connections are not saved (Firecracker's
+/// rule): the restored guest is told its transport was reset.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockSnapshot {
+    /// The configuration.
+    pub config: ember_virtio_vsock::VsockConfig,
+    /// The virtio function.
+    pub transport: TransportState,
+    /// The device's own state.
+    pub vsock: ember_virtio_vsock::VsockState,
+}
+
+/// The entropy device: its configuration and virtio function.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntropySnapshot {
+    /// The configuration.
+    pub config: ember_virtio_rng::EntropyConfig,
+    /// The virtio function.
+    pub transport: TransportState,
+    /// The device's own state (its rate limiter's buckets).
+    pub entropy: ember_virtio_rng::EntropyState,
+}
+
 /// A whole VM.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -163,6 +189,12 @@ pub struct VmState {
     /// The balloon, if the VM has one.
     #[serde(default)]
     pub balloon: Option<BalloonSnapshot>,
+    /// The vsock device, if the VM has one.
+    #[serde(default)]
+    pub vsock: Option<VsockSnapshot>,
+    /// The entropy device, if the VM has one.
+    #[serde(default)]
+    pub entropy: Option<EntropySnapshot>,
 }
 
 /// Where a snapshot goes.
@@ -212,6 +244,9 @@ pub struct LoadParams {
     pub disk_overrides: Vec<(String, PathBuf)>,
     /// Track dirty pages in the restored VM (for diff snapshots of it).
     pub track_dirty_pages: bool,
+    /// The vsock device's socket instead of the snapshot's (Firecracker's
+    /// `vsock_override`).
+    pub vsock_override: Option<PathBuf>,
 }
 
 /// "vendor family/model/stepping" from CPUID leaves 0 and 1.
@@ -339,6 +374,14 @@ pub fn config_for(state: &VmState, load: &LoadParams) -> Result<ValidConfig> {
             state.machine.vcpu_affinity.clone()
         },
         balloon: state.balloon.as_ref().map(|b| b.balloon.config),
+        vsock: state.vsock.as_ref().map(|v| {
+            let mut config = v.config.clone();
+            if let Some(path) = &load.vsock_override {
+                config.uds_path = path.clone();
+            }
+            config
+        }),
+        entropy: state.entropy.as_ref().map(|e| e.config.clone()),
         track_dirty_pages: load.track_dirty_pages,
         cpu: crate::config::CpuChoice {
             text: state.cpu.model.clone(),
@@ -588,6 +631,22 @@ impl Vmm {
                     balloon: b.device().state(),
                 }
             }),
+            vsock: self.vsock.as_ref().map(|v| {
+                let v = v.lock().unwrap_or_else(|e| e.into_inner());
+                self::VsockSnapshot {
+                    config: v.device().config().clone(),
+                    transport: v.state(),
+                    vsock: v.device().state(),
+                }
+            }),
+            entropy: self.entropy.as_ref().map(|e| {
+                let e = e.lock().unwrap_or_else(|e| e.into_inner());
+                self::EntropySnapshot {
+                    config: e.device().config().clone(),
+                    transport: e.state(),
+                    entropy: e.device().state(),
+                }
+            }),
         };
         Ok(state)
     }
@@ -683,6 +742,43 @@ pub(crate) fn restore_devices(
     }
     for n in nets {
         n.lock().unwrap_or_else(|e| e.into_inner()).kick();
+    }
+    Ok(())
+}
+
+/// Puts the rebuilt vsock and entropy devices in their saved state (the
+/// vsock device then tells the guest its transport was reset).
+pub(crate) fn restore_vsock_entropy(
+    vsock: Option<&crate::vsock::VsockDevice>,
+    entropy: Option<&crate::vsock::EntropyDevice>,
+    s: &self::VmState,
+) -> Result<()> {
+    if vsock.is_some() != s.vsock.is_some() || entropy.is_some() != s.entropy.is_some() {
+        return Err(Error::Restore(
+            "the device list does not match the snapshot".into(),
+        ));
+    }
+    if let (Some(v), Some(saved)) = (vsock, &s.vsock) {
+        let mut v = v.lock().unwrap_or_else(|e| e.into_inner());
+        v.device_mut()
+            .restore_state(&saved.vsock)
+            .map_err(|e| Error::Device {
+                name: "vsock",
+                why: e.to_string(),
+            })?;
+        v.restore_state(&saved.transport).map_err(Error::Restore)?;
+        v.kick();
+    }
+    if let (Some(e), Some(saved)) = (entropy, &s.entropy) {
+        let mut e = e.lock().unwrap_or_else(|e| e.into_inner());
+        e.device_mut()
+            .restore_state(&saved.entropy)
+            .map_err(|err| Error::Device {
+                name: "entropy",
+                why: err.to_string(),
+            })?;
+        e.restore_state(&saved.transport).map_err(Error::Restore)?;
+        e.kick();
     }
     Ok(())
 }

@@ -446,7 +446,7 @@ pub struct SnapshotLoadParams {
     /// Taps to use instead of the snapshot's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_overrides: Option<Vec<NetworkOverride>>,
-    /// A vsock socket path (ember has no vsock yet: refused).
+    /// The vsock device's socket instead of the snapshot's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock_override: Option<VsockOverride>,
     /// Advance kvmclock by the time since the snapshot.
@@ -570,8 +570,6 @@ refuse_section! {
     refuse_memory_hotplug: "memory-hotplug", "memory hotplug";
     refuse_mmds_config: "mmds-config", "MMDS";
     refuse_pmem: "pmem", "virtio-pmem";
-    refuse_vsock: "vsock", "vsock";
-    refuse_entropy: "entropy", "the entropy device";
 }
 
 /// `GET /vm/config`, and Firecracker's `--config-file`. The spec's
@@ -639,20 +637,36 @@ pub struct FullVmConfiguration {
         skip_serializing_if = "Option::is_none"
     )]
     pub pmem: Option<NotSupported>,
-    /// `vsock`: not supported yet.
-    #[serde(
-        default,
-        deserialize_with = "refuse_vsock",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub vsock: Option<NotSupported>,
-    /// `entropy`: not supported yet.
-    #[serde(
-        default,
-        deserialize_with = "refuse_entropy",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub entropy: Option<NotSupported>,
+    /// `vsock`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<Vsock>,
+    /// `entropy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<EntropyDevice>,
+}
+
+/// `PUT /vsock` and the config file's `vsock`: a virtio-vsock device whose
+/// host side is Unix sockets (`uds_path`, and `uds_path_<PORT>` for the
+/// guest's connections).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vsock {
+    /// The guest's context id (3 or more).
+    pub guest_cid: u64,
+    /// The Unix socket host programs connect to.
+    pub uds_path: String,
+    /// Deprecated in the spec; accepted and ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+}
+
+/// `PUT /entropy` and the config file's `entropy`: a virtio-rng device.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntropyDevice {
+    /// A rate limit on what the guest may take.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiter>,
 }
 
 #[cfg(test)]
@@ -696,7 +710,7 @@ mod tests {
 
     #[test]
     fn model_full_config_names_the_sections_ember_does_not_serve() {
-        for key in ["memory-hotplug", "mmds-config", "pmem", "vsock", "entropy"] {
+        for key in ["memory-hotplug", "mmds-config", "pmem"] {
             let text = format!(r#"{{"drives": [], "{key}": {{"x": [1, 2]}}}}"#);
             let e = serde_json::from_str::<FullVmConfiguration>(&text).unwrap_err();
             let msg = e.to_string();

@@ -60,6 +60,10 @@ pub enum Request {
     GetBalloon,
     /// `PUT /balloon`.
     PutBalloon(crate::balloon::Balloon),
+    /// `PUT /vsock`.
+    PutVsock(crate::model::Vsock),
+    /// `PUT /entropy`.
+    PutEntropy(crate::model::EntropyDevice),
     /// `PATCH /balloon`.
     PatchBalloon(crate::balloon::BalloonUpdate),
     /// `GET /balloon/statistics`.
@@ -142,12 +146,10 @@ const UNSUPPORTED: &[(&str, &str, &str)] = &[
     ("PUT", "/mmds", "MMDS"),
     ("PATCH", "/mmds", "MMDS"),
     ("PUT", "/mmds/config", "MMDS"),
-    ("PUT", "/entropy", "the entropy device"),
     ("PUT", "/serial", "serial output redirection"),
     ("GET", "/hotplug/memory", "memory hotplug"),
     ("PUT", "/hotplug/memory", "memory hotplug"),
     ("PATCH", "/hotplug/memory", "memory hotplug"),
-    ("PUT", "/vsock", "vsock"),
 ];
 
 /// The largest value of the spec's `int64` token bucket fields.
@@ -487,6 +489,28 @@ impl Request {
                 Request::PutBalloon(b)
             }
             ("PATCH", ["balloon"]) => Request::PatchBalloon(parse_body(&what, body)?),
+            ("PUT", ["vsock"]) => {
+                let v: crate::model::Vsock = parse_body(&what, body)?;
+                if v.guest_cid < 3 || v.guest_cid > u64::from(u32::MAX) {
+                    return Err(RequestError::Value(
+                        what,
+                        format!(
+                            "guest_cid = {} is not a guest context id (3 to {})",
+                            v.guest_cid,
+                            u32::MAX
+                        ),
+                    ));
+                }
+                if v.uds_path.is_empty() {
+                    return Err(RequestError::Value(what, "uds_path is empty".into()));
+                }
+                Request::PutVsock(v)
+            }
+            ("PUT", ["entropy"]) => {
+                let e: crate::model::EntropyDevice = parse_body(&what, body)?;
+                check_limiter(&what, "rate_limiter", e.rate_limiter.as_ref())?;
+                Request::PutEntropy(e)
+            }
             ("GET", ["balloon", "statistics"]) => no_body(Request::GetBalloonStats)?,
             ("PATCH", ["balloon", "statistics"]) => {
                 Request::PatchBalloonStats(parse_body(&what, body)?)
@@ -713,6 +737,64 @@ mod tests {
     }
 
     #[test]
+    fn request_vsock_and_entropy_bodies_parse_and_bad_ones_are_named() {
+        assert_eq!(
+            ok(
+                "PUT",
+                "/vsock",
+                r#"{"guest_cid":3,"uds_path":"./v.sock","vsock_id":"vsock0"}"#
+            ),
+            Request::PutVsock(crate::model::Vsock {
+                guest_cid: 3,
+                uds_path: "./v.sock".into(),
+                vsock_id: Some("vsock0".into()),
+            })
+        );
+        assert_eq!(
+            ok("PUT", "/entropy", "{}"),
+            Request::PutEntropy(crate::model::EntropyDevice::default())
+        );
+        let limited = ok(
+            "PUT",
+            "/entropy",
+            r#"{"rate_limiter":{"bandwidth":{"size":1000,"refill_time":100}}}"#,
+        );
+        assert!(matches!(limited, Request::PutEntropy(e) if e.rate_limiter.is_some()));
+        for (path, body, needle) in [
+            (
+                "/vsock",
+                r#"{"guest_cid":2,"uds_path":"v"}"#,
+                "guest_cid = 2 is not a guest context id",
+            ),
+            (
+                "/vsock",
+                r#"{"guest_cid":4294967296,"uds_path":"v"}"#,
+                "is not a guest context id",
+            ),
+            (
+                "/vsock",
+                r#"{"guest_cid":3,"uds_path":""}"#,
+                "uds_path is empty",
+            ),
+            ("/vsock", r#"{"guest_cid":3}"#, "missing field `uds_path`"),
+            (
+                "/vsock",
+                r#"{"guest_cid":3,"uds_path":"v","port":1}"#,
+                "unknown field `port`",
+            ),
+            ("/entropy", r#"{"rate":1}"#, "unknown field `rate`"),
+            (
+                "/entropy",
+                r#"{"rate_limiter":{"ops":{"size":1,"refill_time":18446744073709551615}}}"#,
+                "rate_limiter.ops has refill_time",
+            ),
+        ] {
+            let e = err("PUT", path, body).to_string();
+            assert!(e.contains(needle), "{path} {body}: {e}");
+        }
+    }
+
+    #[test]
     fn request_balloon_bodies_parse_and_bad_ones_are_named() {
         let ok = |m: &str, p: &str, b: &str| Request::parse(m, p, b.as_bytes()).unwrap();
         assert_eq!(
@@ -790,8 +872,6 @@ mod tests {
     #[test]
     fn request_unsupported_spec_endpoints_say_so() {
         for (method, path) in [
-            ("PUT", "/vsock"),
-            ("PUT", "/entropy"),
             ("GET", "/mmds"),
             ("PUT", "/mmds/config"),
             ("PUT", "/serial"),

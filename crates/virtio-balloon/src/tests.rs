@@ -1,5 +1,3 @@
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::GuestMemoryBackend;
@@ -9,15 +7,7 @@ use super::*;
 const MEM: usize = 8 << 20;
 const WRITE: u16 = 2;
 
-#[derive(Default)]
-struct Irqs(AtomicUsize);
-
-impl VirtioInterrupt for Irqs {
-    fn trigger(&self, _kind: InterruptKind) -> std::io::Result<()> {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-}
+use ember_virtio::CountingInterrupt as Irqs;
 
 fn mem() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap()
@@ -142,7 +132,7 @@ fn inflated_pages_are_given_back_and_bad_frames_refused() {
         (6, 5 * 4096, 1)
     );
     assert_eq!(vqs[0].used().idx().load(), 1);
-    assert_eq!(irqs.0.load(Ordering::SeqCst), 1);
+    assert_eq!(irqs.count(), 1);
     // Deflate counts; a chain with no readable bytes completes all the same.
     m.write_slice(&0x200u32.to_le_bytes(), GuestAddress(0x10_1000))
         .unwrap();

@@ -21,6 +21,25 @@ pub trait VirtioInterrupt: Send + Sync {
     fn trigger(&self, kind: InterruptKind) -> std::io::Result<()>;
 }
 
+/// An interrupt that counts what it raises: for device tests and for VMMs
+/// that poll rather than inject.
+#[derive(Debug, Default)]
+pub struct CountingInterrupt(pub std::sync::atomic::AtomicUsize);
+
+impl CountingInterrupt {
+    /// Interrupts raised so far.
+    pub fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl VirtioInterrupt for CountingInterrupt {
+    fn trigger(&self, _kind: InterruptKind) -> std::io::Result<()> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
 /// Why a device could not be activated.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {

@@ -11,7 +11,8 @@ pub mod state;
 pub mod transport;
 
 pub use device::{
-    ActivateContext, ActivateError, BackendInterest, InterruptKind, VirtioDevice, VirtioInterrupt,
+    ActivateContext, ActivateError, BackendInterest, CountingInterrupt, InterruptKind,
+    VirtioDevice, VirtioInterrupt,
 };
 pub use event_handler::QueueEvents;
 pub use state::{QueueState, TransportState};

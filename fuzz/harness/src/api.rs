@@ -185,15 +185,17 @@ pub fn seeds() -> Vec<NamedSeed> {
         http("GET", "/balloon/statistics", ""),
         http("PUT", "/api/v1/vm.power-button", ""),
         http("GET", "/vm/config", ""),
+        http("PUT", "/vsock", r#"{"guest_cid": 3, "uds_path": "/v"}"#),
+        http("PUT", "/entropy", "{}"),
     ]
     .concat();
     let unsupported = [
         http("GET", "/balloon/hinting/status", ""),
         http("PATCH", "/balloon/hinting/stop", "{}"),
-        http("PUT", "/vsock", r#"{"guest_cid": 3, "uds_path": "/v"}"#),
+        http("PUT", "/serial", r#"{"serial_out_path": "/s"}"#),
         http("PUT", "/pmem/p0", r#"{"id": "p0", "path_on_host": "/p"}"#),
         http("GET", "/mmds", ""),
-        http("PUT", "/entropy", "{}"),
+        http("PUT", "/mmds/config", "{}"),
         http("GET", "/hotplug/memory", ""),
         http("GET", "/vsock", ""),
         http("PUT", "/pmem", "{}"),
@@ -325,7 +327,7 @@ mod tests {
             ("configure", 6),
             ("lifecycle", 6),
             ("observe", 3),
-            ("patch_and_get", 11),
+            ("patch_and_get", 13),
             ("snapshot", 4),
         ] {
             let (ex, seen) = run(name);

@@ -64,6 +64,14 @@ fn overrides(text: &str) -> Overrides {
                 Ok(b) => o.balloon = Some(b),
                 Err(e) => drop(chain(&e)),
             },
+            's' => match ember_vmm::config::vsock::parse_vsock(value) {
+                Ok(v) => o.vsock = Some(v),
+                Err(e) => drop(chain(&e)),
+            },
+            'e' => match ember_vmm::config::vsock::parse_entropy(value) {
+                Ok(v) => o.entropy = Some(v),
+                Err(e) => drop(chain(&e)),
+            },
             'n' => {
                 let _ = parse_mac(value);
                 match NetConfig::parse_flag(value) {

@@ -46,6 +46,7 @@ pub mod seeds;
 pub mod snapshot;
 pub mod transport;
 pub mod uffd;
+pub mod vsock;
 
 pub use api::api_request;
 pub use balloon::virtio_balloon;
@@ -65,6 +66,7 @@ pub use queue::virtio_queue_chain;
 pub use snapshot::snapshot_state;
 pub use transport::virtio_pci_transport;
 pub use uffd::uffd_handshake;
+pub use vsock::virtio_vsock;
 
 /// A fuzz target: its name (the cargo-fuzz target and the corpus
 /// directory) and its function.
@@ -93,6 +95,7 @@ pub const TARGETS: &[Target] = &[
     ("cpu_model", cpu_model),
     ("migration_stream", migration_stream),
     ("virtio_balloon", virtio_balloon),
+    ("virtio_vsock", virtio_vsock),
 ];
 
 /// The target called `name`.

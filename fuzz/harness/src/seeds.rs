@@ -1131,16 +1131,19 @@ offloads = true
     ]
 }
 
-/// NUMA nodes, pinning, memory backends and a balloon, in TOML and flags.
+/// NUMA nodes, pinning, memory backends, a balloon, vsock and entropy, in
+/// TOML and flags.
 fn platform_seed() -> Vec<u8> {
     let mut s = b"[machine]\nvcpus = 2\nmemory_mib = 256\nthp = true\nmergeable = true\nvcpu_affinity = \"0=0,1=1\"\n\
 [[numa]]\nnode = 0\ncpus = \"0\"\nmemory_mib = 128\nhost_node = 0\n\
 [[numa]]\nnode = 1\ncpus = \"1\"\nmemory_mib = 128\npolicy = \"preferred\"\ndistances = \"0:25\"\n\
-[balloon]\namount_mib = 64\ndeflate_on_oom = true\nstats_polling_interval_s = 1\nfree_page_reporting = true\n"
+[balloon]\namount_mib = 64\ndeflate_on_oom = true\nstats_polling_interval_s = 1\nfree_page_reporting = true\n\
+[vsock]\nguest_cid = 3\nuds_path = \"v.sock\"\n\
+[entropy]\nrate_limiter = { bandwidth = { size = 1048576, refill_time = 1000 } }\n"
         .to_vec();
     s.push(0);
     s.extend_from_slice(
-        b"k/proc/self/exe\nmsize=256,hugepages=on,hugepage_size=2M,prefault=on\nunode=0,cpus=0-1,memory=256,distances=1:20\na0=0,1\nbamount_mib=8,stats=2,free_page_reporting=on\n",
+        b"k/proc/self/exe\nmsize=256,hugepages=on,hugepage_size=2M,prefault=on\nunode=0,cpus=0-1,memory=256,distances=1:20\na0=0,1\nbamount_mib=8,stats=2,free_page_reporting=on\nscid=4,uds_path=/tmp/v.sock\nebw=1M/1s,ops=10/1s\n",
     );
     s
 }
@@ -1226,6 +1229,7 @@ pub fn all() -> Vec<(&'static str, Vec<NamedSeed>)> {
         ("cpu_model", crate::cpu::seeds()),
         ("migration_stream", crate::migration::seeds()),
         ("qcow2_image", crate::qcow2::seeds()),
+        ("virtio_vsock", crate::vsock::seeds()),
     ]
 }
 

@@ -86,6 +86,7 @@ pub fn snapshot_state(data: &[u8]) {
         network_overrides: vec![("net0".into(), "tap1".into())],
         disk_overrides: Vec::new(),
         track_dirty_pages: true,
+        vsock_override: Some("v.sock".into()),
     };
     let _ = config_for(&state, &load);
     // The CPU check a restore makes first, on a host like the fuzzer's.

@@ -50,6 +50,11 @@
  *                             allocating and writing took), hold them HOLD_S
  *                             seconds, free them and print `hog freed` (for
  *                             balloon and free page reporting tests)
+ *   ember.vsock_listen=PORT, ember.vsock_connect=PORT:SEND_KIB:RECV_KIB,
+ *   ember.vsock_refused=PORT, ember.hwrng=BYTES
+ *                             vsock echo listener, vsock exchanges with a
+ *                             host listener, reads from the hwrng (see
+ *                             vsock.c)
  *   ember.beat=DEV:SECONDS:MEM_MIB
  *                             start a kernel thread that makes SECONDS beats,
  *                             one a second: beat N checks MEM_MIB MiB of
@@ -261,6 +266,7 @@ static int __init ember_agent_run(void)
 	check_read_file();
 	ember_block_checks();
 	ember_net_checks();
+	ember_vsock_checks();
 	/* The heartbeat thread beats on while the agent finishes. */
 	ember_beat_start();
 	run_hog();

@@ -412,25 +412,6 @@ static void check_stress(const char *spec)
 		fail();
 }
 
-/* Calls fn on each comma-separated item of list. */
-static void for_each_item(const char *list, void (*fn)(const char *))
-{
-	char *copy, *cur, *item;
-
-	if (!list[0])
-		return;
-	copy = kstrdup(list, GFP_KERNEL);
-	if (!copy) {
-		fail();
-		return;
-	}
-	cur = copy;
-	while ((item = strsep(&cur, ",")) != NULL)
-		if (item[0])
-			fn(item);
-	kfree(copy);
-}
-
 static void do_write(const char *s) { pattern_blocks(s, true); }
 static void do_verify(const char *s) { pattern_blocks(s, false); }
 static void do_discard(const char *s) { check_range_op(s, true); }
@@ -450,12 +431,12 @@ void __init ember_block_checks(void)
 	init_mkdir("/sys", 0755);
 	init_mount("sysfs", "/sys", "sysfs", 0, NULL);
 
-	for_each_item(blk_serial, check_serial);
-	for_each_item(blk_read, check_read);
-	for_each_item(blk_verify, do_verify);
-	for_each_item(blk_write, do_write);
-	for_each_item(blk_ro, check_ro);
-	for_each_item(blk_discard, do_discard);
-	for_each_item(blk_zeroout, do_zeroout);
-	for_each_item(blk_stress, check_stress);
+	ember_each_item(blk_serial, check_serial);
+	ember_each_item(blk_read, check_read);
+	ember_each_item(blk_verify, do_verify);
+	ember_each_item(blk_write, do_write);
+	ember_each_item(blk_ro, check_ro);
+	ember_each_item(blk_discard, do_discard);
+	ember_each_item(blk_zeroout, do_zeroout);
+	ember_each_item(blk_stress, check_stress);
 }

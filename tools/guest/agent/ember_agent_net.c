@@ -119,16 +119,81 @@ static void pattern(u8 *buf, size_t len, u64 seed, u64 k)
 	}
 }
 
+/*
+ * Sends send_bytes of the pattern with seed 1, shuts down the sending side,
+ * then reads until the peer closes and checks what came against the pattern
+ * with seed 2 (recv_bytes of it). Shared with the vsock checks.
+ */
+void ember_stream_exchange(struct socket *sock, u64 send_bytes, u64 recv_bytes,
+			   struct ember_xfer *x)
+{
+	u8 *buf = kmalloc(NET_CHUNK, GFP_KERNEL);
+	ktime_t t0;
+	int ret;
+
+	memset(x, 0, sizeof(*x));
+	x->send_us = 1;
+	x->recv_us = 1;
+	x->recv_ok = true;
+	if (!buf) {
+		x->errors++;
+		x->recv_ok = false;
+		return;
+	}
+	t0 = ktime_get();
+	while (x->sent < send_bytes) {
+		size_t n = min_t(u64, send_bytes - x->sent, NET_CHUNK);
+		struct kvec v = { .iov_base = buf, .iov_len = n };
+		struct msghdr msg = { .msg_flags = MSG_NOSIGNAL };
+
+		pattern(buf, n, 1, x->sent / 8);
+		ret = kernel_sendmsg(sock, &msg, &v, 1, n);
+		if (ret != (int)n) {
+			x->errors++;
+			break;
+		}
+		x->sent += n;
+	}
+	x->send_us = max_t(u64, 1, ktime_us_delta(ktime_get(), t0));
+	kernel_sock_shutdown(sock, SHUT_WR);
+
+	t0 = ktime_get();
+	for (;;) {
+		struct kvec v = { .iov_base = buf, .iov_len = NET_CHUNK };
+		struct msghdr msg = { 0 };
+		u64 word = 0;
+		int i;
+
+		ret = kernel_recvmsg(sock, &msg, &v, 1, NET_CHUNK, 0);
+		if (ret <= 0) {
+			if (ret < 0)
+				x->errors++;
+			break;
+		}
+		/* One pattern word per 8 bytes (this runs emulated). */
+		for (i = 0; i < ret; i++) {
+			u64 pos = x->recvd + i;
+
+			if (i == 0 || pos % 8 == 0)
+				word = mix(2 + pos / 8);
+			if (buf[i] != (u8)(word >> (8 * (pos % 8))))
+				x->recv_ok = false;
+		}
+		x->recvd += ret;
+	}
+	x->recv_us = max_t(u64, 1, ktime_us_delta(ktime_get(), t0));
+	if (x->recvd != recv_bytes)
+		x->recv_ok = false;
+	kfree(buf);
+}
+
 static void check_tcp(const char *spec)
 {
 	unsigned int a, b, c, d, port, send_kib, recv_kib;
 	struct sockaddr_in addr = { .sin_family = AF_INET };
 	struct socket *sock = NULL;
-	u8 *buf = NULL;
-	u64 sent = 0, recvd = 0, send_us = 1, recv_us = 1;
-	unsigned int errors = 0, attempt;
-	bool recv_ok = true;
-	ktime_t t0;
+	struct ember_xfer x = { .recv_ok = false, .send_us = 1, .recv_us = 1 };
+	unsigned int attempt;
 	int ret;
 
 	ember_checks_run++;
@@ -141,11 +206,6 @@ static void check_tcp(const char *spec)
 	}
 	addr.sin_addr.s_addr = htonl((a << 24) | (b << 16) | (c << 8) | d);
 	addr.sin_port = htons(port);
-	buf = kmalloc(NET_CHUNK, GFP_KERNEL);
-	if (!buf) {
-		errors++;
-		goto out;
-	}
 	/*
 	 * Connect, retrying like a real client: right after an interface comes
 	 * up, ARP may time out behind a backlog of received frames.
@@ -156,9 +216,8 @@ static void check_tcp(const char *spec)
 		ret = sock_create_kern(&init_net, AF_INET, SOCK_STREAM, IPPROTO_TCP, &sock);
 		if (ret) {
 			AGENT_LINE("net_tcp peer=%u.%u.%u.%u:%u error=socket:%d", a, b, c, d, port, ret);
-			sock = NULL;
-			errors++;
-			goto out;
+			ember_checks_failed++;
+			return;
 		}
 		ret = kernel_connect(sock, (struct sockaddr *)&addr, sizeof(addr), 0);
 		if (!ret || (ret != -EHOSTUNREACH && ret != -ETIMEDOUT && ret != -ECONNREFUSED))
@@ -168,58 +227,16 @@ static void check_tcp(const char *spec)
 	}
 	if (ret) {
 		AGENT_LINE("net_tcp peer=%u.%u.%u.%u:%u error=connect:%d", a, b, c, d, port, ret);
-		errors++;
-		goto out;
+		x.errors++;
+	} else {
+		ember_stream_exchange(sock, (u64)send_kib * 1024, (u64)recv_kib * 1024, &x);
 	}
-
-	t0 = ktime_get();
-	while (sent < (u64)send_kib * 1024) {
-		size_t n = min_t(u64, (u64)send_kib * 1024 - sent, NET_CHUNK);
-		struct kvec v = { .iov_base = buf, .iov_len = n };
-		struct msghdr msg = { .msg_flags = MSG_NOSIGNAL };
-
-		pattern(buf, n, 1, sent / 8);
-		ret = kernel_sendmsg(sock, &msg, &v, 1, n);
-		if (ret != (int)n) {
-			errors++;
-			break;
-		}
-		sent += n;
-	}
-	send_us = max_t(u64, 1, ktime_us_delta(ktime_get(), t0));
-	kernel_sock_shutdown(sock, SHUT_WR);
-
-	t0 = ktime_get();
-	for (;;) {
-		struct kvec v = { .iov_base = buf, .iov_len = NET_CHUNK };
-		struct msghdr msg = { 0 };
-		int i;
-
-		ret = kernel_recvmsg(sock, &msg, &v, 1, NET_CHUNK, 0);
-		if (ret <= 0) {
-			if (ret < 0)
-				errors++;
-			break;
-		}
-		for (i = 0; i < ret; i++) {
-			u64 pos = recvd + i;
-
-			if (buf[i] != (u8)(mix(2 + pos / 8) >> (8 * (pos % 8))))
-				recv_ok = false;
-		}
-		recvd += ret;
-	}
-	recv_us = max_t(u64, 1, ktime_us_delta(ktime_get(), t0));
-	if (recvd != (u64)recv_kib * 1024)
-		recv_ok = false;
-out:
 	if (sock)
 		sock_release(sock);
-	kfree(buf);
 	AGENT_LINE("net_tcp peer=%u.%u.%u.%u:%u sent=%llu recv=%llu recv_ok=%d send_kib_per_s=%llu recv_kib_per_s=%llu errors=%u",
-		   a, b, c, d, port, sent, recvd, recv_ok, sent * 1000000 / 1024 / send_us,
-		   recvd * 1000000 / 1024 / recv_us, errors);
-	if (errors || !recv_ok || sent != (u64)send_kib * 1024)
+		   a, b, c, d, port, x.sent, x.recvd, x.recv_ok, x.sent * 1000000 / 1024 / x.send_us,
+		   x.recvd * 1000000 / 1024 / x.recv_us, x.errors);
+	if (x.errors || !x.recv_ok || x.sent != (u64)send_kib * 1024)
 		ember_checks_failed++;
 }
 
@@ -458,7 +475,7 @@ static void watch_tcp(unsigned int secs)
 	}
 }
 
-static void each_item(const char *list, void (*fn)(const char *))
+void ember_each_item(const char *list, void (*fn)(const char *))
 {
 	char *copy, *cur, *item;
 
@@ -478,17 +495,17 @@ static void each_item(const char *list, void (*fn)(const char *))
 
 void __init ember_net_checks(void)
 {
-	each_item(net_addr, set_addr);
-	each_item(net_mac, set_mac);
-	each_item(net_vlan, add_vlan);
-	each_item(net_channels, set_channels);
+	ember_each_item(net_addr, set_addr);
+	ember_each_item(net_mac, set_mac);
+	ember_each_item(net_vlan, add_vlan);
+	ember_each_item(net_channels, set_channels);
 	if (net_wait) {
 		AGENT_LINE("net_wait seconds=%u", net_wait);
 		msleep(net_wait * 1000);
 	}
-	each_item(net_pause, pause_iface);
-	each_item(net_tcp, check_tcp);
-	each_item(net_udp, send_udp);
+	ember_each_item(net_pause, pause_iface);
+	ember_each_item(net_tcp, check_tcp);
+	ember_each_item(net_udp, send_udp);
 	if (net_watch)
 		watch_tcp(net_watch);
 }

@@ -334,8 +334,45 @@ pub fn to_api(cfg: &VmConfig) -> FullVmConfiguration {
             })
             .collect(),
         balloon: cfg.balloon.as_ref().map(balloon_to_api),
+        vsock: cfg.vsock.as_ref().map(|v| ember_api::model::Vsock {
+            guest_cid: v.guest_cid,
+            uds_path: v.uds_path.to_string_lossy().into_owned(),
+            vsock_id: None,
+        }),
+        entropy: cfg
+            .entropy
+            .as_ref()
+            .map(|e| ember_api::model::EntropyDevice {
+                rate_limiter: e
+                    .rate_limiter
+                    .as_ref()
+                    .filter(|l| !l.is_unlimited())
+                    .map(limiter_to_api),
+            }),
         ..Default::default()
     }
+}
+
+/// `PUT /vsock` before boot (and the config file's `vsock`).
+pub fn apply_vsock(cfg: &mut VmConfig, v: &ember_api::model::Vsock) -> Result<(), ConfigError> {
+    let config = ember_virtio_vsock::VsockConfig {
+        guest_cid: v.guest_cid,
+        uds_path: v.uds_path.clone().into(),
+    };
+    super::vsock::validate_vsock(&config)?;
+    cfg.vsock = Some(config);
+    Ok(())
+}
+
+/// `PUT /entropy` before boot (and the config file's `entropy`).
+pub fn apply_entropy(
+    cfg: &mut VmConfig,
+    e: &ember_api::model::EntropyDevice,
+) -> Result<(), ConfigError> {
+    cfg.entropy = Some(ember_virtio_rng::EntropyConfig {
+        rate_limiter: e.rate_limiter.as_ref().map(limiter_from_api),
+    });
+    Ok(())
 }
 
 /// `PUT /cpu-config`: a custom CPU template becomes the VM's CPU model.
@@ -395,6 +432,12 @@ pub fn from_api(full: &FullVmConfiguration) -> Result<VmConfig, ConfigError> {
     }
     if let Some(b) = &full.balloon {
         apply_balloon(&mut cfg, b)?;
+    }
+    if let Some(v) = &full.vsock {
+        apply_vsock(&mut cfg, v)?;
+    }
+    if let Some(e) = &full.entropy {
+        apply_entropy(&mut cfg, e)?;
     }
     Ok(cfg)
 }

@@ -22,6 +22,7 @@ pub mod firecracker;
 pub mod machine;
 pub mod net;
 pub mod numa;
+pub mod vsock;
 
 use std::path::{Path, PathBuf};
 
@@ -101,6 +102,24 @@ pub enum ConfigError {
     /// A `--numa` flag cannot be parsed.
     #[error("--numa {flag}: {why}")]
     NumaFlag {
+        /// The flag's value.
+        flag: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A device's settings are wrong.
+    #[error("{name}: {why}")]
+    Device {
+        /// The device (`vsock`, `entropy`).
+        name: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+    /// A device's flag cannot be parsed.
+    #[error("--{name} {flag}: {why}")]
+    DeviceFlag {
+        /// The device (`vsock`, `entropy`).
+        name: &'static str,
         /// The flag's value.
         flag: String,
         /// What is wrong.
@@ -269,6 +288,12 @@ pub struct VmConfig {
     /// `[balloon]`: a virtio-balloon device.
     #[serde(default)]
     pub balloon: Option<ember_virtio_balloon::BalloonConfig>,
+    /// `[vsock]`: a virtio-vsock device.
+    #[serde(default)]
+    pub vsock: Option<ember_virtio_vsock::VsockConfig>,
+    /// `[entropy]`: a virtio-rng device.
+    #[serde(default)]
+    pub entropy: Option<ember_virtio_rng::EntropyConfig>,
 }
 
 /// Flags that override the file (or stand in for it).
@@ -290,6 +315,10 @@ pub struct Overrides {
     pub vcpu_affinity: Option<String>,
     /// `--balloon`.
     pub balloon: Option<ember_virtio_balloon::BalloonConfig>,
+    /// `--vsock`.
+    pub vsock: Option<ember_virtio_vsock::VsockConfig>,
+    /// `--entropy`.
+    pub entropy: Option<ember_virtio_rng::EntropyConfig>,
     /// `--cpu`.
     pub cpu: Option<String>,
     /// `--disk`, repeated: replace the file's disks when given.
@@ -315,6 +344,10 @@ pub struct ValidConfig {
     pub vcpu_affinity: Vec<Vec<usize>>,
     /// The balloon, if any.
     pub balloon: Option<ember_virtio_balloon::BalloonConfig>,
+    /// The vsock device, if any.
+    pub vsock: Option<ember_virtio_vsock::VsockConfig>,
+    /// The entropy device, if any.
+    pub entropy: Option<ember_virtio_rng::EntropyConfig>,
     /// Dirty-page tracking for diff snapshots.
     pub track_dirty_pages: bool,
     /// The CPU model.
@@ -416,6 +449,12 @@ impl VmConfig {
         if let Some(b) = o.balloon {
             self.balloon = Some(b);
         }
+        if let Some(v) = &o.vsock {
+            self.vsock = Some(v.clone());
+        }
+        if let Some(e) = &o.entropy {
+            self.entropy = Some(e.clone());
+        }
         if let Some(c) = &o.cpu {
             self.machine.cpu = Some(c.clone());
         }
@@ -498,6 +537,9 @@ impl VmConfig {
         if let Some(b) = &self.balloon {
             balloon::validate(b, self.machine.memory_mib, &memory_backend)?;
         }
+        if let Some(v) = &self.vsock {
+            vsock::validate_vsock(v)?;
+        }
         let vcpu_affinity = match &self.machine.vcpu_affinity {
             Some(a) => numa::parse_affinity(a, vcpus)?,
             None => vec![Vec::new(); usize::from(vcpus)],
@@ -510,6 +552,8 @@ impl VmConfig {
             numa,
             vcpu_affinity,
             balloon: self.balloon,
+            vsock: self.vsock.clone(),
+            entropy: self.entropy.clone(),
             track_dirty_pages: self.machine.track_dirty_pages,
             cpu: self.machine.cpu_choice(),
             kernel: self.boot.kernel()?.to_owned(),
@@ -575,6 +619,57 @@ fn check_unique_ids(
         }
     }
     Ok(())
+}
+
+impl crate::Vmm {
+    /// The configuration this VM was built with (a restored VM's kernel
+    /// path is empty: the kernel is in guest memory).
+    pub fn config(&self) -> ValidConfig {
+        ValidConfig {
+            vcpus: self.saved.machine.vcpus,
+            memory_mib: self.saved.machine.memory_mib,
+            memory_shared: self.saved.machine.shared_memory,
+            memory_backend: self.saved.machine.memory_backend,
+            numa: self.saved.machine.numa.clone(),
+            vcpu_affinity: self.saved.machine.vcpu_affinity.clone(),
+            balloon: self.balloon_config().ok(),
+            vsock: self.vsock.as_ref().map(|v| {
+                v.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .device()
+                    .config()
+                    .clone()
+            }),
+            entropy: self.entropy.as_ref().map(|e| {
+                e.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .device()
+                    .config()
+                    .clone()
+            }),
+            track_dirty_pages: self.track_dirty_pages,
+            cpu: self.saved.cpu_choice.clone(),
+            kernel: std::path::PathBuf::new(),
+            initrd: None,
+            cmdline: self.saved.machine.cmdline.clone(),
+            transport: self.saved.machine.transport,
+            boot_protocol: ember_loader::BootProtocol::Auto,
+            disks: self.saved.disks.clone(),
+            nets: self
+                .saved
+                .nets
+                .iter()
+                .cloned()
+                .zip(self.nets.iter().map(|n| {
+                    n.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .device()
+                        .state()
+                        .mac
+                }))
+                .collect(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -803,6 +898,8 @@ mod tests {
             numa: vec![NumaConfig::parse_flag("node=0,cpus=0-3,memory=256").unwrap()],
             vcpu_affinity: Some("0=0".into()),
             balloon: None,
+            vsock: None,
+            entropy: None,
         });
         assert!(c.machine.mergeable && c.machine.thp && !c.machine.hugepages);
         assert_eq!(c.numa.len(), 1);

@@ -132,6 +132,8 @@ impl Instance {
             | Request::PatchBalloon(_)
             | Request::GetBalloonStats
             | Request::PatchBalloonStats(_) => self.balloon_request(request),
+            Request::PutVsock(v) => self.change(|c| fc::apply_vsock(c, &v)),
+            Request::PutEntropy(e) => self.change(|c| fc::apply_entropy(c, &e)),
             Request::CreateSnapshot(c) => self.api_create_snapshot(&c),
             Request::LoadSnapshot(l) => self.api_load_snapshot(&l),
             Request::PutLogger(l) => self.put_logger(&l),
@@ -300,9 +302,6 @@ impl Instance {
 
     fn api_load_snapshot(&mut self, l: &ember_api::model::SnapshotLoadParams) -> Response {
         use ember_api::model::MemoryBackendType;
-        if l.vsock_override.is_some() {
-            return Response::fault(400, "vsock_override: ember has no vsock device yet");
-        }
         if l.clock_realtime == Some(true) {
             return Response::fault(400, "clock_realtime is not supported by ember yet");
         }
@@ -340,6 +339,7 @@ impl Instance {
                 .collect(),
             disk_overrides: Vec::new(),
             track_dirty_pages: l.track_dirty_pages.or(l.enable_diff_snapshots) == Some(true),
+            vsock_override: l.vsock_override.as_ref().map(|v| v.uds_path.clone().into()),
         };
         match self.load_snapshot(&params, l.resume_vm.unwrap_or(false)) {
             Ok(()) => Response::no_content(),
@@ -418,6 +418,8 @@ fn metric_name(r: &Request) -> (&'static str, &'static str) {
         Request::GetMigration => (GET, "migration_status_count"),
         Request::GetBalloon | Request::GetBalloonStats => (GET, "balloon_count"),
         Request::PutBalloon(_) => (PUT, "balloon_count"),
+        Request::PutVsock(_) => (PUT, "vsock_count"),
+        Request::PutEntropy(_) => (PUT, "entropy_count"),
         Request::PatchBalloon(_) | Request::PatchBalloonStats(_) => (PATCH, "balloon_count"),
         Request::CancelMigration => (PUT, "migration_cancel_count"),
         Request::PowerButton => (PUT, "power_button_count"),

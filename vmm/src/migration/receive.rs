@@ -213,6 +213,7 @@ fn receive_on(
         network_overrides: Vec::new(),
         disk_overrides: Vec::new(),
         track_dirty_pages: false,
+        vsock_override: None,
     };
     let cfg = crate::snapshot::config_for(&env.state, &load)?;
     write_reply(&mut *back, &Reply::Received).map_err(stream)?;

@@ -316,7 +316,35 @@ pub fn vmm() -> Vec<Rule> {
         ),
         always(
             libc::SYS_accept4,
-            "a client on the console socket (--serial socket=PATH)",
+            "a client on the console socket (--serial socket=PATH) or the vsock socket",
+        ),
+        only(
+            libc::SYS_socket,
+            vec![vec![
+                eq(0, libc::AF_UNIX as u64),
+                Check {
+                    index: 1,
+                    mask: 0xf,
+                    value: libc::SOCK_STREAM as u64,
+                },
+            ]],
+            "vsock: a guest connection to a host listener (<uds_path>_<port>), a Unix stream only",
+        ),
+        always(
+            libc::SYS_connect,
+            "vsock: a guest connection to a host listener",
+        ),
+        only(
+            libc::SYS_sendto,
+            // No destination address (its low half, as every check here
+            // compares 32 bits): on a connected stream only.
+            vec![vec![eq(4, 0)]],
+            "vsock: guest data to a host stream (send(2) with MSG_NOSIGNAL)",
+        ),
+        always(libc::SYS_recvfrom, "vsock: host data for the guest"),
+        always(
+            libc::SYS_getrandom,
+            "virtio-rng fills the guest's buffers from getrandom(2)",
         ),
         only(
             libc::SYS_fcntl,
