@@ -193,12 +193,8 @@ fn api_bad_input_gets_clear_errors_and_ember_keeps_serving() {
     // Endpoints of later devices say they are not supported, never 204.
     for (method, path, body) in [
         ("PATCH", "/balloon/hinting/start", "{}"),
-        (
-            "PUT",
-            "/vsock",
-            r#"{"guest_cid": 3, "uds_path": "/tmp/v.sock"}"#,
-        ),
-        ("PUT", "/entropy", "{}"),
+        ("PUT", "/serial", r#"{"serial_out_path": "/tmp/s"}"#),
+        ("PUT", "/mmds/config", "{}"),
         (
             "PUT",
             "/snapshot/create",
@@ -211,6 +207,32 @@ fn api_bad_input_gets_clear_errors_and_ember_keeps_serving() {
             "{method} {path}: {r:?}"
         );
     }
+    // vsock bodies the spec or a Unix socket address cannot take.
+    let long = format!("/tmp/{}", "v".repeat(100));
+    for (body, why) in [
+        (
+            r#"{"guest_cid": 2, "uds_path": "/tmp/v.sock"}"#.to_string(),
+            "guest_cid = 2 is not a guest context id",
+        ),
+        (
+            r#"{"uds_path": "/tmp/v.sock"}"#.to_string(),
+            "missing field `guest_cid`",
+        ),
+        (
+            format!(r#"{{"guest_cid": 3, "uds_path": "{long}"}}"#),
+            "must fit a Unix socket address",
+        ),
+    ] {
+        let r = api.call("PUT", "/vsock", Some(&body), 400);
+        assert!(r.fault().contains(why), "{body}: {r:?}");
+    }
+    let r = api.call(
+        "PUT",
+        "/entropy",
+        Some(r#"{"rate_limiter": {"ops": {"size": 1}}}"#),
+        400,
+    );
+    assert!(r.fault().contains("refill_time"), "{r:?}");
     // Unknown path and method.
     let r = api.client.request("GET", "/no-such-thing", None);
     assert_eq!(r.status, 400, "{r:?}");
