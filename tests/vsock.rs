@@ -4,8 +4,11 @@
 //! InstanceStart) with the same JSON bodies, then, while the guest runs:
 //!
 //! - the guest's hwrng (virtio-rng over virtio-mmio) gives it random bytes;
+//! - the guest writes a second disk and reads a third one whole (both
+//!   added with `PUT /drives`), over virtio-mmio announced in the DSDT; the
+//!   host checks the written blocks and the guest's checksum of the read;
 //! - the guest connects to a host listener on `<uds_path>_6000` and the two
-//!   exchange 1 MiB each way, checked on both sides; a guest connection to
+//!   exchange 512 KiB each way, checked on both sides; a guest connection to
 //!   a port no host program listens on is refused;
 //! - a host program connects to the guest's echo listener through
 //!   `uds_path` (`CONNECT 5000` / `OK <port>`) and 2 MiB come back intact,
@@ -24,13 +27,19 @@ use std::time::Duration;
 use ember_tests::http::Client;
 use ember_tests::{
     agent_all, fnv1a, guest_kernel_dir, kvm_available, net_pattern_byte, netns_available,
-    rootfs_image, spawn_ember_in_netns, NetNs, TempDir,
+    pattern_block, pattern_offsets, random_bytes, rootfs_image, spawn_ember_in_netns, NetNs,
+    TempDir,
 };
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
+const MIB: u64 = 1024 * 1024;
+/// The disk the guest writes: BLOCKS 4 KiB blocks of seed SEED.
+const DISK_SIZE: u64 = 64 * MIB;
+const BLOCKS: u64 = 32;
+const SEED: u64 = 5151;
 const LISTEN_PORT: u32 = 5000;
 const HOST_PORT: u32 = 6000;
-const GUEST_KIB: u64 = 1024;
+const GUEST_KIB: u64 = 512;
 /// The echoed stream.
 const ECHO_BYTES: u64 = 2 << 20;
 /// Each of the 64 connections.
@@ -134,6 +143,13 @@ fn firecracker_getting_started_with_vsock_and_entropy_on_a_pci_off_guest() {
     let ns = NetNs::new("vsock", &[("tap0", "172.16.0.1/30")]).expect("netns");
     let rootfs = dir.path("rootfs.ext4");
     std::fs::copy(rootfs_image(), &rootfs).unwrap();
+    let written = dir.path("written.img");
+    std::fs::File::create(&written)
+        .unwrap()
+        .set_len(DISK_SIZE)
+        .unwrap();
+    let read_bytes = random_bytes(7, usize::try_from(MIB).unwrap());
+    let read = dir.write("read.img", &read_bytes);
     let uds = dir.path("v.sock");
     let api_sock = dir.path("firecracker.socket");
     let log = dir.path("firecracker.log");
@@ -154,7 +170,8 @@ fn firecracker_getting_started_with_vsock_and_entropy_on_a_pci_off_guest() {
     );
     let boot_args = format!(
         "console=ttyS0 reboot=k panic=1 pci=off ip=172.16.0.2::172.16.0.1:255.255.255.252::eth0:off \
-         ember.agent=on ember.hwrng=4096 ember.vsock_listen={LISTEN_PORT} \
+         ember.agent=on ember.hwrng=4096 ember.blk_write=vdb:{SEED}:{BLOCKS} ember.blk_read=vdc \
+         ember.vsock_listen={LISTEN_PORT} \
          ember.vsock_connect={HOST_PORT}:{GUEST_KIB}:{GUEST_KIB} ember.vsock_refused=6001 ember.sleep=900"
     );
     put(
@@ -173,6 +190,16 @@ fn firecracker_getting_started_with_vsock_and_entropy_on_a_pci_off_guest() {
             rootfs.display()
         ),
     );
+    for (id, path, ro) in [("written", &written, false), ("read", &read, true)] {
+        put(
+            &mut api,
+            &format!("/drives/{id}"),
+            &format!(
+                r#"{{"drive_id": "{id}", "path_on_host": "{}", "is_root_device": false, "is_read_only": {ro}}}"#,
+                path.display()
+            ),
+        );
+    }
     put(
         &mut api,
         "/network-interfaces/net1",
@@ -263,13 +290,42 @@ fn firecracker_getting_started_with_vsock_and_entropy_on_a_pci_off_guest() {
     let run = ember.finish(BOOT_TIMEOUT);
 
     let a = agent_all(&run.stdout);
+    let ember_log = format!("{}{}", run.stderr, std::fs::read_to_string(&log).unwrap());
     run.check(run.code() == 0, "the guest restarts: exit 0");
     for line in ["vsock: virtio-mmio at", "entropy: virtio-mmio at"] {
         run.check(
-            run.stderr.contains(line) || std::fs::read_to_string(&log).unwrap().contains(line),
+            ember_log.contains(line),
             &format!("ember put the device on virtio-mmio ({line:?})"),
         );
     }
+    // The DSDT announces them in order (LNRO0005).
+    for line in [
+        "virtio-blk0: virtio-mmio at 0xd0000000, IRQ 5",
+        "virtio-blk1: virtio-mmio at 0xd0001000, IRQ 6",
+        "virtio-blk2: virtio-mmio at 0xd0002000, IRQ 7",
+    ] {
+        run.check(ember_log.contains(line), &format!("ember logged {line:?}"));
+    }
+    let write = &a["blk_write"][0];
+    run.check(
+        write["errors"] == "0" && write["dev"] == "vdb",
+        &format!("the guest wrote vdb: {write:?}"),
+    );
+    let image = std::fs::read(&written).unwrap();
+    for off in pattern_offsets(SEED, BLOCKS, DISK_SIZE) {
+        let o = usize::try_from(off).unwrap();
+        run.check(
+            image[o..o + 4096] == pattern_block(SEED, off)[..],
+            &format!("block at {off:#x} holds the guest's pattern"),
+        );
+    }
+    let r = &a["blk_read"][0];
+    run.check(
+        r["dev"] == "vdc"
+            && r["bytes"] == MIB.to_string()
+            && r["fnv1a"] == format!("{:016x}", fnv1a(&read_bytes)),
+        &format!("the guest read vdc whole and right: {r:?}"),
+    );
     let rng = &a["hwrng"][0];
     run.check(
         rng["name"].starts_with("virtio_rng")

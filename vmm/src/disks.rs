@@ -29,6 +29,8 @@ pub fn create_disks(
                 .unwrap_or(ember_virtio_blk::request::QUEUE_SIZE),
             io: d.io,
             cache: d.cache,
+            werror: d.werror,
+            rerror: d.rerror,
             ..BlockConfig::new(&d.path, d.format, d.read_only)
         })
         .map_err(|source| Error::Disk { index, source })?;
@@ -85,4 +87,70 @@ pub fn flush_all(disks: &[DiskDevice]) {
             log::error!("virtio-blk{i}: flush at exit failed: {e}");
         }
     }
+}
+
+/// Tells every disk to set `flag` and write `wake` when a request the host
+/// failed stops it (`werror`/`rerror` = stop): the VMM's loop then pauses
+/// the VM.
+pub fn watch_stops(
+    disks: &[DiskDevice],
+    flag: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    wake: &vmm_sys_util::eventfd::EventFd,
+) -> Result<(), Error> {
+    for d in disks {
+        let wake = wake
+            .try_clone()
+            .map_err(|e| Error::EventFd("disk stop wake-up", e))?;
+        d.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .device_mut()
+            .on_stop(flag.clone(), wake);
+    }
+    Ok(())
+}
+
+/// The disks a failed request stopped, each as `virtio-blkN (path): why`.
+pub fn stopped(disks: &[DiskDevice]) -> Vec<String> {
+    disks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| {
+            let d = d.lock().unwrap_or_else(|e| e.into_inner());
+            d.device()
+                .stopped()
+                .map(|why| format!("virtio-blk{i} ({}): {why}", d.device().image()))
+        })
+        .collect()
+}
+
+/// Runs again the requests that stopped disks (the VM is paused and about
+/// to resume). An error names the disk whose request fails again: the VM
+/// must stay paused.
+pub fn retry_stopped(disks: &[DiskDevice]) -> Result<(), String> {
+    for (i, d) in disks.iter().enumerate() {
+        let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
+        if d.device().stopped().is_none() {
+            continue;
+        }
+        let path = d.device().image().to_string();
+        d.device_mut()
+            .retry()
+            .map_err(|why| format!("virtio-blk{i} ({path}): {why}"))?;
+    }
+    Ok(())
+}
+
+/// Refuses to save the state while a disk holds failed io_uring requests:
+/// they are in no ring, so the saved VM would lose them.
+pub fn check_nothing_held(disks: &[DiskDevice]) -> Result<(), Error> {
+    for (i, d) in disks.iter().enumerate() {
+        let d = d.lock().unwrap_or_else(|e| e.into_inner());
+        let n = d.device().held_requests();
+        if n > 0 {
+            return Err(Error::Lifecycle(format!(
+                "virtio-blk{i} holds {n} failed requests (werror/rerror = stop, io = io_uring): resume the microVM once the host's fault is fixed, then save it"
+            )));
+        }
+    }
+    Ok(())
 }

@@ -157,8 +157,8 @@ fn vm_inside(
             writable: !disk.read_only,
         });
         let mut spec = format!(
-            "path={inside},format={},io={},cache={}",
-            disk.format, disk.io, disk.cache
+            "path={inside},format={},io={},cache={},werror={},rerror={}",
+            disk.format, disk.io, disk.cache, disk.werror, disk.rerror
         );
         if disk.read_only {
             spec.push_str(",read_only=on");
@@ -351,6 +351,8 @@ io = "io_uring"
 num_queues = 2
 queue_size = 128
 iothread = true
+werror = "enospc"
+rerror = "stop"
 rate_limiter = {{ bandwidth = {{ size = 10485760, refill_time = 1000 }}, ops = {{ size = 100, refill_time = 100, one_time_burst = 50 }} }}
 [[net]]
 tap = "tap0"
@@ -391,6 +393,7 @@ tx_rate_limiter = {{ ops = {{ size = 1000, refill_time = 1000 }} }}
             (disk.format, disk.io, disk.cache, disk.iothread),
             (want.format, want.io, want.cache, true)
         );
+        assert_eq!((disk.werror, disk.rerror), (want.werror, want.rerror));
         assert_eq!((disk.num_queues, disk.queue_size), (Some(2), Some(128)));
         assert_eq!(disk.rate_limiter, want.rate_limiter);
         let net = crate::config::NetConfig::parse_flag(&after("--net")).unwrap();

@@ -569,6 +569,26 @@ impl Vmm {
         Ok(())
     }
 
+    /// Has each disk set `flag` and write `wake` when a failed request
+    /// stops it (`werror`/`rerror` = stop).
+    pub fn watch_disk_stops(
+        &self,
+        flag: &Arc<std::sync::atomic::AtomicBool>,
+        wake: &EventFd,
+    ) -> Result<()> {
+        disks::watch_stops(&self.disks, flag, wake)
+    }
+
+    /// The disks a failed request stopped, and why.
+    pub fn stopped_disks(&self) -> Vec<String> {
+        disks::stopped(&self.disks)
+    }
+
+    /// Runs again what stopped the disks; an error says which fails again.
+    pub fn retry_disks(&self) -> std::result::Result<(), String> {
+        disks::retry_stopped(&self.disks)
+    }
+
     /// Whether guest memory is a shared memfd (a local migration hands it
     /// over).
     pub fn shared_memory(&self) -> bool {

@@ -562,6 +562,7 @@ impl Vmm {
         let clock = self.paused_clock.ok_or_else(|| {
             Error::Lifecycle("the microVM must be paused to save its state".into())
         })?;
+        crate::disks::check_nothing_held(&self.disks)?;
         let vhost = self.nets.iter().position(|n| {
             n.lock()
                 .unwrap_or_else(|e| e.into_inner())

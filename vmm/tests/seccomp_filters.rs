@@ -2,6 +2,14 @@
 //! binary again, as a probe) that installs one thread kind's filter and
 //! then makes one forbidden syscall. The child must die of SIGSYS, after a
 //! line naming the syscall; an allowed syscall must not kill it.
+//!
+//! What no thread kind may do, whatever an attacker who took it over
+//! wants: open a file with the old `open(2)`, exec, ptrace, mount, make
+//! memory executable (`mmap`/`mprotect` with `PROT_EXEC`), start a process
+//! (`clone`), open a raw packet socket. Per kind on top: the vCPU and API
+//! threads open no path and no socket at all; the event loop opens paths
+//! (new images, snapshot files, the log; a jail bounds what it sees) and
+//! Unix streams only; the migration thread TCP and Unix streams only.
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
@@ -44,6 +52,46 @@ fn forbidden_call(call: &str) {
         "socket" => unsafe { libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0) },
         // SAFETY: see above.
         "ptrace" => unsafe { libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0) },
+        // SAFETY: see above.
+        "packet_socket" => unsafe {
+            libc::syscall(libc::SYS_socket, libc::AF_PACKET, libc::SOCK_RAW, 0)
+        },
+        // SAFETY: see above.
+        "mount" => unsafe {
+            libc::syscall(
+                libc::SYS_mount,
+                c"none".as_ptr(),
+                c"/tmp".as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                std::ptr::null::<libc::c_void>(),
+            )
+        },
+        // Executable memory, new or made so.
+        // SAFETY: see above.
+        "mmap" => unsafe {
+            libc::syscall(
+                libc::SYS_mmap,
+                0,
+                4096,
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        },
+        // SAFETY: see above.
+        "mprotect" => unsafe {
+            libc::syscall(
+                libc::SYS_mprotect,
+                0x1000,
+                4096,
+                libc::PROT_READ | libc::PROT_EXEC,
+            )
+        },
+        // A new process.
+        // SAFETY: see above.
+        "clone" => unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) },
         // KVM_GET_API_VERSION: a real KVM ioctl, but not one a vCPU thread may make.
         // SAFETY: see above.
         "ioctl" => unsafe { libc::syscall(libc::SYS_ioctl, 0, 0xae00, 0) },
@@ -66,6 +114,7 @@ fn seccomp_probe() {
         "vcpu" => ThreadKind::Vcpu,
         "vmm" => ThreadKind::Vmm,
         "api" => ThreadKind::Api,
+        "migration" => ThreadKind::Migration,
         other => panic!("unknown kind {other}"),
     };
     let filters = Filters::new(Mode::On).expect("filters compile");
@@ -113,7 +162,9 @@ fn assert_killed(kind: &str, call: &str, nr: libc::c_long) {
         r.stdout,
         r.stderr
     );
-    let want = format!("thread probe-thread made forbidden syscall {nr} ({call})");
+    // The syscall's name is the call's last word (`packet_socket`: socket).
+    let name = call.rsplit('_').next().unwrap_or(call);
+    let want = format!("thread probe-thread made forbidden syscall {nr} ({name})");
     let lines: Vec<_> = r.stderr.lines().filter(|l| l.contains("seccomp")).collect();
     assert_eq!(
         lines.len(),
@@ -161,8 +212,24 @@ fn api_filter_kills_open_execve_socket_and_unlisted_ioctls() {
 }
 
 #[test]
+fn no_thread_kind_may_mount_exec_memory_fork_or_open_packet_sockets() {
+    for kind in ["vcpu", "vmm", "api", "migration"] {
+        assert_killed(kind, "open", libc::SYS_open);
+        assert_killed(kind, "execve", libc::SYS_execve);
+        assert_killed(kind, "ptrace", libc::SYS_ptrace);
+        assert_killed(kind, "mount", libc::SYS_mount);
+        assert_killed(kind, "mmap", libc::SYS_mmap);
+        assert_killed(kind, "mprotect", libc::SYS_mprotect);
+        assert_killed(kind, "clone", libc::SYS_clone);
+        assert_killed(kind, "packet_socket", libc::SYS_socket);
+    }
+    // The migration thread opens no file either.
+    assert_killed("migration", "openat", libc::SYS_openat);
+}
+
+#[test]
 fn allowed_syscalls_do_not_kill() {
-    for kind in ["vcpu", "vmm", "api"] {
+    for kind in ["vcpu", "vmm", "api", "migration"] {
         let r = run_probe(kind, "write");
         assert!(
             r.status.success(),

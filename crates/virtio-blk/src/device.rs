@@ -1,8 +1,10 @@
 //! The virtio-blk device: its features, its config space, and the queue
 //! loop that parses each chain, runs it on the backend (or hands it to the
-//! io_uring engine) and completes it. About 770 lines before its tests:
-//! the loop, multiqueue, rate limits and the ring's completions share the
-//! device's state; request execution is in `exec`, the ring in `uring`.
+//! io_uring engine) and completes it. Request execution is in `exec`, the
+//! ring in `uring`; the ring's completions (`device/completions.rs`), what
+//! a failure under `werror=stop` does (`device/stop.rs`) and the log's
+//! rate limits (`device/logged.rs`) are child modules that share the
+//! device's state.
 
 use std::fmt;
 use std::mem::{offset_of, size_of};
@@ -34,9 +36,38 @@ use crate::request::{
     Request, RequestKind, ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SECTORS,
     MAX_WRITE_ZEROES_SEG, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX,
 };
-use crate::uring::{Done, OpKind, Uring};
-use crate::{CacheMode, ImageFormat, IoEngine};
+use crate::uring::Uring;
+use crate::{CacheMode, ErrorPolicy, ImageFormat, IoEngine};
 use crate::{Error, Result};
+
+/// An [`Executor`] over a [`Block`]'s fields, with guest memory `mem` and
+/// `stop` to say why the disk stops. A macro, not a method: its borrows
+/// stay apart from the queues the caller holds.
+macro_rules! executor {
+    ($block:expr, $mem:expr, $stop:expr) => {
+        Executor {
+            backend: &mut *$block.backend,
+            id: &$block.id,
+            mem: $mem,
+            disk: &$block.disk,
+            capacity: $block.capacity,
+            read_only: $block.read_only,
+            logged: &mut $block.logged,
+            counters: &mut $block.counters,
+            slices: Vec::new(),
+            werror: $block.werror,
+            rerror: $block.rerror,
+            stop: $stop,
+        }
+    };
+}
+
+mod completions;
+mod logged;
+mod stop;
+
+pub(crate) use logged::{first, IoClass, Logged};
+use stop::{Held, StopNotify};
 
 /// The most bytes handed to the backend in one call (one `preadv` or
 /// `pwritev` for a [`crate::RawFile`]); larger requests take several calls.
@@ -69,6 +100,10 @@ pub struct BlockConfig {
     pub io: IoEngine,
     /// Whether they go through the host's page cache.
     pub cache: CacheMode,
+    /// What a failed write, flush, discard or write-zeroes does.
+    pub werror: ErrorPolicy,
+    /// What a failed read does.
+    pub rerror: ErrorPolicy,
 }
 
 impl BlockConfig {
@@ -83,6 +118,8 @@ impl BlockConfig {
             queue_size: QUEUE_SIZE,
             io: IoEngine::Sync,
             cache: CacheMode::Writeback,
+            werror: ErrorPolicy::Report,
+            rerror: ErrorPolicy::Report,
         }
     }
 }
@@ -114,22 +151,6 @@ struct Active {
     /// The queues the driver enabled, in order (Linux enables the first
     /// `min(num_queues, CPUs)`).
     queues: Vec<Queue>,
-}
-
-/// Which guest or host faults have been logged at warn level already; later
-/// ones go to debug level so a misbehaving guest cannot flood the log.
-#[derive(Debug, Default)]
-pub(crate) struct Logged {
-    pub(crate) malformed: bool,
-    pub(crate) backend: bool,
-    pub(crate) guest_memory: bool,
-    pub(crate) used_ring: bool,
-    pub(crate) interrupt: bool,
-}
-
-/// Whether `flag` is being set for the first time (and sets it).
-pub(crate) fn first(flag: &mut bool) -> bool {
-    !std::mem::replace(flag, true)
 }
 
 /// What the device has done since it was built: requests completed, by
@@ -175,6 +196,19 @@ pub struct Block {
     uring: Option<Uring>,
     logged: Logged,
     counters: BlockCounters,
+    /// What a failed write (`werror`) or read (`rerror`) does.
+    werror: ErrorPolicy,
+    rerror: ErrorPolicy,
+    /// Why the disk stopped (a failure under a stopping policy): its
+    /// queues wait for [`Block::retry`].
+    stopped: Option<String>,
+    /// Failed io_uring requests kept for [`Block::retry`] (on `io=sync` the
+    /// failed chain goes back to its ring instead).
+    held: Vec<Held>,
+    /// Told when the disk stops.
+    stop_notify: Option<StopNotify>,
+    /// [`Block::retry`] is running: a new stop is its answer, not news.
+    retrying: bool,
 }
 
 impl fmt::Debug for Block {
@@ -209,6 +243,7 @@ impl Block {
         let mut block = Block::with_backend(backend, cfg.read_only, cfg.id.clone());
         block.disk = cfg.path.display().to_string();
         block.set_queues(cfg.num_queues, cfg.queue_size);
+        block.set_error_policy(cfg.werror, cfg.rerror);
         if cfg.io == IoEngine::IoUring {
             block.use_io_uring().map_err(|source| Error::IoUring {
                 path: cfg.path.clone(),
@@ -237,67 +272,6 @@ impl Block {
             IoEngine::IoUring
         } else {
             IoEngine::Sync
-        }
-    }
-
-    /// Waits for every request in flight on the io_uring engine and
-    /// completes them to the guest (a pause, a snapshot, a migration, a
-    /// drive swap or the exit comes next). Nothing to do on `io=sync`.
-    pub fn drain(&mut self) {
-        let (Some(uring), Some(active)) = (self.uring.as_mut(), self.active.as_ref()) else {
-            return;
-        };
-        if uring.in_flight() == 0 {
-            return;
-        }
-        if let Err(e) = uring.wait_all(&active.mem) {
-            warn!(
-                "virtio-blk {}: waiting for io_uring requests: {e}",
-                self.disk
-            );
-        }
-        self.publish_completions();
-    }
-
-    /// Puts the requests the ring completed on their queues' used rings
-    /// and interrupts the queues that need it.
-    fn publish_completions(&mut self) {
-        let (Some(uring), Some(active)) = (self.uring.as_mut(), self.active.as_mut()) else {
-            return;
-        };
-        let done = uring.take_done();
-        if done.is_empty() {
-            return;
-        }
-        let mut touched = vec![false; active.queues.len()];
-        for d in done {
-            count_done(&mut self.counters, &mut self.logged, &self.disk, &d);
-            let Some(queue) = active.queues.get_mut(usize::from(d.queue)) else {
-                continue;
-            };
-            match queue.add_used(&active.mem, d.head, d.used_len) {
-                Ok(()) => touched[usize::from(d.queue)] = true,
-                Err(e) => {
-                    if first(&mut self.logged.used_ring) {
-                        warn!(
-                            "virtio-blk {}: cannot complete chain {}: {e}",
-                            self.disk, d.head
-                        );
-                    }
-                }
-            }
-        }
-        for (i, queue) in active.queues.iter_mut().enumerate() {
-            if !touched[i] || !queue.needs_notification(&active.mem).unwrap_or(true) {
-                continue;
-            }
-            self.counters.interrupts = self.counters.interrupts.saturating_add(1);
-            let q = u16::try_from(i).unwrap_or(u16::MAX);
-            if let Err(e) = active.interrupt.trigger(InterruptKind::Queue(q)) {
-                if first(&mut self.logged.interrupt) {
-                    warn!("virtio-blk {}: cannot interrupt the guest: {e}", self.disk);
-                }
-            }
         }
     }
 
@@ -391,6 +365,12 @@ impl Block {
             },
             logged: Logged::default(),
             counters: BlockCounters::default(),
+            werror: ErrorPolicy::Report,
+            rerror: ErrorPolicy::Report,
+            stopped: None,
+            held: Vec::new(),
+            stop_notify: None,
+            retrying: false,
         }
     }
 
@@ -584,8 +564,9 @@ impl VirtioDevice for Block {
     }
 
     fn process_queue(&mut self, index: usize) {
-        // A blocked limiter's timer runs the queues when it fires.
-        if self.limiter.as_ref().is_some_and(RateLimiter::is_blocked) {
+        // A blocked limiter's timer runs the queues when it fires; a
+        // stopped disk waits for `retry`.
+        if self.stopped.is_some() || self.limiter.as_ref().is_some_and(RateLimiter::is_blocked) {
             return;
         }
         let Some(active) = self.active.as_mut() else {
@@ -594,17 +575,8 @@ impl VirtioDevice for Block {
         let Some(queue) = active.queues.get_mut(index) else {
             return;
         };
-        let mut exec = Executor {
-            backend: &mut *self.backend,
-            id: &self.id,
-            mem: &active.mem,
-            disk: &self.disk,
-            capacity: self.capacity,
-            read_only: self.read_only,
-            logged: &mut self.logged,
-            counters: &mut self.counters,
-            slices: Vec::new(),
-        };
+        let mut stop = None;
+        let mut exec = executor!(self, &active.mem, &mut stop);
         let mut used_any = false;
         let mem = &active.mem;
         // The used ring as one slice for the pass: each completion is one
@@ -637,7 +609,11 @@ impl VirtioDevice for Block {
                     );
                 }
             }
-            let len = exec.complete_parsed(chain, parsed);
+            // Failed under a stopping policy: back to the ring, run again
+            // by `retry`.
+            let Some(len) = exec.complete_parsed(chain, parsed) else {
+                return Flow::PutBack;
+            };
             let added = match &mut used {
                 Some(used) => used
                     .add(queue, head, len)
@@ -681,10 +657,15 @@ impl VirtioDevice for Block {
                 }
             }
         }
+        drop(exec);
         if let Some(u) = self.uring.as_mut() {
             u.flush(&active.mem);
         }
         self.publish_completions();
+        if let (Some(why), None) = (stop, &self.stopped) {
+            self.stopped = Some(why);
+            self.note_stop();
+        }
     }
 
     fn reset(&mut self) {
@@ -700,6 +681,8 @@ impl VirtioDevice for Block {
             drop(u.take_done());
         }
         self.active = None;
+        self.stopped = None;
+        self.held.clear();
     }
 
     fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
@@ -727,33 +710,6 @@ impl VirtioDevice for Block {
             self.process_queue(i);
         }
         BackendInterest::Keep
-    }
-}
-
-/// Counts a request the ring completed (and logs its failure, once at warn
-/// level).
-fn count_done(c: &mut BlockCounters, logged: &mut Logged, disk: &str, d: &Done) {
-    if let Some(e) = &d.error {
-        c.errors = c.errors.saturating_add(1);
-        if first(&mut logged.backend) {
-            warn!(
-                "virtio-blk {disk}: request failed: backend I/O failed: {e} (more at debug level)"
-            );
-        } else {
-            debug!("virtio-blk {disk}: request failed: {e}");
-        }
-        return;
-    }
-    match d.kind {
-        OpKind::Read => {
-            c.reads = c.reads.saturating_add(1);
-            c.read_bytes = c.read_bytes.saturating_add(d.bytes);
-        }
-        OpKind::Write => {
-            c.writes = c.writes.saturating_add(1);
-            c.write_bytes = c.write_bytes.saturating_add(d.bytes);
-        }
-        OpKind::Flush => c.flushes = c.flushes.saturating_add(1),
     }
 }
 

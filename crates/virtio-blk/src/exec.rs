@@ -12,9 +12,10 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::backend::BlockBackend;
-use crate::device::{first, status_byte, BlockCounters, Logged, IO_CHUNK};
+use crate::device::{first, status_byte, BlockCounters, IoClass, Logged, IO_CHUNK};
 use crate::request::{self, DataRegion, Request, RequestKind, ID_BYTES, SECTOR_SIZE};
 use crate::uring::{OpKind, Submission, Uring};
+use crate::ErrorPolicy;
 
 /// Why an accepted request failed; it completes with IOERR. Only logged, so
 /// the message carries the cause.
@@ -48,6 +49,40 @@ pub(crate) struct Executor<'a> {
     /// The guest buffers of the transfer under way (kept between requests
     /// so that a batch allocates once).
     pub(crate) slices: Vec<Slice<'a>>,
+    /// What failed writes and reads do.
+    pub(crate) werror: ErrorPolicy,
+    pub(crate) rerror: ErrorPolicy,
+    /// Why the disk stops, when a request failed under a stopping policy.
+    pub(crate) stop: &'a mut Option<String>,
+}
+
+/// The policy that applies to a request of `kind`: `rerror` for reads,
+/// `werror` for what changes the disk, none for get-id.
+pub(crate) fn policy_for(
+    werror: ErrorPolicy,
+    rerror: ErrorPolicy,
+    kind: &RequestKind,
+) -> ErrorPolicy {
+    match kind {
+        RequestKind::In { .. } => rerror,
+        RequestKind::Out { .. }
+        | RequestKind::Flush
+        | RequestKind::Discard(_)
+        | RequestKind::WriteZeroes(_) => werror,
+        RequestKind::GetId => ErrorPolicy::Report,
+    }
+}
+
+/// What a request of `kind` does, for log lines.
+pub(crate) fn op_name(kind: &RequestKind) -> &'static str {
+    match kind {
+        RequestKind::In { .. } => "read",
+        RequestKind::Out { .. } => "write",
+        RequestKind::Flush => "flush",
+        RequestKind::GetId => "get-id",
+        RequestKind::Discard(_) => "discard",
+        RequestKind::WriteZeroes(_) => "write-zeroes",
+    }
 }
 
 impl Executor<'_> {
@@ -61,28 +96,15 @@ impl Executor<'_> {
 
     /// Runs a chain [`Executor::parse`] parsed and writes its status byte.
     /// Returns the used length: the bytes written to the guest (data and
-    /// status), 0 if the status could not be written.
+    /// status), 0 if the status could not be written; `None` if the
+    /// request failed under a stopping policy ([`Executor::complete`]).
     pub(crate) fn complete_parsed(
         &mut self,
         chain: DescriptorChain<&GuestMemoryMmap>,
         parsed: std::result::Result<Request, request::RequestError>,
-    ) -> u32 {
+    ) -> Option<u32> {
         let (status_addr, status, written) = match parsed {
-            Ok(req) => match self.run(&req) {
-                Ok(written) => {
-                    self.count(&req);
-                    (
-                        Some(req.status_addr()),
-                        status_byte(VIRTIO_BLK_S_OK),
-                        written,
-                    )
-                }
-                Err(e) => {
-                    self.counters.errors = self.counters.errors.saturating_add(1);
-                    self.log_exec_error(&e);
-                    (Some(req.status_addr()), status_byte(VIRTIO_BLK_S_IOERR), 0)
-                }
-            },
+            Ok(req) => return self.complete(&req),
             Err(e) => {
                 self.counters.errors = self.counters.errors.saturating_add(1);
                 if first(&mut self.logged.malformed) {
@@ -94,13 +116,46 @@ impl Executor<'_> {
                 (request::status_address(chain), e.status(), 0)
             }
         };
-        let Some(addr) = status_addr else {
+        Some(self.write_status(status_addr, status, written))
+    }
+
+    /// Runs an accepted request and writes its status byte; the used
+    /// length. `None`: the host failed it under a stopping policy: no
+    /// status is written, `stop` says why, and the caller keeps the
+    /// request for a retry.
+    pub(crate) fn complete(&mut self, req: &Request) -> Option<u32> {
+        let (status, written) = match self.run(req) {
+            Ok(written) => {
+                self.count(req);
+                if let Some(class) = IoClass::of(req.kind()) {
+                    self.logged.backend_ok(self.disk, class);
+                }
+                (status_byte(VIRTIO_BLK_S_OK), written)
+            }
+            Err(ExecError::Backend(e))
+                if policy_for(self.werror, self.rerror, req.kind()).stops_on(&e) =>
+            {
+                *self.stop = Some(format!("{} failed: {e}", op_name(req.kind())));
+                return None;
+            }
+            Err(e) => {
+                self.counters.errors = self.counters.errors.saturating_add(1);
+                self.log_exec_error(&e, IoClass::of(req.kind()));
+                (status_byte(VIRTIO_BLK_S_IOERR), 0)
+            }
+        };
+        Some(self.write_status(Some(req.status_addr()), status, written))
+    }
+
+    /// Writes a status byte; the used length (0 if it could not be written).
+    fn write_status(&mut self, addr: Option<GuestAddress>, status: u8, written: u32) -> u32 {
+        let Some(addr) = addr else {
             return 0;
         };
         match self.mem.write_obj(status, addr) {
             Ok(()) => written.saturating_add(1),
             Err(_) => {
-                self.log_exec_error(&ExecError::GuestMemory(addr));
+                self.log_exec_error(&ExecError::GuestMemory(addr), None);
                 0
             }
         }
@@ -156,6 +211,8 @@ impl Executor<'_> {
             fd,
             offset,
             regions: &regions,
+            keep: (policy_for(self.werror, self.rerror, req.kind()) != ErrorPolicy::Report)
+                .then_some(req),
         };
         match u.submit(&s, self.mem) {
             Ok(submitted) => submitted,
@@ -185,10 +242,16 @@ impl Executor<'_> {
         }
     }
 
-    pub(crate) fn log_exec_error(&mut self, e: &ExecError) {
-        let flag = match e {
-            ExecError::Backend(_) => &mut self.logged.backend,
-            ExecError::GuestMemory(_) | ExecError::ShortBuffer => &mut self.logged.guest_memory,
+    pub(crate) fn log_exec_error(&mut self, e: &ExecError, class: Option<IoClass>) {
+        let flag = match (e, class) {
+            (ExecError::Backend(_), Some(class)) => {
+                self.logged.backend_failed(self.disk, class, e);
+                return;
+            }
+            (ExecError::Backend(_), None) => &mut self.logged.guest_memory,
+            (ExecError::GuestMemory(_) | ExecError::ShortBuffer, _) => {
+                &mut self.logged.guest_memory
+            }
         };
         if first(flag) {
             let disk = self.disk;

@@ -243,3 +243,62 @@ impl std::fmt::Display for CacheMode {
         })
     }
 }
+
+/// What a disk does when the host fails one of its requests: QEMU's
+/// `werror=` (writes, flushes, discards, write-zeroes) and `rerror=`
+/// (reads).
+///
+/// `Stop` and `Enospc` keep the failed request (it is neither completed
+/// nor forgotten), stop the disk's queues and ask the VMM to pause the VM
+/// ([`Block::on_stop`]); [`Block::retry`] runs the request again when the
+/// user resumes it. QEMU's `ignore` is not offered: it tells the guest that
+/// a write which failed succeeded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorPolicy {
+    /// The request completes with `VIRTIO_BLK_S_IOERR` (the default, and
+    /// Firecracker's behaviour).
+    #[default]
+    Report,
+    /// Every failure stops the VM.
+    Stop,
+    /// Only "no space left on device" stops the VM; other failures are
+    /// reported (QEMU's default for writes).
+    Enospc,
+}
+
+impl ErrorPolicy {
+    /// Whether a request that failed with `e` stops the VM.
+    pub fn stops_on(self, e: &io::Error) -> bool {
+        match self {
+            ErrorPolicy::Report => false,
+            ErrorPolicy::Stop => true,
+            ErrorPolicy::Enospc => e.raw_os_error() == Some(libc::ENOSPC),
+        }
+    }
+
+    /// Parses the value of `key` (`werror` or `rerror`; `rerror` takes no
+    /// `enospc`, as in QEMU).
+    pub fn parse(key: &str, s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "report" => Ok(ErrorPolicy::Report),
+            "stop" => Ok(ErrorPolicy::Stop),
+            "enospc" if key != "rerror" => Ok(ErrorPolicy::Enospc),
+            "ignore" => Err(format!(
+                "{key} = \"ignore\" is not offered: the guest would be told that failed I/O succeeded"
+            )),
+            _ if key == "rerror" => Err(format!("{key} = {s:?}: it must be report or stop")),
+            _ => Err(format!("{key} = {s:?}: it must be report, stop or enospc")),
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ErrorPolicy::Report => "report",
+            ErrorPolicy::Stop => "stop",
+            ErrorPolicy::Enospc => "enospc",
+        })
+    }
+}

@@ -235,6 +235,23 @@ pub struct MemState {
     pub flushes: AtomicUsize,
     pub ops: AtomicUsize,
     pub largest_io: AtomicUsize,
+    /// While set, writes, flushes, discards and write-zeroes fail with this
+    /// errno (a host fault).
+    pub write_fault: Mutex<Option<i32>>,
+    /// While set, reads fail with this errno.
+    pub read_fault: Mutex<Option<i32>>,
+}
+
+impl MemState {
+    /// Writes fail with `errno` from now on (`None`: they work again).
+    pub fn fail_writes(&self, errno: Option<i32>) {
+        *self.write_fault.lock().unwrap() = errno;
+    }
+
+    /// Reads fail with `errno` from now on (`None`: they work again).
+    pub fn fail_reads(&self, errno: Option<i32>) {
+        *self.read_fault.lock().unwrap() = errno;
+    }
 }
 
 /// A disk in a `Vec`, for tests.
@@ -248,6 +265,19 @@ impl MemBackend {
             ..MemState::default()
         });
         (MemBackend(state.clone()), state)
+    }
+
+    /// The injected fault, if one is set for this direction.
+    fn fault(&self, write: bool) -> io::Result<()> {
+        let f = if write {
+            &self.0.write_fault
+        } else {
+            &self.0.read_fault
+        };
+        match *f.lock().unwrap() {
+            Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+            None => Ok(()),
+        }
     }
 
     fn range(&self, offset: u64, len: usize) -> io::Result<std::ops::Range<usize>> {
@@ -268,12 +298,14 @@ impl BlockBackend for MemBackend {
     }
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.fault(false)?;
         let r = self.range(offset, buf.len())?;
         buf.copy_from_slice(&self.0.data.lock().unwrap()[r]);
         Ok(())
     }
 
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.fault(true)?;
         let r = self.range(offset, buf.len())?;
         self.0.data.lock().unwrap()[r].copy_from_slice(buf);
         Ok(())
@@ -281,6 +313,7 @@ impl BlockBackend for MemBackend {
 
     /// One backend call for all of `bufs`, as a file's `preadv` would be.
     fn read_vectored_at(&mut self, bufs: &[Slice<'_>], offset: u64) -> io::Result<()> {
+        self.fault(false)?;
         let total = bufs.iter().map(|s| s.len()).sum();
         let r = self.range(offset, total)?;
         let data = self.0.data.lock().unwrap();
@@ -294,6 +327,7 @@ impl BlockBackend for MemBackend {
 
     /// One backend call for all of `bufs`, as a file's `pwritev` would be.
     fn write_vectored_at(&mut self, bufs: &[Slice<'_>], offset: u64) -> io::Result<()> {
+        self.fault(true)?;
         let total = bufs.iter().map(|s| s.len()).sum();
         let r = self.range(offset, total)?;
         let mut data = self.0.data.lock().unwrap();
@@ -306,6 +340,7 @@ impl BlockBackend for MemBackend {
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        self.fault(true)?;
         self.0.flushes.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -315,6 +350,7 @@ impl BlockBackend for MemBackend {
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.fault(true)?;
         let len = usize::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
         let r = self.range(offset, len)?;
         self.0.data.lock().unwrap()[r].fill(0);

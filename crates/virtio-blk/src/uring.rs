@@ -27,6 +27,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::request::Request;
+
 /// Submission queue entries per disk: the most requests in flight.
 pub(crate) const RING_ENTRIES: u32 = 256;
 /// The most buffers in one request the ring takes (`UIO_MAXIOV`).
@@ -41,6 +43,17 @@ pub(crate) enum OpKind {
     Write,
     /// `fdatasync`.
     Flush,
+}
+
+impl OpKind {
+    /// Its class, for counting bursts of failures.
+    pub(crate) fn class(self) -> crate::device::IoClass {
+        match self {
+            OpKind::Read => crate::device::IoClass::Read,
+            OpKind::Write => crate::device::IoClass::Write,
+            OpKind::Flush => crate::device::IoClass::Flush,
+        }
+    }
 }
 
 /// A request the ring completed: the device writes its used element.
@@ -59,6 +72,9 @@ pub(crate) struct Done {
     pub(crate) bytes: u64,
     /// The error, if it failed.
     pub(crate) error: Option<io::Error>,
+    /// A failed request kept for a retry (its policy can stop the disk):
+    /// its status byte is not written yet.
+    pub(crate) req: Option<Request>,
 }
 
 /// One request in flight.
@@ -72,6 +88,8 @@ struct Op {
     regions: Vec<(GuestAddress, usize)>,
     /// The iovec array the submission points at: kept until completion.
     iovecs: Vec<libc::iovec>,
+    /// The request, if a failure may stop the disk.
+    req: Option<Request>,
 }
 
 // SAFETY: the iovec pointers point into guest memory, which the device's
@@ -91,6 +109,8 @@ pub(crate) struct Submission<'a> {
     pub(crate) offset: u64,
     /// The guest buffers, in order (empty for a flush).
     pub(crate) regions: &'a [(GuestAddress, usize)],
+    /// The request, kept if it fails (its policy can stop the disk).
+    pub(crate) keep: Option<&'a Request>,
 }
 
 /// A disk's io_uring, its completion eventfd and the epoll fd the event
@@ -236,6 +256,7 @@ impl Uring {
             bytes,
             regions: s.regions.to_vec(),
             iovecs,
+            req: s.keep.cloned(),
         });
         self.in_flight += 1;
         self.submitted += 1;
@@ -329,11 +350,17 @@ fn finish(op: Op, result: i32, mem: &GuestMemoryMmap) -> Done {
     } else {
         0
     };
-    let used_len = match mem.write_obj(status, op.status) {
-        Ok(()) => data.saturating_add(1),
-        Err(_) => 0,
-    };
     drop(op.iovecs);
+    // Kept for a retry: the device decides, and writes the status then.
+    let req = op.req.filter(|_| error.is_some());
+    let used_len = if req.is_some() {
+        0
+    } else {
+        match mem.write_obj(status, op.status) {
+            Ok(()) => data.saturating_add(1),
+            Err(_) => 0,
+        }
+    };
     Done {
         queue: op.queue,
         head: op.head,
@@ -341,6 +368,7 @@ fn finish(op: Op, result: i32, mem: &GuestMemoryMmap) -> Done {
         kind: op.kind,
         bytes: op.bytes,
         error,
+        req,
     }
 }
 

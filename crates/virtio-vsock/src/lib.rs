@@ -252,7 +252,11 @@ impl Vsock {
         if let Err(e) = r {
             warn!("virtio-vsock: transmit queue: {e}");
         }
-        Self::interrupt(active, TX);
+        // Only for chains given back: a notification with nothing new
+        // must not interrupt the guest.
+        if !packets.is_empty() {
+            Self::interrupt(active, TX);
+        }
         for p in packets {
             match p {
                 Ok(p) => self.muxer.handle_tx(&p.hdr, &p.payload),

@@ -45,6 +45,11 @@
  *   ember.blk_stress=DEV:THREADS:OPS:OFFSET_KIB:LEN_KIB
  *                             THREADS kernel threads write, flush and verify
  *                             OPS blocks each in their own slice of the range
+ *   ember.blk_fill=DEV:SEED:FIRST:COUNT[,...]
+ *       writes 4 KiB blocks FIRST.. in order, each written and fsynced
+ *       before the next; reports how many the device acknowledged
+ *       (durable: the leading run, ok: in all) and the errors (a host
+ *       fault test expects them: not a failed check)
  *   ember.hog=MIB:HOLD_S      print `hog start`, allocate MIB MiB in 2 MiB blocks, write every
  *                             page, print `hog touched mib= ms=` (the time
  *                             allocating and writing took), hold them HOLD_S

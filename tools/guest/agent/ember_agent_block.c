@@ -53,6 +53,8 @@ static char *blk_zeroout = "";
 module_param(blk_zeroout, charp, 0444);
 static char *blk_stress = "";
 module_param(blk_stress, charp, 0444);
+static char *blk_fill = "";
+module_param(blk_fill, charp, 0444);
 
 #define BLOCK 4096
 #define IO_CHUNK (64 * 1024)
@@ -412,6 +414,63 @@ static void check_stress(const char *spec)
 		fail();
 }
 
+/*
+ * DEV:SEED:FIRST:COUNT: writes the 4 KiB blocks FIRST to FIRST+COUNT-1 in
+ * order, each written and flushed (fsync) before the next, and says how
+ * many the device acknowledged: the leading run (durable) and in all (ok).
+ * Failures are what the host's fault tests expect (a full or failing host
+ * disk), so they do not fail the check; the host compares the numbers
+ * with what it finds in the image.
+ */
+static void check_fill(const char *spec)
+{
+	char name[16];
+	unsigned long long seed, first, count, i;
+	unsigned long long durable = 0, ok = 0, errors = 0, ms;
+	bool leading = true;
+	struct file *f;
+	u64 *buf;
+	ktime_t t0;
+
+	ember_checks_run++;
+	if (sscanf(spec, "%15[^:]:%llu:%llu:%llu", name, &seed, &first, &count) != 4) {
+		AGENT_LINE("blk_fill spec=%s error=bad-spec", spec);
+		fail();
+		return;
+	}
+	f = open_disk(name, O_RDWR);
+	if (IS_ERR(f)) {
+		AGENT_LINE("blk_fill dev=%s error=%ld", name, PTR_ERR(f));
+		fail();
+		return;
+	}
+	buf = kmalloc(BLOCK, GFP_KERNEL);
+	if (!buf) {
+		filp_close(f, NULL);
+		fail();
+		return;
+	}
+	t0 = ktime_get();
+	for (i = 0; i < count; i++) {
+		u64 off = (first + i) * BLOCK;
+		loff_t pos = off;
+
+		fill_pattern(buf, seed, off);
+		if (kernel_write(f, buf, BLOCK, &pos) == BLOCK && !vfs_fsync(f, 1)) {
+			ok++;
+			durable += leading;
+		} else {
+			errors++;
+			leading = false;
+		}
+	}
+	ms = ktime_ms_delta(ktime_get(), t0);
+	kfree(buf);
+	filp_close(f, NULL);
+	AGENT_LINE("blk_fill dev=%s seed=%llu first=%llu count=%llu durable=%llu ok=%llu errors=%llu ms=%llu",
+		   name, seed, first, count, durable, ok, errors, ms);
+}
+
 static void do_write(const char *s) { pattern_blocks(s, true); }
 static void do_verify(const char *s) { pattern_blocks(s, false); }
 static void do_discard(const char *s) { check_range_op(s, true); }
@@ -420,7 +479,8 @@ static void do_zeroout(const char *s) { check_range_op(s, false); }
 void __init ember_block_checks(void)
 {
 	bool block = blk_serial[0] || blk_read[0] || blk_write[0] || blk_verify[0] ||
-		     blk_ro[0] || blk_discard[0] || blk_zeroout[0] || blk_stress[0];
+		     blk_ro[0] || blk_discard[0] || blk_zeroout[0] || blk_stress[0] ||
+		     blk_fill[0];
 
 	check_pci();
 	if (!block)
@@ -439,4 +499,5 @@ void __init ember_block_checks(void)
 	ember_each_item(blk_discard, do_discard);
 	ember_each_item(blk_zeroout, do_zeroout);
 	ember_each_item(blk_stress, check_stress);
+	ember_each_item(blk_fill, check_fill);
 }

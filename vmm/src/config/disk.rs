@@ -1,9 +1,10 @@
 //! `[[disk]]`: virtio-blk disks, and the `--disk` flag.
 
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use ember_rate_limiter::{BucketConfig, RateLimiterConfig};
-pub use ember_virtio_blk::{CacheMode, ImageFormat, IoEngine};
+pub use ember_virtio_blk::{CacheMode, ErrorPolicy, ImageFormat, IoEngine};
 use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
@@ -70,6 +71,37 @@ pub struct DiskConfig {
     /// in Firecracker).
     #[serde(default, skip_serializing_if = "is_default")]
     pub iothread: bool,
+    /// What a write, flush, discard or write-zeroes the host fails does
+    /// (QEMU's `werror`): `report` (the guest gets an I/O error, the
+    /// default), `stop` (the VM pauses until `PATCH /vm` resumes it, and
+    /// the request runs again) or `enospc` (stop on a full host
+    /// filesystem, report the rest).
+    #[serde(
+        default,
+        skip_serializing_if = "is_default",
+        deserialize_with = "werror"
+    )]
+    pub werror: ErrorPolicy,
+    /// The same for reads (QEMU's `rerror`): `report` or `stop`.
+    #[serde(
+        default,
+        skip_serializing_if = "is_default",
+        deserialize_with = "rerror"
+    )]
+    pub rerror: ErrorPolicy,
+}
+
+fn policy<'de, D: serde::Deserializer<'de>>(d: D, key: &str) -> Result<ErrorPolicy, D::Error> {
+    let s = <String as serde::Deserialize>::deserialize(d)?;
+    ErrorPolicy::parse(key, &s).map_err(serde::de::Error::custom)
+}
+
+fn werror<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ErrorPolicy, D::Error> {
+    policy(d, "werror")
+}
+
+fn rerror<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ErrorPolicy, D::Error> {
+    policy(d, "rerror")
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -100,7 +132,7 @@ pub fn valid_partuuid(s: &str) -> bool {
 }
 
 impl DiskConfig {
-    /// Parses `path=FILE[,format=raw|qcow2][,io=sync|io_uring][,cache=writeback|none][,iothread=on|off][,read_only=on|off][,id=ID][,root=on|off][,partuuid=UUID][,num_queues=N][,queue_size=N][,bw=SIZE/TIME[+BURST]][,ops=SIZE/TIME[+BURST]]`
+    /// Parses `path=FILE[,format=raw|qcow2][,io=sync|io_uring][,cache=writeback|none][,werror=report|stop|enospc][,rerror=report|stop][,iothread=on|off][,read_only=on|off][,id=ID][,root=on|off][,partuuid=UUID][,num_queues=N][,queue_size=N][,bw=SIZE/TIME[+BURST]][,ops=SIZE/TIME[+BURST]]`
     /// (`rate_limit=bw=...;ops=...` is the same as the last two).
     pub fn parse_flag(s: &str) -> Result<Self, ConfigError> {
         let bad = |why: String| ConfigError::DiskFlag {
@@ -121,6 +153,8 @@ impl DiskConfig {
             io: IoEngine::Sync,
             cache: CacheMode::Writeback,
             iothread: false,
+            werror: ErrorPolicy::Report,
+            rerror: ErrorPolicy::Report,
         };
         let mut path = None;
         for part in s.split(',') {
@@ -134,6 +168,8 @@ impl DiskConfig {
                 "path" | "file" => path = Some(PathBuf::from(v)),
                 "io" | "aio" => d.io = v.parse().map_err(bad)?,
                 "cache" => d.cache = v.parse().map_err(bad)?,
+                "werror" => d.werror = ErrorPolicy::parse(k, v).map_err(bad)?,
+                "rerror" => d.rerror = ErrorPolicy::parse(k, v).map_err(bad)?,
                 "format" => {
                     d.format = v
                         .parse()
@@ -177,7 +213,7 @@ impl DiskConfig {
                 }
                 _ => {
                     return Err(bad(format!(
-                        "unknown key `{k}` (path, format, read_only, id, drive_id, root, partuuid, num_queues, queue_size, bw, ops, rate_limit, io, cache, iothread)"
+                        "unknown key `{k}` (path, format, read_only, id, drive_id, root, partuuid, num_queues, queue_size, bw, ops, rate_limit, io, cache, iothread, werror, rerror)"
                     )))
                 }
             }
@@ -200,8 +236,8 @@ impl DiskConfig {
         }
     }
 
-    /// Checks the id, the partition id and that the file exists and is a
-    /// regular file.
+    /// Checks the id, the partition id and that the image exists and is a
+    /// regular file or a block device.
     pub fn validate(&self, index: usize) -> Result<(), ConfigError> {
         ember_virtio_blk::check_queues(
             self.num_queues.unwrap_or(1),
@@ -238,7 +274,7 @@ impl DiskConfig {
             }
         }
         match std::fs::metadata(&self.path) {
-            Ok(m) if m.is_file() => Ok(()),
+            Ok(m) if m.is_file() || m.file_type().is_block_device() => Ok(()),
             Ok(_) => Err(ConfigError::NotAFile {
                 key: "disk.path",
                 path: self.path.clone(),

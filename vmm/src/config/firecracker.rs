@@ -153,6 +153,8 @@ pub fn apply_drive(cfg: &mut VmConfig, d: &Drive) -> Result<(), ConfigError> {
         // ember honours the guest's flushes in both (Unsafe included).
         cache: super::disk::CacheMode::Writeback,
         iothread: false,
+        werror: Default::default(),
+        rerror: Default::default(),
     };
     let mut disks = cfg.disk.clone();
     let index = disks

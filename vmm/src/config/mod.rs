@@ -966,6 +966,8 @@ mod tests {
             io: Default::default(),
             cache: Default::default(),
             iothread: false,
+            werror: Default::default(),
+            rerror: Default::default(),
         };
         let mut c = VmConfig::default();
         c.boot.kernel = Some(exe.clone());

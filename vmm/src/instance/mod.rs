@@ -103,6 +103,9 @@ pub struct Instance {
     migration_paused: bool,
     /// A post-copy migration still bringing pages in (destination).
     incoming: Option<crate::migration::Incoming>,
+    /// Set by a disk a failed request stopped (`werror=stop`): the loop
+    /// pauses the VM.
+    io_stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Instance {
@@ -162,6 +165,7 @@ impl Instance {
             migration: None,
             migration_paused: false,
             incoming: None,
+            io_stop: Default::default(),
         })
     }
 
@@ -204,6 +208,7 @@ impl Instance {
         let t = Instant::now();
         let mut vmm = Vmm::build(&cfg, console, self.started)?;
         vmm.start(&self.filters, &mut self.event_loop, &self.wake)?;
+        vmm.watch_disk_stops(&self.io_stop, &self.wake)?;
         self.metrics
             .latencies_us
             .insert("instance_start", micros(t.elapsed()));
@@ -236,6 +241,7 @@ impl Instance {
         let t = Instant::now();
         let mut vmm = Vmm::restore(params, console, self.started)?;
         vmm.start(&self.filters, &mut self.event_loop, &self.wake)?;
+        vmm.watch_disk_stops(&self.io_stop, &self.wake)?;
         let took = t.elapsed();
         self.metrics
             .latencies_us
@@ -318,6 +324,13 @@ impl Instance {
         match (self.state, self.vmm.as_mut()) {
             (State::Running, _) => {}
             (State::Paused, Some(vmm)) => {
+                // A disk a failed request stopped runs it again first; if
+                // it fails again the VM stays paused.
+                vmm.retry_disks().map_err(|why| {
+                    Error::Lifecycle(format!(
+                        "{why}: the request fails again, the microVM stays paused"
+                    ))
+                })?;
                 vmm.resume(&mut self.event_loop)?;
                 self.state = State::Running;
             }
@@ -341,6 +354,7 @@ impl Instance {
                 break stop;
             }
             self.serve_api();
+            self.poll_io_stop();
             self.poll_migration();
             if self.metrics.due() {
                 let _ = self.flush_metrics();
@@ -525,6 +539,37 @@ impl Instance {
             log::warn!("metrics: {}", crate::error_chain(e));
         }
         r
+    }
+
+    /// Pauses the VM when a disk a failed request stopped asks for it
+    /// (`werror`/`rerror` = stop).
+    fn poll_io_stop(&mut self) {
+        if !self
+            .io_stop
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        let why = self
+            .vmm
+            .as_ref()
+            .map(Vmm::stopped_disks)
+            .unwrap_or_default();
+        if why.is_empty() || self.state != State::Running {
+            return;
+        }
+        let why = why.join("; ");
+        match self.pause() {
+            Ok(_) => log::warn!(
+                "instance {}: paused on an I/O error: {why}; once the host is fixed, PATCH /vm {{\"state\": \"Resumed\"}} runs the request again",
+                self.id
+            ),
+            Err(e) => log::error!(
+                "instance {}: cannot pause on an I/O error ({why}): {}",
+                self.id,
+                crate::error_chain(&e)
+            ),
+        }
     }
 
     /// Answers every request waiting on the API channel, in order.
