@@ -322,19 +322,7 @@ fn jail_serves_the_api_from_its_run_directory_and_removes_it() {
     }
     let dir = TempDir::new("jail-api");
     let jail = jail_dir(&dir);
-    let args = [
-        "jail",
-        "--dir",
-        jail.to_str().unwrap(),
-        "--uid",
-        "65534",
-        "--gid",
-        "65534",
-        "--new-pid-ns",
-        "--api-sock",
-        "api.sock",
-    ];
-    let ember = spawn_ember(&args, b"");
+    let ember = ember_tests::spawn_jailed(&jail, &[]);
     let sock = jail.join("run/api.sock");
     let mut c = ember_tests::http::Client::connect(&sock, Duration::from_secs(30));
     let r = c.request("GET", "/", None);
@@ -362,5 +350,97 @@ fn jail_serves_the_api_from_its_run_directory_and_removes_it() {
         entries(&jail),
         Vec::<String>::new(),
         "the jail is left empty"
+    );
+}
+
+/// The API inside a jail, walked with a tiny guest and a disk: what the
+/// API allows works with the jail's paths (a disk swap to an image in the
+/// jail, pause, a snapshot into the jail's /run, resume), and nothing
+/// outside the jail can be reached through it (a disk swap to a host path,
+/// to /etc/shadow or /proc/self/exe, a snapshot where the jailed user
+/// cannot write are each refused with one line, changing nothing).
+#[test]
+fn jail_api_walk_reaches_only_the_jail() {
+    let name = "jail_api_walk_reaches_only_the_jail";
+    if !root(name) || !kvm_available(name) {
+        return;
+    }
+    let dir = TempDir::new("jail-walk");
+    let jail = jail_dir(&dir);
+    let kernel = dir.write("counter.elf", &tiny_elf(&ember_tests::TINY_COUNTER));
+    let disk = dir.write("disk.img", &vec![0u8; 1 << 20]);
+    // The jailed user writes the disk (its owner's job, as with
+    // Firecracker's jailer).
+    std::os::unix::fs::chown(&disk, Some(NOBODY), Some(NOBODY)).unwrap();
+    let disk_flag = format!("path={}", disk.display());
+    let mut ember = ember_tests::spawn_jailed(
+        &jail,
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "32",
+            "--disk",
+            &disk_flag,
+        ],
+    );
+    let mut api = ember_tests::http::Api::connect(&jail.join("run/api.sock"));
+    assert_eq!(api.call("GET", "/", None, 200).json()["state"], "Running");
+    // A swap to an image the jail sees (its /run, the jailed user's).
+    let new_image = jail.join("run/new.img");
+    std::fs::write(&new_image, vec![0u8; 2 << 20]).unwrap();
+    std::os::unix::fs::chown(&new_image, Some(NOBODY), Some(NOBODY)).unwrap();
+    api.call(
+        "PATCH",
+        "/drives/drive0",
+        Some(r#"{"drive_id": "drive0", "path_on_host": "/run/new.img"}"#),
+        204,
+    );
+    // Host paths do not exist inside; /etc/shadow and /proc are not there.
+    let outside = dir.write("outside.img", &vec![0u8; 1 << 20]);
+    for path in [outside.to_str().unwrap(), "/etc/shadow", "/proc/self/exe"] {
+        let body = format!(r#"{{"drive_id": "drive0", "path_on_host": "{path}"}}"#);
+        api.call("PATCH", "/drives/drive0", Some(&body), 400);
+    }
+    let config = api.call("GET", "/vm/config", None, 200).json();
+    assert_eq!(
+        config["drives"][0]["path_on_host"], "/run/new.img",
+        "the refused swaps changed nothing: {config}"
+    );
+    api.call("PATCH", "/vm", Some(r#"{"state": "Paused"}"#), 204);
+    // The jailed user cannot write the jail's /vm: refused, nothing made.
+    api.call(
+        "PUT",
+        "/snapshot/create",
+        Some(r#"{"snapshot_path": "/vm/x.state", "mem_file_path": "/vm/x.mem"}"#),
+        400,
+    );
+    api.call(
+        "PUT",
+        "/snapshot/create",
+        Some(r#"{"snapshot_path": "/run/vm.state", "mem_file_path": "/run/vm.mem"}"#),
+        204,
+    );
+    let state = jail.join("run/vm.state");
+    assert!(state.exists(), "the snapshot is in the jail");
+    assert_eq!(
+        std::fs::metadata(&state).unwrap().uid(),
+        NOBODY,
+        "made by the jailed user"
+    );
+    api.call("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#), 204);
+    let printed = ember.stdout_so_far().len();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while ember.stdout_so_far().len() == printed && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(ember.stdout_so_far().len() > printed, "the guest runs on");
+    drop(api);
+    ember.signal(libc::SIGTERM);
+    let run = ember.finish(Duration::from_secs(30));
+    run.check(!run.stderr.contains("panicked"), "no panic");
+    run.check(
+        !run.stderr.contains("seccomp"),
+        "nothing the API did tripped a filter",
     );
 }

@@ -14,26 +14,10 @@ use std::time::{Duration, Instant};
 use ember_tests::http::Api;
 use ember_tests::{
     assert_clean_error, ember_bin, kvm_available, spawn_ember, spawn_ember_env, tiny_elf, Running,
-    TempDir,
+    TempDir, TINY_COUNTER,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Counts forever, printing the count's low three bits as a digit after
-/// each delay: `01234567012...`; a restored guest prints the digit after
-/// the last one it printed before the snapshot.
-///
-/// ```text
-///       xor %ebx,%ebx ; mov $0x3f8,%dx
-/// 1:    mov $0x10000,%ecx
-/// 2:    dec %ecx ; jnz 2b
-///       inc %ebx ; mov %ebx,%eax ; and $7,%al ; add $'0',%al ; out %al,(%dx)
-///       jmp 1b
-/// ```
-const COUNTER: [u8; 26] = [
-    0x31, 0xdb, 0x66, 0xba, 0xf8, 0x03, 0xb9, 0x00, 0x00, 0x01, 0x00, 0xff, 0xc9, 0x75, 0xfc, 0xff,
-    0xc3, 0x89, 0xd8, 0x24, 0x07, 0x04, 0x30, 0xee, 0xeb, 0xec,
-];
 
 /// Waits until the guest has printed at least `n` bytes; returns them.
 fn wait_output(ember: &mut Running, n: usize) -> String {
@@ -105,7 +89,7 @@ fn snapshot_tiny_guest_continues_where_it_stopped_and_bad_snapshots_are_refused(
         return;
     }
     let dir = TempDir::new("snapshot-tiny");
-    let kernel = dir.write("counter.elf", &tiny_elf(&COUNTER));
+    let kernel = dir.write("counter.elf", &tiny_elf(&TINY_COUNTER));
     let disk = dir.write("disk.img", &vec![0u8; 1 << 20]);
     let (state, mem) = (dir.path("vm.state"), dir.path("vm.mem"));
     let sock = dir.path("api.sock");
@@ -361,7 +345,7 @@ fn a_snapshot_refuses_a_host_without_its_cpu_features() {
         return;
     }
     let dir = TempDir::new("snapshot-cpu");
-    let kernel = dir.write("counter.elf", &tiny_elf(&COUNTER));
+    let kernel = dir.write("counter.elf", &tiny_elf(&TINY_COUNTER));
     let (state, mem) = (dir.path("vm.state"), dir.path("vm.mem"));
     let sock = dir.path("api.sock");
     let mut source = spawn_ember(
@@ -429,25 +413,10 @@ fn snapshot_of_a_jailed_vm_lands_in_the_jail_and_restores() {
     let jail = dir.path("jail");
     std::fs::create_dir(&jail).unwrap();
     std::fs::set_permissions(&jail, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let kernel = dir.write("counter.elf", &tiny_elf(&COUNTER));
-    let mut jailed = spawn_ember(
-        &[
-            "jail",
-            "--dir",
-            jail.to_str().unwrap(),
-            "--uid",
-            "65534",
-            "--gid",
-            "65534",
-            "--new-pid-ns",
-            "--api-sock",
-            "api.sock",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--memory",
-            "32",
-        ],
-        b"",
+    let kernel = dir.write("counter.elf", &tiny_elf(&TINY_COUNTER));
+    let mut jailed = ember_tests::spawn_jailed(
+        &jail,
+        &["--kernel", kernel.to_str().unwrap(), "--memory", "32"],
     );
     let before = wait_output(&mut jailed, 8);
     assert!(before.len() >= 8, "the jailed guest counts: {before:?}");

@@ -77,6 +77,34 @@ pub fn guest_kernel_dir() -> PathBuf {
     dir
 }
 
+/// Counts forever, printing the count's low three bits as a digit after
+/// each delay: `01234567012...`; a restored guest prints the digit after
+/// the last one it printed before the snapshot.
+///
+/// ```text
+///       xor %ebx,%ebx ; mov $0x3f8,%dx
+/// 1:    mov $0x10000,%ecx
+/// 2:    dec %ecx ; jnz 2b
+///       inc %ebx ; mov %ebx,%eax ; and $7,%al ; add $'0',%al ; out %al,(%dx)
+///       jmp 1b
+/// ```
+pub const TINY_COUNTER: [u8; 26] = [
+    0x31, 0xdb, 0x66, 0xba, 0xf8, 0x03, 0xb9, 0x00, 0x00, 0x01, 0x00, 0xff, 0xc9, 0x75, 0xfc, 0xff,
+    0xc3, 0x89, 0xd8, 0x24, 0x07, 0x04, 0x30, 0xee, 0xeb, 0xec,
+];
+
+/// Prints `R`, then halts with interrupts off: a VM that costs the host no
+/// CPU (for tests that run many at once).
+///
+/// ```text
+///       mov $0x3f8,%dx ; mov $'R',%al ; out %al,(%dx)
+///       cli
+/// 1:    hlt ; jmp 1b
+/// ```
+pub const TINY_HALT: [u8; 11] = [
+    0x66, 0xba, 0xf8, 0x03, 0xb0, 0x52, 0xee, 0xfa, 0xf4, 0xeb, 0xfd,
+];
+
 /// A minimal ELF64 executable whose one segment holds `code` at guest
 /// physical (and virtual) address [`TINY_LOAD_ADDR`], entered there in
 /// 64-bit mode by ember's loader like a vmlinux.
@@ -241,6 +269,26 @@ pub fn spawn_ember_in_netns(ns: &str, args: &[&str], stdin: &[u8]) -> Running {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", ns]).arg(ember_bin()).args(args);
     spawn_command(&mut cmd, stdin)
+}
+
+/// `ember jail` as the jailed tests run it: in directory `jail`, as
+/// nobody (65534), in a new PID namespace, its API socket `api.sock` in
+/// the jail's `/run`; then `extra` (the VM's own flags).
+pub fn spawn_jailed(jail: &Path, extra: &[&str]) -> Running {
+    let mut args = vec![
+        "jail",
+        "--dir",
+        jail.to_str().expect("a UTF-8 jail path"),
+        "--uid",
+        "65534",
+        "--gid",
+        "65534",
+        "--new-pid-ns",
+        "--api-sock",
+        "api.sock",
+    ];
+    args.extend_from_slice(extra);
+    spawn_ember(&args, b"")
 }
 
 /// [`spawn_ember_in_netns`] with extra environment variables.

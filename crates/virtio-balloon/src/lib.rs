@@ -387,7 +387,7 @@ impl Balloon {
         {
             let Active { mem, queues, .. } = &mut *active;
             let queue = &mut queues[q].1;
-            while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
+            while let Some(chain) = ember_virtio::queue::pop(queue, mem) {
                 let head = chain.head_index();
                 let descs: Vec<(u64, u32, bool)> = chain
                     .take(usize::from(QUEUE_SIZE))

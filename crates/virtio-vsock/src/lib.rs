@@ -278,7 +278,7 @@ impl Vsock {
             }
             let mem = active.mem.clone();
             let queue = &mut active.queues[RX];
-            let Some(chain) = queue.pop_descriptor_chain(&mem) else {
+            let Some(chain) = ember_virtio::queue::pop(queue, &mem) else {
                 // Out of buffers: the driver notifies when it adds some.
                 // Buffers added meanwhile are taken with one more look (a
                 // corrupt avail index must not keep the loop going).
@@ -332,7 +332,7 @@ impl Vsock {
         };
         let mem = active.mem.clone();
         let queue = &mut active.queues[EVENT];
-        let Some(chain) = queue.pop_descriptor_chain(&mem) else {
+        let Some(chain) = ember_virtio::queue::pop(queue, &mem) else {
             warn!("virtio-vsock: no event buffer for the transport reset");
             return;
         };
@@ -395,6 +395,7 @@ impl VirtioDevice for Vsock {
             interrupt: ctx.interrupt,
             queues: ctx.queues,
         });
+        self.muxer.set_guest_ready(true);
         if std::mem::take(&mut self.reset_on_activate) {
             self.send_reset_event();
         }
@@ -420,6 +421,7 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) {
         self.active = None;
         self.muxer.reset();
+        self.muxer.set_guest_ready(false);
     }
 
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {

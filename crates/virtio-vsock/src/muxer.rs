@@ -31,6 +31,12 @@ pub const MAX_CONNECTIONS: usize = 1024;
 /// Host streams that have not sent their `CONNECT` line yet, at most; a
 /// new one beyond it pushes out the oldest.
 const MAX_HANDSHAKES: usize = 64;
+/// Host connections accepted per pass: a storm of connections cannot keep
+/// the event loop from its other work (the listener stays readable, so the
+/// next pass takes the next ones).
+const ACCEPT_BATCH: usize = 16;
+/// epoll rounds per pass, for the same reason.
+const POLL_ROUNDS: usize = 4;
 /// The longest `CONNECT <port>\n` line.
 const MAX_LINE: usize = 32;
 /// How long the guest has to answer a host-initiated request.
@@ -69,6 +75,8 @@ pub struct Muxer {
     /// What it did, for metrics and tests.
     pub counters: Counters,
     logged_bad_line: bool,
+    /// The guest's driver is up.
+    guest_ready: bool,
 }
 
 impl std::fmt::Debug for Muxer {
@@ -174,6 +182,7 @@ impl Muxer {
             next_port: FIRST_LOCAL_PORT,
             counters: Counters::default(),
             logged_bad_line: false,
+            guest_ready: false,
         };
         let io = |e: std::io::Error| Error::Socket(format!("{}: {e}", uds_path.display()));
         m.listener.set_nonblocking(true).map_err(io)?;
@@ -218,7 +227,9 @@ impl Muxer {
     /// Serves what the epoll set reports, without waiting.
     pub fn poll(&mut self) {
         let mut events = [EpollEvent::default(); 64];
-        loop {
+        // What is left stays ready: the event loop calls again after its
+        // other work.
+        for _ in 0..POLL_ROUNDS {
             let n = match self.epoll.wait(0, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -245,7 +256,7 @@ impl Muxer {
     }
 
     fn accept(&mut self) {
-        loop {
+        for _ in 0..ACCEPT_BATCH {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     if stream.set_nonblocking(true).is_err() {
@@ -333,6 +344,12 @@ impl Muxer {
 
     /// A host program asked for guest port `port`.
     fn connect_guest(&mut self, stream: UnixStream, port: u32) {
+        // Nothing could answer: refused now rather than after the request
+        // timeout (a storm of them would pile up).
+        if !self.guest_ready {
+            self.refuse_line("came before the guest's vsock driver was up");
+            return;
+        }
         if self.conns.len() >= MAX_CONNECTIONS {
             self.refuse_line("came with the connection limit reached");
             return;
@@ -473,6 +490,11 @@ impl Muxer {
         let Some(mut conn) = self.conns.remove(&key) else {
             return;
         };
+        // The receive queue holds live connections only (at most
+        // MAX_CONNECTIONS), whether or not the guest takes packets.
+        if conn.in_rxq {
+            self.rxq.retain(|k| *k != key);
+        }
         self.unwatch(conn.stream.as_raw_fd());
         if tell {
             let hdr = conn.header(OP_RST);
@@ -620,6 +642,13 @@ impl Muxer {
                 self.reset_for(hdr);
             }
         }
+    }
+
+    /// Whether the guest's driver is up (the device is activated): until
+    /// it is, host connections asking for a guest port are refused at
+    /// once.
+    pub fn set_guest_ready(&mut self, ready: bool) {
+        self.guest_ready = ready;
     }
 
     /// Drops every connection (the guest's transport was reset: after a

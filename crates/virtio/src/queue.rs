@@ -318,7 +318,7 @@ where
             result = Err(e);
         }
         let mut took = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        while let Some(chain) = pop(queue, mem) {
             took = true;
             f(queue, chain);
         }
@@ -328,6 +328,23 @@ where
             Err(e) => return Err(e),
         }
     }
+}
+
+/// The next chain the driver made available, or `None`: there is none,
+/// the ring cannot be read, or the driver's avail index is more than a
+/// ring's size ahead of the device (corrupt: nothing is taken). Unlike
+/// virtio-queue's own `pop_descriptor_chain`, it logs nothing, so a
+/// driver that corrupts its index and notifies in a loop cannot flood
+/// the log; the caller reports what it wants, once.
+pub fn pop<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
+    let avail = queue.avail_idx(mem, Ordering::Acquire).ok()?;
+    if avail.0.wrapping_sub(queue.next_avail()) > queue.size() {
+        return None;
+    }
+    queue.pop_descriptor_chain(mem)
 }
 
 /// What the callback of [`drain_while`] says after a chain.
@@ -358,7 +375,7 @@ where
             result = Err(e);
         }
         let mut took = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        while let Some(chain) = pop(queue, mem) {
             if f(queue, chain) == Flow::PutBack {
                 virtio_queue::QueueOwnedT::go_to_previous_position(queue);
                 return result.map(|_| true);

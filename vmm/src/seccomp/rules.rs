@@ -187,6 +187,10 @@ fn common() -> Vec<Rule> {
             "the allocator returning memory; thread stacks at exit",
         ),
         always(
+            libc::SYS_mremap,
+            "the allocator growing or shrinking a block of 128 KiB or more (its own mapping); keeps the mapping's protection",
+        ),
+        always(
             libc::SYS_madvise,
             "the allocator and thread exit releasing pages; the balloon giving guest pages back",
         ),

@@ -416,7 +416,7 @@ impl RxQueue<'_> {
             if self.chains.len() >= max_chains {
                 return self.too_big(start, frame.len());
             }
-            let Some(chain) = self.queue.pop_descriptor_chain(self.mem) else {
+            let Some(chain) = ember_virtio::queue::pop(self.queue, self.mem) else {
                 if descs >= usize::from(self.queue.size()) {
                     // Every descriptor the driver has is in use for this
                     // frame: more room will never come.
