@@ -338,8 +338,28 @@ fn net_user_mode_dhcp_nat_and_a_port_forward_next_to_a_tap_without_offloads() {
         .expect("the host side");
     // The watch looks every 200 ms.
     std::thread::sleep(Duration::from_secs(3));
+    // passt killed under the running guest: the user-mode NIC's link goes
+    // down, said once; the VM runs on (SIGTERM still finds it: 143).
+    let passt = children_named(ember.pid(), "passt");
+    assert_eq!(passt.len(), 1, "ember started one passt: {passt:?}");
+    // SAFETY: kill() on the pid of ember's passt, read just above.
+    let killed = unsafe { libc::kill(passt[0], libc::SIGKILL) };
+    assert_eq!(killed, 0, "kill passt");
+    std::thread::sleep(Duration::from_secs(2));
     ember.signal(libc::SIGTERM);
     let run = ember.finish(BOOT_TIMEOUT);
+    run.check(
+        run.code() == 143,
+        "ember ran on after passt died and ended on SIGTERM",
+    );
+    run.check(
+        run.stderr
+            .lines()
+            .filter(|l| l.contains("(passt ") && l.contains("link down"))
+            .count()
+            == 1,
+        "passt's death took eth0's link down, said once",
+    );
     run.check(watching, "the agent reached its watch");
     run.check(
         run.stdout
@@ -412,6 +432,30 @@ fn net_user_mode_dhcp_nat_and_a_port_forward_next_to_a_tap_without_offloads() {
         all["net_tcp"][0]["send_kib_per_s"],
         all["net_tcp"][1]["recv_kib_per_s"]
     );
+}
+
+/// The pids of `pid`'s children whose command starts with `name` (Debian's
+/// passt runs as `passt.avx2` where it can).
+fn children_named(pid: i32, name: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        // pid (comm) state ppid ...
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let ppid = stat[close + 1..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<i32>().ok());
+        if stat[open + 1..close].starts_with(name) && ppid == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
 }
 
 /// CPU time (user + system) of process `pid`, in clock ticks.
