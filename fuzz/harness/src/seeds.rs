@@ -1117,7 +1117,7 @@ offloads = true
     let mut with_flags = b"[machine]\nvcpus = 1\n".to_vec();
     with_flags.push(0);
     with_flags.extend_from_slice(
-        b"k/proc/self/exe\nc console=ttyS0\nv4\nm64\nd path=/proc/self/exe,read_only=on,id=x\nntap=tap1,mac=02:00:00:00:00:01,offloads=off\nntap0,mac=zz\n",
+        b"k/proc/self/exe\nc console=ttyS0\nv4\nm64\nd path=/proc/self/exe,read_only=on,id=x\nd path=/proc/self/exe,werror=enospc,rerror=stop\nd path=/r,werror=ignore\nntap=tap1,mac=02:00:00:00:00:01,offloads=off\nntap0,mac=zz\n",
     );
     vec![
         ("full", full.as_bytes().to_vec()),

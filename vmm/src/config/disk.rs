@@ -337,10 +337,47 @@ mod tests {
             ("path=/r,bw=10M", "bw:"),
             ("path=/r,ops=0/1s", "ops:"),
             ("path=/r,rate_limit=bw=1M/0", "rate_limit:"),
+            (
+                "path=/r,werror=ignore",
+                "werror = \"ignore\" is not offered: the guest would be told that failed I/O succeeded",
+            ),
+            (
+                "path=/r,werror=halt",
+                "werror = \"halt\": it must be report, stop or enospc",
+            ),
+            (
+                "path=/r,rerror=enospc",
+                "rerror = \"enospc\": it must be report or stop",
+            ),
         ] {
             let e = DiskConfig::parse_flag(bad).unwrap_err().to_string();
             assert!(e.contains(says), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn disk_error_policies_parse_from_flags_and_toml_and_bad_ones_are_named() {
+        let d = DiskConfig::parse_flag("path=/r,werror=enospc,rerror=stop").unwrap();
+        assert_eq!(
+            (d.werror, d.rerror),
+            (ErrorPolicy::Enospc, ErrorPolicy::Stop)
+        );
+        let d: DiskConfig = toml::from_str("path = \"/r\"\nwerror = \"stop\"\n").unwrap();
+        assert_eq!(
+            (d.werror, d.rerror),
+            (ErrorPolicy::Stop, ErrorPolicy::Report)
+        );
+        let e = toml::from_str::<DiskConfig>("path = \"/r\"\nrerror = \"enospc\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("rerror = \"enospc\": it must be report or stop"),
+            "{e}"
+        );
+        let e = toml::from_str::<DiskConfig>("path = \"/r\"\nwerror = \"ignore\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is not offered"), "{e}");
     }
 
     #[test]
