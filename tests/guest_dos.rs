@@ -17,7 +17,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use ember_tests::http::Api;
+use ember_tests::http::{check_latency, Api};
 use ember_tests::{kvm_available, proc_kib, spawn_ember, tiny_elf, Running, TempDir};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -107,43 +107,20 @@ fn hostile_driver() -> Vec<u8> {
     c.0
 }
 
-/// `GET /` every 10 ms for `dur`; the round trips, in ms, or what went
-/// wrong (with ember's last words).
+/// `GET /` every 10 ms for `dur`; the round trips, in ms, or a panic
+/// with what went wrong and ember's last words.
 fn probe(api: &mut Api, vm: &mut Option<Running>, dur: Duration) -> Vec<f64> {
-    let end = Instant::now() + dur;
-    let mut v = Vec::new();
-    while Instant::now() < end {
-        let t = Instant::now();
-        api.client.send_raw(b"GET / HTTP/1.1\r\n\r\n");
-        match api.client.read_reply() {
-            Some(r) if r.status == 200 => {}
-            other => {
-                let vm = vm.take().expect("ember");
-                vm.signal(libc::SIGKILL);
-                let run = vm.finish(TIMEOUT);
-                panic!("GET / answered {other:?}; ember said:\n{}", run.stderr);
-            }
-        }
-        v.push(t.elapsed().as_secs_f64() * 1000.0);
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    v
+    api.probe_root(dur).unwrap_or_else(|e| {
+        let vm = vm.take().expect("ember");
+        vm.signal(libc::SIGKILL);
+        let run = vm.finish(TIMEOUT);
+        panic!("{e}; ember said:\n{}", run.stderr);
+    })
 }
 
 /// Asserts the API kept its budget; prints the figures.
-fn check_budget(what: &str, mut v: Vec<f64>) {
-    v.sort_by(f64::total_cmp);
-    let p50 = v[v.len() / 2];
-    let p99 = v[(v.len() * 99 / 100).min(v.len() - 1)];
-    let max = v[v.len() - 1];
-    eprintln!(
-        "guest_dos: {what}: GET / p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms ({} calls)",
-        v.len()
-    );
-    assert!(
-        max < API_BUDGET_MS,
-        "{what}: the API took {max:.1} ms (budget {API_BUDGET_MS} ms)"
-    );
+fn check_budget(what: &str, v: Vec<f64>) {
+    check_latency(&format!("guest_dos: {what}"), v, API_BUDGET_MS);
 }
 
 fn rss_kib(vm: &Running) -> u64 {

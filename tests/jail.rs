@@ -355,10 +355,13 @@ fn jail_serves_the_api_from_its_run_directory_and_removes_it() {
 
 /// The API inside a jail, walked with a tiny guest and a disk: what the
 /// API allows works with the jail's paths (a disk swap to an image in the
-/// jail, pause, a snapshot into the jail's /run, resume), and nothing
-/// outside the jail can be reached through it (a disk swap to a host path,
-/// to /etc/shadow or /proc/self/exe, a snapshot where the jailed user
-/// cannot write are each refused with one line, changing nothing).
+/// jail, pause, a snapshot into the jail's /run, resume, a live migration
+/// to a destination listening in the jail's /run, after which the jailed
+/// ember exits), and nothing outside the jail can be reached through it (a
+/// disk swap to a host path, to /etc/shadow or /proc/self/exe, a snapshot
+/// where the jailed user cannot write are each refused with one line,
+/// changing nothing; a migration to a socket outside fails, the guest
+/// running on).
 #[test]
 fn jail_api_walk_reaches_only_the_jail() {
     let name = "jail_api_walk_reaches_only_the_jail";
@@ -382,6 +385,8 @@ fn jail_api_walk_reaches_only_the_jail() {
             "32",
             "--disk",
             &disk_flag,
+            "--log-level",
+            "info",
         ],
     );
     let mut api = ember_tests::http::Api::connect(&jail.join("run/api.sock"));
@@ -435,12 +440,57 @@ fn jail_api_walk_reaches_only_the_jail() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(ember.stdout_so_far().len() > printed, "the guest runs on");
+    // A migration to a socket outside the jail fails (it is not there),
+    // the guest running on; one to a destination in the jail's /run moves
+    // it, and the jailed ember exits as a migrated source does.
+    let outside = dir.path("outside-mig.sock");
+    let _listening = std::os::unix::net::UnixListener::bind(&outside).unwrap();
+    let migrate = |api: &mut ember_tests::http::Api, url: &str| {
+        let body = format!(r#"{{"destination_url": "{url}"}}"#);
+        let r = api
+            .client
+            .request("PUT", "/api/v1/vm.send-migration", Some(&body));
+        assert_eq!(r.status, 204, "send-migration {url}: {r:?}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = api
+                .client
+                .request("GET", "/api/v1/vm.migration-status", None)
+                .json();
+            let state = s["state"].as_str().unwrap_or("").to_string();
+            if state == "failed" || state == "completed" {
+                return s;
+            }
+            assert!(std::time::Instant::now() < deadline, "{s}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let s = migrate(&mut api, &format!("unix:{}", outside.display()));
+    assert_eq!(s["state"], "failed", "a host path is not in the jail: {s}");
+    assert_eq!(
+        api.state(),
+        "Running",
+        "the guest runs on after the refusal"
+    );
+    let inside = jail.join("run/mig.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&inside).unwrap();
+    std::os::unix::fs::chown(&inside, Some(NOBODY), Some(NOBODY)).unwrap();
+    let peer = ember_tests::peer::destination(listener, ember_tests::peer::Vanish::Never);
+    let body = r#"{"destination_url": "unix:/run/mig.sock"}"#;
+    let r = api
+        .client
+        .request("PUT", "/api/v1/vm.send-migration", Some(body));
+    assert_eq!(r.status, 204, "send-migration in the jail: {r:?}");
     drop(api);
-    ember.signal(libc::SIGTERM);
-    let run = ember.finish(Duration::from_secs(30));
+    let run = ember.finish(Duration::from_secs(60));
+    peer.join().expect("the destination took the whole stream");
     run.check(!run.stderr.contains("panicked"), "no panic");
     run.check(
         !run.stderr.contains("seccomp"),
         "nothing the API did tripped a filter",
+    );
+    run.check(
+        run.code() == 0 && run.stderr.contains("migrated to unix:/run/mig.sock"),
+        "the jailed ember migrated the guest and exited",
     );
 }

@@ -10,8 +10,11 @@
 //!    nothing lost: a destination whose CPU lacks a feature the guest uses
 //!    (refused before memory moves, naming it), a destination without the
 //!    guest's tap (it fails after the source let go of the disks: the
-//!    source takes them back and resumes), a destination that disappears
-//!    mid-stream, and a cancel mid-migration;
+//!    source takes them back and resumes), a destination that is not
+//!    there, or disappears at each phase of the stream (connected, after
+//!    the start, mid-memory, at a round's end, after the state with the
+//!    guest paused, after the disks were released), and a cancel
+//!    mid-migration;
 //! 2. a migration over TCP on the veth link to an ember driven through
 //!    Cloud Hypervisor's API (`vm.receive-migration`), with the guest
 //!    pinged from both namespaces: the source exits 0, the guest goes on
@@ -39,6 +42,7 @@ use std::time::{Duration, Instant};
 
 use ember_tests::beat::{beats, check_continued, check_disk, wait_beat};
 use ember_tests::http::{Api, Client};
+use ember_tests::peer::{destination, Vanish, VANISH_AT};
 use ember_tests::{
     guest_kernel_dir, kvm_available, mapping_flags, netns_available, spawn_ember,
     spawn_ember_in_netns, spawn_ember_in_netns_env, thread_cpus, NetNs, Running, TempDir,
@@ -239,26 +243,42 @@ fn migration_moves_a_running_guest_between_hosts_and_survives_every_failure() {
     ember_tests::assert_clean_error(&run, &["tap0"]);
     goes_on_at_source(&mut source, "after the destination failed to start");
 
-    // 1c. A destination that disappears mid-stream.
-    let m3 = dir.path("m3.sock");
-    let listener = UnixListener::bind(&m3).unwrap();
-    let vanishing = std::thread::spawn(move || {
-        let (conn, _) = listener.accept().unwrap();
-        let mut back = conn.try_clone().unwrap();
-        let mut r = ember_migration::Receiver::new(conn).unwrap();
-        let _start = r.next().unwrap();
-        ember_migration::write_reply(&mut back, &ember_migration::Reply::Ready).unwrap();
-        for _ in 0..3 {
-            r.next().unwrap();
+    // 1c. A destination that disappears at each phase of the stream, and
+    //     one that is not there at all: each time the migration fails
+    //     with its reason, the log says so, and the guest runs on here.
+    let mut vanished = Vec::new();
+    for at in VANISH_AT {
+        let m3 = dir.path("m3.sock");
+        let _ = std::fs::remove_file(&m3);
+        let peer = (at != Vanish::NotListening).then(|| {
+            let listener = UnixListener::bind(&m3).unwrap();
+            destination(listener, at)
+        });
+        send(&mut api, &format!("unix:{}", m3.display()));
+        let s = wait_state(&mut api, &["failed"], Duration::from_secs(120));
+        if let Some(peer) = peer {
+            peer.join().unwrap();
         }
-        // Gone, as if killed: the socket closes.
-    });
-    send(&mut api, &format!("unix:{}", m3.display()));
-    vanishing.join().unwrap();
-    let s = wait_state(&mut api, &["failed"], Duration::from_secs(60));
-    assert!(!s["error"].as_str().unwrap_or("").is_empty(), "{s}");
-    goes_on_at_source(&mut source, "after the destination vanished");
-
+        let error = s["error"].as_str().unwrap_or("").to_string();
+        let reason = if at == Vanish::NotListening {
+            "cannot connect"
+        } else {
+            "the destination closed the connection"
+        };
+        assert!(
+            error.contains(reason),
+            "{at:?}: the reason is {reason:?}: {s}"
+        );
+        assert_eq!(api.state(), "Running", "{at:?}: the source runs the guest");
+        goes_on_at_source(
+            &mut source,
+            &format!("after the destination vanished {at:?}"),
+        );
+        vanished.push((at, error));
+    }
+    for (at, error) in &vanished {
+        eprintln!("destination vanished {at:?}: {error}");
+    }
     // 1d. A destination that stops reading; the migration is cancelled.
     let m4 = dir.path("m4.sock");
     let listener = UnixListener::bind(&m4).unwrap();
@@ -328,6 +348,16 @@ fn migration_moves_a_running_guest_between_hosts_and_survives_every_failure() {
     run.check(run.code() == 0, "the source exits 0 once the guest moved");
     run.check(run.stderr.contains("migrated to"), "the source says so");
     run.check(!run.stderr.contains("panicked"), "no panic");
+    // Every failed attempt before (CPU, tap, the vanishing peers, the
+    // cancel) was logged with its reason; the three that had paused the
+    // guest (no tap, gone after the state, gone after the release) say
+    // it runs on here.
+    let failed = run.stderr.matches("migration failed: ").count();
+    let resumed = run.stderr.matches(": the guest runs on here").count();
+    run.check(
+        failed == 3 + VANISH_AT.len() && resumed == 3,
+        &format!("each failure logged ({failed}) and the paused guest resumed ({resumed})"),
+    );
     let before = before + &run.stdout;
     let reply = receiver.join().unwrap();
     assert_eq!(reply.status, 204, "receive-migration: {reply:?}");

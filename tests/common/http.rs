@@ -292,6 +292,36 @@ impl Api {
         r
     }
 
+    /// `GET /` every 10 ms for `dur`: the round trips, in ms, or the
+    /// first reply that was not a 200.
+    pub fn probe_root(&mut self, dur: Duration) -> Result<Vec<f64>, String> {
+        let end = Instant::now() + dur;
+        let mut v = Vec::new();
+        while Instant::now() < end {
+            let t = Instant::now();
+            self.client.send_raw(b"GET / HTTP/1.1\r\n\r\n");
+            match self.client.read_reply() {
+                Some(r) if r.status == 200 => {}
+                other => return Err(format!("GET / answered {other:?}")),
+            }
+            v.push(t.elapsed().as_secs_f64() * 1000.0);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(v)
+    }
+
+    /// Pauses the VM and takes a snapshot of `kind` ("Full" or "Diff")
+    /// into `state` and `mem`, both answered 204.
+    pub fn pause_and_snapshot(&mut self, state: &Path, mem: &Path, kind: &str) {
+        self.call("PATCH", "/vm", Some(r#"{"state": "Paused"}"#), 204);
+        let body = format!(
+            r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "snapshot_type": "{kind}"}}"#,
+            state.display(),
+            mem.display()
+        );
+        self.call("PUT", "/snapshot/create", Some(&body), 204);
+    }
+
     /// `GET /`'s state.
     pub fn state(&mut self) -> String {
         self.call("GET", "/", None, 200).json()["state"]
@@ -310,4 +340,22 @@ pub fn spec_route(path: &str) -> &str {
     } else {
         path
     }
+}
+
+/// Asserts that every round trip in `v` (ms, from [`Api::probe_root`]) was
+/// under `budget_ms`; prints p50, p99 and the maximum under `what`.
+pub fn check_latency(what: &str, mut v: Vec<f64>, budget_ms: f64) {
+    assert!(!v.is_empty(), "{what}: no API calls were timed");
+    v.sort_by(f64::total_cmp);
+    let p50 = v[v.len() / 2];
+    let p99 = v[(v.len() * 99 / 100).min(v.len() - 1)];
+    let max = v[v.len() - 1];
+    eprintln!(
+        "{what}: GET / p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms ({} calls)",
+        v.len()
+    );
+    assert!(
+        max < budget_ms,
+        "{what}: the API took {max:.1} ms (budget {budget_ms} ms)"
+    );
 }

@@ -5,6 +5,7 @@
 pub mod beat;
 pub mod http;
 pub mod packet;
+pub mod peer;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -256,6 +257,27 @@ fn reader<R: Read + Send + 'static>(mut r: R) -> mpsc::Receiver<Vec<u8>> {
         }
     });
     rx
+}
+
+/// Runs a host tool: its exit code and its stdout and stderr together.
+pub fn run_tool(cmd: &str, args: &[&str]) -> (i32, String) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {cmd}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// `ember img ARGS`, as [`run_tool`].
+pub fn ember_img(args: &[&str]) -> (i32, String) {
+    let mut a = vec!["img"];
+    a.extend_from_slice(args);
+    run_tool(ember_bin().to_str().expect("a UTF-8 path"), &a)
 }
 
 /// Starts `ember ARGS` with `stdin` fed in and closed afterwards.

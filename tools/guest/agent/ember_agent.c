@@ -42,9 +42,17 @@
  *   ember.blk_discard=DEV:OFFSET_KIB:LEN_KIB
  *   ember.blk_zeroout=DEV:OFFSET_KIB:LEN_KIB
  *                             discard / write zeroes through the block layer
- *   ember.blk_stress=DEV:THREADS:OPS:OFFSET_KIB:LEN_KIB
+ *   ember.blk_stress=DEV:THREADS:OPS:OFFSET_KIB:LEN_KIB[:ACK]
  *                             THREADS kernel threads write, flush and verify
- *                             OPS blocks each in their own slice of the range
+ *                             OPS blocks each in their own slice of the range;
+ *                             with ACK, thread T prints `blk_ack t=T op=K`
+ *                             once op K (a multiple of ACK) is flushed, and
+ *                             `blk_stress_bad t= op= what=` at once on a
+ *                             failure (for crash tests, which never see the
+ *                             end line). Op K of thread T writes block
+ *                             OFFSET_KIB/4 + T*S + splitmix64(T<<32|K) % S
+ *                             (S = LEN_KIB/4/THREADS) with the pattern of
+ *                             seed splitmix64(T<<32|K)
  *   ember.blk_fill=DEV:SEED:FIRST:COUNT[,...]
  *       writes 4 KiB blocks FIRST.. in order, each written and fsynced
  *       before the next; reports how many the device acknowledged

@@ -320,7 +320,7 @@ static void check_range_op(const char *spec, bool discard)
 
 struct stress_ctx {
 	char name[16];
-	unsigned int id, ops;
+	unsigned int id, ops, ack;
 	u64 first_block, blocks;
 	unsigned int errors, mismatches;
 	struct completion done;
@@ -346,15 +346,25 @@ static int stress_thread(void *data)
 		fill_pattern(want, seed, off);
 		if (kernel_write(f, want, BLOCK, &pos) != BLOCK || vfs_fsync(f, 1)) {
 			c->errors++;
+			if (c->ack)
+				AGENT_LINE("blk_stress_bad t=%u op=%u what=write", c->id, op);
 			continue;
 		}
+		/* Acknowledged: the host may check this op's block is durable. */
+		if (c->ack && op % c->ack == 0)
+			AGENT_LINE("blk_ack t=%u op=%u", c->id, op);
 		/* Written and flushed: drop the cache and read from the device. */
 		drop_cache(f);
 		pos = off;
-		if (kernel_read(f, got, BLOCK, &pos) != BLOCK)
+		if (kernel_read(f, got, BLOCK, &pos) != BLOCK) {
 			c->errors++;
-		else if (memcmp(want, got, BLOCK))
+			if (c->ack)
+				AGENT_LINE("blk_stress_bad t=%u op=%u what=read", c->id, op);
+		} else if (memcmp(want, got, BLOCK)) {
 			c->mismatches++;
+			if (c->ack)
+				AGENT_LINE("blk_stress_bad t=%u op=%u what=mismatch", c->id, op);
+		}
 	}
 out:
 	kfree(want);
@@ -368,14 +378,16 @@ out:
 static void check_stress(const char *spec)
 {
 	char name[16];
-	unsigned int threads, ops, i, errors = 0, mismatches = 0;
+	unsigned int threads, ops, ack = 0, i, errors = 0, mismatches = 0;
 	unsigned long long off_kib, len_kib;
 	struct stress_ctx *ctx;
+	int fields;
 	u64 slice;
 
 	ember_checks_run++;
-	if (sscanf(spec, "%15[^:]:%u:%u:%llu:%llu", name, &threads, &ops, &off_kib,
-		   &len_kib) != 5 || !threads || threads > 64) {
+	fields = sscanf(spec, "%15[^:]:%u:%u:%llu:%llu:%u", name, &threads, &ops, &off_kib,
+			&len_kib, &ack);
+	if (fields < 5 || !threads || threads > 64) {
 		AGENT_LINE("blk_stress spec=%s error=bad-spec", spec);
 		fail();
 		return;
@@ -393,6 +405,7 @@ static void check_stress(const char *spec)
 		strscpy(ctx[i].name, name, sizeof(ctx[i].name));
 		ctx[i].id = i;
 		ctx[i].ops = ops;
+		ctx[i].ack = ack;
 		ctx[i].first_block = off_kib / 4 + i * slice;
 		ctx[i].blocks = slice;
 		init_completion(&ctx[i].done);

@@ -360,8 +360,24 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// A stream error at step `what`, saying so plainly when the peer is gone
+/// (it closed the connection, was killed or unplugged).
 fn err(what: &str) -> impl Fn(ember_migration::Error) -> String + '_ {
-    move |e| format!("{what}: {}", crate::error_chain(&e))
+    use std::io::ErrorKind;
+    move |e| match &e {
+        ember_migration::Error::Truncated("frame head") => {
+            format!("{what}: the destination closed the connection")
+        }
+        ember_migration::Error::Io(io)
+            if matches!(
+                io.kind(),
+                ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
+            ) =>
+        {
+            format!("{what}: the destination closed the connection ({io})")
+        }
+        _ => format!("{what}: {}", crate::error_chain(&e)),
+    }
 }
 
 fn send(
